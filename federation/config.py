@@ -1,0 +1,178 @@
+"""The one structured config schema. Hydra YAML in conf/ fills it; code reads only these fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of a random-init Llama-style model built locally (no download)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    # 0 means: the locally built tokenizer's vocabulary size.
+    vocab_size: int = 0
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    dtype: str = "float32"
+
+
+@dataclass
+class ModelConfig:
+    """Which base model, and how to load it."""
+
+    # A hub id / local directory, or "preset" to build the `preset` shape from a seed.
+    name: str = "preset"
+    preset: TinyModelConfig = field(default_factory=TinyModelConfig)
+    preset_name: str = "tiny"
+    seed: int = 0
+    # auto: QLoRA 4-bit on CUDA when bitsandbytes works, fp32 LoRA otherwise; "4bit" | "none" force it.
+    quantization: str = "auto"
+    compute_dtype: str = "bfloat16"
+    gradient_checkpointing: bool = True
+    # Where built presets are cached as real HF directories (then loaded with from_pretrained).
+    cache_dir: str = "~/.cache/fedtune/models"
+    device: str = "auto"
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter hyperparameters (maps onto peft.LoraConfig)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    init_seed: int = 0
+
+
+@dataclass
+class DemoTaskConfig:
+    """The built-in offline task: each source is a different skill."""
+
+    skills: list[str] = field(default_factory=lambda: ["reverse", "uppercase", "add", "vowels"])
+    examples_per_skill: int = 96
+    eval_examples_per_skill: int = 32
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where a site's examples come from and how they become tokens."""
+
+    # "demo" (generated offline) or a JSONL path (deployment: node config `data-path` wins).
+    source: str = "demo"
+    eval_path: str = ""
+    demo: DemoTaskConfig = field(default_factory=DemoTaskConfig)
+    # "chat_template" uses the tokenizer's template; otherwise a str.format template with {instruction} {input}.
+    prompt_template: str = "chat_template"
+    max_seq_len: int = 96
+    # Simulation partitioning of the demo/JSONL pool over sites: iid | dirichlet | source
+    partition: str = "source"
+    dirichlet_alpha: float = 0.5
+    label_field: str = "source"
+    eval_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Local training at a site, per round."""
+
+    local_steps: int = 8
+    # When > 0, train this many epochs instead of local_steps.
+    local_epochs: float = 0.0
+    lr: float = 3e-3
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_batch_size: int = 16
+    seed: int = 0
+
+
+@dataclass
+class StrategyConfig:
+    """Aggregation choice and client sampling."""
+
+    name: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_clients: int = 2
+    min_evaluate_clients: int = 2
+    min_available_clients: int = 2
+
+
+@dataclass
+class PrivacyConfig:
+    """Upload protection (see conf/privacy)."""
+
+    name: str = "none"
+
+
+@dataclass
+class FederationConfig:
+    """Shape of the federation and the round loop."""
+
+    num_clients: int = 3
+    rounds: int = 3
+    round_timeout_s: float = 600.0
+    client_num_cpus: float = 1.0
+    client_num_gpus: float = 0.0
+    # Resume from this PEFT adapter directory instead of a fresh seeded adapter.
+    initial_adapter: str = ""
+    evaluate_before_training: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Everything one federation run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    output_dir: str = "runs/latest"
+    seed: int = 0
+
+
+def to_run_config(cfg: DictConfig | dict[str, Any] | None) -> RunConfig:
+    """Validate a (hydra) config against the schema; unknown keys are an error."""
+    schema = OmegaConf.structured(RunConfig)
+    merged = OmegaConf.merge(schema, cfg or {})
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def run_config_to_json(cfg: RunConfig) -> str:
+    """Serialize for the wire (ConfigRecord values must be scalars)."""
+    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+
+
+def run_config_from_json(text: str) -> RunConfig:
+    """Inverse of run_config_to_json."""
+    return to_run_config(json.loads(text))
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"a.b": 1} -> {"a": {"b": 1}} (Flower run_config keys are flat)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
