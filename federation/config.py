@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,9 @@ class TinyModelConfig:
     vocab_size: int = 0
     max_position_embeddings: int = 512
     rope_theta: float = 10000.0
+    # Larger than HF's 0.02: with a frozen random lm_head and hidden 64, 0.02 caps logits near +-1 and
+    # no adapter could make a confident prediction.
+    initializer_range: float = 0.1
     dtype: str = "float32"
 
 
@@ -111,6 +115,8 @@ class StrategyConfig:
     min_train_clients: int = 2
     min_evaluate_clients: int = 2
     min_available_clients: int = 2
+    # Method-specific hyperparameters (server_lr, momentum, eta, tau, robust method, ...).
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -132,6 +138,8 @@ class FederationConfig:
     # Resume from this PEFT adapter directory instead of a fresh seeded adapter.
     initial_adapter: str = ""
     evaluate_before_training: bool = True
+    # Keep only the newest N round checkpoints (0 keeps all).
+    keep_last_checkpoints: int = 0
 
 
 @dataclass
@@ -175,4 +183,34 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
+    return out
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONFIG_GROUPS = ("model", "data", "strategy", "privacy", "federation")
+
+
+def compose_config(overrides: list[str] | None = None, config_dir: str | Path = CONF_DIR) -> RunConfig:
+    """Compose conf/config.yaml with hydra overrides (``strategy=fedavg federation.rounds=3``) into a RunConfig."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+
+    # The schema is the base of conf/config.yaml, so every field can be overridden without '+'.
+    ConfigStore.instance().store(name="fedtune_schema", node=RunConfig)
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides or []))
+    return to_run_config(cfg)
+
+
+def overrides_from_flat(flat: dict[str, Any]) -> list[str]:
+    """Flower run_config (flat keys) -> hydra overrides: bare group names pick a group option."""
+    out = []
+    for key, value in flat.items():
+        if isinstance(value, bool):
+            value = str(value).lower()
+        out.append(f"{key}={value}")
     return out

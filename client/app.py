@@ -1,0 +1,128 @@
+"""The site's Flower ClientApp (Message API): receive the global adapter, train locally, send back the LoRA delta.
+
+The base model is loaded once per process and stays resident; every round only the LoRA tensors
+are copied in (``set_adapter_arrays``). The run config travels from the coordinator inside the
+message, so every site trains the model and adapter shape the coordinator chose; the only
+site-local input is where the data is (``data-path`` in the node config, or the simulation's
+partition id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.trainer import LocalTrainer
+from federation.adapter import adapter_delta, from_array_record, get_adapter_arrays, set_adapter_arrays, to_array_record
+from federation.config import RunConfig, run_config_from_json
+from federation.data import SiteDataset, load_site_files, load_site_split
+from federation.model import LoadInfo, build_lora_model
+
+log = logging.getLogger("fedtune.client")
+
+RUN_CONFIG_KEY = "fedtune.run-config"
+
+
+@dataclass
+class SiteRuntime:
+    """Everything a site keeps between rounds: the resident model and its datasets."""
+
+    model_key: str
+    model: object
+    tokenizer: object
+    info: LoadInfo
+    datasets: dict[str, tuple[SiteDataset, SiteDataset]] = field(default_factory=dict)
+
+
+_RUNTIME: SiteRuntime | None = None
+
+
+def _model_key(cfg: RunConfig) -> str:
+    blob = json.dumps({"model": asdict(cfg.model), "lora": asdict(cfg.lora)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def get_runtime(cfg: RunConfig) -> SiteRuntime:
+    """The process-wide runtime; the base model is (re)loaded only if model/LoRA config changed."""
+    global _RUNTIME
+    key = _model_key(cfg)
+    if _RUNTIME is None or _RUNTIME.model_key != key:
+        model, tokenizer, info = build_lora_model(cfg.model, cfg.lora)
+        _RUNTIME = SiteRuntime(key, model, tokenizer, info)
+    return _RUNTIME
+
+
+def site_datasets(runtime: SiteRuntime, cfg: RunConfig, context: Context) -> tuple[SiteDataset, SiteDataset]:
+    """(train, eval) for this node: node config `data-path` in deployment, partition id in simulation."""
+    node = context.node_config
+    if "data-path" in node:
+        key = f"path:{node['data-path']}"
+        if key not in runtime.datasets:
+            runtime.datasets[key] = load_site_files(str(node["data-path"]), cfg.data, runtime.tokenizer)
+    else:
+        pid, n = int(node["partition-id"]), int(node["num-partitions"])
+        key = f"partition:{pid}/{n}:{hashlib.sha256(json.dumps(asdict(cfg.data), sort_keys=True).encode()).hexdigest()}"
+        if key not in runtime.datasets:
+            runtime.datasets[key] = load_site_split(cfg.data, runtime.tokenizer, pid, n)
+    return runtime.datasets[key]
+
+
+def _site_label(context: Context) -> int:
+    return int(context.node_config.get("partition-id", -1))
+
+
+def _prepare(msg: Message, context: Context):
+    cfg = run_config_from_json(str(msg.content["config"][RUN_CONFIG_KEY]))
+    runtime = get_runtime(cfg)
+    global_arrays = from_array_record(msg.content["arrays"])
+    set_adapter_arrays(runtime.model, global_arrays)
+    train_ds, eval_ds = site_datasets(runtime, cfg, context)
+    return cfg, runtime, global_arrays, train_ds, eval_ds
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train on local data from the global adapter; reply with the LoRA delta and metrics."""
+    cfg, runtime, global_arrays, train_ds, _ = _prepare(msg, context)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    trainer = LocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train)
+    # Data order depends on (seed, round, site) only, so a rerun of a round reproduces it.
+    result = trainer.train(train_ds, seed=cfg.train.seed * 1_000_003 + server_round * 1009 + _site_label(context))
+    delta = adapter_delta(get_adapter_arrays(runtime.model), global_arrays)
+    record = to_array_record(delta)
+    log.info("round %d: trained on %d examples (%d steps, %d tokens, loss %.4f, %.0f tok/s); uploading %d bytes",
+             server_round, result.num_examples, result.steps, result.target_tokens, result.train_loss,
+             result.tokens_per_second, record.count_bytes())
+    metrics = MetricRecord({
+        "num-examples": result.num_examples,
+        "train-loss": result.train_loss,
+        "train-tokens": result.target_tokens,
+        "train-steps": result.steps,
+        "train-seconds": result.seconds,
+        "tokens-per-second": result.tokens_per_second,
+        "peak-memory-bytes": result.peak_memory_bytes,
+        "partition-id": _site_label(context),
+    })
+    return Message(content=RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global adapter on this site's held-out data."""
+    cfg, runtime, _, _, eval_ds = _prepare(msg, context)
+    result = LocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train).evaluate(eval_ds)
+    metrics = MetricRecord({
+        "num-examples": result.num_examples,
+        "eval-loss": result.loss,
+        "eval-tokens": result.num_tokens,
+        "partition-id": _site_label(context),
+    })
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,136 @@
+"""Local training and evaluation of the LoRA adapter on one site's data.
+
+A plain PyTorch loop rather than transformers.Trainer: a round is a few hundred steps on a model
+that stays resident across rounds, and the loop must hand back exact step/token counts and
+reproduce a site's data order from (seed, round), which is simpler to guarantee by hand.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from federation.config import TrainConfig
+from federation.data import SiteDataset, collate_batch
+
+
+@dataclass
+class TrainResult:
+    """What one local training round did."""
+
+    num_examples: int
+    steps: int
+    train_loss: float
+    target_tokens: int
+    seconds: float
+    peak_memory_bytes: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Target tokens per wall-clock second."""
+        return self.target_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class EvalResult:
+    """Token-level mean loss over a dataset."""
+
+    loss: float
+    num_tokens: int
+    num_examples: int
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(p for p in model.parameters()).device
+
+
+def batch_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of next-token CE over target tokens, number of target tokens) for one batch."""
+    device = _model_device(model)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    num_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    # HF's causal-LM loss is the mean over shifted target tokens; scale back to a sum.
+    return out.loss.float() * num_tokens, num_tokens
+
+
+def planned_steps(cfg: TrainConfig, num_examples: int) -> int:
+    """Optimizer steps for one round: local_steps, or local_epochs over the data."""
+    if cfg.local_epochs > 0:
+        per_step = cfg.batch_size * cfg.grad_accum
+        return max(1, math.ceil(cfg.local_epochs * num_examples / per_step))
+    return cfg.local_steps
+
+
+class LocalTrainer:
+    """Trains the model's trainable (LoRA) parameters with AdamW + cosine schedule with warm-up."""
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, cfg: TrainConfig):
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.cfg = cfg
+
+    def _loader(self, dataset: SiteDataset, seed: int, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(seed)
+        sampler = RandomSampler(dataset, generator=generator) if shuffle else None
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+                          collate_fn=lambda b: collate_batch(b, self.pad_token_id))
+
+    def train(self, dataset: SiteDataset, seed: int) -> TrainResult:
+        """Run one round of local steps; the data order is a pure function of `seed`."""
+        from transformers import get_cosine_schedule_with_warmup
+
+        cfg = self.cfg
+        steps = planned_steps(cfg, len(dataset))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # Fresh optimizer state every round: Adam moments from the previous global model would be stale.
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
+        loader = self._loader(dataset, seed, cfg.batch_size, shuffle=True)
+        batches = iter(loader)
+        device = _model_device(self.model)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.model.train()
+        loss_sum, token_sum = 0.0, 0
+        start = time.perf_counter()
+        for _ in range(steps):
+            micro = []
+            for _ in range(cfg.grad_accum):
+                try:
+                    micro.append(next(batches))
+                except StopIteration:  # epoch boundary: a new pass with a fresh shuffle from the same generator
+                    batches = iter(loader)
+                    micro.append(next(batches))
+            step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            for batch in micro:
+                summed, n_tok = batch_loss_sum(self.model, batch)
+                # Normalise by the step's token count so accumulation equals one big batch.
+                (summed / max(step_tokens, 1)).backward()
+                loss_sum += float(summed.detach())
+                token_sum += n_tok
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+        return TrainResult(len(dataset), steps, loss_sum / max(token_sum, 1), token_sum, seconds, peak)
+
+    @torch.no_grad()
+    def evaluate(self, dataset: SiteDataset) -> EvalResult:
+        """Mean next-token loss over all target tokens of `dataset`."""
+        self.model.eval()
+        loss_sum, token_sum = 0.0, 0
+        for batch in self._loader(dataset, 0, self.cfg.eval_batch_size, shuffle=False):
+            summed, n_tok = batch_loss_sum(self.model, batch)
+            loss_sum += float(summed)
+            token_sum += n_tok
+        return EvalResult(loss_sum / max(token_sum, 1), token_sum, len(dataset))

@@ -1,0 +1,78 @@
+"""Adapter codec: LoRA tensors in a PEFT model <-> numpy dicts <-> Flower ArrayRecords.
+
+Keys are PEFT's saved names (adapter name stripped), e.g.
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` — the same keys as
+``adapter_model.safetensors``, so a global adapter can be written as a PEFT directory as-is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+ADAPTER_NAME = "default"
+
+
+class AdapterMismatch(ValueError):
+    """Received adapter tensors do not fit this site's model (different model or LoRA config)."""
+
+
+def _saved_key(param_name: str) -> str:
+    return param_name.replace(f".{ADAPTER_NAME}.", ".")
+
+
+def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """PEFT saved-key -> live LoRA parameter of the model (the tensors a site trains and sends)."""
+    return {_saved_key(n): p for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def get_adapter_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Copy the LoRA tensors out as float32 numpy arrays; lora_A (r, in), lora_B (out, r)."""
+    return {k: p.detach().float().cpu().numpy().copy() for k, p in lora_parameters(model).items()}
+
+
+def check_adapter_keys(params: Mapping[str, torch.Tensor], arrays: Mapping[str, np.ndarray]) -> None:
+    """Raise AdapterMismatch unless keys and shapes agree exactly."""
+    missing = sorted(set(params) - set(arrays))
+    extra = sorted(set(arrays) - set(params))
+    if missing or extra:
+        raise AdapterMismatch(
+            f"adapter keys differ from this model's LoRA layers: {len(missing)} missing {missing[:2]}, "
+            f"{len(extra)} unexpected {extra[:2]} (same model.* and lora.* config on both sides?)"
+        )
+    for key, param in params.items():
+        if tuple(param.shape) != tuple(np.shape(arrays[key])):
+            raise AdapterMismatch(f"shape of {key}: model {tuple(param.shape)} vs received {np.shape(arrays[key])}")
+
+
+@torch.no_grad()
+def set_adapter_arrays(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Copy adapter arrays into the model's LoRA parameters in place (the base stays resident)."""
+    params = lora_parameters(model)
+    check_adapter_keys(params, arrays)
+    for key, param in params.items():
+        param.copy_(torch.from_numpy(np.ascontiguousarray(arrays[key])).to(param.device, param.dtype))
+
+
+def adapter_delta(local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """local - global, key by key (what a site uploads)."""
+    return {k: (np.asarray(local[k], np.float32) - np.asarray(global_[k], np.float32)) for k in global_}
+
+
+def num_elements(arrays: Mapping[str, np.ndarray]) -> int:
+    """Total scalar count."""
+    return int(sum(np.size(v) for v in arrays.values()))
+
+
+def to_array_record(arrays: Mapping[str, np.ndarray], dtype: str = "float32"):
+    """numpy dict -> Flower ArrayRecord, cast to the transport dtype."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array(np.ascontiguousarray(np.asarray(v, dtype=dtype))) for k, v in arrays.items()})
+
+
+def from_array_record(record) -> dict[str, np.ndarray]:
+    """Flower ArrayRecord -> numpy dict (float32 for arithmetic)."""
+    return {k: np.asarray(v.numpy(), dtype=np.float32) for k, v in record.items()}

@@ -1,0 +1,96 @@
+"""The built-in offline task: each skill is a different source with its own answer distribution.
+
+A site holding one skill learns only that skill's answers (lowercase letters, uppercase letters, 1-3 digit
+sums, or a single small count), so a federation of single-skill sites should beat any one site alone on the
+union of the held-out examples.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Callable
+
+from federation.config import DemoTaskConfig
+
+WORD_MIN_LETTERS = 3
+WORD_MAX_LETTERS = 7
+ADDEND_MAX = 99
+VOWELS = "aeiou"
+# Give up drawing distinct examples after this many draws per example asked for (the skill's space is
+# too small for the requested counts).
+MAX_DRAWS_PER_EXAMPLE = 100
+
+
+def _random_word(rng: random.Random) -> str:
+    length = rng.randint(WORD_MIN_LETTERS, WORD_MAX_LETTERS)
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(length))
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    word = _random_word(rng)
+    return f"Reverse: {word}", word[::-1]
+
+
+def _uppercase(rng: random.Random) -> tuple[str, str]:
+    word = _random_word(rng)
+    return f"Uppercase: {word}", word.upper()
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    left, right = rng.randint(0, ADDEND_MAX), rng.randint(0, ADDEND_MAX)
+    return f"Add: {left}+{right}", str(left + right)
+
+
+def _vowels(rng: random.Random) -> tuple[str, str]:
+    word = _random_word(rng)
+    return f"Count vowels: {word}", str(sum(char in VOWELS for char in word))
+
+
+SKILLS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "reverse": _reverse,
+    "uppercase": _uppercase,
+    "add": _add,
+    "vowels": _vowels,
+}
+
+
+def _skill_examples(skill: str, count: int, seed: int) -> list[tuple[str, str]]:
+    """`count` distinct (instruction, output) pairs of one skill, in draw order."""
+    # A per-skill stream: adding or reordering skills does not change another skill's examples.
+    rng = random.Random(f"{seed}:{skill}")
+    examples: dict[str, str] = {}
+    for _ in range(count * MAX_DRAWS_PER_EXAMPLE):
+        if len(examples) == count:
+            break
+        instruction, output = SKILLS[skill](rng)
+        examples.setdefault(instruction, output)
+    if len(examples) < count:
+        raise ValueError(f"skill {skill!r} cannot produce {count} distinct examples (got {len(examples)})")
+    return list(examples.items())
+
+
+def generate_demo_task(cfg: DemoTaskConfig) -> tuple[list[dict], list[dict]]:
+    """(train, eval) alpaca records {"instruction", "input": "", "output", "source": skill}; eval is held out."""
+    unknown = [skill for skill in cfg.skills if skill not in SKILLS]
+    if unknown:
+        raise ValueError(f"unknown demo skill(s) {unknown}; supported: {sorted(SKILLS)}")
+    if len(set(cfg.skills)) != len(cfg.skills):
+        raise ValueError(f"demo skills must be distinct, got {list(cfg.skills)}")
+    if cfg.examples_per_skill < 1 or cfg.eval_examples_per_skill < 0:
+        raise ValueError(
+            f"need examples_per_skill >= 1 and eval_examples_per_skill >= 0, got "
+            f"{cfg.examples_per_skill} and {cfg.eval_examples_per_skill}"
+        )
+    train: list[dict] = []
+    held_out: list[dict] = []
+    for skill in cfg.skills:
+        examples = _skill_examples(skill, cfg.examples_per_skill + cfg.eval_examples_per_skill, cfg.seed)
+        records = [
+            {"instruction": instruction, "input": "", "output": output, "source": skill}
+            for instruction, output in examples
+        ]
+        # Instructions are distinct within a skill and prefixed by it, so eval never repeats a train example.
+        train.extend(records[: cfg.examples_per_skill])
+        held_out.extend(records[cfg.examples_per_skill :])
+    return train, held_out

@@ -1,0 +1,156 @@
+"""The coordinator's durable state: per-round PEFT adapter checkpoints (atomic) and metrics.jsonl."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+SERVER_STATE = "server_state.json"
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_peft_adapter(directory: Path, arrays: Mapping[str, np.ndarray], peft_config) -> None:
+    """Write adapter_config.json + adapter_model.safetensors (what PeftModel.from_pretrained reads)."""
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    peft_config.save_pretrained(str(directory))
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}, str(directory / ADAPTER_WEIGHTS))
+
+
+def read_peft_adapter(directory: str | Path) -> dict[str, np.ndarray]:
+    """Adapter tensors of a PEFT adapter directory as float32 numpy."""
+    from safetensors.numpy import load_file
+
+    path = Path(directory) / ADAPTER_WEIGHTS
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no adapter weights here (expected a PEFT adapter directory)")
+    return {k: v.astype(np.float32) for k, v in load_file(str(path)).items()}
+
+
+class GlobalAdapterStore:
+    """Run directory layout: checkpoints/round-NNNN/ (PEFT dir + server_state.json), global_adapter -> newest.
+
+    Each checkpoint is written into a temp directory, fsynced and renamed into place, and only then
+    is the ``global_adapter`` symlink swapped with an atomic rename, so a crash at any instant leaves
+    the previous global adapter intact and loadable.
+    """
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 0):
+        self.run_dir = Path(run_dir)
+        self.checkpoints = self.run_dir / "checkpoints"
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.keep_last = keep_last
+
+    @property
+    def global_adapter_dir(self) -> Path:
+        """Symlink to the newest complete checkpoint."""
+        return self.run_dir / "global_adapter"
+
+    def round_dir(self, server_round: int) -> Path:
+        """Directory of one round's checkpoint."""
+        return self.checkpoints / f"round-{server_round:04d}"
+
+    def save(self, server_round: int, arrays: Mapping[str, np.ndarray], peft_config,
+             state: Mapping[str, Any] | None = None) -> Path:
+        """Atomically write round `server_round`'s adapter (+ JSON-able server state); returns its directory."""
+        final = self.round_dir(server_round)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.checkpoints))
+        try:
+            write_peft_adapter(tmp, arrays, peft_config)
+            record = {"round": server_round, "adapter_sha256": sha256_file(tmp / ADAPTER_WEIGHTS), **(state or {})}
+            (tmp / SERVER_STATE).write_text(json.dumps(record, indent=1, sort_keys=True))
+            for name in os.listdir(tmp):
+                with open(tmp / name, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if final.exists():  # re-running a round after resume: replace the stale copy
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.checkpoints)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        link_tmp = self.run_dir / f".global_adapter.tmp-{os.getpid()}"
+        if link_tmp.is_symlink() or link_tmp.exists():
+            link_tmp.unlink()
+        os.symlink(os.path.relpath(final, self.run_dir), link_tmp)
+        os.replace(link_tmp, self.global_adapter_dir)
+        _fsync_dir(self.run_dir)
+        self._prune(server_round)
+        return final
+
+    def _prune(self, newest: int) -> None:
+        if self.keep_last <= 0:
+            return
+        for path in sorted(self.checkpoints.glob("round-*")):
+            if int(path.name.split("-")[1]) <= newest - self.keep_last:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def latest(self) -> tuple[int, Path] | None:
+        """(round, directory) of the newest complete checkpoint, or None."""
+        if not self.global_adapter_dir.exists():
+            return None
+        target = self.global_adapter_dir.resolve()
+        state = json.loads((target / SERVER_STATE).read_text())
+        return int(state["round"]), target
+
+    def load(self, directory: str | Path | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(adapter arrays, server state) of a checkpoint, default the newest; verifies the sha256."""
+        directory = Path(directory) if directory else self.global_adapter_dir.resolve()
+        arrays = read_peft_adapter(directory)
+        state_path = directory / SERVER_STATE
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        expected = state.get("adapter_sha256")
+        if expected and sha256_file(directory / ADAPTER_WEIGHTS) != expected:
+            raise ValueError(f"{directory}: adapter sha256 does not match {SERVER_STATE}; checkpoint is corrupt")
+        return arrays, state
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per round, flushed and fsynced as it is written."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        """Add one row."""
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(dict(row), sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def rows(self) -> list[dict[str, Any]]:
+        """All rows written so far."""
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

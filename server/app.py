@@ -1,0 +1,160 @@
+"""The coordinator's Flower ServerApp: the round loop, federated evaluation, checkpoints and metrics.
+
+The loop is written out here (rather than ``Strategy.start``) because the coordinator must
+evaluate the starting adapter on the sites, checkpoint atomically after every round, and record
+who was missing and what crossed the wire; the strategy still does sampling and aggregation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from client.app import RUN_CONFIG_KEY
+from federation.adapter import from_array_record, num_elements, to_array_record
+from federation.config import RunConfig, compose_config, overrides_from_flat, run_config_to_json
+from federation.model import initial_adapter, lora_shapes, peft_lora_config
+from federation.store import GlobalAdapterStore, MetricsLog, read_peft_adapter
+from server.report import plot_losses, summary_table
+from server.strategy import LoraDeltaStrategy
+from strategies.aggregators import build_aggregator
+from strategies.fedavg import UpdateRejected, validate_update
+
+log = logging.getLogger("fedtune.server")
+
+
+def starting_adapter(cfg: RunConfig) -> dict:
+    """A fresh seeded adapter, or the one in federation.initial_adapter (checked against the model's LoRA shapes)."""
+    if not cfg.federation.initial_adapter:
+        return initial_adapter(cfg.model, cfg.lora)
+    arrays = read_peft_adapter(cfg.federation.initial_adapter)
+    shapes = lora_shapes(cfg.model, cfg.lora)
+    try:
+        validate_update(arrays, {k: _Shape(s) for k, s in shapes.items()})
+    except UpdateRejected as exc:
+        raise ValueError(f"{cfg.federation.initial_adapter}: does not fit model/lora config: {exc}") from exc
+    return arrays
+
+
+class _Shape:
+    """Stands in for a reference array where only the shape matters."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
+def build_strategy(cfg: RunConfig) -> LoraDeltaStrategy:
+    """The Flower strategy for cfg.strategy."""
+    s = cfg.strategy
+    return LoraDeltaStrategy(
+        build_aggregator(s.name, dict(s.params)),
+        fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
+        min_train_nodes=s.min_train_clients, min_evaluate_nodes=s.min_evaluate_clients,
+        min_available_nodes=s.min_available_clients,
+    )
+
+
+def _evaluate(strategy: LoraDeltaStrategy, grid: Grid, server_round: int, arrays: ArrayRecord,
+              config: ConfigRecord, timeout: float) -> float | None:
+    messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), grid)
+    replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
+    metrics = strategy.aggregate_evaluate(server_round, replies)
+    return None if metrics is None else float(metrics["eval-loss"])
+
+
+def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
+    """Run cfg.federation.rounds rounds against the nodes behind `grid`; returns the metrics rows."""
+    from rich.console import Console
+
+    console = Console()
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, sort_keys=True))
+    store = GlobalAdapterStore(run_dir, keep_last=cfg.federation.keep_last_checkpoints)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    peft_config = peft_lora_config(cfg.lora, cfg.model.name if cfg.model.name != "preset"
+                                   else f"preset:{cfg.model.preset_name}")
+    strategy = build_strategy(cfg)
+    arrays = to_array_record(starting_adapter(cfg))
+    n_params = num_elements(from_array_record(arrays))
+    console.print(f"[bold]fedtune[/] coordinator: {cfg.federation.rounds} rounds, strategy={cfg.strategy.name}, "
+                  f"adapter {n_params:,} params ({arrays.count_bytes() / 1e6:.2f} MB), run dir {run_dir}")
+    config = ConfigRecord({RUN_CONFIG_KEY: run_config_to_json(cfg)})
+    timeout = cfg.federation.round_timeout_s
+
+    store.save(0, from_array_record(arrays), peft_config, {"strategy": cfg.strategy.name})
+    rows: list[dict[str, Any]] = []
+    if cfg.federation.evaluate_before_training:
+        start = time.perf_counter()
+        eval_loss = _evaluate(strategy, grid, 0, arrays, config, timeout)
+        row = {"round": 0, "eval_loss": eval_loss, "train_loss": None, "seconds": time.perf_counter() - start,
+               "adapter_params": n_params}
+        metrics_log.append(row)
+        rows.append(row)
+        console.print(f"round 0/{cfg.federation.rounds}: union eval loss {eval_loss}")
+
+    for server_round in range(1, cfg.federation.rounds + 1):
+        start = time.perf_counter()
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        eval_loss = _evaluate(strategy, grid, server_round, arrays, config, timeout)
+        store.save(server_round, from_array_record(arrays), peft_config,
+                   {"strategy": cfg.strategy.name, "aggregator_state_keys": sorted(strategy.aggregator.state_dict())})
+        ledger = strategy.ledger(server_round)
+        row = {
+            "round": server_round,
+            "train_loss": None if train_metrics is None else float(train_metrics["train-loss"]),
+            "eval_loss": eval_loss,
+            "clients_sampled": len(ledger.sampled),
+            "clients_ok": len(ledger.accepted),
+            "missing": ledger.missing,
+            "failed": {str(k): v for k, v in ledger.failed.items()},
+            "rejected": {str(k): v for k, v in ledger.rejected.items()},
+            "bytes_up": ledger.bytes_up,
+            "bytes_down": ledger.bytes_down,
+            "train_tokens": None if train_metrics is None else int(train_metrics["train-tokens"]),
+            "tokens_per_second": None if train_metrics is None else float(train_metrics["tokens-per-second"]),
+            "adapter_params": n_params,
+            "aggregated": new_arrays is not None,
+            "seconds": time.perf_counter() - start,
+        }
+        metrics_log.append(row)
+        rows.append(row)
+        console.print(f"round {server_round}/{cfg.federation.rounds}: clients {row['clients_ok']}/"
+                      f"{row['clients_sampled']}, train loss {row['train_loss']}, union eval loss {eval_loss}, "
+                      f"{row['bytes_up'] / 1e6:.2f} MB up, {row['seconds']:.1f}s")
+
+    plot_losses(rows, run_dir / "loss.png", title=f"{cfg.strategy.name}, {cfg.federation.num_clients} sites")
+    console.print(summary_table(rows))
+    console.print(f"global adapter: {store.global_adapter_dir} (PEFT directory), metrics: {metrics_log.path}")
+    return rows
+
+
+def make_server_app(cfg: RunConfig) -> ServerApp:
+    """A ServerApp bound to an already composed config (simulation)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_federation(grid, cfg)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """`flwr run .` entry: hydra defaults from conf/ plus the run config's flat overrides."""
+    run_federation(grid, compose_config(overrides_from_flat(dict(context.run_config))))

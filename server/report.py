@@ -1,0 +1,49 @@
+"""End-of-run outputs: loss-per-round PNG and a console summary table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def plot_losses(rows: list[dict[str, Any]], path: str | Path, title: str = "fedtune") -> Path:
+    """Train and union eval loss per round as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("train_loss", "train loss (sites, local)"), ("eval_loss", "eval loss (union of sites)")):
+        points = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def summary_table(rows: list[dict[str, Any]], title: str = "federation summary"):
+    """A rich Table of the per-round metrics."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("round", "clients", "missing", "train loss", "eval loss", "MB up", "MB down", "seconds"):
+        table.add_column(col, justify="right")
+
+    def fmt(value, spec="{:.4f}"):
+        return "-" if value is None else spec.format(value)
+
+    for r in rows:
+        table.add_row(str(r["round"]), f"{r.get('clients_ok', 0)}/{r.get('clients_sampled', 0)}",
+                      ",".join(str(x) for x in r.get("missing", [])) or "-",
+                      fmt(r.get("train_loss")), fmt(r.get("eval_loss")),
+                      fmt(r.get("bytes_up", 0) / 1e6, "{:.3f}"), fmt(r.get("bytes_down", 0) / 1e6, "{:.3f}"),
+                      fmt(r.get("seconds"), "{:.1f}"))
+    return table
