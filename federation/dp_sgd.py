@@ -131,7 +131,9 @@ def make_dp_sgd(
     return DPSGDSetup(model, dp_optimizer, dp_loader, engine, hooks)
 
 
-def per_sequence_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def per_sequence_causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """(batch, seq, vocab) logits, (batch, seq) labels -> (batch,) mean next-token CE per sequence.
 
     HF's model(labels=...) loss averages over all tokens of the batch, which ties each example's

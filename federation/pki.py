@@ -33,6 +33,7 @@ import datetime
 import ipaddress
 import os
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ DEFAULT_CA_COMMON_NAME = "fedtune-ca"
 DEFAULT_SERVER_COMMON_NAME = "fedtune-superlink"
 # Back-date notBefore so peers whose clock runs slightly behind accept a fresh cert.
 DEFAULT_CLOCK_SKEW = datetime.timedelta(minutes=5)
+LOOPBACK_HOSTNAMES = ("127.0.0.1", "localhost")
 PRIVATE_KEY_MODE = 0o600
 PUBLIC_FILE_MODE = 0o644
 
@@ -270,16 +272,26 @@ def generate_federation_credentials(
     days: int = DEFAULT_VALIDITY_DAYS,
     ca_common_name: str = DEFAULT_CA_COMMON_NAME,
     overwrite: bool = False,
+    include_loopback: bool = True,
 ) -> FederationCredentials:
-    """Create CA, SuperLink TLS cert for `hostnames` and one auth key pair per site in out_dir."""
+    """Create CA, SuperLink TLS cert for `hostnames` and one auth key pair per site in out_dir.
+
+    include_loopback adds 127.0.0.1 and localhost to the server cert: the SuperLink's
+    own ServerApp runner (SuperExec) dials 127.0.0.1 over TLS when the SuperLink binds
+    127.0.0.1 or 0.0.0.0, and crashes with "IP address mismatch" without it.
+    """
     out_dir = Path(out_dir)
+    hostnames = list(hostnames)
+    if include_loopback:
+        hostnames += [h for h in LOOPBACK_HOSTNAMES if h not in hostnames]
     # Validate every input and target before writing anything, so a refusal leaves
     # out_dir exactly as it was.
     subject_alternative_names(hostnames)
     _check_site_names(site_names)
     _check_days(days)
     targets = [out_dir / n for n in ("ca.crt", "ca.key", "server.crt", "server.key")]
-    targets += [out_dir / SITES_DIRNAME / f"{s}.{ext}" for s in site_names for ext in ("key", "pub")]
+    sites_dir = out_dir / SITES_DIRNAME
+    targets += [sites_dir / f"{s}.{ext}" for s in site_names for ext in ("key", "pub")]
     targets.append(out_dir / ALLOW_LIST_FILENAME)
     _refuse_existing(targets, overwrite)
 
@@ -320,8 +332,10 @@ def read_allow_list(path: str | Path) -> dict[str, ec.EllipticCurvePublicKey]:
     for line in Path(path).read_text(encoding="ascii").splitlines():
         if not line.strip() or line.startswith("#"):
             continue
-        key_type, key_b64, *comment = line.split()
-        site_name = comment[0] if comment else key_b64
+        fields = line.split()
+        if len(fields) != 3:
+            raise ValueError(f"allow-list line is not '<type> <base64 key> <site>': {line!r}")
+        key_type, key_b64, site_name = fields
         if site_name in allowed:
             raise ValueError(f"duplicate allow-list entry for {site_name!r}")
         public_key = serialization.load_ssh_public_key(f"{key_type} {key_b64}".encode("ascii"))
@@ -427,6 +441,12 @@ def _build_parser() -> argparse.ArgumentParser:
         default="fedtune",
         help="name of the `flwr` SuperLink connection used in the printed register commands",
     )
+    parser.add_argument(
+        "--no-loopback",
+        action="store_true",
+        help="do not add 127.0.0.1/localhost to the server cert (only if the SuperLink "
+        "binds a specific non-loopback --host)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing files")
     return parser
 
@@ -442,9 +462,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             days=args.days,
             ca_common_name=args.ca_name,
             overwrite=args.overwrite,
+            include_loopback=not args.no_loopback,
         )
     except (FileExistsError, ValueError) as err:
-        print(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"CA certificate (give to every party): {creds.ca.cert_path}")
     print(f"CA private key (keep offline):        {creds.ca.key_path}")

@@ -53,7 +53,9 @@ def server_control_update(
     return new_c
 
 
-def correct_gradient(grad, c_local, c_global):
+def correct_gradient(
+    grad: torch.Tensor | np.ndarray, c_local: torch.Tensor | np.ndarray, c_global: torch.Tensor | np.ndarray
+) -> torch.Tensor | np.ndarray:
     """grad - c_local + c_global, elementwise; a torch grad keeps its dtype/device, numpy controls are converted."""
     if isinstance(grad, torch.Tensor):
         c_local = torch.as_tensor(c_local, dtype=grad.dtype, device=grad.device)

@@ -1,0 +1,74 @@
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict, Error, Message
+
+from federation.adapter import from_array_record, to_array_record
+from server.strategy import LoraDeltaStrategy
+from strategies.aggregators import FedAvgAggregator
+from tests.flower_messages import instruction, reply
+
+KA = "m.q_proj.lora_A.weight"
+KB = "m.q_proj.lora_B.weight"
+GLOBAL = {KA: np.array([[1.0, 1.0]], np.float32), KB: np.array([[0.0], [0.0]], np.float32)}
+
+
+def _train_reply(node: int, delta: dict, n: int = 10) -> Message:
+    msg = instruction(RecordDict({"arrays": to_array_record(GLOBAL)}), dst_node_id=node)
+    return reply(msg, RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in delta.items()}),
+                                  "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0,
+                                                           "train-tokens": 5, "tokens-per-second": 1.0})}))
+
+
+def _strategy():
+    s = LoraDeltaStrategy(FedAvgAggregator(), min_train_nodes=1, min_available_nodes=1)
+    s.current_global = {k: v.copy() for k, v in GLOBAL.items()}
+    return s
+
+
+def test_bad_updates_are_rejected_logged_and_never_aggregated(caplog):
+    good1 = {KA: np.array([[1.0, 0.0]], np.float32), KB: np.array([[2.0], [0.0]], np.float32)}
+    good2 = {KA: np.array([[3.0, 0.0]], np.float32), KB: np.array([[0.0], [2.0]], np.float32)}
+    nan = {KA: np.array([[np.nan, 0.0]], np.float32), KB: np.zeros((2, 1), np.float32)}
+    inf = {KA: np.zeros((1, 2), np.float32), KB: np.array([[np.inf], [0.0]], np.float32)}
+    wrong_shape = {KA: np.zeros((2, 2), np.float32), KB: np.zeros((2, 1), np.float32)}
+    wrong_keys = {KA: np.zeros((1, 2), np.float32), "m.base_layer.weight": np.zeros((2, 2), np.float32)}
+    failed = Message(Error(code=0, reason="site crashed"),
+                     reply_to=instruction(RecordDict({"arrays": to_array_record(GLOBAL)}), dst_node_id=9))
+    replies = [_train_reply(1, good1, 10), _train_reply(2, good2, 30), _train_reply(3, nan, 1000),
+               _train_reply(4, inf, 1000), _train_reply(5, wrong_shape, 1000), _train_reply(6, wrong_keys, 1000),
+               _train_reply(7, good1, 0), failed]
+    s = _strategy()
+    with caplog.at_level(logging.WARNING, logger="fedtune.server"):
+        arrays, metrics = s.aggregate_train(1, replies)
+    new = from_array_record(arrays)
+    # Only nodes 1 and 2, weights 10:30.
+    np.testing.assert_allclose(new[KA], [[1 + 0.25 * 1 + 0.75 * 3, 1.0]])
+    np.testing.assert_allclose(new[KB], [[0.5], [1.5]])
+    ledger = s.ledger(1)
+    assert ledger.accepted == [1, 2]
+    assert sorted(ledger.rejected) == [3, 4, 5, 6, 7]
+    assert "NaN" in ledger.rejected[3] and "shape" in ledger.rejected[5] and "keys" in ledger.rejected[6]
+    assert ledger.failed == {9: "site crashed"}
+    assert "REJECTED update from node 3" in caplog.text
+    assert metrics["num-examples"] == 40
+
+
+def test_round_with_only_bad_updates_keeps_global():
+    s = _strategy()
+    nan = {KA: np.array([[np.nan, 0.0]], np.float32), KB: np.zeros((2, 1), np.float32)}
+    arrays, metrics = s.aggregate_train(1, [_train_reply(1, nan)])
+    assert arrays is None and metrics is None
+
+
+def test_eval_loss_is_token_weighted_union():
+    s = _strategy()
+    msgs = []
+    for node, loss, tokens in [(1, 2.0, 10), (2, 4.0, 30)]:
+        ins = instruction(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="evaluate")
+        msgs.append(reply(ins, RecordDict({"metrics": MetricRecord(
+            {"eval-loss": loss, "eval-tokens": tokens, "num-examples": 3})})))
+    out = s.aggregate_evaluate(1, msgs)
+    assert out["eval-loss"] == pytest.approx((2.0 * 10 + 4.0 * 30) / 40)
+    assert out["eval-tokens"] == 40
