@@ -99,12 +99,13 @@ def train(msg: Message, context: Context) -> Message:
     delta = adapter_delta(get_adapter_arrays(runtime.model), global_arrays)
     record = to_array_record(delta)
     log.info("round %d: trained on %d examples (%d steps, %d tokens, loss %.4f, %.0f tok/s); uploading %d bytes",
-             server_round, result.num_examples, result.steps, result.target_tokens, result.train_loss,
+             server_round, result.num_examples, result.steps, result.input_tokens, result.train_loss,
              result.tokens_per_second, record.count_bytes())
     metrics = MetricRecord({
         "num-examples": result.num_examples,
         "train-loss": result.train_loss,
         "train-tokens": result.target_tokens,
+        "input-tokens": result.input_tokens,
         "train-steps": result.steps,
         "train-seconds": result.seconds,
         "tokens-per-second": result.tokens_per_second,

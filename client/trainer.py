@@ -26,13 +26,14 @@ class TrainResult:
     steps: int
     train_loss: float
     target_tokens: int
+    input_tokens: int
     seconds: float
     peak_memory_bytes: int
 
     @property
     def tokens_per_second(self) -> float:
-        """Target tokens per wall-clock second."""
-        return self.target_tokens / self.seconds if self.seconds > 0 else 0.0
+        """Non-padding input tokens processed (forward + backward) per wall-clock second."""
+        return self.input_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass
@@ -96,7 +97,7 @@ class LocalTrainer:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self.model.train()
-        loss_sum, token_sum = 0.0, 0
+        loss_sum, token_sum, input_tokens = 0.0, 0, 0
         start = time.perf_counter()
         for _ in range(steps):
             micro = []
@@ -113,6 +114,7 @@ class LocalTrainer:
                 (summed / max(step_tokens, 1)).backward()
                 loss_sum += float(summed.detach())
                 token_sum += n_tok
+                input_tokens += int(batch["attention_mask"].sum())
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -122,7 +124,7 @@ class LocalTrainer:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-        return TrainResult(len(dataset), steps, loss_sum / max(token_sum, 1), token_sum, seconds, peak)
+        return TrainResult(len(dataset), steps, loss_sum / max(token_sum, 1), token_sum, input_tokens, seconds, peak)
 
     @torch.no_grad()
     def evaluate(self, dataset: SiteDataset) -> EvalResult:

@@ -106,7 +106,9 @@ def materialize_preset(cfg: ModelConfig) -> Path:
     config = preset_llama_config(cfg, vocab_size=len(tokenizer))
     dtype = getattr(torch, cfg.preset.dtype) if cfg.preset_name == "tiny" else torch.bfloat16
     torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Random init of a billion-parameter shape takes minutes on CPU and seconds on a GPU.
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Build in a temp dir and rename: concurrent sites/actors racing here never see a half-written model.
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     model.save_pretrained(tmp)

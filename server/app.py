@@ -125,6 +125,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
             "train_tokens": None if train_metrics is None else int(train_metrics["train-tokens"]),
             "tokens_per_second": None if train_metrics is None else float(train_metrics["tokens-per-second"]),
             "adapter_params": n_params,
+            "per_site": {str(k): v for k, v in ledger.per_site.items()},
             "aggregated": new_arrays is not None,
             "seconds": time.perf_counter() - start,
         }

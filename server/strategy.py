@@ -35,6 +35,8 @@ class RoundLedger:
     bytes_up: int = 0
     eval_sampled: list[int] = field(default_factory=list)
     eval_ok: list[int] = field(default_factory=list)
+    # node id -> that site's train metrics and upload size, for per-site reporting
+    per_site: dict[int, dict] = field(default_factory=dict)
 
     @property
     def missing(self) -> list[int]:
@@ -99,7 +101,8 @@ class LoraDeltaStrategy(FedAvg):
                 ledger.failed[node] = msg.error.reason
                 log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)
                 continue
-            ledger.bytes_up += sum(r.count_bytes() for r in msg.content.array_records.values())
+            upload = sum(r.count_bytes() for r in msg.content.array_records.values())
+            ledger.bytes_up += upload
             try:
                 arrays, num_examples, metrics = decode_update(msg)
                 validate_update(arrays, self.current_global)
@@ -112,6 +115,8 @@ class LoraDeltaStrategy(FedAvg):
             site_ids.append(str(node))
             metric_rows.append(metrics)
             ledger.accepted.append(node)
+            ledger.per_site[node] = {**{k: v for k, v in metrics.items() if not isinstance(v, list)},
+                                     "bytes_up": upload}
         if ledger.missing:
             log.warning("round %d: no usable update from nodes %s", server_round, ledger.missing)
         if not deltas:
@@ -155,7 +160,7 @@ class LoraDeltaStrategy(FedAvg):
 
 def weighted_metrics(rows: list[MetricRecord], weights: list[float]) -> MetricRecord:
     """Example-weighted mean of scalar train metrics; token and time counts are summed."""
-    summed_keys = {"train-tokens", "train-steps", "num-examples"}
+    summed_keys = {"train-tokens", "input-tokens", "train-steps", "num-examples"}
     total = sum(weights)
     out: dict[str, float] = {}
     for key in rows[0]:
