@@ -61,6 +61,18 @@ def adapter_delta(local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndar
     return {k: (np.asarray(local[k], np.float32) - np.asarray(global_[k], np.float32)) for k in global_}
 
 
+def adapter_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 over sorted keys, dtypes, shapes and bytes: equal digests mean bit-identical adapters."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        value = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
 def num_elements(arrays: Mapping[str, np.ndarray]) -> int:
     """Total scalar count."""
     return int(sum(np.size(v) for v in arrays.values()))

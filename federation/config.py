@@ -110,6 +110,12 @@ class StrategyConfig:
     """Aggregation choice and client sampling."""
 
     name: str = "fedavg"
+    # Which strategies/ aggregator runs on the server (empty: same as name).
+    aggregator: str = ""
+    # FedProx: clients add mu/2 * ||w - w_global||^2 to their loss (0 disables).
+    proximal_mu: float = 0.0
+    # FFA-LoRA: sites keep every lora_A frozen at the shared init and train B only.
+    freeze_lora_a: bool = False
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_train_clients: int = 2
@@ -140,6 +146,10 @@ class FederationConfig:
     evaluate_before_training: bool = True
     # Keep only the newest N round checkpoints (0 keeps all).
     keep_last_checkpoints: int = 0
+    # Continue from output_dir's newest checkpoint (adapter, strategy state, round, RNG) if there is one.
+    resume: bool = False
+    # A round whose accepted updates are fewer than this is not aggregated (global stays as it was).
+    min_completed_clients: int = 1
 
 
 @dataclass

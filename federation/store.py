@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 SERVER_STATE = "server_state.json"
+STRATEGY_STATE = "strategy_state.npz"
 
 
 def sha256_file(path: str | Path) -> str:
@@ -81,13 +82,19 @@ class GlobalAdapterStore:
         return self.checkpoints / f"round-{server_round:04d}"
 
     def save(self, server_round: int, arrays: Mapping[str, np.ndarray], peft_config,
-             state: Mapping[str, Any] | None = None) -> Path:
-        """Atomically write round `server_round`'s adapter (+ JSON-able server state); returns its directory."""
+             state: Mapping[str, Any] | None = None,
+             strategy_state: Mapping[str, Any] | None = None) -> Path:
+        """Atomically write round `server_round`'s adapter, JSON-able server state and strategy arrays (npz)."""
+        from federation.adapter import adapter_digest
+
         final = self.round_dir(server_round)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.checkpoints))
         try:
             write_peft_adapter(tmp, arrays, peft_config)
-            record = {"round": server_round, "adapter_sha256": sha256_file(tmp / ADAPTER_WEIGHTS), **(state or {})}
+            if strategy_state:
+                np.savez(tmp / STRATEGY_STATE, **{k: np.asarray(v) for k, v in strategy_state.items()})
+            record = {"round": server_round, "adapter_sha256": sha256_file(tmp / ADAPTER_WEIGHTS),
+                      "adapter_digest": adapter_digest(arrays), **(state or {})}
             (tmp / SERVER_STATE).write_text(json.dumps(record, indent=1, sort_keys=True))
             for name in os.listdir(tmp):
                 with open(tmp / name, "rb") as fh:
@@ -135,6 +142,15 @@ class GlobalAdapterStore:
         return arrays, state
 
 
+    def load_strategy_state(self, directory: str | Path) -> dict[str, Any]:
+        """The strategy/aggregator state saved with a checkpoint (0-d arrays back to Python scalars)."""
+        path = Path(directory) / STRATEGY_STATE
+        if not path.exists():
+            return {}
+        with np.load(path) as data:
+            return {k: (data[k].item() if data[k].ndim == 0 else data[k]) for k in data.files}
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per round, flushed and fsynced as it is written."""
 
@@ -148,6 +164,13 @@ class MetricsLog:
             fh.write(json.dumps(dict(row), sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+    def truncate_after(self, server_round: int) -> None:
+        """Drop rows of rounds after `server_round` (they are redone after a resume); atomic rewrite."""
+        keep = [r for r in self.rows() if r["round"] <= server_round]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+        os.replace(tmp, self.path)
 
     def rows(self) -> list[dict[str, Any]]:
         """All rows written so far."""

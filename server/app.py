@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +22,7 @@ from client.app import RUN_CONFIG_KEY
 from federation.adapter import from_array_record, num_elements, to_array_record
 from federation.config import RunConfig, compose_config, overrides_from_flat, run_config_to_json
 from federation.model import initial_adapter, lora_shapes, peft_lora_config
-from federation.store import GlobalAdapterStore, MetricsLog, read_peft_adapter
+from federation.store import SERVER_STATE, GlobalAdapterStore, MetricsLog, read_peft_adapter
 from server.report import plot_losses, summary_table
 from server.strategy import LoraDeltaStrategy
 from strategies.aggregators import build_aggregator
@@ -35,12 +36,17 @@ def starting_adapter(cfg: RunConfig) -> dict:
     if not cfg.federation.initial_adapter:
         return initial_adapter(cfg.model, cfg.lora)
     arrays = read_peft_adapter(cfg.federation.initial_adapter)
+    check_fits_model(arrays, cfg, cfg.federation.initial_adapter)
+    return arrays
+
+
+def check_fits_model(arrays: dict, cfg: RunConfig, where: str | Path) -> None:
+    """Raise ValueError unless `arrays` has exactly the LoRA keys/shapes of cfg's model and lora settings."""
     shapes = lora_shapes(cfg.model, cfg.lora)
     try:
         validate_update(arrays, {k: _Shape(s) for k, s in shapes.items()})
     except UpdateRejected as exc:
-        raise ValueError(f"{cfg.federation.initial_adapter}: does not fit model/lora config: {exc}") from exc
-    return arrays
+        raise ValueError(f"{where}: adapter does not fit the model/lora config of this run: {exc}") from exc
 
 
 class _Shape:
@@ -54,7 +60,7 @@ def build_strategy(cfg: RunConfig) -> LoraDeltaStrategy:
     """The Flower strategy for cfg.strategy."""
     s = cfg.strategy
     return LoraDeltaStrategy(
-        build_aggregator(s.name, dict(s.params)),
+        build_aggregator(s.aggregator or s.name, dict(s.params)),
         fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
         min_train_nodes=s.min_train_clients, min_evaluate_nodes=s.min_evaluate_clients,
         min_available_nodes=s.min_available_clients,
@@ -67,6 +73,22 @@ def _evaluate(strategy: LoraDeltaStrategy, grid: Grid, server_round: int, arrays
     replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
     metrics = strategy.aggregate_evaluate(server_round, replies)
     return None if metrics is None else float(metrics["eval-loss"])
+
+
+def _restore(store: GlobalAdapterStore, metrics_log: MetricsLog, strategy: LoraDeltaStrategy, cfg: RunConfig):
+    """(last completed round, adapter arrays) from the newest checkpoint, with strategy and RNG state restored."""
+    last_round, directory = store.latest()
+    arrays, state = store.load(directory)
+    check_fits_model(arrays, cfg, directory)
+    if state.get("strategy") != cfg.strategy.name:
+        raise ValueError(f"{directory}: checkpoint was written by strategy {state.get('strategy')!r}, "
+                         f"this run uses {cfg.strategy.name!r}")
+    strategy.aggregator.load_state_dict(store.load_strategy_state(directory))
+    if "python_random_state" in state:
+        version, internal, gauss = state["python_random_state"]
+        random.setstate((version, tuple(internal), gauss))
+    metrics_log.truncate_after(last_round)
+    return last_round, arrays, state
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
@@ -82,35 +104,55 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
     peft_config = peft_lora_config(cfg.lora, cfg.model.name if cfg.model.name != "preset"
                                    else f"preset:{cfg.model.preset_name}")
     strategy = build_strategy(cfg)
-    arrays = to_array_record(starting_adapter(cfg))
-    n_params = num_elements(from_array_record(arrays))
-    console.print(f"[bold]fedtune[/] coordinator: {cfg.federation.rounds} rounds, strategy={cfg.strategy.name}, "
-                  f"adapter {n_params:,} params ({arrays.count_bytes() / 1e6:.2f} MB), run dir {run_dir}")
     config = ConfigRecord({RUN_CONFIG_KEY: run_config_to_json(cfg)})
     timeout = cfg.federation.round_timeout_s
 
-    store.save(0, from_array_record(arrays), peft_config, {"strategy": cfg.strategy.name})
+    def checkpoint(server_round: int, adapter: dict) -> str:
+        state = {"strategy": cfg.strategy.name, "python_random_state": list(random.getstate())}
+        path = store.save(server_round, adapter, peft_config, state, strategy.aggregator.state_dict())
+        return json.loads((path / SERVER_STATE).read_text())["adapter_digest"]
+
     rows: list[dict[str, Any]] = []
-    if cfg.federation.evaluate_before_training:
+    if cfg.federation.resume and store.latest() is not None:
+        first_round, start_arrays, state = _restore(store, metrics_log, strategy, cfg)
+        rows = metrics_log.rows()
+        digest = state["adapter_digest"]
+        console.print(f"[bold]resuming[/] after round {first_round} from {store.global_adapter_dir.resolve()} "
+                      f"(adapter digest {digest[:16]}…, sha256 {state['adapter_sha256'][:16]}…)")
+    else:
+        first_round, start_arrays = 0, starting_adapter(cfg)
+        digest = checkpoint(0, start_arrays)
+    arrays = to_array_record(start_arrays)
+    n_params = num_elements(start_arrays)
+    console.print(f"[bold]fedtune[/] coordinator: rounds {first_round + 1}..{cfg.federation.rounds}, "
+                  f"strategy={cfg.strategy.name}, adapter {n_params:,} params ({arrays.count_bytes() / 1e6:.2f} MB), "
+                  f"run dir {run_dir}")
+
+    if first_round == 0 and cfg.federation.evaluate_before_training:
         start = time.perf_counter()
         eval_loss = _evaluate(strategy, grid, 0, arrays, config, timeout)
         row = {"round": 0, "eval_loss": eval_loss, "train_loss": None, "seconds": time.perf_counter() - start,
-               "adapter_params": n_params}
+               "adapter_params": n_params, "adapter_digest": digest}
         metrics_log.append(row)
         rows.append(row)
         console.print(f"round 0/{cfg.federation.rounds}: union eval loss {eval_loss}")
 
-    for server_round in range(1, cfg.federation.rounds + 1):
+    for server_round in range(first_round + 1, cfg.federation.rounds + 1):
         start = time.perf_counter()
+        start_digest = digest
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
         replies = grid.send_and_receive(messages, timeout=timeout)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        ledger = strategy.ledger(server_round)
+        if new_arrays is not None and len(ledger.accepted) < cfg.federation.min_completed_clients:
+            log.error("round %d: only %d usable updates (< federation.min_completed_clients=%d); "
+                      "global adapter unchanged", server_round, len(ledger.accepted),
+                      cfg.federation.min_completed_clients)
+            new_arrays = None
         if new_arrays is not None:
             arrays = new_arrays
         eval_loss = _evaluate(strategy, grid, server_round, arrays, config, timeout)
-        store.save(server_round, from_array_record(arrays), peft_config,
-                   {"strategy": cfg.strategy.name, "aggregator_state_keys": sorted(strategy.aggregator.state_dict())})
-        ledger = strategy.ledger(server_round)
+        digest = checkpoint(server_round, from_array_record(arrays))
         row = {
             "round": server_round,
             "train_loss": None if train_metrics is None else float(train_metrics["train-loss"]),
@@ -127,13 +169,16 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
             "adapter_params": n_params,
             "per_site": {str(k): v for k, v in ledger.per_site.items()},
             "aggregated": new_arrays is not None,
+            "start_adapter_digest": start_digest,
+            "adapter_digest": digest,
             "seconds": time.perf_counter() - start,
         }
         metrics_log.append(row)
         rows.append(row)
         console.print(f"round {server_round}/{cfg.federation.rounds}: clients {row['clients_ok']}/"
                       f"{row['clients_sampled']}, train loss {row['train_loss']}, union eval loss {eval_loss}, "
-                      f"{row['bytes_up'] / 1e6:.2f} MB up, {row['seconds']:.1f}s")
+                      f"{row['bytes_up'] / 1e6:.2f} MB up, {row['seconds']:.1f}s"
+                      + (f", missing nodes {row['missing']}" if row["missing"] else ""))
 
     plot_losses(rows, run_dir / "loss.png", title=f"{cfg.strategy.name}, {cfg.federation.num_clients} sites")
     console.print(summary_table(rows))
