@@ -14,11 +14,12 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.trainer import LocalTrainer
-from federation.adapter import adapter_delta, from_array_record, get_adapter_arrays, set_adapter_arrays, to_array_record
+from federation.adapter import (adapter_delta, from_array_record, get_adapter_arrays, lora_parameters,
+                                set_adapter_arrays, to_array_record)
 from federation.config import RunConfig, run_config_from_json
 from federation.data import SiteDataset, load_site_files, load_site_split
 from federation.model import LoadInfo, build_lora_model
@@ -26,6 +27,8 @@ from federation.model import LoadInfo, build_lora_model
 log = logging.getLogger("fedtune.client")
 
 RUN_CONFIG_KEY = "fedtune.run-config"
+# Per-node state Flower keeps across rounds (Context.state): the site's DP-SGD accountant history.
+DP_STATE_KEY = "fedtune.dp-sgd"
 
 
 @dataclass
@@ -76,9 +79,19 @@ def _site_label(context: Context) -> int:
     return int(context.node_config.get("partition-id", -1))
 
 
+def configure_trainable(model, cfg: RunConfig) -> None:
+    """LoRA params train, except lora_A under FFA-LoRA; checkpointing off for DP-SGD (Opacus needs per-example grads)."""
+    for key, param in lora_parameters(model).items():
+        param.requires_grad_(not (cfg.strategy.freeze_lora_a and ".lora_A." in key))
+    base = model.get_base_model()
+    if cfg.privacy.local_dp_sgd.enabled and getattr(base, "is_gradient_checkpointing", False):
+        base.gradient_checkpointing_disable()
+
+
 def _prepare(msg: Message, context: Context):
     cfg = run_config_from_json(str(msg.content["config"][RUN_CONFIG_KEY]))
     runtime = get_runtime(cfg)
+    configure_trainable(runtime.model, cfg)
     global_arrays = from_array_record(msg.content["arrays"])
     set_adapter_arrays(runtime.model, global_arrays)
     train_ds, eval_ds = site_datasets(runtime, cfg, context)
@@ -95,7 +108,12 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"].get("server-round", 0))
     trainer = LocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train)
     # Data order depends on (seed, round, site) only, so a rerun of a round reproduces it.
-    result = trainer.train(train_ds, seed=cfg.train.seed * 1_000_003 + server_round * 1009 + _site_label(context))
+    seed = cfg.train.seed * 1_000_003 + server_round * 1009 + _site_label(context)
+    extra_metrics = {}
+    if cfg.privacy.local_dp_sgd.enabled:
+        result, extra_metrics["dp-sgd-epsilon"] = _train_dp_sgd(trainer, train_ds, seed, cfg, context)
+    else:
+        result = trainer.train(train_ds, seed=seed, proximal_mu=cfg.strategy.proximal_mu)
     delta = adapter_delta(get_adapter_arrays(runtime.model), global_arrays)
     record = to_array_record(delta)
     log.info("round %d: trained on %d examples (%d steps, %d tokens, loss %.4f, %.0f tok/s); uploading %d bytes",
@@ -111,8 +129,20 @@ def train(msg: Message, context: Context) -> Message:
         "tokens-per-second": result.tokens_per_second,
         "peak-memory-bytes": result.peak_memory_bytes,
         "partition-id": _site_label(context),
+        **extra_metrics,
     })
     return Message(content=RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)
+
+
+def _train_dp_sgd(trainer: LocalTrainer, train_ds: SiteDataset, seed: int, cfg: RunConfig, context: Context):
+    """DP-SGD round whose accountant history lives in the node's Flower state, so epsilon accumulates."""
+    stored = context.state.config_records.get(DP_STATE_KEY)
+    previous = json.loads(str(stored["accountant"])) if stored else None
+    total_steps = cfg.federation.rounds * cfg.train.local_steps
+    result, state, epsilon = trainer.train_dp_sgd(train_ds, seed, cfg.privacy.local_dp_sgd, total_steps, previous)
+    context.state[DP_STATE_KEY] = ConfigRecord({"accountant": json.dumps(state)})
+    log.info("DP-SGD: epsilon %.4f at delta %.1e after this round", epsilon, cfg.privacy.local_dp_sgd.delta)
+    return result, float(epsilon)
 
 
 @app.evaluate()

@@ -81,13 +81,19 @@ class LocalTrainer:
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                           collate_fn=lambda b: collate_batch(b, self.pad_token_id))
 
-    def train(self, dataset: SiteDataset, seed: int) -> TrainResult:
-        """Run one round of local steps; the data order is a pure function of `seed`."""
+    def train(self, dataset: SiteDataset, seed: int, proximal_mu: float = 0.0) -> TrainResult:
+        """Run one round of local steps; the data order is a pure function of `seed`.
+
+        proximal_mu > 0 adds FedProx's mu/2 * ||w - w_start||^2 over the trainable (LoRA) parameters.
+        """
         from transformers import get_cosine_schedule_with_warmup
+
+        from strategies.fedprox import proximal_term
 
         cfg = self.cfg
         steps = planned_steps(cfg, len(dataset))
         params = [p for p in self.model.parameters() if p.requires_grad]
+        start_params = [p.detach().clone() for p in params] if proximal_mu > 0 else None
         # Fresh optimizer state every round: Adam moments from the previous global model would be stale.
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
@@ -115,6 +121,8 @@ class LocalTrainer:
                 loss_sum += float(summed.detach())
                 token_sum += n_tok
                 input_tokens += int(batch["attention_mask"].sum())
+            if start_params is not None:
+                proximal_term(params, start_params, proximal_mu).backward()
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -125,6 +133,38 @@ class LocalTrainer:
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
         return TrainResult(len(dataset), steps, loss_sum / max(token_sum, 1), token_sum, input_tokens, seconds, peak)
+
+    def train_dp_sgd(self, dataset: SiteDataset, seed: int, dp_cfg, total_steps: int,
+                     accountant_state: dict | None) -> tuple[TrainResult, dict, float]:
+        """One round of Opacus DP-SGD (Poisson sampling, per-example clipping, noise) on the LoRA parameters.
+
+        Returns (result, accountant state to carry into the next round, epsilon so far at dp_cfg.delta).
+        """
+        from federation.dp_sgd import dp_train_steps, make_dp_sgd
+
+        cfg = self.cfg
+        steps = planned_steps(cfg, len(dataset))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        generator = torch.Generator().manual_seed(seed)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, generator=generator,
+                            collate_fn=lambda b: collate_batch(b, self.pad_token_id))
+        self.model.train()  # Opacus validates the module in training mode
+        budget = dict(noise_multiplier=dp_cfg.noise_multiplier) if dp_cfg.target_epsilon <= 0 else dict(
+            target_epsilon=dp_cfg.target_epsilon, target_delta=dp_cfg.delta, total_steps=total_steps)
+        setup = make_dp_sgd(self.model, optimizer, loader, max_grad_norm=dp_cfg.max_grad_norm,
+                            accountant=dp_cfg.accountant, accountant_state=accountant_state,
+                            noise_generator=torch.Generator().manual_seed(seed + 1), **budget)
+        start = time.perf_counter()
+        try:
+            losses = dp_train_steps(setup, steps)
+            epsilon = setup.epsilon(dp_cfg.delta)
+        finally:
+            state = setup.close()
+        seconds = time.perf_counter() - start
+        finite = [x for x in losses if math.isfinite(x)]
+        result = TrainResult(len(dataset), steps, sum(finite) / max(len(finite), 1), 0, 0, seconds, 0)
+        return result, state, epsilon
 
     @torch.no_grad()
     def evaluate(self, dataset: SiteDataset) -> EvalResult:

@@ -126,10 +126,60 @@ class StrategyConfig:
 
 
 @dataclass
+class CentralDPConfig:
+    """Site-level DP-FedAvg on the coordinator: clip each site's delta to C, add N(0, (sigma*C)^2) to the sum."""
+
+    enabled: bool = False
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    # > 0: calibrate noise_multiplier to reach this epsilon after federation.rounds rounds (refuse if impossible).
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    max_noise_multiplier: float = 100.0
+    # Adaptive clipping toward a quantile of the update norms (Andrew et al. 2021).
+    adaptive_clipping: bool = False
+    target_unclipped_quantile: float = 0.5
+    clip_norm_lr: float = 0.2
+    # Std of the noise on the unclipped count; 0 means the paper's m/20 (m = expected sites per round).
+    clipped_count_stddev: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class LocalDPSGDConfig:
+    """Record-level DP-SGD at each site with Opacus (per-example clipping + Gaussian noise)."""
+
+    enabled: bool = False
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    # > 0: calibrate noise to reach this epsilon after rounds x local_steps steps.
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+
+
+@dataclass
+class SecAggConfig:
+    """Flower SecAgg+ of the (weighted, quantized) deltas: the coordinator sees only the sum."""
+
+    enabled: bool = False
+    num_shares: int = 3
+    reconstruction_threshold: int = 2
+    clipping_range: float = 1.0
+    quantization_range: int = 4194304
+    max_weight: float = 1000.0
+    timeout: float = 600.0
+
+
+@dataclass
 class PrivacyConfig:
-    """Upload protection (see conf/privacy)."""
+    """Upload protection (see conf/privacy): central DP, local DP-SGD and SecAgg+, alone or together."""
 
     name: str = "none"
+    central: CentralDPConfig = field(default_factory=CentralDPConfig)
+    local_dp_sgd: LocalDPSGDConfig = field(default_factory=LocalDPSGDConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
 
 @dataclass

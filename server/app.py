@@ -23,6 +23,7 @@ from federation.adapter import from_array_record, num_elements, to_array_record
 from federation.config import RunConfig, compose_config, overrides_from_flat, run_config_to_json
 from federation.model import initial_adapter, lora_shapes, peft_lora_config
 from federation.store import SERVER_STATE, GlobalAdapterStore, MetricsLog, read_peft_adapter
+from server.privacy import CentralDP
 from server.report import plot_losses, summary_table
 from server.strategy import LoraDeltaStrategy
 from strategies.aggregators import build_aggregator
@@ -56,14 +57,24 @@ class _Shape:
         self.shape = tuple(shape)
 
 
+def sites_per_round(cfg: RunConfig) -> int:
+    """How many sites Flower's FedAvg sampling picks per round when all cfg.federation.num_clients are up."""
+    n = cfg.federation.num_clients
+    return min(n, max(int(n * cfg.strategy.fraction_train), cfg.strategy.min_train_clients))
+
+
 def build_strategy(cfg: RunConfig) -> LoraDeltaStrategy:
-    """The Flower strategy for cfg.strategy."""
+    """The Flower strategy for cfg.strategy (+ central DP when cfg.privacy.central.enabled)."""
     s = cfg.strategy
+    central_dp = None
+    if cfg.privacy.central.enabled:
+        central_dp = CentralDP(cfg.privacy.central, cfg.federation.num_clients, sites_per_round(cfg),
+                               cfg.federation.rounds)
     return LoraDeltaStrategy(
         build_aggregator(s.aggregator or s.name, dict(s.params)),
         fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
         min_train_nodes=s.min_train_clients, min_evaluate_nodes=s.min_evaluate_clients,
-        min_available_nodes=s.min_available_clients,
+        min_available_nodes=s.min_available_clients, central_dp=central_dp,
     )
 
 
@@ -84,6 +95,10 @@ def _restore(store: GlobalAdapterStore, metrics_log: MetricsLog, strategy: LoraD
         raise ValueError(f"{directory}: checkpoint was written by strategy {state.get('strategy')!r}, "
                          f"this run uses {cfg.strategy.name!r}")
     strategy.aggregator.load_state_dict(store.load_strategy_state(directory))
+    if strategy.central_dp is not None:
+        if "privacy_state" not in state:
+            raise ValueError(f"{directory}: checkpoint has no privacy ledger; cannot resume a DP run from it")
+        strategy.central_dp.load_state_dict(state["privacy_state"])
     if "python_random_state" in state:
         version, internal, gauss = state["python_random_state"]
         random.setstate((version, tuple(internal), gauss))
@@ -96,7 +111,12 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
     from rich.console import Console
 
     console = Console()
+    if not cfg.output_dir:
+        cfg.output_dir = f"runs/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     run_dir = Path(cfg.output_dir)
+    if not cfg.federation.resume and GlobalAdapterStore(run_dir).latest() is not None:
+        raise FileExistsError(f"{run_dir} already holds a run; pass federation.resume=true to continue it, "
+                              "or choose another output_dir (nothing was changed)")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, sort_keys=True))
     store = GlobalAdapterStore(run_dir, keep_last=cfg.federation.keep_last_checkpoints)
@@ -109,6 +129,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
 
     def checkpoint(server_round: int, adapter: dict) -> str:
         state = {"strategy": cfg.strategy.name, "python_random_state": list(random.getstate())}
+        if strategy.central_dp is not None:
+            state["privacy_state"] = strategy.central_dp.state_dict()
         path = store.save(server_round, adapter, peft_config, state, strategy.aggregator.state_dict())
         return json.loads((path / SERVER_STATE).read_text())["adapter_digest"]
 
@@ -169,6 +191,10 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
             "adapter_params": n_params,
             "per_site": {str(k): v for k, v in ledger.per_site.items()},
             "aggregated": new_arrays is not None,
+            "privacy": strategy.privacy_reports.get(server_round),
+            "epsilon": strategy.privacy_reports.get(server_round, {}).get("epsilon"),
+            "local_dp_epsilon": max((site["dp-sgd-epsilon"] for site in ledger.per_site.values()
+                                     if "dp-sgd-epsilon" in site), default=None),
             "start_adapter_digest": start_digest,
             "adapter_digest": digest,
             "seconds": time.perf_counter() - start,
@@ -178,7 +204,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
         console.print(f"round {server_round}/{cfg.federation.rounds}: clients {row['clients_ok']}/"
                       f"{row['clients_sampled']}, train loss {row['train_loss']}, union eval loss {eval_loss}, "
                       f"{row['bytes_up'] / 1e6:.2f} MB up, {row['seconds']:.1f}s"
-                      + (f", missing nodes {row['missing']}" if row["missing"] else ""))
+                      + (f", missing nodes {row['missing']}" if row["missing"] else "")
+                      + (f", epsilon {row['epsilon']:.3f}" if row["epsilon"] is not None else ""))
 
     plot_losses(rows, run_dir / "loss.png", title=f"{cfg.strategy.name}, {cfg.federation.num_clients} sites")
     console.print(summary_table(rows))

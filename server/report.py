@@ -34,7 +34,9 @@ def summary_table(rows: list[dict[str, Any]], title: str = "federation summary")
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("round", "clients", "missing", "train loss", "eval loss", "MB up", "MB down", "seconds"):
+    with_eps = any(r.get("epsilon") is not None or r.get("local_dp_epsilon") is not None for r in rows)
+    cols = ["round", "clients", "missing", "train loss", "eval loss", "MB up", "MB down", "seconds"]
+    for col in cols + (["epsilon"] if with_eps else []):
         table.add_column(col, justify="right")
 
     def fmt(value, spec="{:.4f}"):
@@ -45,5 +47,7 @@ def summary_table(rows: list[dict[str, Any]], title: str = "federation summary")
                       ",".join(str(x) for x in r.get("missing", [])) or "-",
                       fmt(r.get("train_loss")), fmt(r.get("eval_loss")),
                       fmt(r.get("bytes_up", 0) / 1e6, "{:.3f}"), fmt(r.get("bytes_down", 0) / 1e6, "{:.3f}"),
-                      fmt(r.get("seconds"), "{:.1f}"))
+                      fmt(r.get("seconds"), "{:.1f}"),
+                      *([fmt(r.get("epsilon") if r.get("epsilon") is not None else r.get("local_dp_epsilon"), "{:.3f}")]
+                        if with_eps else []))
     return table

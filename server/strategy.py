@@ -67,12 +67,15 @@ class LoraDeltaStrategy(FedAvg):
 
     def __init__(self, aggregator, *, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
                  min_train_nodes: int = 2, min_evaluate_nodes: int = 2, min_available_nodes: int = 2,
-                 transport_dtype: str = "float32"):
+                 transport_dtype: str = "float32", central_dp=None):
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
                          min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
                          min_available_nodes=min_available_nodes, weighted_by_key="num-examples")
         self.aggregator = aggregator
         self.transport_dtype = transport_dtype
+        # server.privacy.CentralDP or None: when set, sites are clipped and noised before `aggregator`.
+        self.central_dp = central_dp
+        self.privacy_reports: dict[int, dict] = {}
         self.current_global: dict[str, np.ndarray] = {}
         self.ledgers: dict[int, RoundLedger] = {}
 
@@ -122,7 +125,13 @@ class LoraDeltaStrategy(FedAvg):
         if not deltas:
             log.error("round %d: no valid updates; global adapter unchanged", server_round)
             return None, None
-        new_global = self.aggregator.aggregate(self.current_global, deltas, weights, site_ids)
+        if self.central_dp is not None:
+            # The DP mean is uniform over sites by design (weights would change the sensitivity); the
+            # aggregator then post-processes it (server optimizers keep the guarantee).
+            noisy_mean, self.privacy_reports[server_round] = self.central_dp.aggregate(deltas)
+            new_global = self.aggregator.aggregate(self.current_global, [noisy_mean], [1.0], ["dp-mean"])
+        else:
+            new_global = self.aggregator.aggregate(self.current_global, deltas, weights, site_ids)
         return to_array_record(new_global, self.transport_dtype), weighted_metrics(metric_rows, weights)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -1,4 +1,4 @@
-"""`fedtune` command line: simulate (more subcommands join as the product grows)."""
+"""`fedtune` command line: simulate on one machine, or deploy (keys, coordinator, site, launch)."""
 
 from __future__ import annotations
 
@@ -18,15 +18,34 @@ def _simulate(overrides: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fedtune` console script."""
+    from client.daemon import add_site_arguments, site_main
+    from server.coordinator import add_coordinator_arguments, add_launch_arguments, coordinator_main, launch_main
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    # `fedtune keys` is federation.pki's own CLI; hand its arguments over untouched.
+    if argv[:1] == ["keys"]:
+        from federation.pki import main as keys_main
+
+        return keys_main(argv[1:])
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated QLoRA fine-tuning with Flower.")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a federation on this machine (hydra overrides: key=value ...)")
     sim.add_argument("overrides", nargs="*", help="e.g. federation.num_clients=8 federation.rounds=3 strategy=fedavg")
+    sub.add_parser("keys", help="CA, coordinator TLS certificate and per-site keys (see `fedtune keys --help`)")
+    add_coordinator_arguments(sub.add_parser(
+        "coordinator", help="run the coordinator (Flower SuperLink, TLS + site authentication) in the foreground"))
+    add_site_arguments(sub.add_parser("site", help="run a partner site (Flower SuperNode + fedtune ClientApp)"))
+    add_launch_arguments(sub.add_parser("launch", help="start a federation run on a running coordinator"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "simulate":
         return _simulate(args.overrides)
+    if args.command == "coordinator":
+        return coordinator_main(args)
+    if args.command == "site":
+        return site_main(args)
+    if args.command == "launch":
+        return launch_main(args)
     return 2
 
 

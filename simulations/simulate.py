@@ -21,22 +21,36 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def simulate(cfg: RunConfig) -> list[dict[str, Any]]:
-    """Run cfg as a local simulation; returns the rows of the run's metrics.jsonl."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from flwr.simulation import run_simulation
+def simulate(cfg: RunConfig, engine: str = "ray") -> list[dict[str, Any]]:
+    """Run cfg as a local simulation; returns the rows of the run's metrics.jsonl.
 
+    engine="ray": Flower's simulation engine (virtual SuperNodes in Ray actors).
+    engine="inprocess": the same ServerApp loop and ClientApp, sites run one after another in this
+    process (no Ray: for machines without it, debugging and benchmarks).
+    """
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from client.app import app as client_app
-    from server.app import make_server_app
 
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    run_simulation(
-        server_app=make_server_app(cfg),
-        client_app=client_app,
-        num_supernodes=cfg.federation.num_clients,
-        backend_config=backend_config(cfg),
-    )
+    if engine == "inprocess":
+        from server.app import run_federation
+        from simulations.inprocess import InProcessGrid
+
+        run_federation(InProcessGrid(client_app, cfg.federation.num_clients), cfg)
+    elif engine == "ray":
+        from flwr.simulation import run_simulation
+
+        from server.app import make_server_app
+
+        run_simulation(
+            server_app=make_server_app(cfg),
+            client_app=client_app,
+            num_supernodes=cfg.federation.num_clients,
+            backend_config=backend_config(cfg),
+        )
+    else:
+        raise ValueError(f"engine must be ray or inprocess, got {engine!r}")
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         raise RuntimeError(f"simulation finished without writing {metrics}; see the log above")

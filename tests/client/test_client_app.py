@@ -78,3 +78,29 @@ def test_mismatched_adapter_is_refused(make_cfg):
     adapter.pop(next(iter(adapter)))
     with pytest.raises(ValueError, match="missing"):
         client_app.train(_message(cfg, adapter), _context())
+
+
+def test_ffa_lora_site_sends_zero_delta_for_frozen_a(make_cfg):
+    cfg = make_cfg("strategy=ffa_lora")
+    adapter = initial_adapter(cfg.model, cfg.lora)
+    sent = from_array_record(client_app.train(_message(cfg, adapter), _context()).content["arrays"])
+    a_keys = [k for k in sent if ".lora_A." in k]
+    b_keys = [k for k in sent if ".lora_B." in k]
+    assert a_keys and all(not np.any(sent[k]) for k in a_keys)
+    assert any(np.abs(sent[k]).max() > 0 for k in b_keys)
+    # The next run without FFA trains A again (the resident model is reconfigured per message).
+    sent = from_array_record(client_app.train(_message(make_cfg(), adapter), _context()).content["arrays"])
+    assert any(np.abs(sent[k]).max() > 0 for k in a_keys)
+
+
+def test_fedprox_term_keeps_the_site_closer_to_the_global_adapter(make_cfg):
+    adapter = initial_adapter(make_cfg().model, make_cfg().lora)
+
+    def delta_norm(*overrides):
+        cfg = make_cfg("train.local_steps=6", *overrides)
+        sent = from_array_record(client_app.train(_message(cfg, adapter), _context()).content["arrays"])
+        return np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in sent.values()))
+
+    plain = delta_norm("strategy=fedavg")
+    proximal = delta_norm("strategy=fedprox", "strategy.proximal_mu=50.0")
+    assert proximal < plain

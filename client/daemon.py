@@ -1,0 +1,390 @@
+"""The partner-site daemon: checks the site's files, then runs Flower's SuperNode with this project's ClientApp.
+
+A site runs ``fedtune site --config site.yaml``. The daemon validates everything the site controls
+(data, CA certificate, the site's private key) before it dials the coordinator, because a SuperNode
+started with bad data would only fail inside the first round, on the coordinator's clock. It then
+runs ``flower-supernode`` in the foreground over TLS with SuperNode authentication; the ClientApp
+(``client.app:app``) arrives with each run and reads its data from the node config ``data-path``.
+
+``FlowerProcess`` (supervise a Flower CLI process and everything it spawns) is shared with the
+coordinator (server/coordinator.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("fedtune.site")
+
+DEFAULT_CLIENTAPPIO_PORT = 9094  # flower-supernode's own default for its local Runtime API
+DEFAULT_STOP_TIMEOUT_S = 10.0
+POLL_INTERVAL_S = 0.2
+# flower-supernode exit codes (flwr/common/exit/exit_code.py) worth explaining to a site operator.
+SUPERNODE_EXIT_HINTS = {
+    305: "could not connect to or was refused by the coordinator: check `coordinator` (host:port), that "
+         "`ca_cert` is the federation's CA, and that this site's public key is registered there",
+    302: "the private key could not be parsed (expected an OpenSSH EC private key, e.g. sites/<site>.key)",
+}
+# Node-config values are written as '...' strings inside --node-config, so they cannot hold a quote.
+_NODE_CONFIG_FORBIDDEN = ("'", '"')
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class SiteConfigError(ValueError):
+    """The site configuration or a file it names is unusable; the message says which and why."""
+
+
+# ----------------------------------------------------------------------------------------- processes
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # Linux only: if the daemon is SIGKILLed, the kernel stops its Flower child too, so a killed
+    # daemon never leaves an orphan SuperNode/SuperLink holding the port (or the node's identity).
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class FlowerProcess:
+    """A Flower CLI process (flower-superlink / flower-supernode) supervised from the foreground.
+
+    Flower detaches some of its own children (the SuperLink starts ``flower-superexec`` in a new
+    session), so stopping only the direct child can leave them running; ``stop`` snapshots the whole
+    process tree with psutil (a Flower dependency) and stops every member.
+    """
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | Path | None = None,
+                 stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S):
+        self.argv = list(argv)
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self.stop_timeout_s = stop_timeout_s
+        self.process: subprocess.Popen | None = None
+        self._stop_requested = False
+
+    def start(self) -> None:
+        """Start the process; its stdout/stderr are this process's (the daemon forwards Flower's logs as they are)."""
+        self.process = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, preexec_fn=_die_with_parent)
+
+    def poll(self) -> int | None:
+        """Exit code, or None while running."""
+        return None if self.process is None else self.process.poll()
+
+    def stop(self) -> int:
+        """SIGTERM the process tree, SIGKILL what is left after stop_timeout_s; returns the child's exit code."""
+        import psutil
+
+        assert self.process is not None, "not started"
+        try:
+            tree = [psutil.Process(self.process.pid)] + psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+        # Flower shuts its children down itself on SIGTERM; the rest of the tree only gets a signal if
+        # something is still alive afterwards.
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=self.stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s; killing it", self.argv[0], self.stop_timeout_s)
+        leftovers = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        for proc in leftovers:
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(leftovers, timeout=self.stop_timeout_s)
+        for proc in alive + ([] if self.process.poll() is not None else [psutil.Process(self.process.pid)]):
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        return self.process.wait()
+
+    def run_in_foreground(self) -> int:
+        """Start, wait until it exits or this process gets SIGINT/SIGTERM (then stop it); returns the exit code."""
+
+        def request_stop(signum, _frame):
+            log.info("received %s, stopping %s", signal.Signals(signum).name, Path(self.argv[0]).name)
+            self._stop_requested = True
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            if self.process is None:
+                self.start()
+            while self.poll() is None and not self._stop_requested:
+                time.sleep(POLL_INTERVAL_S)
+            code = self.stop()
+            return 0 if self._stop_requested else code
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def flower_executable(name: str) -> str:
+    """Path of a Flower console script: next to this interpreter first (venv), then PATH."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found next to {sys.executable} or on PATH; is flwr installed?")
+    return found
+
+
+def flower_env(flwr_home: str | Path | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: offline, no telemetry, own FLWR_HOME, and Flower's scripts on PATH."""
+    env = dict(os.environ)
+    # The SuperLink/SuperNode spawn flower-superexec, flwr-serverapp and flwr-clientapp by name.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(Path(flwr_home).resolve())
+    env.update(extra or {})
+    return env
+
+
+# ------------------------------------------------------------------------------------------ the site
+
+
+@dataclass
+class SiteConfig:
+    """One partner site, as written in site.yaml (see conf/site/example.yaml); relative paths are relative to the YAML."""
+
+    name: str
+    coordinator: str
+    ca_cert: Path
+    private_key: Path
+    data_path: Path
+    # "auto" | "cpu" | "cuda" | "cuda:N"
+    device: str = "auto"
+    # Local port of this SuperNode's Runtime API (SuperNode <-> ClientApp process); two sites on one host need two.
+    clientappio_port: int = DEFAULT_CLIENTAPPIO_PORT
+    # FLWR_HOME of this SuperNode (installed apps); empty: ~/.flwr.
+    state_dir: Path | None = None
+    # Reconnection limits while the coordinator is unreachable (None: retry forever).
+    max_retries: int | None = None
+    max_wait_time_s: float | None = None
+    # Only against a coordinator started with --insecure: plaintext and no node authentication.
+    insecure: bool = False
+    extra_node_config: dict[str, str | int | float | bool] = field(default_factory=dict)
+
+
+_SITE_KEYS = {f.name for f in SiteConfig.__dataclass_fields__.values()}
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read site.yaml into a SiteConfig (relative paths resolved against the YAML's directory)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SiteConfigError(f"{path}: cannot read site config ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise SiteConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise SiteConfigError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - _SITE_KEYS)
+    if unknown:
+        raise SiteConfigError(f"{path}: unknown settings {unknown}; known: {sorted(_SITE_KEYS)}")
+    missing = [k for k in ("name", "coordinator", "ca_cert", "private_key", "data_path") if not raw.get(k)]
+    if missing and not (raw.get("insecure") and set(missing) <= {"ca_cert", "private_key"}):
+        raise SiteConfigError(f"{path}: missing required settings {missing}")
+    base = path.resolve().parent
+
+    def resolve(value) -> Path | None:
+        return None if value in (None, "") else (base / Path(str(value)).expanduser()).resolve()
+
+    return SiteConfig(
+        name=str(raw["name"]),
+        coordinator=str(raw["coordinator"]),
+        ca_cert=resolve(raw.get("ca_cert")),
+        private_key=resolve(raw.get("private_key")),
+        data_path=resolve(raw["data_path"]),
+        device=str(raw.get("device", "auto")),
+        clientappio_port=int(raw.get("clientappio_port", DEFAULT_CLIENTAPPIO_PORT)),
+        state_dir=resolve(raw.get("state_dir")),
+        max_retries=None if raw.get("max_retries") is None else int(raw["max_retries"]),
+        max_wait_time_s=None if raw.get("max_wait_time_s") is None else float(raw["max_wait_time_s"]),
+        insecure=bool(raw.get("insecure", False)),
+        extra_node_config=dict(raw.get("extra_node_config") or {}),
+    )
+
+
+def validate_site_data(data_path: Path) -> dict[str, int]:
+    """Parse the site's JSONL (a file, or a dir with train.jsonl [+ eval.jsonl]); returns examples per file.
+
+    Raises SiteConfigError naming the file and line of the first problem (federation.data's DataFormatError).
+    """
+    from federation.data import EVAL_FILE, TRAIN_FILE, DataFormatError, read_jsonl_records
+
+    if not data_path.exists():
+        raise SiteConfigError(f"data_path {data_path}: not found")
+    files = [data_path / TRAIN_FILE] if data_path.is_dir() else [data_path]
+    if data_path.is_dir() and (data_path / EVAL_FILE).exists():
+        files.append(data_path / EVAL_FILE)
+    counts = {}
+    for file in files:
+        try:
+            counts[str(file)] = len(read_jsonl_records(file))
+        except DataFormatError as exc:
+            raise SiteConfigError(f"site data is not usable: {exc}") from None
+        except OSError as exc:
+            raise SiteConfigError(f"site data is not usable: {file}: {exc.strerror}") from None
+    return counts
+
+
+def _read_file(path: Path | None, what: str) -> bytes:
+    if path is None:
+        raise SiteConfigError(f"{what}: not set")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SiteConfigError(f"{what} {path}: cannot read ({exc.strerror})") from None
+
+
+def validate_credentials(cfg: SiteConfig) -> None:
+    """The CA cert is a PEM X.509 certificate and the private key an OpenSSH EC private key, both readable."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ca_bytes = _read_file(cfg.ca_cert, "ca_cert")
+    try:
+        x509.load_pem_x509_certificates(ca_bytes)
+    except ValueError as exc:
+        raise SiteConfigError(f"ca_cert {cfg.ca_cert}: not a PEM certificate ({exc})") from None
+    key_bytes = _read_file(cfg.private_key, "private_key")
+    try:
+        key = serialization.load_ssh_private_key(key_bytes, password=None)
+    except (ValueError, TypeError) as exc:
+        raise SiteConfigError(
+            f"private_key {cfg.private_key}: not an unencrypted OpenSSH private key ({exc}); "
+            "use the sites/<site>.key written by `fedtune keys`, not the .pub file") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise SiteConfigError(f"private_key {cfg.private_key}: Flower needs an EC (NIST curve) key, got {type(key).__name__}")
+    if cfg.private_key.stat().st_mode & 0o077:
+        log.warning("private_key %s is readable by group/others; chmod 600 it", cfg.private_key)
+
+
+def validate_site(cfg: SiteConfig) -> dict[str, int]:
+    """Everything checkable before connecting; raises SiteConfigError. Returns examples per data file."""
+    if cfg.device != "auto" and cfg.device.split(":")[0] not in DEVICES:
+        raise SiteConfigError(f"device {cfg.device!r}: use one of {DEVICES} or cuda:N")
+    if ":" not in cfg.coordinator or cfg.coordinator.startswith(("http://", "https://")):
+        raise SiteConfigError(f"coordinator {cfg.coordinator!r}: expected host:port without a scheme")
+    for key, value in [("name", cfg.name), ("data_path", str(cfg.data_path)), *cfg.extra_node_config.items()]:
+        if any(ch in str(value) for ch in _NODE_CONFIG_FORBIDDEN):
+            raise SiteConfigError(f"{key} {value!r}: must not contain quotes")
+    if cfg.insecure:
+        log.warning("INSECURE site: plaintext connection and no node authentication; only against a coordinator "
+                    "started with --insecure, never across a network")
+    else:
+        validate_credentials(cfg)
+    return validate_site_data(cfg.data_path)
+
+
+def node_config(cfg: SiteConfig) -> str:
+    """--node-config string: what the ClientApp reads from context.node_config (data-path, site, device)."""
+    values: dict[str, str | int | float | bool] = {"site": cfg.name, "data-path": str(cfg.data_path),
+                                                   "device": cfg.device, **cfg.extra_node_config}
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            parts.append(f"{key}={str(value).lower()}")
+        elif isinstance(value, (int, float)):
+            parts.append(f"{key}={value}")
+        else:
+            parts.append(f"{key}='{value}'")
+    return " ".join(parts)
+
+
+def device_env(device: str) -> dict[str, str]:
+    """Environment that pins the ClientApp to the chosen device (it resolves model.device=auto from what it sees)."""
+    if device == "cpu":
+        return {"CUDA_VISIBLE_DEVICES": ""}
+    if device.startswith("cuda:"):
+        return {"CUDA_VISIBLE_DEVICES": device.split(":", 1)[1]}
+    return {}
+
+
+def supernode_command(cfg: SiteConfig) -> list[str]:
+    """Argv of flower-superNode for this site."""
+    argv = [flower_executable("flower-supernode"), "--superlink", cfg.coordinator,
+            "--host", "127.0.0.1", "--port", str(cfg.clientappio_port),
+            "--node-config", node_config(cfg)]
+    if cfg.insecure:
+        argv.append("--insecure")
+    else:
+        argv += ["--root-certificates", str(cfg.ca_cert), "--auth-supernode-private-key", str(cfg.private_key)]
+    if cfg.max_retries is not None:
+        argv += ["--max-retries", str(cfg.max_retries)]
+    if cfg.max_wait_time_s is not None:
+        argv += ["--max-wait-time", str(cfg.max_wait_time_s)]
+    return argv
+
+
+def supernode_env(cfg: SiteConfig) -> dict[str, str]:
+    """Environment of the SuperNode and (inherited) of every ClientApp process it starts."""
+    extra = {
+        **device_env(cfg.device),
+        # The ClientApp logs per round (round, examples, bytes uploaded) at INFO under "fedtune";
+        # client/app.py reads this to attach a handler in Flower's ClientApp process.
+        "FEDTUNE_LOG_LEVEL": os.environ.get("FEDTUNE_LOG_LEVEL", "INFO"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    return flower_env(cfg.state_dir, extra)
+
+
+def run_site(cfg: SiteConfig, stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> int:
+    """Validate, then run the SuperNode in the foreground until it exits or SIGINT/SIGTERM; returns an exit code."""
+    counts = validate_site(cfg)
+    for file, n in counts.items():
+        log.info("site %s: %s holds %d examples", cfg.name, file, n)
+    if cfg.state_dir is not None:
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    log.info("site %s: connecting to coordinator %s (%s)", cfg.name, cfg.coordinator,
+             "INSECURE" if cfg.insecure else f"TLS, CA {cfg.ca_cert}, node key {cfg.private_key}")
+    supernode = FlowerProcess(supernode_command(cfg), env=supernode_env(cfg), stop_timeout_s=stop_timeout_s)
+    code = supernode.run_in_foreground()
+    if code in SUPERNODE_EXIT_HINTS:
+        log.error("site %s: flower-supernode exited with code %d: %s", cfg.name, code, SUPERNODE_EXIT_HINTS[code])
+    elif code:
+        log.error("site %s: flower-supernode exited with code %d", cfg.name, code)
+    return code
+
+
+def add_site_arguments(parser: argparse.ArgumentParser) -> None:
+    """`fedtune site` arguments."""
+    parser.add_argument("--config", required=True, help="site YAML (see conf/site/example.yaml)")
+    parser.add_argument("--check", action="store_true", help="only validate config, keys and data, then exit")
+
+
+def site_main(args: argparse.Namespace) -> int:
+    """`fedtune site --config site.yaml [--check]`."""
+    try:
+        cfg = load_site_config(args.config)
+        if args.check:
+            counts = validate_site(cfg)
+            print(f"site {cfg.name}: OK ({', '.join(f'{f}: {n} examples' for f, n in counts.items())})")
+            return 0
+        return run_site(cfg)
+    except SiteConfigError as exc:
+        log.error("site config error: %s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

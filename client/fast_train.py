@@ -1,0 +1,314 @@
+"""Faster local QLoRA training: sequence packing, chunked cross-entropy, bf16 frozen weights, checkpoint policy.
+
+Each piece computes the same loss and gradients as the plain path in client/trainer.py (CPU tests in
+tests/client/test_fast_train.py); they only remove work that does not change the result:
+
+* packing: a step's examples are concatenated into rows of at most ``max_len`` tokens with position ids
+  restarting at 0 for each example, so no compute is spent on padding. transformers turns position ids that
+  restart into a block-diagonal causal mask (``masking_utils.find_packed_sequence_indices``), so an example
+  never attends into its neighbour; labels are shifted per example before packing, so no example predicts
+  the next one's first token.
+* chunked cross-entropy: the full (tokens, vocab) logits are never materialised (for a 128k vocabulary
+  they outweigh the whole activation memory); the loss and its gradient are computed over chunks of
+  target tokens only (prompt tokens, label -100, skip the lm_head entirely).
+* frozen non-quantized weights (embeddings, norms, lm_head) kept in the compute dtype instead of peft's
+  fp32 upcast, plus autocast, so the residual stream, attention and the 128k-wide lm_head run in bf16.
+* gradient checkpointing without re-entrance, on every ``checkpoint_every``-th decoder layer only.
+
+Supports Llama-family decoders (no logit scaling/soft-capping in the head).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from client.trainer import EvalResult, TrainResult, planned_steps
+from federation.config import TrainConfig
+from federation.data import IGNORE_INDEX, SiteDataset
+
+# Target tokens per cross-entropy chunk: a (chunk, vocab) fp32 logits block is 1 GiB at 2048 x 128k.
+DEFAULT_LOSS_CHUNK_TOKENS = 2048
+
+
+# ------------------------------------------------------------------------------------------------ packing
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """HF-style labels (..., T) -> per-position targets (..., T): targets[t] = labels[t + 1], last = -100."""
+    pad = torch.full_like(labels[..., :1], IGNORE_INDEX)
+    return torch.cat([labels[..., 1:], pad], dim=-1)
+
+
+def pack_sequences(examples: list[dict[str, torch.Tensor]], max_len: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pack examples ({"input_ids": (T_i,), "labels": (T_i,)}) into rows of <= max_len tokens, first-fit decreasing.
+
+    Returns input_ids, position_ids, target_ids, each (R, T_max) long, and num_real_tokens (0-d), where target_ids is already shifted
+    (target_ids[r, t] is the token predicted at position t; -100 = no loss). The tail of a shorter row is
+    padding that forms its own position-id segment (it attends only to itself, and has no targets).
+    """
+    if not examples:
+        raise ValueError("cannot pack an empty list of examples")
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    if max(lengths) > max_len:
+        raise ValueError(f"an example has {max(lengths)} tokens, more than the packing length {max_len}")
+    # First-fit decreasing: few rows and close to full ones; the loss is a sum, so row order does not matter.
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for index in sorted(range(len(examples)), key=lambda i: -lengths[i]):
+        for row, space in enumerate(free):
+            if lengths[index] <= space:
+                rows[row].append(index)
+                free[row] -= lengths[index]
+                break
+        else:
+            rows.append([index])
+            free.append(max_len - lengths[index])
+    width = max(max_len - space for space in free)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    target_ids = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, members in enumerate(rows):
+        start = 0
+        for index in members:
+            end = start + lengths[index]
+            input_ids[row, start:end] = examples[index]["input_ids"]
+            target_ids[row, start:end] = shift_labels(torch.as_tensor(examples[index]["labels"]))
+            position_ids[row, start:end] = torch.arange(lengths[index])
+            start = end
+        position_ids[row, start:] = torch.arange(width - start)
+    return {"input_ids": input_ids, "position_ids": position_ids, "target_ids": target_ids,
+            "num_real_tokens": torch.tensor(sum(lengths))}
+
+
+# -------------------------------------------------------------------------------------- chunked CE loss
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """sum_i CE(hidden_i @ W^T, target_i); the gradient is computed chunk by chunk during the forward pass.
+
+    Computing it in the forward pass (as Liger's fused linear cross-entropy does) means no chunk of logits
+    has to be kept or recomputed for the backward pass: only grad_hidden (tokens, d) is stored.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, compute_grad):  # noqa: D102
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if compute_grad and ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if compute_grad and ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start:start + chunk_size]
+            t = targets[start:start + chunk_size]
+            logits = (h @ weight.t()).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss_sum += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            # d(CE)/d(logits) = softmax - onehot, built in place in the logits buffer.
+            grad_logits = logits.sub_(lse[:, None]).exp_()
+            grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk_size] = grad_logits.to(weight.dtype) @ weight
+            if grad_weight is not None:
+                grad_weight += grad_logits.t() @ h.float()
+        ctx.save_for_backward(
+            grad_hidden if grad_hidden is not None else torch.empty(0),
+            grad_weight if grad_weight is not None else torch.empty(0),
+        )
+        ctx.has_grads = (grad_hidden is not None, grad_weight is not None)
+        ctx.weight_dtype = weight.dtype
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        grad_hidden, grad_weight = ctx.saved_tensors
+        has_hidden, has_weight = ctx.has_grads
+        out_hidden = grad_hidden * grad_output.to(grad_hidden.dtype) if has_hidden else None
+        out_weight = (grad_weight * grad_output).to(ctx.weight_dtype) if has_weight else None
+        return out_hidden, out_weight, None, None, None
+
+
+def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, target_ids: torch.Tensor,
+                           chunk_size: int = DEFAULT_LOSS_CHUNK_TOKENS) -> tuple[torch.Tensor, int]:
+    """(sum of CE over target tokens, number of target tokens) without materialising (tokens, vocab) logits.
+
+    hidden (..., T, d) final hidden states; lm_head_weight (V, d); target_ids (..., T) already shifted
+    (see shift_labels), -100 = no loss. Differentiable w.r.t. hidden (and lm_head_weight if it requires grad).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    flat_targets = target_ids.reshape(-1)
+    keep = (flat_targets != IGNORE_INDEX).nonzero()[:, 0]
+    # Only target tokens go through the lm_head; the gather's backward scatters zeros to the rest.
+    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    targets = flat_targets.index_select(0, keep).to(hidden.device)
+    compute_grad = torch.is_grad_enabled() and (selected.requires_grad or lm_head_weight.requires_grad)
+    loss_sum = _LinearCrossEntropySum.apply(selected, lm_head_weight, targets, chunk_size, compute_grad)
+    return loss_sum, int(keep.numel())
+
+
+# ----------------------------------------------------------------------------------- model preparation
+
+
+def causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """(causal LM, decoder stack returning hidden states, lm_head) of a (peft-wrapped) HF causal LM."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm, causal_lm.get_decoder(), causal_lm.get_output_embeddings()
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """True when any parameter is a bitsandbytes 4-bit tensor (the QLoRA path)."""
+    return any(type(p).__name__ == "Params4bit" for p in model.parameters())
+
+
+def set_checkpointing_policy(model: torch.nn.Module, checkpoint_every: int) -> int:
+    """Non-reentrant gradient checkpointing on decoder layers i % checkpoint_every == 0 (0 = none); returns the count."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    causal_lm, _, _ = causal_lm_parts(model)
+    if checkpoint_every <= 0:
+        causal_lm.gradient_checkpointing_disable()
+        return 0
+    causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in causal_lm.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index % checkpoint_every == 0
+    return sum(layer.gradient_checkpointing for layer in layers)
+
+
+def prepare_model_for_fast_training(model: torch.nn.Module, compute_dtype: torch.dtype = torch.bfloat16,
+                                    checkpoint_every: int = 1) -> None:
+    """Undo peft's fp32 upcast of frozen non-quantized weights (QLoRA only) and set the checkpoint policy; idempotent.
+
+    LoRA parameters (trainable) stay fp32 for the optimizer; autocast runs their matmuls in compute_dtype.
+    """
+    if is_quantized(model):
+        for param in model.parameters():
+            if not param.requires_grad and param.dtype == torch.float32 and type(param).__name__ != "Params4bit":
+                param.data = param.data.to(compute_dtype)
+    set_checkpointing_policy(model, checkpoint_every)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def packed_loss_sum(model: torch.nn.Module, packed: dict[str, torch.Tensor],
+                    chunk_size: int = DEFAULT_LOSS_CHUNK_TOKENS,
+                    autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int]:
+    """(sum of next-token CE over target tokens, number of target tokens) for one pack_sequences batch."""
+    _, decoder, lm_head = causal_lm_parts(model)
+    device = lm_head.weight.device
+    with _autocast(device, autocast_dtype):
+        out = decoder(input_ids=packed["input_ids"].to(device), position_ids=packed["position_ids"].to(device),
+                      attention_mask=None, use_cache=False)
+    hidden = out.last_hidden_state
+    # lm_head in its own (frozen, bf16 on QLoRA) dtype; the CE itself is computed in fp32 chunk by chunk.
+    return chunked_causal_lm_loss(hidden.to(lm_head.weight.dtype), lm_head.weight, packed["target_ids"], chunk_size)
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+
+
+@dataclass
+class FastPathSettings:
+    """Knobs of the fast path (defaults: what the H100 benchmark in BENCHMARKS.md chose)."""
+
+    # Packing length in tokens; 0 = the longest example of the batch (no example is ever split).
+    pack_len: int = 0
+    loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS
+    # Gradient-checkpoint every k-th decoder layer; 1 = all (least memory), 0 = none (fastest).
+    checkpoint_every: int = 1
+    compute_dtype: str = "bfloat16"
+
+
+class FastLocalTrainer:
+    """Drop-in for LocalTrainer (same data order, step/token accounting, optimizer and schedule), packed + chunked CE."""
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, cfg: TrainConfig,
+                 settings: FastPathSettings | None = None):
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.cfg = cfg
+        self.settings = settings or FastPathSettings()
+        quantized = is_quantized(model)
+        self.autocast_dtype = getattr(torch, self.settings.compute_dtype) if quantized else None
+        prepare_model_for_fast_training(model, self.autocast_dtype or torch.float32, self.settings.checkpoint_every)
+
+    def _loader(self, dataset: SiteDataset, seed: int, batch_size: int, shuffle: bool) -> DataLoader:
+        # Same sampler and generator as LocalTrainer._loader: the same examples land in the same step.
+        generator = torch.Generator().manual_seed(seed)
+        sampler = RandomSampler(dataset, generator=generator) if shuffle else None
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, collate_fn=self._pack)
+
+    def _pack(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        longest = max(len(ex["input_ids"]) for ex in examples)
+        return pack_sequences(examples, max(self.settings.pack_len, longest), self.pad_token_id)
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return packed_loss_sum(self.model, batch, self.settings.loss_chunk_tokens, self.autocast_dtype)
+
+    def train(self, dataset: SiteDataset, seed: int) -> TrainResult:
+        """Run one round of local steps; the data order is a pure function of `seed` (as LocalTrainer)."""
+        from transformers import get_cosine_schedule_with_warmup
+
+        cfg = self.cfg
+        steps = planned_steps(cfg, len(dataset))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
+        loader = self._loader(dataset, seed, cfg.batch_size, shuffle=True)
+        batches = iter(loader)
+        device = next(p for p in self.model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.model.train()
+        loss_sum, token_sum, input_tokens = 0.0, 0, 0
+        start = time.perf_counter()
+        for _ in range(steps):
+            micro = []
+            for _ in range(cfg.grad_accum):
+                try:
+                    micro.append(next(batches))
+                except StopIteration:
+                    batches = iter(loader)
+                    micro.append(next(batches))
+            step_tokens = sum(int((b["target_ids"] != IGNORE_INDEX).sum()) for b in micro)
+            for batch in micro:
+                summed, n_tok = self._loss_sum(batch)
+                (summed / max(step_tokens, 1)).backward()
+                loss_sum += float(summed.detach())
+                token_sum += n_tok
+                input_tokens += _real_tokens(batch)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+        return TrainResult(len(dataset), steps, loss_sum / max(token_sum, 1), token_sum, input_tokens, seconds, peak)
+
+    @torch.no_grad()
+    def evaluate(self, dataset: SiteDataset) -> EvalResult:
+        """Mean next-token loss over all target tokens of `dataset`."""
+        self.model.eval()
+        loss_sum, token_sum = 0.0, 0
+        for batch in self._loader(dataset, 0, self.cfg.eval_batch_size, shuffle=False):
+            summed, n_tok = self._loss_sum(batch)
+            loss_sum += float(summed)
+            token_sum += n_tok
+        return EvalResult(loss_sum / max(token_sum, 1), token_sum, len(dataset))
+
+
+def _real_tokens(packed: dict[str, torch.Tensor]) -> int:
+    """Non-padding input tokens of a pack_sequences batch."""
+    return int(packed["num_real_tokens"])

@@ -1,0 +1,154 @@
+"""The site's side of SecAgg+: train as usual, hand the LoRA delta to Flower's secaggplus_mod to mask.
+
+One ClientApp (``secagg_app``) serves both kinds of train message, so simulation and ``flwr run``
+need no switch on the client: a SecAgg+ protocol message (it carries Flower's "secaggplus" config
+record) goes through ``secaggplus_mod``; a plain message-API train message goes straight to
+client.app.train (unless the node config sets ``require-secagg``, then it is refused). Evaluation is
+client.app.evaluate.
+
+Flower's secaggplus_mod speaks the legacy layout: it calls the app with the legacy FitIns records
+(``fitins.parameters``, ``fitins.config``) and reads the reply as a legacy FitRes. ``secagg_fit``
+translates: it builds the plain train message client.app.train expects, runs the real training, and
+returns the delta as FitRes parameters (in the key order the coordinator sent) with the example
+count as FitRes.num_examples, which secaggplus_mod uses as the weight.
+
+Central DP over SecAgg+ needs each site to clip its own delta (the coordinator only sees the sum).
+Flower's fixedclipping_mod is not used: it computes ``reply - received params`` and writes back
+``received + clipped``, i.e. it assumes the reply holds full weights, whereas ours holds a delta
+already; feeding it zero "params" would work but hides a delta/weights convention mismatch in the
+mod chain. Clipping here with federation.privacy.clip_update is the same code the coordinator uses
+for DP without SecAgg, so both paths clip identically.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Callable, Mapping
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+
+import client.app as plain_client
+from client.app import RUN_CONFIG_KEY
+from federation.adapter import to_array_record
+from federation.privacy import clip_update
+
+log = logging.getLogger("fedtune.client")
+
+# FitIns config keys set by server.secagg.secagg_train_round. Legacy Parameters have no names, so
+# the adapter's key order travels as JSON next to them.
+ADAPTER_KEYS_KEY = "fedtune.adapter-keys"
+SERVER_ROUND_KEY = "server-round"
+MAX_WEIGHT_KEY = "fedtune.secagg.max-weight"
+CLIPPING_RANGE_KEY = "fedtune.secagg.clipping-range"
+DP_CLIP_NORM_KEY = "fedtune.secagg.dp-clip-norm"  # 0.0: no DP clipping
+LEGACY_FIT_PARAMETERS = "fitins.parameters"
+# Node config flag (flower-supernode --node-config "require-secagg=true"): refuse plain uploads.
+REQUIRE_SECAGG_NODE_KEY = "require-secagg"
+CLIPPED_VALUES_METRIC = "secagg-clipped-values"
+
+TrainFn = Callable[[Message, Context], Message]
+
+
+def secagg_upload(delta: Mapping[str, np.ndarray], num_examples: int, max_weight: float, clipping_range: float,
+                  dp_clip_norm: float = 0.0) -> tuple[dict[str, np.ndarray], int, int]:
+    """(float64 delta to mask, weight for secaggplus_mod, count of values SecAgg+ will clip to +-c).
+
+    Without DP the weight is the example count (FedAvg); secaggplus_mod scales the delta by
+    weight / max_weight before quantizing, so values with |weight / max_weight * x| > c are cut.
+    With DP (dp_clip_norm > 0) the delta is clipped to L2 norm C and weighs 1 (uniform DP-FedAvg).
+    """
+    update = {key: np.asarray(value, dtype=np.float64) for key, value in delta.items()}
+    if dp_clip_norm > 0:
+        update, _ = clip_update(update, dp_clip_norm)
+        weight = 1
+    else:
+        weight = int(num_examples)
+        if weight > max_weight:
+            # Flower only warns: the weighted values and the weight sum could then overflow the modulus.
+            raise ValueError(f"this site's weight (num-examples={weight}) exceeds privacy.secagg.max_weight="
+                             f"{max_weight}; raise max_weight on the coordinator")
+        if weight <= 0:
+            raise ValueError(f"num-examples must be positive for SecAgg+, got {weight}")
+    scale = weight / max_weight
+    clipped = int(sum(np.count_nonzero(np.abs(value) * scale > clipping_range) for value in update.values()))
+    if clipped:
+        log.warning("SecAgg+: %d values of this site's weighted delta exceed clipping_range %g and will be clipped; "
+                    "raise privacy.secagg.clipping_range", clipped, clipping_range)
+    return update, weight, clipped
+
+
+def secagg_fit(msg: Message, context: Context, train_fn: TrainFn = plain_client.train) -> Message:
+    """Legacy FitIns in (as secaggplus_mod passes it) -> local training -> legacy FitRes with the delta."""
+    fit_ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    config = fit_ins.config
+    keys = json.loads(str(config[ADAPTER_KEYS_KEY]))
+    arrays = parameters_to_ndarrays(fit_ins.parameters)
+    if len(keys) != len(arrays):
+        raise ValueError(f"SecAgg+ FitIns carries {len(arrays)} arrays for {len(keys)} adapter keys")
+    global_arrays = dict(zip(keys, arrays))
+    train_msg = Message(
+        metadata=copy.copy(msg.metadata),
+        content=RecordDict({
+            "arrays": to_array_record(global_arrays),
+            "config": ConfigRecord({RUN_CONFIG_KEY: str(config[RUN_CONFIG_KEY]),
+                                    SERVER_ROUND_KEY: int(config[SERVER_ROUND_KEY])}),
+        }),
+    )
+    reply = train_fn(train_msg, context)
+    if reply.has_error():
+        raise RuntimeError(f"local training failed: {reply.error.reason}")
+    delta = {key: value.numpy() for key, value in reply.content["arrays"].items()}
+    metrics = dict(reply.content["metrics"])
+    update, weight, clipped = secagg_upload(delta, int(metrics["num-examples"]), float(config[MAX_WEIGHT_KEY]),
+                                            float(config[CLIPPING_RANGE_KEY]), float(config[DP_CLIP_NORM_KEY]))
+    metrics[CLIPPED_VALUES_METRIC] = clipped
+    # float64 on purpose: secaggplus_mod scales and quantizes in the arrays' dtype, and float32 would
+    # add up to ~0.6 quantization levels of rounding per value at Q = 2**22. Only the masked int64
+    # vector leaves the site; these arrays are cleared by secaggplus_mod.
+    fit_res = FitRes(status=Status(code=Code.OK, message=""),
+                     parameters=ndarrays_to_parameters([update[key] for key in keys]),
+                     num_examples=weight, metrics={k: v for k, v in metrics.items() if not isinstance(v, list)})
+    return Message(compat.fitres_to_recorddict(fit_res, keep_input=False), reply_to=msg)
+
+
+def _requires_secagg(context: Context) -> bool:
+    value = context.node_config.get(REQUIRE_SECAGG_NODE_KEY, False)
+    return value is True or str(value).lower() in ("true", "1", "yes")
+
+
+def secaggplus_when_requested(msg: Message, context: Context, call_next: TrainFn) -> Message:
+    """Mod: Flower's secaggplus_mod for SecAgg+ protocol messages; plain train messages pass through."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    if _requires_secagg(context):
+        raise PermissionError(f"this site requires SecAgg+ (node config {REQUIRE_SECAGG_NODE_KEY}) and does not "
+                              "upload plain deltas; run the coordinator with privacy.secagg.enabled=true")
+    return call_next(msg, context)
+
+
+def make_secagg_app(train_fn: TrainFn = plain_client.train, evaluate_fn: TrainFn = plain_client.evaluate) -> ClientApp:
+    """A message-API ClientApp answering plain and SecAgg+ train messages with `train_fn`, evaluation with `evaluate_fn`."""
+    app = ClientApp()
+
+    @app.train(mods=[secaggplus_when_requested])
+    def train(msg: Message, context: Context) -> Message:
+        if LEGACY_FIT_PARAMETERS in msg.content.array_records:
+            return secagg_fit(msg, context, train_fn)
+        return train_fn(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return evaluate_fn(msg, context)
+
+    return app
+
+
+secagg_app = make_secagg_app()

@@ -1,0 +1,283 @@
+"""Upload codecs for LoRA deltas: float32 arrays <-> compact numpy arrays that fit in a Flower ArrayRecord.
+
+A delta is ``dict[str, np.ndarray]`` (float32, PEFT keys). Encoding maps every tensor to one or more
+arrays whose keys say what they are, so an encoded upload is readable without knowing its codec:
+
+======  =====================================================  ==============================
+codec   encoded keys (dtype)                                    bytes per element
+======  =====================================================  ==============================
+fp32    ``key`` (float32): unchanged, today's wire format       4
+bf16    ``key::bf16`` (uint16: upper half of the float32 bits)  2
+fp16    ``key::fp16`` (float16)                                 2
+int8    ``key::q`` (int8) + ``key::scale`` (float32)            1 (+4 per scale)
+topk    ``key::idx`` (int32, flat) + ``key::val`` (float16,     6 * fraction (+8 for the shape)
+        or uint16 = bf16 bits) + ``key::shape`` (int32)
+======  =====================================================  ==============================
+
+Lossy codecs should run behind ``ErrorFeedback`` (EF-SGD, Seide et al. 2014; Karimireddy et al. 2019):
+what compression drops in one round is added to the site's next delta, so nothing is lost for good.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+CODECS = ("fp32", "bf16", "fp16", "int8", "topk")
+SEPARATOR = "::"
+INT8_LEVELS = 127  # symmetric int8: q in [-127, 127], so -x encodes as -q
+BF16_QUIET_NAN = np.uint16(0x7FC0)  # what torch.bfloat16 turns every NaN into
+FP16_MAX = float(np.finfo(np.float16).max)
+
+# suffix -> codec, for every part an encoded upload may hold
+_PART_CODEC = {"bf16": "bf16", "fp16": "fp16", "q": "int8", "scale": "int8", "idx": "topk", "val": "topk",
+               "shape": "topk"}
+_CODEC_PARTS = {"fp32": ("",), "bf16": ("bf16",), "fp16": ("fp16",), "int8": ("q", "scale"),
+                "topk": ("idx", "val", "shape")}
+
+
+# --------------------------------------------------------------------------- bfloat16 without a numpy dtype
+
+
+def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 (any shape) -> uint16 bfloat16 bit patterns, round-to-nearest-even as torch.bfloat16; same shape."""
+    # numpy has no bfloat16; this is the rounding in c10/util/BFloat16.h, written out on the bits.
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounding_bias = ((bits >> 16) & np.uint32(1)) + np.uint32(0x7FFF)
+    out = ((bits + rounding_bias) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():  # the bias could carry a NaN's payload into the exponent and make it Inf
+        out[nan] = BF16_QUIET_NAN
+    return out
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bit patterns -> float32 (exact: bf16 is the upper half of a float32); same shape."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+# --------------------------------------------------------------------------- one tensor
+
+
+def _check_fp16_range(key: str, x: np.ndarray) -> None:
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    if peak > FP16_MAX:
+        raise ValueError(f"{key}: |value| {peak:.3g} overflows float16 (max {FP16_MAX}); use bf16 instead")
+
+
+def int8_scales(x: np.ndarray, per_row: bool) -> np.ndarray:
+    """absmax / 127 as float32: shape (1,) per tensor, or (rows,) per row (axis 0) when per_row and x.ndim >= 2."""
+    a = np.abs(x.astype(np.float32, copy=False))
+    peak = a.reshape(x.shape[0], -1).max(axis=1) if per_row and x.ndim >= 2 and x.size else \
+        np.array([a.max() if a.size else 0.0])
+    return (peak / INT8_LEVELS).astype(np.float32)
+
+
+def _scale_broadcast(scale: np.ndarray, ndim: int) -> np.ndarray:
+    return scale.reshape((-1,) + (1,) * (ndim - 1)) if scale.size > 1 else scale.reshape(())
+
+
+def topk_count(size: int, fraction: float) -> int:
+    """How many entries topk keeps of `size`: ceil(fraction * size), at least 1 of a non-empty tensor."""
+    return min(size, max(1, math.ceil(fraction * size))) if size else 0
+
+
+def _encode_tensor(key: str, x: np.ndarray, codec: "UploadCodec") -> dict[str, np.ndarray]:
+    if codec.name == "fp32":
+        return {key: x}
+    if codec.name == "bf16":
+        return {f"{key}::bf16": float32_to_bf16_bits(x)}
+    if codec.name == "fp16":
+        _check_fp16_range(key, x)
+        return {f"{key}::fp16": x.astype(np.float16)}
+    if codec.name in ("int8", "topk") and not np.all(np.isfinite(x)):
+        # bf16/fp16 carry NaN/Inf to the coordinator, which rejects the update; these codecs would hide them.
+        raise ValueError(f"{key}: non-finite values cannot be {codec.name}-encoded")
+    if codec.name == "int8":
+        scale = int8_scales(x, codec.int8_per_row)
+        safe = np.where(scale > 0, scale, 1.0).astype(np.float64)
+        # Divide by the float32 scale that is sent, so |x - q * scale| <= scale / 2 holds for the decoded value.
+        q = np.rint(x.astype(np.float64) / _scale_broadcast(safe, x.ndim))
+        return {f"{key}::q": np.clip(q, -INT8_LEVELS, INT8_LEVELS).astype(np.int8), f"{key}::scale": scale}
+    # topk
+    flat = x.reshape(-1)
+    k = topk_count(flat.size, codec.topk_fraction)
+    idx = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:]) if k < flat.size else \
+        np.arange(flat.size)
+    values = flat[idx]
+    if codec.topk_values == "fp16":
+        _check_fp16_range(key, values)
+        encoded_values = values.astype(np.float16)
+    else:
+        encoded_values = float32_to_bf16_bits(values)
+    return {f"{key}::idx": idx.astype(np.int32), f"{key}::val": encoded_values,
+            f"{key}::shape": np.asarray(x.shape, dtype=np.int32)}
+
+
+def _part(encoded: Mapping[str, np.ndarray], key: str, suffix: str, dtypes: tuple) -> np.ndarray:
+    name = f"{key}{SEPARATOR}{suffix}"
+    if name not in encoded:
+        raise ValueError(f"{key}: encoded upload lacks part {name!r}")
+    value = np.asarray(encoded[name])
+    if value.dtype not in [np.dtype(d) for d in dtypes]:
+        raise ValueError(f"{name}: dtype {value.dtype}, expected {' or '.join(np.dtype(d).name for d in dtypes)}")
+    return value
+
+
+def _decode_tensor(encoded: Mapping[str, np.ndarray], key: str, codec: str) -> np.ndarray:
+    if codec == "fp32":
+        value = np.asarray(encoded[key])
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ValueError(f"{key}: dtype {value.dtype}, expected a float (or encoded parts {key}::...)")
+        return value.astype(np.float32, copy=False)
+    if codec == "bf16":
+        return bf16_bits_to_float32(_part(encoded, key, "bf16", (np.uint16,)))
+    if codec == "fp16":
+        return _part(encoded, key, "fp16", (np.float16,)).astype(np.float32)
+    if codec == "int8":
+        q = _part(encoded, key, "q", (np.int8,))
+        scale = _part(encoded, key, "scale", (np.float32,))
+        rows = q.shape[0] if q.ndim >= 1 else 1
+        if scale.ndim != 1 or scale.size not in (1, rows):
+            raise ValueError(f"{key}::scale: shape {scale.shape}, expected (1,) or ({rows},) for q of shape {q.shape}")
+        return (q.astype(np.float32) * _scale_broadcast(scale, q.ndim)).astype(np.float32)
+    idx = _part(encoded, key, "idx", (np.int32,))
+    values = _part(encoded, key, "val", (np.float16, np.uint16))
+    shape = _part(encoded, key, "shape", (np.int32,))
+    if shape.ndim != 1 or np.any(shape < 0):
+        raise ValueError(f"{key}::shape: not a shape: {shape.tolist()}")
+    size = int(np.prod(shape))
+    if idx.ndim != 1 or values.shape != idx.shape:
+        raise ValueError(f"{key}: topk idx {idx.shape} and val {values.shape} must be 1-D of one length")
+    if idx.size and (idx.min() < 0 or idx.max() >= size or np.any(np.diff(idx) <= 0)):
+        raise ValueError(f"{key}::idx: indices must be strictly increasing in [0, {size})")
+    dense = np.zeros(size, dtype=np.float32)
+    dense[idx] = values.astype(np.float32) if values.dtype == np.float16 else bf16_bits_to_float32(values)
+    return dense.reshape(tuple(int(s) for s in shape))
+
+
+# --------------------------------------------------------------------------- whole uploads
+
+
+@dataclass(frozen=True)
+class UploadCodec:
+    """How a site compresses its delta; `name` in CODECS, the other fields matter only to their codec."""
+
+    name: str = "bf16"
+    # topk: fraction of each tensor's entries kept (largest |value|), and how the kept values travel.
+    topk_fraction: float = 0.1
+    topk_values: str = "fp16"  # "fp16" (10-bit mantissa) | "bf16" (float32's range)
+    # int8: one absmax scale per row (axis 0) instead of one per tensor.
+    int8_per_row: bool = False
+
+    def __post_init__(self):
+        if self.name not in CODECS:
+            raise ValueError(f"unknown upload codec {self.name!r}; valid: {list(CODECS)}")
+        if not 0.0 < self.topk_fraction <= 1.0:
+            raise ValueError(f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
+        if self.topk_values not in ("fp16", "bf16"):
+            raise ValueError(f"topk_values must be fp16 or bf16, got {self.topk_values!r}")
+
+    @property
+    def lossless(self) -> bool:
+        """fp32 sends the delta as is."""
+        return self.name == "fp32"
+
+    def encode(self, delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """float32 delta -> encoded arrays (keys as in the module table)."""
+        out: dict[str, np.ndarray] = {}
+        for key, value in delta.items():
+            if SEPARATOR in key:
+                raise ValueError(f"{key}: adapter keys must not contain {SEPARATOR!r}")
+            out.update(_encode_tensor(key, np.asarray(value, dtype=np.float32), self))
+        return out
+
+
+def encode_upload(delta: Mapping[str, np.ndarray], codec: UploadCodec | str = "bf16") -> dict[str, np.ndarray]:
+    """float32 delta {key: array} -> encoded {key or key::part: array}; `codec` a name or an UploadCodec."""
+    return (UploadCodec(codec) if isinstance(codec, str) else codec).encode(delta)
+
+
+def upload_codecs(encoded: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """Adapter key -> the codec its parts say it was encoded with; ValueError on an unknown or mixed part."""
+    parts: dict[str, set[str]] = {}
+    for name in encoded:
+        key, sep, suffix = name.rpartition(SEPARATOR)
+        if not sep:
+            key, suffix = name, ""
+        elif suffix not in _PART_CODEC:
+            raise ValueError(f"{name}: unknown encoded part {suffix!r}; known: {sorted(_PART_CODEC)}")
+        parts.setdefault(key, set()).add(suffix)
+    codecs: dict[str, str] = {}
+    for key, suffixes in parts.items():
+        found = {_PART_CODEC.get(s, "fp32") for s in suffixes}
+        if len(found) != 1:
+            raise ValueError(f"{key}: parts of several codecs {sorted(found)} ({sorted(suffixes)})")
+        codecs[key] = found.pop()
+    return codecs
+
+
+def decode_upload(encoded: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Encoded upload -> float32 delta {key: array}; ValueError naming the key on missing/wrong parts."""
+    return {key: _decode_tensor(encoded, key, codec) for key, codec in upload_codecs(encoded).items()}
+
+
+def encoded_nbytes(encoded: Mapping[str, np.ndarray]) -> int:
+    """Payload bytes of an encoded upload (array data only; Flower adds ~130 bytes of header per array)."""
+    return int(sum(np.asarray(v).nbytes for v in encoded.values()))
+
+
+# --------------------------------------------------------------------------- error feedback
+
+
+class ErrorFeedback:
+    """A site's compression residual e (EF-SGD): send C(delta + e), keep e <- delta + e - decode(C(delta + e)).
+
+    The residual is one float32 adapter held at the site; ``state_dict()`` is {key: residual} so it
+    can be checkpointed with the site's other state (a Flower ArrayRecord, np.savez).
+    """
+
+    def __init__(self) -> None:
+        self.residual: dict[str, np.ndarray] = {}
+
+    def compensate(self, delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """delta + residual (float32), key by key; the residual must have the delta's keys and shapes (or be empty)."""
+        if not self.residual:
+            return {k: np.asarray(v, dtype=np.float32) for k, v in delta.items()}
+        if set(self.residual) != set(delta):
+            diff = sorted(set(self.residual) ^ set(delta))
+            raise ValueError(f"error-feedback residual and delta have different keys, e.g. {diff[:3]}")
+        out = {}
+        for key, value in delta.items():
+            value = np.asarray(value, dtype=np.float32)
+            if value.shape != self.residual[key].shape:
+                raise ValueError(f"{key}: delta shape {value.shape} vs residual {self.residual[key].shape}")
+            out[key] = value + self.residual[key]
+        return out
+
+    def encode(self, delta: Mapping[str, np.ndarray], codec: UploadCodec | str) -> dict[str, np.ndarray]:
+        """Encode delta + residual with `codec` and keep what the encoding dropped as the next residual."""
+        codec = UploadCodec(codec) if isinstance(codec, str) else codec
+        corrected = self.compensate(delta)
+        encoded = codec.encode(corrected)
+        if codec.lossless:
+            self.residual = {}
+        else:
+            decoded = decode_upload(encoded)
+            self.residual = {k: corrected[k] - decoded[k] for k in corrected}
+        return encoded
+
+    def reset(self) -> None:
+        """Forget the residual (the adapter shape or the federation changed)."""
+        self.residual = {}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """{adapter key: residual (float32, the key's shape)}; empty before the first lossy round."""
+        return {k: v.copy() for k, v in self.residual.items()}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore a residual saved by state_dict()."""
+        self.residual = {k: np.asarray(v, dtype=np.float32).copy() for k, v in state.items()}

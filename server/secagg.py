@@ -1,0 +1,514 @@
+"""Secure aggregation (SecAgg+) of the sites' LoRA deltas: the coordinator learns only their weighted sum.
+
+Flower 1.41 implements SecAgg+ (Bell et al. 2020) only in its legacy layer: ``SecAggPlusWorkflow``
+needs a ``LegacyContext`` and a legacy ``Strategy`` (configure_fit / aggregate_fit), and the client
+side is the legacy ``secaggplus_mod``. Our round loop (server/app.py) runs one round at a time, so
+``secagg_train_round`` drives one SecAgg+ round by hand: it builds a LegacyContext whose legacy
+strategy (``_SecureSumCollector``) only hands the FitIns to the sampled nodes and receives the
+unmasked aggregate in aggregate_fit. The crypto, masking and dropout recovery are Flower's.
+
+What crosses the wire per site (the coordinator sees): public keys, encrypted key shares, ONE masked
+integer vector (int64, mod ``modulus_range``; no plaintext arrays), the site's plaintext FitRes metrics
+(train loss, example count, ...) and Shamir shares in the unmask stage.
+
+Weighting and quantization (Flower's secaggplus_mod / workflow; notation of secagg_error_bound):
+site i with delta x_i and weight w_i (its example count; 1 under DP) sends r_i = round(w_i/M * Q)
+and z_i = stochastic_round((clip(r_i/Q * x_i, -c, c) + c) * Q / (2c)), c = clipping_range,
+Q = quantization_range, M = max_weight. The coordinator unmasks S = sum_i z_i and R = sum_i r_i and
+returns (S * 2c/Q - n c) * Q/R = sum_i r_i x_i / R + (2c/R) sum_i e_i with |e_i| < 1 per coordinate.
+So, when no value hits c:  |SecAgg mean - FedAvg mean| < 2 c n / R  per coordinate, with R = Q W / M
+(W = sum of weights) whenever M divides w_i * Q (M a power of two <= Q: then r_i/R = w_i/W exactly).
+Otherwise the rounded weights add at most (n / R) * max_i |x_i|. Requirements: every |w_i/M * x_i| <= c
+(else that value is clipped: the site counts them in the metric ``secagg-clipped-values``), w_i <= M,
+n * Q < modulus_range (no wrap-around of the sum), Q < 2**31 (Flower quantizes into int32).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid
+
+from client.app import RUN_CONFIG_KEY
+from client.secagg import (ADAPTER_KEYS_KEY, CLIPPING_RANGE_KEY, DP_CLIP_NORM_KEY, MAX_WEIGHT_KEY,
+                           SERVER_ROUND_KEY)
+from federation.adapter import to_array_record
+from federation.privacy import add_gaussian_noise
+from strategies.fedavg import UpdateRejected, validate_update
+
+log = logging.getLogger("fedtune.server")
+
+STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
+DEFAULT_MODULUS_RANGE = 2**32
+# Flower's _stochastic_round casts to int32; values reach Q inclusive.
+MAX_QUANTIZATION_RANGE = 2**31 - 1
+# Aggregators that only need the weighted mean of the deltas (all SecAgg+ reveals). Robust methods,
+# FedEx-LoRA and anything per-site need individual updates and cannot run under SecAgg+.
+SECAGG_COMPATIBLE_AGGREGATORS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ffa_lora")
+# float64 steps (multiply/add, client and server) on values of up to Q quantization units, each
+# rounding by at most eps * Q units; covered by the (1 + FLOAT64_STEPS * eps * Q) factor of the bound.
+FLOAT64_STEPS = 8
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """SecAgg+ settings (Flower's SecAggPlusWorkflow arguments) for one run.
+
+    num_shares: > 1 -> neighbours per site incl. itself (odd, >= 3; SecAgg+); <= 1 -> fraction of the
+      sampled sites (1 = everyone, i.e. SecAgg). reconstruction_threshold: > 1 -> shares needed to
+      unmask (>= 2); <= 1 -> fraction of num_shares. A site's neighbourhood must keep at least that
+      many live members through every stage or the round fails.
+    clipping_range c: values are clipped to [-c, c] before quantization; power of two keeps zeros exact.
+    quantization_range Q: integer levels over [-c, c]. max_weight M: largest site weight (example count);
+      a power of two dividing Q makes the FedAvg weights exact. timeout: seconds per stage (0: the
+      caller's round timeout).
+    """
+
+    num_shares: float = 3
+    reconstruction_threshold: float = 2
+    clipping_range: float = 1.0
+    quantization_range: int = 2**22
+    max_weight: float = 1024.0
+    modulus_range: int = DEFAULT_MODULUS_RANGE
+    timeout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.num_shares > 0:
+            raise ValueError(f"secagg num_shares must be positive, got {self.num_shares}")
+        if self.num_shares > 1 and (self.num_shares != int(self.num_shares) or self.num_shares < 3
+                                    or int(self.num_shares) % 2 == 0):
+            # Flower bumps an even count after it has already sent it to the sites (1.41): keep it odd.
+            raise ValueError(f"secagg num_shares as a count must be an odd integer >= 3, got {self.num_shares}")
+        if not self.reconstruction_threshold > 0:
+            raise ValueError(f"secagg reconstruction_threshold must be positive, got {self.reconstruction_threshold}")
+        if self.reconstruction_threshold > 1 and self.reconstruction_threshold != int(self.reconstruction_threshold):
+            raise ValueError(f"secagg reconstruction_threshold as a count must be an integer, "
+                             f"got {self.reconstruction_threshold}")
+        if self.num_shares > 1 and self.reconstruction_threshold > 1 \
+                and self.reconstruction_threshold >= self.num_shares:
+            raise ValueError(f"secagg reconstruction_threshold ({self.reconstruction_threshold}) must be below "
+                             f"num_shares ({self.num_shares})")
+        if not self.clipping_range > 0:
+            raise ValueError(f"secagg clipping_range must be positive, got {self.clipping_range}")
+        if int(self.quantization_range) != self.quantization_range \
+                or not 1 < self.quantization_range <= MAX_QUANTIZATION_RANGE:
+            raise ValueError(f"secagg quantization_range must be an integer in (1, {MAX_QUANTIZATION_RANGE}], "
+                             f"got {self.quantization_range}")
+        if not self.max_weight > 0:
+            raise ValueError(f"secagg max_weight must be positive, got {self.max_weight}")
+        if bin(int(self.modulus_range)).count("1") != 1 or not self.quantization_range < self.modulus_range \
+                or self.modulus_range > DEFAULT_MODULUS_RANGE:
+            raise ValueError(f"secagg modulus_range must be a power of two in (quantization_range, 2**32], "
+                             f"got {self.modulus_range}")
+        if self.timeout < 0:
+            raise ValueError(f"secagg timeout must be >= 0, got {self.timeout}")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> SecAggParams:
+        """From federation.config.SecAggConfig (or any object with the same fields)."""
+        return cls(num_shares=cfg.num_shares, reconstruction_threshold=cfg.reconstruction_threshold,
+                   clipping_range=float(cfg.clipping_range), quantization_range=int(cfg.quantization_range),
+                   max_weight=float(cfg.max_weight),
+                   modulus_range=int(getattr(cfg, "modulus_range", DEFAULT_MODULUS_RANGE)),
+                   timeout=float(cfg.timeout))
+
+    def flower_num_shares(self) -> int | float:
+        """Flower's convention: int = count, float = fraction of the sampled sites."""
+        return int(self.num_shares) if self.num_shares > 1 else float(self.num_shares)
+
+    def flower_threshold(self) -> int | float:
+        """Flower's convention: int = count, float = fraction of num_shares."""
+        return int(self.reconstruction_threshold) if self.reconstruction_threshold > 1 \
+            else float(self.reconstruction_threshold)
+
+    def resolve(self, num_sampled: int) -> tuple[int, int]:
+        """(neighbourhood size incl. self, reconstruction threshold) for num_sampled sites, as Flower computes them."""
+        shares = self.flower_num_shares()
+        if isinstance(shares, float):
+            count = round(shares * num_sampled)
+            if count < num_sampled and count % 2 == 0:
+                count += 1
+            if count <= 2:
+                count = num_sampled
+        else:
+            count = shares
+        threshold = self.flower_threshold()
+        if isinstance(threshold, float):
+            threshold = max(round(threshold * count), 2)
+        return min(count, num_sampled), threshold
+
+
+def secagg_error_bound(weights: Sequence[float], clipping_range: float, quantization_range: int, max_weight: float,
+                       max_abs_update: float | None = None) -> float:
+    """Largest per-coordinate |SecAgg+ weighted mean - exact FedAvg mean| over the sites with `weights`.
+
+    Valid when no value was clipped (|w_i / max_weight * x_i| <= clipping_range for every coordinate).
+    2 c n / R from stochastic rounding (< 1 level per site), R = sum_i round(w_i / M * Q); plus
+    (n / R) * max_abs_update when the weights had to be rounded (M does not divide w_i * Q);
+    max_abs_update defaults to the largest unclipped value, c * Q / min_i r_i.
+    """
+    if not weights:
+        raise ValueError("need at least one weight")
+    q, c, n = int(quantization_range), float(clipping_range), len(weights)
+    ratios = [w / max_weight * q for w in weights]
+    rounded = [round(r) for r in ratios]
+    if min(rounded) <= 0:
+        raise ValueError(f"a weight rounds to 0 quantization levels (weights {list(weights)}, max_weight "
+                         f"{max_weight}, quantization_range {q}): that site would not count; lower max_weight")
+    total = float(sum(rounded))
+    bound = 2.0 * c * n / total * (1.0 + FLOAT64_STEPS * np.finfo(np.float64).eps * q)
+    if any(r != e for r, e in zip(rounded, ratios)):
+        largest = c * q / min(rounded) if max_abs_update is None else float(max_abs_update)
+        bound += n / total * largest
+    return bound
+
+
+def check_secagg_aggregator(aggregator_name: str) -> None:
+    """Raise ValueError unless the aggregator needs only the weighted mean of the deltas."""
+    if aggregator_name not in SECAGG_COMPATIBLE_AGGREGATORS:
+        raise ValueError(f"aggregator {aggregator_name!r} needs individual site updates, which SecAgg+ hides; "
+                         f"with privacy.secagg use one of {list(SECAGG_COMPATIBLE_AGGREGATORS)}")
+
+
+@dataclass
+class SecAggRoundResult:
+    """What one SecAgg+ training round produced; mean_delta is None when the round failed (see error)."""
+
+    server_round: int
+    mean_delta: dict[str, np.ndarray] | None = None
+    # sites whose masked vectors are in the sum, and their plaintext example counts / weights / metrics
+    aggregated_nodes: list[int] = field(default_factory=list)
+    total_examples: int = 0
+    weights: dict[int, float] = field(default_factory=dict)
+    site_metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
+    sampled_nodes: list[int] = field(default_factory=list)
+    # node -> "stage: reason" for sampled sites that dropped out (no reply or an error reply)
+    dropped_nodes: dict[int, str] = field(default_factory=dict)
+    masked_bytes_up: dict[int, int] = field(default_factory=dict)  # size of each site's masked vector
+    bytes_up: dict[int, int] = field(default_factory=dict)  # all four stages' replies
+    bytes_down: int = 0
+    num_shares: int = 0
+    threshold: int = 0
+    error_bound: float | None = None  # per-coordinate quantization bound of mean_delta (before DP noise)
+    privacy_report: dict[str, Any] | None = None
+    error: str | None = None
+
+    @property
+    def num_sites(self) -> int:
+        """Sites in the aggregate."""
+        return len(self.aggregated_nodes)
+
+
+class _SecureSumCollector(Strategy):
+    """Legacy strategy the SecAgg+ workflow needs: sends one FitIns to fixed nodes, keeps the unmasked mean.
+
+    The workflow overwrites every FitRes.parameters with the unmasked weighted mean before calling
+    aggregate_fit, so no individual update ever reaches this object.
+    """
+
+    def __init__(self, node_ids: Sequence[int], fit_config: dict[str, Any], grid: Grid, run_id: int):
+        self.node_ids = list(node_ids)
+        self.fit_config = fit_config
+        self.grid = grid
+        self.run_id = run_id
+        self.mean: list[np.ndarray] | None = None
+        self.site_results: dict[int, tuple[int, dict[str, Any]]] = {}
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        fit_ins = FitIns(parameters, dict(self.fit_config))
+        return [(GridClientProxy(node, self.grid, self.run_id), fit_ins) for node in self.node_ids]
+
+    def aggregate_fit(self, server_round, results, failures):
+        if results:
+            self.mean = parameters_to_ndarrays(results[0][1].parameters)
+        self.site_results = {proxy.node_id: (int(res.num_examples), dict(res.metrics)) for proxy, res in results}
+        return None, {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+class _RecordingGrid:
+    """Passes the workflow's send_and_receive through and records, per stage, who replied and how much."""
+
+    def __init__(self, grid: Grid):
+        self.grid = grid
+        self.stage = ""
+        self.sent: dict[str, list[int]] = {}
+        self.ok: dict[str, list[int]] = {}
+        self.errors: dict[str, dict[int, str]] = {}
+        self.bytes_up: dict[int, int] = {}
+        self.bytes_down = 0
+        self.masked_bytes: dict[int, int] = {}
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        # Flower's setup stage gives every node the SAME RecordDict and secaggplus_mod pops from it;
+        # a real transport serializes each message, an in-process grid must not share it.
+        seen: set[int] = set()
+        for message in messages:
+            if id(message.content) in seen:
+                message.content = copy.deepcopy(message.content)
+            seen.add(id(message.content))
+        self.sent[self.stage] = [m.metadata.dst_node_id for m in messages]
+        self.bytes_down += sum(_content_bytes(m.content) for m in messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.ok[self.stage], self.errors[self.stage] = [], {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.errors[self.stage][node] = reply.error.reason
+                continue
+            self.ok[self.stage].append(node)
+            self.bytes_up[node] = self.bytes_up.get(node, 0) + _content_bytes(reply.content)
+            configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+            if configs is not None and Key.MASKED_PARAMETERS in configs:
+                self.masked_bytes[node] = sum(len(b) for b in configs[Key.MASKED_PARAMETERS])
+        return replies
+
+
+def _content_bytes(content: RecordDict) -> int:
+    return sum(record.count_bytes() for record in content.values())
+
+
+class _StagedSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's workflow with its four-stage loop written out, to report where a round stopped.
+
+    SecAggPlusWorkflow.__call__ only logs "halted"; the stages themselves are Flower's, unchanged.
+    """
+
+    def run_stages(self, grid: _RecordingGrid, context: LegacyContext) -> tuple[str | None, WorkflowState]:
+        """Run setup, share_keys, collect_masked_vectors, unmask; (name of the stage that halted or None, state)."""
+        state = WorkflowState()
+        steps = (self.setup_stage, self.share_keys_stage, self.collect_masked_vectors_stage, self.unmask_stage)
+        for name, step in zip(STAGES, steps):
+            grid.stage = name
+            if not step(grid, context, state):  # type: ignore[arg-type]
+                return name, state
+        return None, state
+
+
+def _dropped(recorder: _RecordingGrid) -> dict[int, str]:
+    dropped: dict[int, str] = {}
+    for stage in STAGES:
+        if stage not in recorder.sent:
+            continue
+        for node in recorder.sent[stage]:
+            if node in recorder.ok.get(stage, []) or node in dropped:
+                continue
+            reason = recorder.errors.get(stage, {}).get(node, "no reply")
+            dropped[node] = f"{stage}: {reason.splitlines()[0] if reason else 'error'}"
+    return dropped
+
+
+def secagg_train_round(
+    grid: Grid,
+    server_round: int,
+    global_arrays: Mapping[str, np.ndarray],
+    run_config_json: str,
+    params: SecAggParams,
+    timeout: float | None,
+    *,
+    node_ids: Sequence[int] | None = None,
+    central_dp: Any = None,
+) -> SecAggRoundResult:
+    """One SecAgg+ training round over `node_ids` (default: all nodes); returns the unmasked mean delta.
+
+    global_arrays: the global adapter sent to the sites ({key: (r, in) / (out, r)}); mean_delta has
+    the same keys and shapes (float64). Sites weight by example count; with `central_dp`
+    (server.privacy.CentralDP) they clip their delta to its clip norm and weigh 1, and the
+    coordinator adds N(0, (sigma*S)^2) to the unmasked SUM (S = clip norm + quantization slack) and
+    divides by the expected number of sites. Never raises for a failed round: result.error says why,
+    and the caller keeps the previous global adapter.
+    """
+    result = SecAggRoundResult(server_round=server_round)
+    keys = list(global_arrays)
+    nodes = sorted(grid.get_node_ids()) if node_ids is None else sorted(int(n) for n in node_ids)
+    result.sampled_nodes = list(nodes)
+    stage_timeout = params.timeout if params.timeout > 0 else timeout
+    dp_clip_norm = 0.0
+    max_weight = params.max_weight
+    if central_dp is not None:
+        dp_clip_norm = float(central_dp.clip_norm)
+        # Uniform weights: an example-count weight would let one site, not C, set the sensitivity.
+        max_weight = 1.0
+        if params.clipping_range < dp_clip_norm:
+            result.error = (f"secagg clipping_range {params.clipping_range} is below the DP clip norm {dp_clip_norm}: "
+                            "coordinates of clipped updates could still be cut by SecAgg+; raise clipping_range")
+            return result
+    if len(nodes) < 2:
+        result.error = f"SecAgg+ needs at least 2 sampled sites, got {len(nodes)} ({nodes})"
+        return result
+    num_shares, threshold = params.resolve(len(nodes))
+    result.num_shares, result.threshold = num_shares, threshold
+    if threshold > num_shares:
+        result.error = (f"reconstruction threshold {threshold} exceeds the neighbourhood size {num_shares} "
+                        f"({len(nodes)} sampled sites): no round can succeed; lower reconstruction_threshold")
+        return result
+    if len(nodes) * params.quantization_range >= params.modulus_range:
+        result.error = (f"{len(nodes)} sites x quantization_range {params.quantization_range} would wrap around "
+                        f"modulus_range {params.modulus_range}; lower quantization_range")
+        return result
+
+    fit_config = {
+        RUN_CONFIG_KEY: run_config_json,
+        SERVER_ROUND_KEY: int(server_round),
+        ADAPTER_KEYS_KEY: json.dumps(keys),
+        MAX_WEIGHT_KEY: float(max_weight),
+        CLIPPING_RANGE_KEY: float(params.clipping_range),
+        DP_CLIP_NORM_KEY: dp_clip_norm,
+    }
+    collector = _SecureSumCollector(nodes, fit_config, grid, grid.run.run_id)
+    state = RecordDict()
+    state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: int(server_round)})
+    # Legacy Parameters carry no names: the arrays go in `keys` order (sent along in ADAPTER_KEYS_KEY).
+    state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+        ndarrays_to_parameters([np.asarray(global_arrays[k], dtype=np.float32) for k in keys]), keep_input=True)
+    context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=state, run_config={}),
+                            config=ServerConfig(num_rounds=server_round), strategy=collector)
+    workflow = _StagedSecAggPlusWorkflow(
+        params.flower_num_shares(), params.flower_threshold(), max_weight=max_weight,
+        clipping_range=float(params.clipping_range), quantization_range=int(params.quantization_range),
+        modulus_range=int(params.modulus_range), timeout=stage_timeout)
+    recorder = _RecordingGrid(grid)
+    try:
+        halted_at, flower_state = workflow.run_stages(recorder, context)
+    except Exception as exc:  # a protocol error must not end the federation: this round fails, the next runs
+        log.exception("round %d: SecAgg+ raised", server_round)
+        halted_at, flower_state = "exception", None
+        result.error = f"SecAgg+ round {server_round} raised {type(exc).__name__}: {exc}"
+    result.dropped_nodes = _dropped(recorder)
+    result.masked_bytes_up = dict(recorder.masked_bytes)
+    result.bytes_up = dict(recorder.bytes_up)
+    result.bytes_down = recorder.bytes_down
+    if halted_at is not None or collector.mean is None:
+        if result.error is None:
+            live = sorted(flower_state.active_node_ids) if flower_state is not None else []
+            result.error = (
+                f"SecAgg+ round {server_round} failed at stage {halted_at!r}: {len(live)} of {len(nodes)} sampled "
+                f"sites still live ({live}); every site needs >= {threshold} live members among its {num_shares} "
+                f"neighbours (reconstruction threshold) to unmask; dropped: {result.dropped_nodes}. "
+                "Nothing aggregated; the global adapter stays at the previous round")
+        log.error("round %d: %s", server_round, result.error)
+        return result
+
+    mean = {key: np.asarray(value, dtype=np.float64).reshape(np.shape(global_arrays[key]))
+            for key, value in zip(keys, collector.mean)}
+    try:
+        validate_update(mean, global_arrays)
+    except UpdateRejected as exc:
+        result.error = f"SecAgg+ round {server_round}: unmasked aggregate unusable: {exc}"
+        log.error("round %d: %s", server_round, result.error)
+        return result
+    result.aggregated_nodes = sorted(collector.site_results)
+    result.weights = {node: float(n) for node, (n, _) in collector.site_results.items()}
+    result.site_metrics = {node: metrics for node, (_, metrics) in collector.site_results.items()}
+    result.total_examples = int(sum(
+        int(m.get("num-examples", n)) for node, (n, m) in collector.site_results.items()))
+    result.error_bound = secagg_error_bound(list(result.weights.values()), params.clipping_range,
+                                            params.quantization_range, max_weight)
+    if central_dp is not None:
+        mean, result.privacy_report = _noisy_mean_of_secure_sum(
+            central_dp, mean, result.num_sites, dp_clip_norm, params)
+    result.mean_delta = mean
+    log.info("round %d: SecAgg+ aggregated %d of %d sites (%d examples), dropped %s, quantization bound %.3g",
+             server_round, result.num_sites, len(nodes), result.total_examples, result.dropped_nodes or "none",
+             result.error_bound)
+    return result
+
+
+def quantized_sensitivity(clip_norm: float, num_coordinates: int, clipping_range: float,
+                          quantization_range: int) -> float:
+    """L2 bound on one site's contribution to the unmasked sum: C + sqrt(d) * 2c/Q (stochastic rounding)."""
+    return clip_norm + math.sqrt(num_coordinates) * 2.0 * clipping_range / quantization_range
+
+
+def _noisy_mean_of_secure_sum(central_dp: Any, mean: dict[str, np.ndarray], num_sites: int, clip_norm: float,
+                              params: SecAggParams) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """DP-FedAvg on the secure sum: (sum + N(0, (sigma*S)^2)) / expected sites; records the round in the ledger.
+
+    The sites clipped to C themselves; quantization can add up to sqrt(d) * 2c/Q to a site's norm, so
+    the noise is scaled to that sensitivity S and the ledger's noise multiplier stays sigma.
+    """
+    num_coordinates = int(sum(np.size(v) for v in mean.values()))
+    sensitivity = quantized_sensitivity(clip_norm, num_coordinates, params.clipping_range, params.quantization_range)
+    secure_sum = {key: value * num_sites for key, value in mean.items()}
+    noisy = add_gaussian_noise(secure_sum, central_dp.sum_noise_multiplier, sensitivity, central_dp.rng)
+    noisy_mean = {key: value / central_dp.expected_sites for key, value in noisy.items()}
+    epsilon = central_dp.ledger.record_round(central_dp.noise_multiplier, central_dp.sample_rate)
+    report = {"epsilon": epsilon, "delta": central_dp.cfg.delta, "noise_multiplier": central_dp.noise_multiplier,
+              "clip_norm": clip_norm, "next_clip_norm": clip_norm, "sample_rate": central_dp.sample_rate,
+              "sensitivity": sensitivity, "accountant": central_dp.cfg.accountant, "secagg": True,
+              "num_sites": num_sites}
+    log.info("central DP over SecAgg+: epsilon %.4f (delta %.1e); C=%.4g, sensitivity %.6g, sigma=%.4g",
+             epsilon, central_dp.cfg.delta, clip_norm, sensitivity, central_dp.noise_multiplier)
+    return noisy_mean, report
+
+
+def secure_train_round(strategy: Any, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                       params: SecAggParams, timeout: float | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    """Drop-in for configure_train + send_and_receive + aggregate_train of server.strategy.LoraDeltaStrategy.
+
+    Samples with the strategy, runs secagg_train_round, fills the strategy's round ledger and hands
+    the (noisy, under DP) mean delta to its aggregator as one update weighted by the total examples.
+    Returns (new global ArrayRecord, train metrics) or (None, None) when the round failed.
+    """
+    from server.strategy import weighted_metrics  # the strategy module imports flwr's message API only
+
+    check_secagg_aggregator(strategy.aggregator.name)
+    if strategy.central_dp is not None and strategy.central_dp.adaptive is not None:
+        raise ValueError("adaptive clipping needs each site's clipped/unclipped bit, which SecAgg+ hides; "
+                         "use a fixed clip norm with privacy.secagg")
+    messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
+    node_ids = [m.metadata.dst_node_id for m in messages]
+    result = secagg_train_round(grid, server_round, strategy.current_global, str(config[RUN_CONFIG_KEY]), params,
+                                timeout, node_ids=node_ids, central_dp=strategy.central_dp)
+    ledger = strategy.ledger(server_round)
+    ledger.bytes_down = result.bytes_down
+    ledger.bytes_up += sum(result.bytes_up.values())
+    ledger.failed.update(result.dropped_nodes)
+    if result.error is not None:
+        for node in node_ids:
+            ledger.failed.setdefault(node, result.error)
+        return None, None
+    ledger.accepted.extend(result.aggregated_nodes)
+    for node in result.aggregated_nodes:
+        ledger.per_site[node] = {**{k: v for k, v in result.site_metrics[node].items() if not isinstance(v, list)},
+                                 "bytes_up": result.bytes_up.get(node, 0),
+                                 "masked_bytes_up": result.masked_bytes_up.get(node, 0)}
+    if result.privacy_report is not None:
+        strategy.privacy_reports[server_round] = result.privacy_report
+    new_global = strategy.aggregator.aggregate(strategy.current_global, [result.mean_delta],
+                                               [float(max(result.total_examples, 1))], ["secagg"])
+    rows = [MetricRecord({k: v for k, v in result.site_metrics[n].items() if isinstance(v, (int, float))})
+            for n in result.aggregated_nodes]
+    site_weights = [float(result.site_metrics[n].get("num-examples", result.weights[n]))
+                    for n in result.aggregated_nodes]
+    return to_array_record(new_global, strategy.transport_dtype), weighted_metrics(rows, site_weights)
