@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from client.trainer import EvalResult, TrainResult, planned_steps
+from client.trainer import EvalResult, LocalTrainer, TrainResult, planned_steps
 from federation.config import TrainConfig
 from federation.data import IGNORE_INDEX, SiteDataset
 
@@ -141,11 +141,11 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, t
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    flat_targets = target_ids.reshape(-1)
+    flat_targets = target_ids.reshape(-1).to(hidden.device)
     keep = (flat_targets != IGNORE_INDEX).nonzero()[:, 0]
     # Only target tokens go through the lm_head; the gather's backward scatters zeros to the rest.
     selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
-    targets = flat_targets.index_select(0, keep).to(hidden.device)
+    targets = flat_targets.index_select(0, keep)
     compute_grad = torch.is_grad_enabled() and (selected.requires_grad or lm_head_weight.requires_grad)
     loss_sum = _LinearCrossEntropySum.apply(selected, lm_head_weight, targets, chunk_size, compute_grad)
     return loss_sum, int(keep.numel())
@@ -228,20 +228,21 @@ class FastPathSettings:
     compute_dtype: str = "bfloat16"
 
 
-class FastLocalTrainer:
-    """Drop-in for LocalTrainer (same data order, step/token accounting, optimizer and schedule), packed + chunked CE."""
+class FastLocalTrainer(LocalTrainer):
+    """Drop-in for LocalTrainer (same data order, step/token accounting, optimizer and schedule), packed + chunked CE.
+
+    DP-SGD (train_dp_sgd) is inherited unchanged: per-example clipping needs one example per row, not packing.
+    """
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int, cfg: TrainConfig,
                  settings: FastPathSettings | None = None):
-        self.model = model
-        self.pad_token_id = pad_token_id
-        self.cfg = cfg
+        super().__init__(model, pad_token_id, cfg)
         self.settings = settings or FastPathSettings()
         quantized = is_quantized(model)
         self.autocast_dtype = getattr(torch, self.settings.compute_dtype) if quantized else None
         prepare_model_for_fast_training(model, self.autocast_dtype or torch.float32, self.settings.checkpoint_every)
 
-    def _loader(self, dataset: SiteDataset, seed: int, batch_size: int, shuffle: bool) -> DataLoader:
+    def _packed_loader(self, dataset: SiteDataset, seed: int, batch_size: int, shuffle: bool) -> DataLoader:
         # Same sampler and generator as LocalTrainer._loader: the same examples land in the same step.
         generator = torch.Generator().manual_seed(seed)
         sampler = RandomSampler(dataset, generator=generator) if shuffle else None
@@ -254,16 +255,22 @@ class FastLocalTrainer:
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         return packed_loss_sum(self.model, batch, self.settings.loss_chunk_tokens, self.autocast_dtype)
 
-    def train(self, dataset: SiteDataset, seed: int) -> TrainResult:
-        """Run one round of local steps; the data order is a pure function of `seed` (as LocalTrainer)."""
+    def train(self, dataset: SiteDataset, seed: int, proximal_mu: float = 0.0) -> TrainResult:
+        """Run one round of local steps; the data order is a pure function of `seed` (as LocalTrainer).
+
+        proximal_mu > 0 adds FedProx's mu/2 * ||w - w_start||^2 over the trainable (LoRA) parameters.
+        """
         from transformers import get_cosine_schedule_with_warmup
+
+        from strategies.fedprox import proximal_term
 
         cfg = self.cfg
         steps = planned_steps(cfg, len(dataset))
         params = [p for p in self.model.parameters() if p.requires_grad]
+        start_params = [p.detach().clone() for p in params] if proximal_mu > 0 else None
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
-        loader = self._loader(dataset, seed, cfg.batch_size, shuffle=True)
+        loader = self._packed_loader(dataset, seed, cfg.batch_size, shuffle=True)
         batches = iter(loader)
         device = next(p for p in self.model.parameters()).device
         if device.type == "cuda":
@@ -286,6 +293,8 @@ class FastLocalTrainer:
                 loss_sum += float(summed.detach())
                 token_sum += n_tok
                 input_tokens += _real_tokens(batch)
+            if start_params is not None:
+                proximal_term(params, start_params, proximal_mu).backward()
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -302,7 +311,7 @@ class FastLocalTrainer:
         """Mean next-token loss over all target tokens of `dataset`."""
         self.model.eval()
         loss_sum, token_sum = 0.0, 0
-        for batch in self._loader(dataset, 0, self.cfg.eval_batch_size, shuffle=False):
+        for batch in self._packed_loader(dataset, 0, self.cfg.eval_batch_size, shuffle=False):
             summed, n_tok = self._loss_sum(batch)
             loss_sum += float(summed)
             token_sum += n_tok

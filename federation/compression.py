@@ -54,9 +54,18 @@ def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    """uint16 bfloat16 bit patterns -> float32 (exact: bf16 is the upper half of a float32); same shape."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+def bf16_bits_to_float32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint16 bfloat16 bit patterns -> float32 (exact: bf16 is the upper half of a float32); same shape.
+
+    `out` (float32, bits' shape) is written in place when given: a reused buffer avoids page faults.
+    """
+    bits = np.asarray(bits, dtype=np.uint16)
+    if out is None:
+        out = np.empty(bits.shape, dtype=np.float32)
+    if out.shape != bits.shape or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 of shape {bits.shape}, got {out.dtype} {out.shape}")
+    np.left_shift(bits, np.uint32(16), out=out.view(np.uint32), dtype=np.uint32)
+    return out
 
 
 # --------------------------------------------------------------------------- one tensor

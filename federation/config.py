@@ -166,9 +166,12 @@ class SecAggConfig:
     enabled: bool = False
     num_shares: int = 3
     reconstruction_threshold: int = 2
-    clipping_range: float = 1.0
+    # Per-coordinate clip of the weighted delta before quantization; under central DP must be >= clip_norm.
+    clipping_range: float = 0.125
     quantization_range: int = 4194304
-    max_weight: float = 1000.0
+    # Largest example count a site may weigh with; a power of two <= quantization_range keeps weights exact.
+    max_weight: float = 1024.0
+    modulus_range: int = 4294967296
     timeout: float = 600.0
 
 

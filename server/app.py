@@ -24,6 +24,7 @@ from federation.config import RunConfig, compose_config, overrides_from_flat, ru
 from federation.model import initial_adapter, lora_shapes, peft_lora_config
 from federation.store import SERVER_STATE, GlobalAdapterStore, MetricsLog, read_peft_adapter
 from server.privacy import CentralDP
+from server.secagg import secagg_params_for_run, secure_train_round
 from server.report import plot_losses, summary_table
 from server.strategy import LoraDeltaStrategy
 from strategies.aggregators import build_aggregator
@@ -124,6 +125,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
     peft_config = peft_lora_config(cfg.lora, cfg.model.name if cfg.model.name != "preset"
                                    else f"preset:{cfg.model.preset_name}")
     strategy = build_strategy(cfg)
+    secagg = secagg_params_for_run(cfg, strategy)  # None unless privacy.secagg.enabled; refuses bad combos
     config = ConfigRecord({RUN_CONFIG_KEY: run_config_to_json(cfg)})
     timeout = cfg.federation.round_timeout_s
 
@@ -162,9 +164,13 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
     for server_round in range(first_round + 1, cfg.federation.rounds + 1):
         start = time.perf_counter()
         start_digest = digest
-        messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
-        replies = grid.send_and_receive(messages, timeout=timeout)
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if secagg is not None:
+            new_arrays, train_metrics = secure_train_round(strategy, grid, server_round, arrays, config, secagg,
+                                                           timeout)
+        else:
+            messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
+            replies = grid.send_and_receive(messages, timeout=timeout)
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         ledger = strategy.ledger(server_round)
         if new_arrays is not None and len(ledger.accepted) < cfg.federation.min_completed_clients:
             log.error("round %d: only %d usable updates (< federation.min_completed_clients=%d); "

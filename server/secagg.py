@@ -38,7 +38,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDic
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
-from flwr.server import LegacyContext, ServerConfig
+from flwr.server import LegacyContext, ServerConfig, SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
@@ -56,6 +56,7 @@ from strategies.fedavg import UpdateRejected, validate_update
 
 log = logging.getLogger("fedtune.server")
 
+SCALAR_BYTES = 8  # int / float / bool config values on the wire (at most 64 bits)
 STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
 DEFAULT_MODULUS_RANGE = 2**32
 # Flower's _stochastic_round casts to int32; values reach Q inclusive.
@@ -295,7 +296,20 @@ class _RecordingGrid:
 
 
 def _content_bytes(content: RecordDict) -> int:
-    return sum(record.count_bytes() for record in content.values())
+    """Payload bytes of a message (ConfigRecord.count_bytes rejects the list values SecAgg+ uses, flwr 1.41)."""
+    total = sum(record.count_bytes() for record in content.array_records.values())
+    for record in [*content.config_records.values(), *content.metric_records.values()]:
+        for key, value in record.items():
+            total += len(key) + sum(_value_bytes(v) for v in (value if isinstance(value, list) else [value]))
+    return total
+
+
+def _value_bytes(value: Any) -> int:
+    if isinstance(value, bytes):
+        return len(value)
+    if isinstance(value, str):
+        return len(value.encode())
+    return SCALAR_BYTES
 
 
 class _StagedSecAggPlusWorkflow(SecAggPlusWorkflow):
@@ -391,8 +405,13 @@ def secagg_train_round(
     # Legacy Parameters carry no names: the arrays go in `keys` order (sent along in ADAPTER_KEYS_KEY).
     state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
         ndarrays_to_parameters([np.asarray(global_arrays[k], dtype=np.float32) for k in keys]), keep_input=True)
+    # Only for Flower's log line "sampled N clients (out of M)"; the collector picks the nodes itself.
+    client_manager = SimpleClientManager()
+    for node in nodes:
+        client_manager.register(GridClientProxy(node, grid, grid.run.run_id))
     context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=state, run_config={}),
-                            config=ServerConfig(num_rounds=server_round), strategy=collector)
+                            config=ServerConfig(num_rounds=server_round), strategy=collector,
+                            client_manager=client_manager)
     workflow = _StagedSecAggPlusWorkflow(
         params.flower_num_shares(), params.flower_threshold(), max_weight=max_weight,
         clipping_range=float(params.clipping_range), quantization_range=int(params.quantization_range),
@@ -512,3 +531,24 @@ def secure_train_round(strategy: Any, grid: Grid, server_round: int, arrays: Arr
     site_weights = [float(result.site_metrics[n].get("num-examples", result.weights[n]))
                     for n in result.aggregated_nodes]
     return to_array_record(new_global, strategy.transport_dtype), weighted_metrics(rows, site_weights)
+
+
+def secagg_params_for_run(cfg: Any, strategy: Any) -> SecAggParams | None:
+    """SecAggParams for a RunConfig with privacy.secagg.enabled (None otherwise); refuses setups SecAgg+ cannot serve."""
+    if not cfg.privacy.secagg.enabled:
+        return None
+    params = SecAggParams.from_config(cfg.privacy.secagg)
+    check_secagg_aggregator(strategy.aggregator.name)
+    if strategy.central_dp is not None:
+        if strategy.central_dp.adaptive is not None:
+            raise ValueError("privacy.central.adaptive_clipping needs each site's clipped/unclipped bit, which "
+                             "SecAgg+ hides; use a fixed clip norm with privacy.secagg")
+        if params.clipping_range < strategy.central_dp.clip_norm:
+            raise ValueError(f"privacy.secagg.clipping_range ({params.clipping_range}) must be >= "
+                             f"privacy.central.clip_norm ({strategy.central_dp.clip_norm})")
+    if cfg.federation.num_clients * params.quantization_range >= params.modulus_range:
+        raise ValueError(f"{cfg.federation.num_clients} sites x privacy.secagg.quantization_range "
+                         f"{params.quantization_range} would wrap around 2**32; lower quantization_range")
+    if cfg.strategy.min_train_clients < 2:
+        raise ValueError("SecAgg+ needs at least 2 sites per round: set strategy.min_train_clients >= 2")
+    return params

@@ -20,6 +20,11 @@ from flwr.supercore.task_identity import TaskIdentity
 SERVER_NODE_ID = 0
 
 
+def _copy_content(content: RecordDict) -> RecordDict:
+    """Shallow copy of the record containers (arrays are read-only payloads and stay shared)."""
+    return RecordDict({key: type(record)(dict(record)) for key, record in content.items()})
+
+
 class InProcessGrid(Grid):
     """`num_nodes` virtual sites with node ids 1..N and partition ids 0..N-1 (or given node configs)."""
 
@@ -60,6 +65,8 @@ class InProcessGrid(Grid):
             node = msg.metadata.dst_node_id
             if node in self.down_nodes:
                 continue
+            # A real transport hands every node its own copy; mods (SecAgg+) mutate the content they receive.
+            msg = Message(content=_copy_content(msg.content), metadata=msg.metadata)
             try:
                 reply = self.client_app(msg, self.contexts[node])
             except Exception as exc:  # a crashing site becomes an error reply, as in Flower's runtime

@@ -29,7 +29,8 @@ def simulate(cfg: RunConfig, engine: str = "ray") -> list[dict[str, Any]]:
     process (no Ray: for machines without it, debugging and benchmarks).
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from client.app import app as client_app
+    # secagg_app answers plain train/evaluate messages exactly like client.app.app, plus SecAgg+ stages.
+    from client.secagg import secagg_app as client_app
 
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

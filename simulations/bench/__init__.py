@@ -64,11 +64,21 @@ def _reset_rss_high_water_mark() -> bool:
         return False
 
 
+def _return_free_heap_to_os() -> None:
+    try:  # glibc keeps freed small blocks in the heap; without this an earlier case's heap hides the next one's
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @contextmanager
 def measure(trace_python_allocations: bool = True) -> Iterator[dict]:
     """Fill a dict with seconds, `traced_peak_bytes` (tracemalloc: numpy buffers + bytes objects allocated
     inside the block, peak minus level at entry) and `rss_peak_bytes` (Linux VmHWM minus RSS at entry)."""
     gc.collect()
+    _return_free_heap_to_os()
     result: dict = {}
     rss_ok = _reset_rss_high_water_mark()
     rss_start = _rss_kib("VmRSS")

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from federation.compression import decode_upload, encode_upload
+from federation.compression import bf16_bits_to_float32, decode_upload, encode_upload
 from simulations.bench import available_ram_bytes, machine_info, measure
 from strategies.fedavg import weighted_mean
 from strategies.streaming import StreamingWeightedMean
@@ -72,30 +73,55 @@ def arrive(message):
                         for k, a in message.items()})
 
 
-class EncodedTensor:
-    """One adapter tensor inside an arrived message; decoded only when numpy asks for it (__array__)."""
+NPY_MAGIC = b"\x93NUMPY"
 
-    def __init__(self, message, names: list[str], key: str, shape: tuple[int, ...]):
-        self.message, self.names, self.key, self.shape = message, names, key, shape
+
+def array_view(array) -> np.ndarray:
+    """Read-only numpy view of a Flower Array's bytes (no copy; Array.numpy() re-parses and copies via np.load)."""
+    dtype = np.dtype(array.dtype)
+    count = math.prod(array.shape)
+    offset = len(array.data) - count * dtype.itemsize
+    header = array.data[:offset]
+    # Array(ndarray) writes the .npy format; its header holds dtype/shape we already have, so only check it.
+    if array.stype != "numpy.ndarray" or not header.startswith(NPY_MAGIC) or b"'fortran_order': False" not in header:
+        return array.numpy()
+    return np.frombuffer(array.data, dtype=dtype, count=count, offset=offset).reshape(array.shape)
+
+
+class EncodedTensor:
+    """One adapter tensor inside an arrived message, decoded only when numpy asks for it (__array__).
+
+    bf16 tensors decode into `buffer`, shared by all tensors of a view: valid because
+    StreamingWeightedMean.add consumes each tensor before it asks for the next, and it saves
+    allocating (and page-faulting) a fresh float32 tensor per key per site.
+    """
+
+    def __init__(self, message, names: list[str], key: str, shape: tuple[int, ...], buffer: np.ndarray):
+        self.message, self.names, self.key, self.shape, self.buffer = message, names, key, shape, buffer
 
     def __array__(self, dtype=None, copy=None):
-        value = decode_upload({name: self.message[name].numpy() for name in self.names})[self.key]
+        (name,) = self.names
+        if name.endswith("::bf16"):
+            value = bf16_bits_to_float32(array_view(self.message[name]),
+                                         out=self.buffer[:math.prod(self.shape)].reshape(self.shape))
+        else:
+            value = decode_upload({name: array_view(self.message[name])})[self.key]
         return value if dtype is None else value.astype(dtype)
 
 
-def per_tensor_view(message, keys: list[str]) -> dict[str, EncodedTensor]:
-    """{adapter key: lazily decoded tensor} over an arrived message (fp32 or bf16 parts)."""
+def per_tensor_view(message, keys: list[str], buffer: np.ndarray) -> dict[str, EncodedTensor]:
+    """{adapter key: lazily decoded tensor} over an arrived message whose parts are fp32 `key` or `key::bf16`."""
     out = {}
     for key in keys:
         names = [n for n in (key, f"{key}::bf16") if n in message]
-        out[key] = EncodedTensor(message, names, key, tuple(message[names[0]].shape))
+        out[key] = EncodedTensor(message, names, key, tuple(message[names[0]].shape), buffer)
     return out
 
 
 def run_naive(pool_messages, weights, keys) -> tuple[dict, dict]:
     """Hold every decoded update, then weighted_mean; returns (result arrays, measurement)."""
     with measure() as m:
-        updates = [decode_upload({k: v.numpy() for k, v in arrive(pool_messages[i % len(pool_messages)]).items()})
+        updates = [decode_upload({k: array_view(v) for k, v in arrive(pool_messages[i % len(pool_messages)]).items()})
                    for i in range(len(weights))]
         start = time.perf_counter()
         result = weighted_mean(updates, weights)
@@ -109,11 +135,12 @@ def run_streaming(pool_messages, weights, keys, accumulator: str, per_tensor: bo
     busy = 0.0
     with measure() as m:
         mean = StreamingWeightedMean(accumulator)
+        buffer = np.empty(max(math.prod(message.shape) for message in pool_messages[0].values()), np.float32)
         for i, weight in enumerate(weights):
             message = arrive(pool_messages[i % len(pool_messages)])
             start = time.perf_counter()
-            update = per_tensor_view(message, keys) if per_tensor else \
-                decode_upload({k: v.numpy() for k, v in message.items()})
+            update = per_tensor_view(message, keys, buffer) if per_tensor else \
+                decode_upload({k: array_view(v) for k, v in message.items()})
             mean.add(update, weight)
             busy += time.perf_counter() - start
             del message, update

@@ -230,8 +230,8 @@ def load_baseline_model(shape: str, cache_dir: str, device: torch.device):
     return model, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def bench_shape(args, shape: str, device: torch.device, peak_tflops: float, log) -> dict:
-    """All variants x seqs x scenarios for one model shape."""
+def bench_shape(args, shape: str, device: torch.device, peak_tflops: float, log, save) -> dict:
+    """All variants x seqs x scenarios for one model shape; save(info) after every measurement."""
     from federation.adapter import get_adapter_arrays
 
     load_start = time.perf_counter()
@@ -279,18 +279,21 @@ def bench_shape(args, shape: str, device: torch.device, peak_tflops: float, log)
                 try:
                     row = run_variant(model, variant, data[seq, scenario], seq, pad_id, args.warmup, flops_args,
                                       peak_tflops, start_adapter)
-                except torch.cuda.OutOfMemoryError as exc:
-                    row = {"variant": variant[0], "seq": seq, "oom": str(exc)[:200]}
+                except Exception as exc:  # an OOM or a failing variant must not lose the other measurements
+                    row = {"variant": variant[0], "seq": seq, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                    model.zero_grad(set_to_none=True)
                     gc.collect()
-                    torch.cuda.empty_cache()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                 row["scenario"] = scenario
                 per_step = data[seq, scenario][0]
                 row["examples_per_step"] = len(per_step)
                 lens = [len(e["input_ids"]) for s in data[seq, scenario] for e in s]
                 row["mean_example_len"] = float(np.mean(lens))
                 info["runs"].append(row)
-                if "oom" in row:
-                    log(f"[{shape}] {variant[0]:14s} seq {seq:5d} {scenario:8s} OOM")
+                save(info)
+                if "error" in row:
+                    log(f"[{shape}] {variant[0]:14s} seq {seq:5d} {scenario:8s} {row['error']}")
                 else:
                     log(f"[{shape}] {variant[0]:14s} seq {seq:5d} {scenario:8s} {row['tokens_per_s']:9.0f} tok/s "
                         f"peak {row['peak_bytes'] / 2**30:6.2f} GiB  MFU {row['mfu'] or 0:.3f}  "
@@ -349,11 +352,15 @@ def main(argv: list[str] | None = None) -> int:
     result["matmul_peak_tflops"] = matmul_peak_tflops(device) if device.type == "cuda" else None
     log(f"{result['env']}  bf16 matmul peak {result['matmul_peak_tflops']} TFLOP/s")
     result["shapes"] = []
-    for shape in args.shapes.split(","):
-        result["shapes"].append(bench_shape(args, shape, device, result["matmul_peak_tflops"], log))
+
+    def save(info: dict) -> None:
+        if not result["shapes"] or result["shapes"][-1] is not info:
+            result["shapes"].append(info)
         (out / "train_throughput.json").write_text(json.dumps(result, indent=1))
-    (out / "train_throughput.json").write_text(json.dumps(result, indent=1))
-    (out / "train_throughput.log").write_text("\n".join(lines))
+        (out / "train_throughput.log").write_text("\n".join(lines))
+
+    for shape in args.shapes.split(","):
+        save(bench_shape(args, shape, device, result["matmul_peak_tflops"], log, save))
     return 0
 
 

@@ -158,7 +158,7 @@ def test_packing_isolates_examples():
 
 
 def test_fast_trainer_matches_local_trainer(tiny_lora):
-    """Two optimizer steps from the same adapter and seed: adapters agree to rel err < 1e-4, eval loss < 1e-5.
+    """Two optimizer steps (FedProx mu=0.5) from the same adapter and seed: adapters agree to rel err < 1e-4, eval loss < 1e-5.
 
     (Adam divides by sqrt(v), so gradient rounding differences are amplified; 1e-4 still catches any wrong
     example, order or normalisation, which move the adapter by O(lr) = 3e-3 relative.)
@@ -171,13 +171,13 @@ def test_fast_trainer_matches_local_trainer(tiny_lora):
     train_ds, eval_ds = load_site_split(cfg.data, tokenizer, 0, 2)
     start = get_adapter_arrays(model)
     plain = LocalTrainer(model, tokenizer.pad_token_id, cfg.train)
-    plain_result = plain.train(train_ds, seed=7)
+    plain_result = plain.train(train_ds, seed=7, proximal_mu=0.5)
     plain_adapter = get_adapter_arrays(model)
     plain_eval = plain.evaluate(eval_ds)
 
     set_adapter_arrays(model, start)
     fast = FastLocalTrainer(model, tokenizer.pad_token_id, cfg.train)
-    fast_result = fast.train(train_ds, seed=7)
+    fast_result = fast.train(train_ds, seed=7, proximal_mu=0.5)
     fast_adapter = get_adapter_arrays(model)
     fast_eval = fast.evaluate(eval_ds)
 

@@ -50,6 +50,9 @@ def test_bf16_matches_torch_rounding_exactly():
     expected = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(bits, expected)
     np.testing.assert_array_equal(bf16_bits_to_float32(bits), torch.from_numpy(x).to(torch.bfloat16).float().numpy())
+    out = np.full(x.shape, 7.0, np.float32)
+    assert bf16_bits_to_float32(bits, out=out) is out
+    np.testing.assert_array_equal(out, bf16_bits_to_float32(bits))
 
 
 def test_bf16_relative_error_at_most_2_to_minus_8_and_half_size():

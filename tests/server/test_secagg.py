@@ -1,0 +1,265 @@
+"""SecAgg+ rounds, inspected as the coordinator sees them: masked vectors only, the right aggregate, dropouts."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+import client.app as client_app
+from client.secagg import CLIPPED_VALUES_METRIC, make_secagg_app, secagg_app, secagg_upload
+from federation.adapter import from_array_record, to_array_record
+from federation.config import CentralDPConfig, run_config_to_json
+from federation.model import initial_adapter
+from federation.privacy import clip_update
+from server.privacy import CentralDP
+from server.secagg import (SecAggParams, check_secagg_aggregator, quantized_sensitivity, secagg_error_bound,
+                           secagg_train_round, secure_train_round)
+from server.strategy import LoraDeltaStrategy
+from simulations.inprocess import InProcessGrid
+from strategies.aggregators import FedAvgAggregator, build_aggregator
+from strategies.fedavg import weighted_mean
+from tests.flower_messages import instruction
+
+KA = "m.q_proj.lora_A.weight"
+KB = "m.q_proj.lora_B.weight"
+GLOBAL = {KA: np.full((2, 3), 0.5, np.float32), KB: np.zeros((4, 2), np.float32)}
+Q = 2**22
+# Power-of-two c and M: weights w/M*Q are exact integers, so the aggregate is exactly example-weighted.
+PARAMS = SecAggParams(num_shares=3, reconstruction_threshold=2, clipping_range=0.125, quantization_range=Q,
+                      max_weight=64)
+WEIGHTS = {0: 8, 1: 16, 2: 32, 3: 24, 4: 100}  # partition id -> num-examples (100 > max_weight)
+
+
+def site_delta(pid: int) -> dict:
+    """Hand-made LoRA delta of partition `pid`: A = (pid+1)/100 everywhere, B = k * (pid+1) / 1000 - 0.003."""
+    return {KA: np.full((2, 3), (pid + 1) * 0.01, np.float32),
+            KB: (np.arange(8, dtype=np.float32).reshape(4, 2) * 0.001 - 0.003) * (pid + 1)}
+
+
+def stub_train(msg: Message, context: Context) -> Message:
+    """Stands in for client.app.train: checks what it was sent, replies with site_delta and WEIGHTS."""
+    pid = int(context.node_config["partition-id"])
+    received = from_array_record(msg.content["arrays"])
+    assert set(received) == set(GLOBAL) and all(np.array_equal(received[k], GLOBAL[k]) for k in GLOBAL)
+    assert msg.content["config"][client_app.RUN_CONFIG_KEY] == "{}"
+    return Message(RecordDict({"arrays": to_array_record(site_delta(pid)),
+                               "metrics": MetricRecord({"num-examples": WEIGHTS[pid], "train-loss": 1.0 + pid})}),
+                   reply_to=msg)
+
+
+class StageDropGrid(InProcessGrid):
+    """In-process grid that takes a node down when a given SecAgg+ stage reaches it, and keeps every reply."""
+
+    def __init__(self, client_app_, num_nodes, drop_at=None):
+        super().__init__(client_app_, num_nodes)
+        self.drop_at = dict(drop_at or {})  # node id -> Stage name at which it vanishes
+        self.replies: list[Message] = []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for msg in messages:
+            configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+            if configs is not None and self.drop_at.get(msg.metadata.dst_node_id) == configs.get(Key.STAGE):
+                self.down_nodes.add(msg.metadata.dst_node_id)
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        replies = list(super().pull_messages(message_ids))
+        self.replies.extend(replies)
+        return replies
+
+
+def fedavg_of(pids) -> dict:
+    return weighted_mean([site_delta(p) for p in pids], [WEIGHTS[p] for p in pids])
+
+
+def max_error(result_mean, expected) -> float:
+    return max(float(np.abs(result_mean[k] - expected[k]).max()) for k in expected)
+
+
+def test_coordinator_sees_only_masked_vectors_and_gets_the_fedavg_aggregate():
+    grid = StageDropGrid(make_secagg_app(stub_train), 3)
+    result = secagg_train_round(grid, 1, GLOBAL, "{}", PARAMS, timeout=30)
+    assert result.error is None and result.aggregated_nodes == [1, 2, 3] and result.dropped_nodes == {}
+    assert result.total_examples == 8 + 16 + 32
+
+    # No reply, at any stage, carries a plaintext array; the only update data is one masked vector per site.
+    assert all(len(record) == 0 for reply in grid.replies for record in reply.content.array_records.values())
+    masked = {r.metadata.src_node_id: [bytes_to_ndarray(b) for b in r.content[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
+              for r in grid.replies if Key.MASKED_PARAMETERS in r.content.config_records.get(RECORD_KEY_CONFIGS, {})}
+    assert sorted(masked) == [1, 2, 3]
+    for node, vectors in masked.items():
+        pid = node - 1
+        scale = WEIGHTS[pid] / PARAMS.max_weight
+        # Without masks the site would send its weight factor and round((scale*x + c) * Q / 2c).
+        assert int(vectors[0][0]) != WEIGHTS[pid] * Q // PARAMS.max_weight
+        for key, vector in zip(GLOBAL, vectors[1:]):
+            unmasked = (scale * site_delta(pid)[key].astype(np.float64) + PARAMS.clipping_range) * Q / (
+                2 * PARAMS.clipping_range)
+            assert vector.shape == GLOBAL[key].shape
+            assert np.all(np.abs(vector - unmasked) > 2), f"node {node} {key}: masked value close to the true one"
+        assert result.masked_bytes_up[node] >= 8 * (1 + sum(v.size for v in GLOBAL.values()))
+
+    expected = fedavg_of([0, 1, 2])
+    bound = secagg_error_bound([8, 16, 32], PARAMS.clipping_range, Q, PARAMS.max_weight)
+    assert result.error_bound == pytest.approx(bound)
+    assert max_error(result.mean_delta, expected) <= bound
+    # The bound is tight enough to tell example weighting from a uniform mean.
+    assert max_error(weighted_mean([site_delta(p) for p in range(3)], [1, 1, 1]), expected) > 100 * bound
+    assert result.site_metrics[3]["train-loss"] == 3.0 and result.site_metrics[3][CLIPPED_VALUES_METRIC] == 0
+
+
+@pytest.mark.parametrize("stage, aggregated", [(Stage.COLLECT_MASKED_VECTORS, [1, 2, 3]),
+                                               (Stage.UNMASK, [1, 2, 3, 4])])
+def test_dropout_above_threshold_still_gives_the_aggregate_of_the_sites_in_the_sum(stage, aggregated):
+    # Everyone is everyone's neighbour (num_shares = 1.0), 3 of 4 shares unmask.
+    params = SecAggParams(num_shares=1.0, reconstruction_threshold=3, clipping_range=0.125, max_weight=64)
+    grid = StageDropGrid(make_secagg_app(stub_train), 4, drop_at={4: stage})
+    result = secagg_train_round(grid, 1, GLOBAL, "{}", params, timeout=30)
+    assert result.error is None
+    # Dropping before its masked vector: its pairwise masks are rebuilt from shares and it is left out;
+    # dropping after it: its own mask is removed with the others' shares and it counts.
+    assert result.aggregated_nodes == aggregated and result.dropped_nodes == {4: f"{stage}: no reply"}
+    pids = [n - 1 for n in aggregated]
+    assert max_error(result.mean_delta, fedavg_of(pids)) <= secagg_error_bound(
+        [WEIGHTS[p] for p in pids], 0.125, Q, 64)
+    assert max_error(fedavg_of([0, 1, 2]), fedavg_of([0, 1, 2, 3])) > 100 * result.error_bound
+
+
+def test_site_over_max_weight_drops_out_with_its_reason_and_the_rest_aggregate():
+    grid = StageDropGrid(make_secagg_app(stub_train), 5)  # partition 4 has 100 examples > max_weight 64
+    result = secagg_train_round(grid, 1, GLOBAL, "{}", PARAMS, timeout=30, node_ids=[1, 2, 5])
+    assert result.error is None and result.aggregated_nodes == [1, 2]
+    assert "max_weight" in result.dropped_nodes[5] and result.dropped_nodes[5].startswith("collect_masked_vectors")
+    assert max_error(result.mean_delta, fedavg_of([0, 1])) <= result.error_bound
+
+
+def test_dropout_below_threshold_fails_cleanly_keeps_the_global_and_the_next_round_recovers(caplog):
+    params = SecAggParams(num_shares=1.0, reconstruction_threshold=3, clipping_range=0.125, max_weight=64)
+    grid = StageDropGrid(make_secagg_app(stub_train), 4,
+                         drop_at={3: Stage.COLLECT_MASKED_VECTORS, 4: Stage.COLLECT_MASKED_VECTORS})
+    strategy = LoraDeltaStrategy(FedAvgAggregator(), min_train_nodes=4, min_available_nodes=4)
+    arrays = to_array_record(GLOBAL)
+    config = ConfigRecord({client_app.RUN_CONFIG_KEY: "{}"})
+    with caplog.at_level(logging.ERROR, logger="fedtune.server"):
+        new_arrays, metrics = secure_train_round(strategy, grid, 1, arrays, config, params, timeout=30)
+    assert new_arrays is None and metrics is None
+    assert "failed at stage 'collect_masked_vectors'" in caplog.text and ">= 3 live" in caplog.text
+    ledger = strategy.ledger(1)
+    assert ledger.accepted == [] and sorted(ledger.failed) == [1, 2, 3, 4]
+
+    grid.down_nodes.clear()
+    grid.drop_at.clear()
+    new_arrays, metrics = secure_train_round(strategy, grid, 2, arrays, config, params, timeout=30)
+    expected = {k: GLOBAL[k] + v for k, v in fedavg_of([0, 1, 2, 3]).items()}
+    bound = secagg_error_bound([8, 16, 32, 24], 0.125, Q, 64)
+    assert max_error(from_array_record(new_arrays), expected) <= bound + 1e-7  # + float32 transport rounding
+    assert metrics["num-examples"] == 80 and metrics["train-loss"] == pytest.approx((8 + 32 + 96 + 96) / 80)
+    assert strategy.ledger(2).accepted == [1, 2, 3, 4] and strategy.ledger(2).per_site[1]["masked_bytes_up"] > 0
+
+
+def test_direct_result_of_a_failed_round_has_no_aggregate():
+    params = SecAggParams(num_shares=1.0, reconstruction_threshold=3, clipping_range=0.125, max_weight=64)
+    grid = StageDropGrid(make_secagg_app(stub_train), 3, drop_at={2: Stage.SHARE_KEYS})
+    result = secagg_train_round(grid, 7, GLOBAL, "{}", params, timeout=30)
+    assert result.mean_delta is None and result.aggregated_nodes == [] and "round 7 failed at stage 'share_keys'" \
+        in result.error and result.dropped_nodes == {2: "share_keys: no reply"}
+
+
+def test_central_dp_clips_at_the_site_and_noises_only_the_sum():
+    dp = CentralDP(CentralDPConfig(enabled=True, clip_norm=0.05, noise_multiplier=0.0), num_sites=3,
+                   sites_per_round=3, rounds=2)
+    grid = StageDropGrid(make_secagg_app(stub_train), 3)
+    result = secagg_train_round(grid, 1, GLOBAL, "{}", PARAMS, timeout=30, central_dp=dp)
+    assert result.error is None
+    clipped = [clip_update(site_delta(p), 0.05)[0] for p in range(3)]
+    # Uniform weights (every site weighs 1, max_weight 1), sum / expected sites; sigma = 0 here.
+    expected = {k: sum(c[k] for c in clipped) / 3 for k in GLOBAL}
+    assert result.weights == {1: 1.0, 2: 1.0, 3: 1.0}
+    assert result.error_bound == pytest.approx(secagg_error_bound([1, 1, 1], 0.125, Q, 1.0))
+    assert max_error(result.mean_delta, expected) <= result.error_bound
+    assert max_error(fedavg_of([0, 1, 2]), expected) > 100 * result.error_bound
+    assert dp.ledger.rounds == 1 and result.privacy_report["sensitivity"] == pytest.approx(
+        0.05 + np.sqrt(14) * 2 * 0.125 / Q)
+    # clipping_range must cover the clip norm, else SecAgg+ would cut coordinates of clipped updates.
+    narrow = SecAggParams(num_shares=3, reconstruction_threshold=2, clipping_range=0.01, max_weight=64)
+    assert "below the DP clip norm" in secagg_train_round(grid, 2, GLOBAL, "{}", narrow, 30, central_dp=dp).error
+
+
+def test_error_bound_and_sensitivity_formulas():
+    eps_term = 1 + 8 * np.finfo(np.float64).eps * Q
+    # Exact weights: 2 c n / R with R = Q W / M.
+    assert secagg_error_bound([8, 16, 32], 0.125, Q, 64) == pytest.approx(2 * 0.125 * 3 * 64 / (Q * 56) * eps_term)
+    # M = 1000 does not divide w*Q: rounded weights add (n / R) * max|x|.
+    r = [round(w / 1000 * Q) for w in (8, 16, 32)]
+    assert secagg_error_bound([8, 16, 32], 0.125, Q, 1000, max_abs_update=0.1) == pytest.approx(
+        2 * 0.125 * 3 / sum(r) * eps_term + 3 / sum(r) * 0.1)
+    with pytest.raises(ValueError, match="rounds to 0"):
+        secagg_error_bound([1, 5000], 0.125, 16, 5000)
+    assert quantized_sensitivity(1.0, 100, 0.5, 1000) == pytest.approx(1.0 + 10 * 1.0 / 1000)
+
+
+def test_site_upload_weight_clip_count_and_dp_clipping():
+    delta = {KA: np.array([[0.1, -0.3]], np.float32)}
+    update, weight, clipped = secagg_upload(delta, 32, max_weight=64, clipping_range=0.125)
+    assert weight == 32 and clipped == 1 and update[KA].dtype == np.float64  # |0.5 * -0.3| > 0.125
+    update, weight, clipped = secagg_upload(delta, 32, max_weight=1, clipping_range=0.125, dp_clip_norm=0.1)
+    assert weight == 1 and clipped == 0
+    np.testing.assert_allclose(np.linalg.norm(update[KA]), 0.1)
+    with pytest.raises(ValueError, match="max_weight"):
+        secagg_upload(delta, 65, max_weight=64, clipping_range=0.125)
+
+
+def test_params_validation_and_aggregator_compatibility():
+    for bad in (dict(num_shares=4), dict(num_shares=3, reconstruction_threshold=3),
+                dict(quantization_range=2**31), dict(clipping_range=0.0), dict(max_weight=0.0)):
+        with pytest.raises(ValueError):
+            SecAggParams(**bad)
+    assert SecAggParams(num_shares=1.0, reconstruction_threshold=0.5).resolve(5) == (5, 2)
+    assert SecAggParams(num_shares=5, reconstruction_threshold=3).resolve(9) == (5, 3)
+    check_secagg_aggregator("fedadam")
+    with pytest.raises(ValueError, match="individual site updates"):
+        check_secagg_aggregator(build_aggregator("median").name)
+    grid = StageDropGrid(make_secagg_app(stub_train), 4)
+    assert "wrap around" in secagg_train_round(grid, 1, GLOBAL, "{}", SecAggParams(
+        quantization_range=2**30, modulus_range=2**32), 30).error
+
+
+def test_plain_train_passes_through_unless_the_site_requires_secagg():
+    app = make_secagg_app(stub_train)
+    content = RecordDict({"arrays": to_array_record(GLOBAL), "config": ConfigRecord({client_app.RUN_CONFIG_KEY: "{}"})})
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                      run_config={})
+    reply = app(instruction(content, dst_node_id=1), context)
+    np.testing.assert_array_equal(from_array_record(reply.content["arrays"])[KB], site_delta(0)[KB])
+    strict = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3,
+                                                       "require-secagg": True}, state=RecordDict(), run_config={})
+    with pytest.raises(PermissionError, match="requires SecAgg\\+"):  # the runtime sends it back as an error reply
+        app(instruction(content, dst_node_id=1), strict)
+
+
+def test_real_training_under_secagg_matches_plain_fedavg_of_the_same_deltas(make_cfg):
+    cfg = make_cfg("federation.num_clients=3")
+    start = initial_adapter(cfg.model, cfg.lora)
+    run_config = run_config_to_json(cfg)
+    plain = InProcessGrid(client_app.app, 3)
+    replies = plain.send_and_receive([instruction(RecordDict({
+        "arrays": to_array_record(start),
+        "config": ConfigRecord({client_app.RUN_CONFIG_KEY: run_config, "server-round": 1})}), node)
+        for node in (1, 2, 3)])
+    deltas = [from_array_record(r.content["arrays"]) for r in replies]
+    weights = [int(r.content["metrics"]["num-examples"]) for r in replies]
+    expected = weighted_mean(deltas, weights)
+    max_abs = max(float(np.abs(v).max()) for d in deltas for v in d.values())
+
+    params = SecAggParams(num_shares=3, reconstruction_threshold=2, clipping_range=0.5, max_weight=64)
+    assert max(weights) <= 64 and max_abs < 0.5
+    result = secagg_train_round(StageDropGrid(secagg_app, 3), 1, start, run_config, params, timeout=60)
+    assert result.error is None and result.total_examples == sum(weights)
+    assert json.loads(run_config)["lora"]["r"] == cfg.lora.r
+    assert max_error(result.mean_delta, expected) <= result.error_bound
+    assert max(float(np.abs(v).max()) for v in expected.values()) > 100 * result.error_bound
