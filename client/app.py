@@ -104,6 +104,11 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train on local data from the global adapter; reply with the LoRA delta and metrics."""
+    return train_reply(msg, context)
+
+
+def train_reply(msg: Message, context: Context, before_step=None) -> Message:
+    """The train handler; `before_step(params)` runs before every optimizer step (e.g. SCAFFOLD's correction)."""
     cfg, runtime, global_arrays, train_ds, _ = _prepare(msg, context)
     server_round = int(msg.content["config"].get("server-round", 0))
     trainer = LocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train)
@@ -113,7 +118,7 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.privacy.local_dp_sgd.enabled:
         result, extra_metrics["dp-sgd-epsilon"] = _train_dp_sgd(trainer, train_ds, seed, cfg, context)
     else:
-        result = trainer.train(train_ds, seed=seed, proximal_mu=cfg.strategy.proximal_mu)
+        result = trainer.train(train_ds, seed=seed, proximal_mu=cfg.strategy.proximal_mu, before_step=before_step)
     delta = adapter_delta(get_adapter_arrays(runtime.model), global_arrays)
     record = to_array_record(delta)
     log.info("round %d: trained on %d examples (%d steps, %d tokens, loss %.4f, %.0f tok/s); uploading %d bytes",

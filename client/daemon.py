@@ -19,7 +19,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +31,22 @@ log = logging.getLogger("fedtune.site")
 DEFAULT_CLIENTAPPIO_PORT = 9094  # flower-supernode's own default for its local Runtime API
 DEFAULT_STOP_TIMEOUT_S = 10.0
 POLL_INTERVAL_S = 0.2
-# flower-supernode exit codes (flwr/common/exit/exit_code.py) worth explaining to a site operator.
-SUPERNODE_EXIT_HINTS = {
-    305: "could not connect to or was refused by the coordinator: check `coordinator` (host:port), that "
-         "`ca_cert` is the federation's CA, and that this site's public key is registered there",
-    302: "the private key could not be parsed (expected an OpenSSH EC private key, e.g. sites/<site>.key)",
+OUTPUT_TAIL_LINES = 200
+# A crashed site cannot rejoin at once: the SuperLink refuses to activate a node it still counts as online,
+# i.e. until 2 missed heartbeats (Flower 1.41: 2 x 30 s) after the crash. Keep retrying a bit longer than that.
+DEFAULT_REJOIN_TIMEOUT_S = 90.0
+DEFAULT_REJOIN_RETRY_S = 2.0
+# What flower-supernode prints when the SuperLink refuses to activate it ([code: 2004]): its key is not
+# registered, or the coordinator still counts this node online from before a crash.
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
+# Lines of flower-supernode output that have a known cause, and what to tell the site operator.
+SUPERNODE_FAILURE_HINTS = {
+    "CERTIFICATE_VERIFY_FAILED": "the coordinator's TLS certificate does not verify against `ca_cert`, or its "
+                                 "host name/IP is not in the certificate (re-run `fedtune keys --host ...`)",
+    "Server disconnected without sending a response": "TLS/plaintext mismatch with the coordinator "
+                                                      "(`insecure` must match how the coordinator was started)",
+    "Unable to parse the private key": "`private_key` is not an OpenSSH EC private key (use sites/<site>.key)",
+    "Connection refused": "nothing listens at `coordinator` (host:port); is the coordinator running?",
 }
 # Node-config values are written as '...' strings inside --node-config, so they cannot hold a quote.
 _NODE_CONFIG_FORBIDDEN = ("'", '"')
@@ -66,17 +79,35 @@ class FlowerProcess:
     """
 
     def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | Path | None = None,
-                 stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S):
+                 stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S, keep_output_tail: bool = False):
         self.argv = list(argv)
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
         self.stop_timeout_s = stop_timeout_s
         self.process: subprocess.Popen | None = None
-        self._stop_requested = False
+        self.stop_requested = False
+        self.keep_output_tail = keep_output_tail
+        # Last lines of its combined stdout/stderr (with keep_output_tail), to explain a failure.
+        self.output_tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
+        self._reader: threading.Thread | None = None
 
     def start(self) -> None:
-        """Start the process; its stdout/stderr are this process's (the daemon forwards Flower's logs as they are)."""
-        self.process = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, preexec_fn=_die_with_parent)
+        """Start the process; its output goes to this process's stdout (copied line by line with keep_output_tail)."""
+        if not self.keep_output_tail:
+            self.process = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, preexec_fn=_die_with_parent)
+            return
+        self.process = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, preexec_fn=_die_with_parent,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        errors="replace", bufsize=1)
+        self._reader = threading.Thread(target=self._forward_output, daemon=True)
+        self._reader.start()
+
+    def _forward_output(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            self.output_tail.append(line)
 
     def poll(self) -> int | None:
         """Exit code, or None while running."""
@@ -111,23 +142,31 @@ class FlowerProcess:
                 proc.kill()
             except psutil.NoSuchProcess:
                 pass
-        return self.process.wait()
+        code = self.process.wait()
+        if self._reader is not None:
+            # Children that outlive it may hold the pipe open; do not wait for them forever.
+            self._reader.join(timeout=self.stop_timeout_s)
+        return code
+
+    def output_contains(self, text: str) -> bool:
+        """Whether `text` is in the last OUTPUT_TAIL_LINES lines of output (needs keep_output_tail)."""
+        return any(text in line for line in list(self.output_tail))
 
     def run_in_foreground(self) -> int:
         """Start, wait until it exits or this process gets SIGINT/SIGTERM (then stop it); returns the exit code."""
 
         def request_stop(signum, _frame):
             log.info("received %s, stopping %s", signal.Signals(signum).name, Path(self.argv[0]).name)
-            self._stop_requested = True
+            self.stop_requested = True
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             if self.process is None:
                 self.start()
-            while self.poll() is None and not self._stop_requested:
+            while self.poll() is None and not self.stop_requested:
                 time.sleep(POLL_INTERVAL_S)
             code = self.stop()
-            return 0 if self._stop_requested else code
+            return 0 if self.stop_requested else code
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -178,6 +217,9 @@ class SiteConfig:
     # Reconnection limits while the coordinator is unreachable (None: retry forever).
     max_retries: int | None = None
     max_wait_time_s: float | None = None
+    # How long to keep retrying when the coordinator refuses to activate this site (see DEFAULT_REJOIN_TIMEOUT_S);
+    # 0: give up at the first refusal.
+    rejoin_timeout_s: float = DEFAULT_REJOIN_TIMEOUT_S
     # Only against a coordinator started with --insecure: plaintext and no node authentication.
     insecure: bool = False
     extra_node_config: dict[str, str | int | float | bool] = field(default_factory=dict)
@@ -221,6 +263,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         state_dir=resolve(raw.get("state_dir")),
         max_retries=None if raw.get("max_retries") is None else int(raw["max_retries"]),
         max_wait_time_s=None if raw.get("max_wait_time_s") is None else float(raw["max_wait_time_s"]),
+        rejoin_timeout_s=float(raw.get("rejoin_timeout_s", DEFAULT_REJOIN_TIMEOUT_S)),
         insecure=bool(raw.get("insecure", False)),
         extra_node_config=dict(raw.get("extra_node_config") or {}),
     )
@@ -351,8 +394,13 @@ def supernode_env(cfg: SiteConfig) -> dict[str, str]:
     return flower_env(cfg.state_dir, extra)
 
 
-def run_site(cfg: SiteConfig, stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> int:
-    """Validate, then run the SuperNode in the foreground until it exits or SIGINT/SIGTERM; returns an exit code."""
+def run_site(cfg: SiteConfig, stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
+             rejoin_retry_s: float = DEFAULT_REJOIN_RETRY_S) -> int:
+    """Validate, then run the SuperNode in the foreground until it exits or SIGINT/SIGTERM; returns an exit code.
+
+    A refused activation is retried for cfg.rejoin_timeout_s: after a crash the coordinator keeps
+    counting this node online for up to two heartbeat intervals and refuses it until then.
+    """
     counts = validate_site(cfg)
     for file, n in counts.items():
         log.info("site %s: %s holds %d examples", cfg.name, file, n)
@@ -360,12 +408,30 @@ def run_site(cfg: SiteConfig, stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S) ->
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
     log.info("site %s: connecting to coordinator %s (%s)", cfg.name, cfg.coordinator,
              "INSECURE" if cfg.insecure else f"TLS, CA {cfg.ca_cert}, node key {cfg.private_key}")
-    supernode = FlowerProcess(supernode_command(cfg), env=supernode_env(cfg), stop_timeout_s=stop_timeout_s)
-    code = supernode.run_in_foreground()
-    if code in SUPERNODE_EXIT_HINTS:
-        log.error("site %s: flower-supernode exited with code %d: %s", cfg.name, code, SUPERNODE_EXIT_HINTS[code])
-    elif code:
-        log.error("site %s: flower-supernode exited with code %d", cfg.name, code)
+    deadline = time.monotonic() + cfg.rejoin_timeout_s
+    while True:
+        supernode = FlowerProcess(supernode_command(cfg), env=supernode_env(cfg), stop_timeout_s=stop_timeout_s,
+                                  keep_output_tail=True)
+        code = supernode.run_in_foreground()
+        if supernode.stop_requested:
+            return 0
+        refused = supernode.output_contains(ACTIVATION_REFUSED)
+        if refused and time.monotonic() + rejoin_retry_s < deadline:
+            log.warning("site %s: the coordinator refused to activate this site: either its public key is not "
+                        "registered there, or the coordinator still counts it online after a crash (up to ~60 s); "
+                        "retrying in %.0f s (gives up %.0f s after start)", cfg.name, rejoin_retry_s,
+                        cfg.rejoin_timeout_s)
+            time.sleep(rejoin_retry_s)
+            continue
+        break
+    if refused:
+        log.error("site %s: REFUSED by the coordinator: this site's public key (from %s) is not registered there. "
+                  "Ask the coordinator operator to add it to the allow-list.", cfg.name, cfg.private_key)
+        return code or 1
+    hints = [hint for text, hint in SUPERNODE_FAILURE_HINTS.items() if supernode.output_contains(text)]
+    if code:
+        log.error("site %s: flower-supernode exited with code %d%s", cfg.name, code,
+                  "".join(f"; likely cause: {h}" for h in hints))
     return code
 
 

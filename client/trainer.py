@@ -81,10 +81,11 @@ class LocalTrainer:
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                           collate_fn=lambda b: collate_batch(b, self.pad_token_id))
 
-    def train(self, dataset: SiteDataset, seed: int, proximal_mu: float = 0.0) -> TrainResult:
+    def train(self, dataset: SiteDataset, seed: int, proximal_mu: float = 0.0, before_step=None) -> TrainResult:
         """Run one round of local steps; the data order is a pure function of `seed`.
 
         proximal_mu > 0 adds FedProx's mu/2 * ||w - w_start||^2 over the trainable (LoRA) parameters.
+        before_step(params) runs after backward and before clipping/optimizer.step (gradient corrections).
         """
         from transformers import get_cosine_schedule_with_warmup
 
@@ -123,6 +124,8 @@ class LocalTrainer:
                 input_tokens += int(batch["attention_mask"].sum())
             if start_params is not None:
                 proximal_term(params, start_params, proximal_mu).backward()
+            if before_step is not None:
+                before_step(params)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
