@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,9 @@ DEFAULT_REJOIN_RETRY_S = 2.0
 # What flower-supernode prints when the SuperLink refuses to activate it ([code: 2004]): its key is not
 # registered, or the coordinator still counts this node online from before a crash.
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
+NODE_ID_LINE = re.compile(r"SuperNode ID: (\d+)")
+# In state_dir: the node id of the last SuperNode session, to end it if the daemon did not exit cleanly.
+NODE_ID_FILE = "fedtune-node-id"
 # Lines of flower-supernode output that have a known cause, and what to tell the site operator.
 SUPERNODE_FAILURE_HINTS = {
     "CERTIFICATE_VERIFY_FAILED": "the coordinator's TLS certificate does not verify against `ca_cert`, or its "
@@ -79,7 +83,8 @@ class FlowerProcess:
     """
 
     def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | Path | None = None,
-                 stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S, keep_output_tail: bool = False):
+                 stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S, keep_output_tail: bool = False,
+                 on_line: Callable[[str], None] | None = None):
         self.argv = list(argv)
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
@@ -90,6 +95,7 @@ class FlowerProcess:
         # Last lines of its combined stdout/stderr (with keep_output_tail), to explain a failure.
         self.output_tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
         self._reader: threading.Thread | None = None
+        self.on_line = on_line
 
     def start(self) -> None:
         """Start the process; its output goes to this process's stdout (copied line by line with keep_output_tail)."""
@@ -108,6 +114,8 @@ class FlowerProcess:
             sys.stdout.write(line)
             sys.stdout.flush()
             self.output_tail.append(line)
+            if self.on_line is not None:
+                self.on_line(line)
 
     def poll(self) -> int | None:
         """Exit code, or None while running."""
@@ -394,6 +402,45 @@ def supernode_env(cfg: SiteConfig) -> dict[str, str]:
     return flower_env(cfg.state_dir, extra)
 
 
+def release_stale_session(cfg: SiteConfig, node_id: int) -> bool:
+    """End this site's previous SuperNode session on the coordinator (after a crash); True if there was one.
+
+    Flower's SuperLink refuses to activate a node it still counts online, i.e. for up to two missed
+    heartbeats (60 s) after a crash, and a refused SuperNode exits. A clean SuperNode shutdown sends
+    DeactivateNode; this sends the same request, signed with the site key, on behalf of the crashed
+    process, so a restarted site rejoins at once. Uses flwr 1.41's own Fleet client (pinned version).
+    """
+    import httpx
+    from cryptography.hazmat.primitives import serialization
+    from flwr.proto.fleet_pb2 import DeactivateNodeRequest
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    private_key = serialization.load_ssh_private_key(cfg.private_key.read_bytes(), password=None)
+    client = FleetHttpClient.from_server_address(
+        cfg.coordinator, False, str(cfg.ca_cert),
+        interceptors=[NodeAuthHttpInterceptor(private_key, private_key.public_key())])
+    try:
+        client.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
+    except httpx.HTTPStatusError:
+        return False  # not online (clean shutdown before, or timed out already): nothing to release
+    except httpx.TransportError as exc:
+        log.info("site %s: coordinator not reachable yet (%s)", cfg.name, exc)
+        return False
+    finally:
+        client.close()
+    return True
+
+
+def _node_id_recorder(cfg: SiteConfig) -> Callable[[str], None]:
+    def record(line: str) -> None:
+        match = NODE_ID_LINE.search(line)
+        if match and cfg.state_dir is not None:
+            (cfg.state_dir / NODE_ID_FILE).write_text(match.group(1))
+
+    return record
+
+
 def run_site(cfg: SiteConfig, stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
              rejoin_retry_s: float = DEFAULT_REJOIN_RETRY_S) -> int:
     """Validate, then run the SuperNode in the foreground until it exits or SIGINT/SIGTERM; returns an exit code.
@@ -409,9 +456,15 @@ def run_site(cfg: SiteConfig, stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
     log.info("site %s: connecting to coordinator %s (%s)", cfg.name, cfg.coordinator,
              "INSECURE" if cfg.insecure else f"TLS, CA {cfg.ca_cert}, node key {cfg.private_key}")
     deadline = time.monotonic() + cfg.rejoin_timeout_s
+    node_id_file = None if cfg.state_dir is None else cfg.state_dir / NODE_ID_FILE
     while True:
+        if node_id_file is not None and node_id_file.exists() and not cfg.insecure:
+            node_id = int(node_id_file.read_text())
+            if release_stale_session(cfg, node_id):
+                log.warning("site %s: ended the coordinator's stale session of node %d (the previous SuperNode "
+                            "of this site did not shut down cleanly)", cfg.name, node_id)
         supernode = FlowerProcess(supernode_command(cfg), env=supernode_env(cfg), stop_timeout_s=stop_timeout_s,
-                                  keep_output_tail=True)
+                                  keep_output_tail=True, on_line=_node_id_recorder(cfg))
         code = supernode.run_in_foreground()
         if supernode.stop_requested:
             return 0

@@ -58,7 +58,7 @@ def run_round(cfg, k: int, mode: str) -> dict:
 
     pairs = _messages(cfg, k)
     memory_after_client = []
-    deltas, weights = [], []
+    deltas, weights, train_seconds = [], [], 0.0
     _cuda("reset_peak_memory_stats")
     start = time.perf_counter()
     for msg, ctx in pairs:
@@ -71,11 +71,13 @@ def run_round(cfg, k: int, mode: str) -> dict:
             raise RuntimeError(reply.error.reason)
         deltas.append(from_array_record(reply.content["arrays"]))
         weights.append(float(reply.content["metrics"]["num-examples"]))
+        train_seconds += float(reply.content["metrics"]["train-seconds"])
         memory_after_client.append(_cuda("memory_allocated"))
     weighted_mean(deltas, weights)
     _cuda("synchronize")
     seconds = time.perf_counter() - start
     return {"mode": mode, "k": k, "round_seconds": seconds, "seconds_per_client": seconds / k,
+            "train_loop_seconds": train_seconds,
             "memory_after_first_client": memory_after_client[0], "memory_after_last_client": memory_after_client[-1],
             "max_memory_after_client": max(memory_after_client), "peak_bytes": _cuda("max_memory_allocated")}
 

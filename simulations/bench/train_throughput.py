@@ -206,6 +206,37 @@ def run_variant(model, variant, steps_examples, seq, pad_id, warmup, flops_args,
     }
 
 
+def profile_variant(model, variant, steps_examples, seq, pad_id) -> dict:
+    """GPU-busy share of a step: wall time per step vs summed CUDA kernel time per step, and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(examples):
+        loss, _, _, _ = step_loss(model, examples, variant, seq, pad_id, autocast=variant[1])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(steps_examples[0])
+    torch.cuda.synchronize()
+    timed = steps_examples[1:3]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for examples in timed:
+            step(examples)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / len(timed)
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0]
+    gpu_us = sum(e.self_device_time_total for e in kernels) / len(timed)
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:10]
+    cpu_top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
+    return {"variant": variant[0], "seq": seq, "wall_ms_per_step": wall * 1e3, "gpu_kernel_ms_per_step": gpu_us / 1e3,
+            "top_kernels_ms_per_step": {e.key[:90]: e.self_device_time_total / 1e3 / len(timed) for e in top},
+            "top_cpu_ops_ms_per_step": {e.key[:90]: e.self_cpu_time_total / 1e3 / len(timed) for e in cpu_top}}
+
+
 def load_baseline_model(shape: str, cache_dir: str, device: torch.device):
     """As FlowerTune's example client: 4-bit NF4 from_pretrained, prepare_model_for_kbit_training, get_peft_model."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -298,6 +329,20 @@ def bench_shape(args, shape: str, device: torch.device, peak_tflops: float, log,
                     log(f"[{shape}] {variant[0]:14s} seq {seq:5d} {scenario:8s} {row['tokens_per_s']:9.0f} tok/s "
                         f"peak {row['peak_bytes'] / 2**30:6.2f} GiB  MFU {row['mfu'] or 0:.3f}  "
                         f"step0 loss {row['step0_loss']:.4f}")
+    for name in [v for v in args.profile_variants.split(",") if v]:
+        variant = next(v for v in VARIANTS if v[0] == name)
+        if variant[2] == "fast":
+            set_checkpointing_policy(model, variant[5])
+        scenario = args.scenarios.split(",")[0]
+        try:
+            prof = profile_variant(model, variant, data[args.ablation_seq, scenario], args.ablation_seq, pad_id)
+        except Exception as exc:
+            prof = {"variant": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        prof["scenario"] = scenario
+        info.setdefault("profiles", []).append(prof)
+        save(info)
+        log(f"[{shape}] profile {name} seq {args.ablation_seq} {scenario}: wall {prof.get('wall_ms_per_step', 0):.1f} ms/step,"
+            f" GPU kernels {prof.get('gpu_kernel_ms_per_step', 0):.1f} ms/step {prof.get('error', '')}")
     del model, causal_lm, lm_head
     gc.collect()
     if device.type == "cuda":
@@ -334,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(v[0] for v in VARIANTS))
     parser.add_argument("--sweep-variants", default="baseline,+autocast,+packing,+no-ckpt",
                         help="variants measured at every seq; the rest only at --ablation-seq")
+    parser.add_argument("--profile-variants", default="", help="after the runs, profile these (fast variants only, "
+                        "at --ablation-seq and the first scenario); run them last, the model is converted by then")
     parser.add_argument("--tokens-per-step", type=int, default=16384, help="padded slots per step: examples = this // seq")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
