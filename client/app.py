@@ -14,12 +14,14 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.trainer import LocalTrainer
 from federation.adapter import (adapter_delta, from_array_record, get_adapter_arrays, lora_parameters,
                                 set_adapter_arrays, to_array_record)
+from federation.compression import ErrorFeedback, UploadCodec
 from federation.config import RunConfig, run_config_from_json
 from federation.data import SiteDataset, load_site_files, load_site_split
 from federation.model import LoadInfo, build_lora_model
@@ -29,6 +31,8 @@ log = logging.getLogger("fedtune.client")
 RUN_CONFIG_KEY = "fedtune.run-config"
 # Per-node state Flower keeps across rounds (Context.state): the site's DP-SGD accountant history.
 DP_STATE_KEY = "fedtune.dp-sgd"
+# ... and the upload codec's error-feedback residual (what lossy compression dropped so far).
+ERROR_FEEDBACK_KEY = "fedtune.error-feedback"
 
 
 @dataclass
@@ -120,7 +124,7 @@ def train_reply(msg: Message, context: Context, before_step=None) -> Message:
     else:
         result = trainer.train(train_ds, seed=seed, proximal_mu=cfg.strategy.proximal_mu, before_step=before_step)
     delta = adapter_delta(get_adapter_arrays(runtime.model), global_arrays)
-    record = to_array_record(delta)
+    record = encode_delta(delta, cfg, context)
     log.info("round %d: trained on %d examples (%d steps, %d tokens, loss %.4f, %.0f tok/s); uploading %d bytes",
              server_round, result.num_examples, result.steps, result.input_tokens, result.train_loss,
              result.tokens_per_second, record.count_bytes())
@@ -137,6 +141,21 @@ def train_reply(msg: Message, context: Context, before_step=None) -> Message:
         **extra_metrics,
     })
     return Message(content=RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)
+
+
+def encode_delta(delta: dict, cfg: RunConfig, context: Context) -> ArrayRecord:
+    """The delta as federation.upload_codec encodes it; the error-feedback residual lives in the node's Flower state."""
+    codec = UploadCodec(cfg.federation.upload_codec, **dict(cfg.federation.upload_codec_params))
+    if codec.lossless or not cfg.federation.upload_error_feedback:
+        encoded = codec.encode(delta)
+    else:
+        feedback = ErrorFeedback()
+        stored = context.state.array_records.get(ERROR_FEEDBACK_KEY)
+        if stored is not None:
+            feedback.load_state_dict({k: v.numpy() for k, v in stored.items()})
+        encoded = feedback.encode(delta, codec)
+        context.state[ERROR_FEEDBACK_KEY] = ArrayRecord({k: Array(v) for k, v in feedback.state_dict().items()})
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in encoded.items()})
 
 
 def _train_dp_sgd(trainer: LocalTrainer, train_ds: SiteDataset, seed: int, cfg: RunConfig, context: Context):

@@ -255,10 +255,13 @@ class FastLocalTrainer(LocalTrainer):
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         return packed_loss_sum(self.model, batch, self.settings.loss_chunk_tokens, self.autocast_dtype)
 
-    def train(self, dataset: SiteDataset, seed: int, proximal_mu: float = 0.0) -> TrainResult:
+    # The loop mirrors LocalTrainer.train line for line (a test checks the signatures agree); only batching
+    # and the loss differ. Once LocalTrainer takes its batch loss/counts from overridable methods, this copy goes.
+    def train(self, dataset: SiteDataset, seed: int, proximal_mu: float = 0.0, before_step=None) -> TrainResult:
         """Run one round of local steps; the data order is a pure function of `seed` (as LocalTrainer).
 
         proximal_mu > 0 adds FedProx's mu/2 * ||w - w_start||^2 over the trainable (LoRA) parameters.
+        before_step(params) runs after backward and before clipping/optimizer.step (gradient corrections).
         """
         from transformers import get_cosine_schedule_with_warmup
 
@@ -295,6 +298,8 @@ class FastLocalTrainer(LocalTrainer):
                 input_tokens += _real_tokens(batch)
             if start_params is not None:
                 proximal_term(params, start_params, proximal_mu).backward()
+            if before_step is not None:
+                before_step(params)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()

@@ -37,6 +37,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 import client.app as plain_client
 from client.app import RUN_CONFIG_KEY
+from federation.compression import decode_upload
 from federation.adapter import to_array_record
 from federation.privacy import clip_update
 
@@ -105,7 +106,8 @@ def secagg_fit(msg: Message, context: Context, train_fn: TrainFn = plain_client.
     reply = train_fn(train_msg, context)
     if reply.has_error():
         raise RuntimeError(f"local training failed: {reply.error.reason}")
-    delta = {key: value.numpy() for key, value in reply.content["arrays"].items()}
+    # The plain handler may have compressed its upload; SecAgg+ masks the decoded float delta.
+    delta = decode_upload({key: value.numpy() for key, value in reply.content["arrays"].items()})
     metrics = dict(reply.content["metrics"])
     update, weight, clipped = secagg_upload(delta, int(metrics["num-examples"]), float(config[MAX_WEIGHT_KEY]),
                                             float(config[CLIPPING_RANGE_KEY]), float(config[DP_CLIP_NORM_KEY]))

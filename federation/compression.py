@@ -35,8 +35,6 @@ FP16_MAX = float(np.finfo(np.float16).max)
 # suffix -> codec, for every part an encoded upload may hold
 _PART_CODEC = {"bf16": "bf16", "fp16": "fp16", "q": "int8", "scale": "int8", "idx": "topk", "val": "topk",
                "shape": "topk"}
-_CODEC_PARTS = {"fp32": ("",), "bf16": ("bf16",), "fp16": ("fp16",), "int8": ("q", "scale"),
-                "topk": ("idx", "val", "shape")}
 
 
 # --------------------------------------------------------------------------- bfloat16 without a numpy dtype

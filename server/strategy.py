@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from federation.adapter import from_array_record, to_array_record
+from federation.compression import decode_upload
 from strategies.fedavg import UpdateRejected, validate_update
 
 log = logging.getLogger("fedtune.server")
@@ -52,8 +53,8 @@ def decode_update(msg: Message) -> tuple[dict[str, np.ndarray], int, MetricRecor
     record = next(iter(content.array_records.values()))
     metrics = next(iter(content.metric_records.values()))
     try:
-        arrays = {k: v.numpy() for k, v in record.items()}
-    except Exception as exc:  # undecodable bytes/dtype: reject this site only
+        arrays = decode_upload({k: v.numpy() for k, v in record.items()})
+    except Exception as exc:  # undecodable bytes/dtype or malformed encoding: reject this site only
         raise UpdateRejected(f"undecodable arrays: {exc}") from exc
     num_examples = metrics.get("num-examples")
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, float)) or num_examples <= 0 \

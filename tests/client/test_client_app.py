@@ -6,6 +6,7 @@ from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 
 import client.app as client_app
 from federation.adapter import from_array_record, get_adapter_arrays, to_array_record
+from federation.compression import decode_upload
 from federation.config import run_config_to_json
 from federation.model import initial_adapter
 from tests.flower_messages import instruction
@@ -16,6 +17,10 @@ def _message(cfg, arrays, message_type=MessageType.TRAIN, server_round=1):
                           "config": ConfigRecord({client_app.RUN_CONFIG_KEY: run_config_to_json(cfg),
                                                   "server-round": server_round})})
     return instruction(content, dst_node_id=7, message_type=message_type)
+
+
+def _sent_delta(reply):
+    return decode_upload({k: v.numpy() for k, v in reply.content["arrays"].items()})
 
 
 def _context(partition_id=0, num_partitions=3):
@@ -29,7 +34,10 @@ def test_train_reply_carries_only_the_lora_delta(make_cfg):
     reply = client_app.train(_message(cfg, global_adapter), _context())
     content = reply.content
     assert list(content.array_records) == ["arrays"]
-    sent = from_array_record(content["arrays"])
+    wire = {k: v.numpy() for k, v in content["arrays"].items()}
+    # Default transport is bf16 (16-bit words): half the bytes of the fp32 adapter.
+    assert all(k.endswith("::bf16") and v.dtype == np.uint16 for k, v in wire.items())
+    sent = decode_upload(wire)
     runtime = client_app.get_runtime(cfg)
     trainable = {n: p for n, p in runtime.model.named_parameters() if p.requires_grad}
     # Every key is a LoRA parameter, and the element count is exactly the adapter's trainable count.
@@ -40,7 +48,8 @@ def test_train_reply_carries_only_the_lora_delta(make_cfg):
     # It is the delta: local minus the global it started from.
     local = get_adapter_arrays(runtime.model)
     for key in sent:
-        np.testing.assert_allclose(sent[key], local[key] - global_adapter[key], atol=1e-7)
+        exact = local[key] - global_adapter[key]
+        np.testing.assert_allclose(sent[key], exact, rtol=2**-8, atol=1e-30)  # bf16 rounding
     assert any(np.abs(v).max() > 0 for v in sent.values())
     metrics = content["metrics"]
     assert metrics["num-examples"] > 0 and metrics["train-steps"] == cfg.train.local_steps
@@ -83,13 +92,13 @@ def test_mismatched_adapter_is_refused(make_cfg):
 def test_ffa_lora_site_sends_zero_delta_for_frozen_a(make_cfg):
     cfg = make_cfg("strategy=ffa_lora")
     adapter = initial_adapter(cfg.model, cfg.lora)
-    sent = from_array_record(client_app.train(_message(cfg, adapter), _context()).content["arrays"])
+    sent = _sent_delta(client_app.train(_message(cfg, adapter), _context()))
     a_keys = [k for k in sent if ".lora_A." in k]
     b_keys = [k for k in sent if ".lora_B." in k]
     assert a_keys and all(not np.any(sent[k]) for k in a_keys)
     assert any(np.abs(sent[k]).max() > 0 for k in b_keys)
     # The next run without FFA trains A again (the resident model is reconfigured per message).
-    sent = from_array_record(client_app.train(_message(make_cfg(), adapter), _context()).content["arrays"])
+    sent = _sent_delta(client_app.train(_message(make_cfg(), adapter), _context()))
     assert any(np.abs(sent[k]).max() > 0 for k in a_keys)
 
 
@@ -98,7 +107,7 @@ def test_fedprox_term_keeps_the_site_closer_to_the_global_adapter(make_cfg):
 
     def delta_norm(*overrides):
         cfg = make_cfg("train.local_steps=6", *overrides)
-        sent = from_array_record(client_app.train(_message(cfg, adapter), _context()).content["arrays"])
+        sent = _sent_delta(client_app.train(_message(cfg, adapter), _context()))
         return np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in sent.values()))
 
     plain = delta_norm("strategy=fedavg")

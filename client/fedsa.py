@@ -1,0 +1,74 @@
+"""The site's side of FedSA-LoRA (Guo et al. 2024): lora_A is shared and averaged, lora_B stays at the site.
+
+The coordinator sends the whole global adapter; the site overwrites every received lora_B with its
+own (kept in Flower's ``Context.state``; before its first round it starts from the received, initial
+B), trains, stores its trained B and uploads the delta of lora_A and of any non-LoRA keys only: lora_B
+is ABSENT from the reply, so neither B nor its change ever leaves the site. The coordinator
+(server.stateful.FedSALoraStrategy) treats the missing B deltas as zero, so the global B stays at its
+initial value. Evaluation uses the site's own B (a personalised model).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+import client.app as plain_client
+from client.app import RUN_CONFIG_KEY
+from federation.adapter import from_array_record, get_adapter_arrays, to_array_record
+from federation.config import run_config_from_json
+from strategies.lora_exact import LORA_B_SUFFIX
+
+LORA_B_STATE = "fedtune.fedsa.lora-b"
+
+
+def message_with(msg: Message, **records) -> Message:
+    """A copy of `msg` (same metadata, so replies still answer it) with `records` replaced or added."""
+    content = RecordDict(dict(msg.content.items()))
+    for key, record in records.items():
+        content[key] = record
+    return Message(metadata=copy.copy(msg.metadata), content=content)
+
+
+def with_run_config(msg: Message, run_config_json: str) -> Message:
+    """A copy of `msg` whose config record carries another run config (site-specific rank / local steps)."""
+    return message_with(msg, config=ConfigRecord({**dict(msg.content["config"]), RUN_CONFIG_KEY: run_config_json}))
+
+
+def own_lora_b(context: Context) -> dict[str, np.ndarray] | None:
+    """This site's lora_B tensors from Context.state ({key: (out, r)}), None before its first training round."""
+    stored = context.state.array_records.get(LORA_B_STATE)
+    return None if stored is None else from_array_record(stored)
+
+
+def with_own_lora_b(msg: Message, context: Context) -> Message:
+    """`msg` with every received lora_B replaced by this site's own (unchanged before its first round)."""
+    own = own_lora_b(context)
+    if own is None:
+        return msg
+    arrays = from_array_record(msg.content["arrays"])
+    b_keys = {key for key in arrays if key.endswith(LORA_B_SUFFIX)}
+    if set(own) != b_keys or any(own[k].shape != arrays[k].shape for k in b_keys):
+        raise ValueError("FedSA-LoRA: this site's stored lora_B does not fit the received adapter "
+                         "(different model or LoRA config than in earlier rounds of this run)")
+    return message_with(msg, arrays=to_array_record({**arrays, **own}))
+
+
+def train(msg: Message, context: Context) -> Message:
+    """Train from (global A, own B); keep the trained B in Context.state; reply with the A (and non-LoRA) delta only."""
+    cfg = run_config_from_json(str(msg.content["config"][RUN_CONFIG_KEY]))
+    reply = plain_client.train_reply(with_own_lora_b(msg, context), context)
+    if reply.has_error():
+        return reply
+    trained = get_adapter_arrays(plain_client.get_runtime(cfg).model)
+    context.state[LORA_B_STATE] = to_array_record({k: v for k, v in trained.items() if k.endswith(LORA_B_SUFFIX)})
+    delta = reply.content["arrays"]
+    reply.content["arrays"] = ArrayRecord({k: v for k, v in delta.items() if not k.endswith(LORA_B_SUFFIX)})
+    return reply
+
+
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global A with this site's own B (personalised)."""
+    return plain_client.evaluate(with_own_lora_b(msg, context), context)

@@ -1,0 +1,89 @@
+"""The site's side of SCAFFOLD (Karimireddy et al. 2020, option II) on the LoRA adapter.
+
+The coordinator sends its control variate c next to the global adapter (ArrayRecord ``C_GLOBAL_RECORD``);
+the site keeps its own c_i in Flower's ``Context.state`` (per node, across rounds), corrects every
+gradient to ``grad - c_i + c`` before the optimizer step, and after training replies with the usual
+LoRA delta plus ``delta_c = c_i+ - c_i`` (ArrayRecord ``DELTA_C_RECORD``).
+
+The option-II formula ``c_i+ = c_i - c + (x - y_i) / (K * lr)`` assumes K plain SGD steps at lr; the
+local trainer runs AdamW with a cosine schedule, so (x - y_i) / (K * lr) is the average step direction
+in units of the peak lr rather than an exact mean gradient. K is the number of optimizer steps the
+site really ran (train-steps), lr is train.lr.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Context, Message
+
+import client.app as plain_client
+from client.app import RUN_CONFIG_KEY
+from federation.adapter import from_array_record, get_adapter_arrays, lora_parameters, to_array_record
+from federation.config import run_config_from_json
+from strategies.scaffold import client_control_update, correct_gradient, zero_control
+
+# Message records (server -> site: c; site -> server: delta_c) and the site's own c_i in Context.state.
+C_GLOBAL_RECORD = "fedtune.scaffold.c-global"
+DELTA_C_RECORD = "fedtune.scaffold.delta-c"
+C_LOCAL_STATE = "fedtune.scaffold.c-local"
+# Controls travel and are stored in float64: they are differences of near-equal adapters divided by K * lr.
+CONTROL_DTYPE = "float64"
+
+
+def _float64(record) -> dict[str, np.ndarray]:
+    return {key: np.asarray(value.numpy(), dtype=np.float64) for key, value in record.items()}
+
+
+def local_control(context: Context, c_global: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This site's c_i from Context.state, zeros (shaped like c) before its first round."""
+    stored = context.state.array_records.get(C_LOCAL_STATE)
+    if stored is None:
+        return zero_control(c_global)
+    c_local = _float64(stored)
+    if set(c_local) != set(c_global) or any(c_local[k].shape != c_global[k].shape for k in c_global):
+        raise ValueError("SCAFFOLD: this site's stored control variate does not match the coordinator's c "
+                         "(different model or LoRA config than in earlier rounds of this run)")
+    return c_local
+
+
+def train(msg: Message, context: Context) -> Message:
+    """Train with SCAFFOLD-corrected gradients; reply with the LoRA delta and delta_c; c_i is kept in Context.state."""
+    cfg = run_config_from_json(str(msg.content["config"][RUN_CONFIG_KEY]))
+    if cfg.privacy.local_dp_sgd.enabled:
+        # The DP-SGD path (Opacus) does not call before_step, so the correction would be silently missing.
+        raise ValueError("SCAFFOLD cannot run with privacy.local_dp_sgd (the Opacus step skips the gradient "
+                         "correction)")
+    if C_GLOBAL_RECORD not in msg.content.array_records:
+        raise ValueError(f"SCAFFOLD train message without the coordinator's control variate ({C_GLOBAL_RECORD})")
+    c_global = _float64(msg.content[C_GLOBAL_RECORD])
+    c_local = local_control(context, c_global)
+    runtime = plain_client.get_runtime(cfg)
+    key_of = {id(param): key for key, param in lora_parameters(runtime.model).items()}
+    device = next(iter(lora_parameters(runtime.model).values())).device
+    # Converted once per round, not per step.
+    c_local_t = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in c_local.items()}
+    c_global_t = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in c_global.items()}
+
+    def before_step(params) -> None:
+        for param in params:
+            if param.grad is not None:
+                key = key_of[id(param)]
+                param.grad.copy_(correct_gradient(param.grad, c_local_t[key], c_global_t[key]))
+
+    reply = plain_client.train_reply(msg, context, before_step=before_step)
+    if reply.has_error():
+        return reply
+    global_arrays = from_array_record(msg.content["arrays"])
+    local_arrays = get_adapter_arrays(runtime.model)
+    steps = int(reply.content["metrics"]["train-steps"])
+    new_c_local, delta_c = client_control_update(c_local, c_global, global_arrays, local_arrays, steps, cfg.train.lr)
+    context.state[C_LOCAL_STATE] = to_array_record(new_c_local, CONTROL_DTYPE)
+    reply.content[DELTA_C_RECORD] = to_array_record(delta_c, CONTROL_DTYPE)
+    return reply
+
+
+def evaluate(msg: Message, context: Context) -> Message:
+    """SCAFFOLD evaluates the global adapter as FedAvg does (controls only steer training)."""
+    return plain_client.evaluate(msg, context)
+

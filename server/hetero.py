@@ -1,0 +1,409 @@
+"""Coordinator side of heterogeneous LoRA ranks: FLoRA stacking (Wang et al. 2024) and FlexLoRA (Bai et al. 2024).
+
+Each site trains a LoRA of its own rank r_i (client.hetero.site_settings says where it comes from);
+the coordinator learns the ranks with a site-profile query (once per node, and again after a node
+failed) and keeps the EXACT global update as stacked factors B_g (out, R), A_g (R, in) with scaling 1
+(``HeteroLoraState``, checkpointed as the strategy state).
+
+flora: every round, global += sum_i w_i s_i B_i A_i exactly (stack_lora_updates; R grows by sum r_i).
+  Sites receive the rounds they have not merged yet as a frozen part and a fresh LoRA (A seeded
+  uniform as PEFT initialises it, B = 0) at their rank, re-initialised every round.
+flexlora: every round, global = sum_i w_i s_i B_i A_i of the sites' full local factors; site j then
+  trains from the best rank-r_j factors of global / s_j (SVD, Eckart-Young). Components with zero
+  singular value (a global of rank < r_j) get a fresh A row and a zero B column, so they can train.
+
+Weights w_i are example counts, s_i = lora.alpha / r_i (PEFT scaling). The round loop's ``arrays`` is
+the rank-``lora.r`` SVD truncation of the exact global (a PEFT-loadable export, exact when the global
+rank is <= lora.r); evaluation always runs on the exact global update.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from client.app import RUN_CONFIG_KEY
+from client.hetero import (FROZEN_ACCUMULATE, FROZEN_FROM_KEY, FROZEN_MODE_KEY, FROZEN_RECORD, FROZEN_TO_KEY,
+                           FROZEN_TRANSIENT, HETERO_STRATEGIES, METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS,
+                           METRIC_RANK, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS)
+from federation.adapter import from_array_record, to_array_record
+from server.strategy import LoraDeltaStrategy, decode_update, weighted_metrics
+from strategies.aggregators import MixedRanksError
+from strategies.fedavg import AdapterArrays, UpdateRejected, validate_update
+from strategies.lora_exact import LORA_A_SUFFIX, LORA_B_SUFFIX, lora_pairs, lora_ranks, non_lora_keys, \
+    stack_lora_updates
+
+log = logging.getLogger("fedtune.server")
+
+STATE_PREFIX = "hetero."
+STATE_OFFSETS = "hetero.offsets"
+
+
+@dataclass
+class SiteProfile:
+    """What a site reported: its LoRA rank, local steps, and how many FLoRA global updates it has merged."""
+
+    rank: int
+    local_steps: int
+    frozen_updates: int
+
+
+def query_site_profiles(grid: Grid, node_ids: Sequence[int], config: ConfigRecord,
+                        timeout: float | None) -> tuple[dict[int, SiteProfile], dict[int, str]]:
+    """({node: profile}, {node: why no profile}) from one query message per node (client.hetero.site_profile)."""
+    content = RecordDict({"config": ConfigRecord({RUN_CONFIG_KEY: str(config[RUN_CONFIG_KEY])})})
+    messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=node) for node in node_ids]
+    replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+    profiles, errors = {}, {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            errors[node] = reply.error.reason
+            continue
+        metrics = reply.content["metrics"]
+        profiles[node] = SiteProfile(int(metrics[METRIC_RANK]), int(metrics[METRIC_LOCAL_STEPS]),
+                                     int(metrics[METRIC_FROZEN_COUNT]))
+    for node in set(node_ids) - set(profiles) - set(errors):
+        errors[node] = "no reply to the site-profile query"
+    return profiles, errors
+
+
+def _mixed_ranks_message(strategy_name: str, rank: int, asked: Mapping[str, int]) -> str:
+    listing = ", ".join(f"{site} r={r}" for site, r in asked.items())
+    return (f"strategy {strategy_name!r} needs the same LoRA rank (lora.r={rank}) at every site, but {listing}; "
+            "use strategy=flora (stacking) or strategy=flexlora (SVD redistribution) for mixed ranks, "
+            "or give every site the same rank")
+
+
+def check_rank_plan(cfg: Any) -> None:
+    """Before anything is sent: raise MixedRanksError if strategy.params.site_ranks mixes ranks under a one-rank strategy."""
+    params = cfg.strategy.params or {}
+    ranks = [int(r) for r in params.get(PARAM_SITE_RANKS) or []]
+    steps = [int(k) for k in params.get(PARAM_SITE_LOCAL_STEPS) or []]
+    if any(r < 1 for r in ranks) or any(k < 1 for k in steps):
+        raise ValueError(f"strategy.params.{PARAM_SITE_RANKS} and {PARAM_SITE_LOCAL_STEPS} must be >= 1, "
+                         f"got {ranks} and {steps}")
+    if cfg.strategy.name not in HETERO_STRATEGIES and any(r != cfg.lora.r for r in ranks):
+        raise MixedRanksError(_mixed_ranks_message(
+            cfg.strategy.name, cfg.lora.r, {f"partition {i}": r for i, r in enumerate(ranks)}))
+
+
+def check_site_ranks(grid: Grid, cfg: Any, config: ConfigRecord, timeout: float | None) -> dict[int, SiteProfile]:
+    """Query the connected sites; raise MixedRanksError if any asks for a rank the strategy cannot train.
+
+    Sites that cannot answer (an app without the query handler) are logged and assumed to train lora.r.
+    """
+    profiles, errors = query_site_profiles(grid, sorted(grid.get_node_ids()), config, timeout)
+    for node, reason in errors.items():
+        log.warning("node %d gave no site profile (%s); assuming LoRA rank %d", node,
+                    reason.splitlines()[0] if reason else "error", cfg.lora.r)
+    if cfg.strategy.name not in HETERO_STRATEGIES:
+        asked = {f"node {node}": p.rank for node, p in sorted(profiles.items()) if p.rank != cfg.lora.r}
+        if asked:
+            raise MixedRanksError(_mixed_ranks_message(cfg.strategy.name, cfg.lora.r, asked))
+    return profiles
+
+
+def truncate_factors(b: np.ndarray, a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best rank-`rank` factors of B @ A without forming it: (B_r (out, rank), A_r (rank, in), singular values (rank,)).
+
+    Same result as strategies.lora_exact.svd_redistribute(B @ A, rank) (B_r = U sqrt(S), A_r = sqrt(S) V^T),
+    via QR of both factors and an SVD of the small (R, R) core: O((out + in) R^2) instead of O(out in min(out, in)).
+    Missing components (rank > rank of B @ A) are zero.
+    """
+    b, a = np.asarray(b, dtype=np.float64), np.asarray(a, dtype=np.float64)
+    out_dim, in_dim = b.shape[0], a.shape[1]
+    b_r, a_r, values = np.zeros((out_dim, rank)), np.zeros((rank, in_dim)), np.zeros(rank)
+    if b.shape[1] == 0:
+        return b_r, a_r, values
+    q_b, r_b = np.linalg.qr(b)
+    q_a, r_a = np.linalg.qr(a.T)
+    u, singular_values, vt = np.linalg.svd(r_b @ r_a.T)
+    kept = min(rank, singular_values.size)
+    root = np.sqrt(singular_values[:kept])
+    b_r[:, :kept] = (q_b @ u[:, :kept]) * root
+    a_r[:kept] = root[:, None] * (vt[:kept] @ q_a.T)
+    values[:kept] = singular_values[:kept]
+    return b_r, a_r, values
+
+
+def fresh_lora_a(rank: int, in_features: int, rng: np.random.Generator) -> np.ndarray:
+    """lora_A (rank, in) as PEFT initialises it: U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform, a=sqrt(5))."""
+    bound = 1.0 / np.sqrt(in_features)
+    return rng.uniform(-bound, bound, size=(rank, in_features))
+
+
+class HeteroLoraState:
+    """The exact global update as stacked factors per LoRA layer; sits in the strategy's aggregator slot.
+
+    ``offsets[k]`` is the stacked rank after k merged updates (flora: aggregated rounds), so the rows
+    ``offsets[k]:`` of A (columns of B) are exactly the updates after the k-th.
+    """
+
+    supports_mixed_ranks = True
+
+    def __init__(self, method: str) -> None:
+        if method not in HETERO_STRATEGIES:
+            raise ValueError(f"unknown heterogeneous-rank method {method!r}; valid: {list(HETERO_STRATEGIES)}")
+        self.name = method
+        self.factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # prefix -> (A (R, in), B (out, R))
+        self.offsets: list[int] = [0]
+
+    @property
+    def num_updates(self) -> int:
+        """How many global updates the factors hold (flora: aggregated rounds; flexlora: 0 or 1)."""
+        return len(self.offsets) - 1
+
+    def merge(self, stacked: Mapping[str, np.ndarray]) -> None:
+        """flora: append the round's stacked factors; flexlora: replace the global with them."""
+        pairs = lora_pairs(stacked)
+        added = 0
+        for prefix, (a_key, b_key) in pairs.items():
+            a, b = np.asarray(stacked[a_key], np.float64), np.asarray(stacked[b_key], np.float64)
+            if self.name == "flora" and prefix in self.factors:
+                a_old, b_old = self.factors[prefix]
+                a, b = np.concatenate([a_old, a], axis=0), np.concatenate([b_old, b], axis=1)
+            self.factors[prefix] = (a, b)
+            added = a.shape[0]
+        self.offsets = [*self.offsets, added] if self.name == "flora" else [0, added]
+
+    def factors_since(self, start: int) -> AdapterArrays:
+        """Stacked factors of the updates after the `start`-th ({prefix.lora_A.weight: (R', in), ...})."""
+        row = self.offsets[start]
+        out: AdapterArrays = {}
+        for prefix, (a, b) in self.factors.items():
+            out[prefix + LORA_A_SUFFIX] = a[row:]
+            out[prefix + LORA_B_SUFFIX] = b[:, row:]
+        return out
+
+    def site_factors(self, prefix: str, rank: int, scaling: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(B (out, rank), A (rank, in), singular values) with scaling * B @ A ~= the global update of `prefix`."""
+        a, b = self.factors[prefix]
+        return truncate_factors(b / scaling, a, rank)
+
+    def export(self, template: Mapping[str, np.ndarray], rank: int, scaling: float) -> AdapterArrays:
+        """The global update as an adapter shaped like `template` (rank `rank`, PEFT scaling `scaling`)."""
+        if not self.factors:
+            return {key: np.array(value, copy=True) for key, value in template.items()}
+        out = {}
+        for prefix, (a_key, b_key) in lora_pairs(template).items():
+            b, a, _ = self.site_factors(prefix, rank, scaling)
+            out[a_key] = a.astype(np.asarray(template[a_key]).dtype)
+            out[b_key] = b.astype(np.asarray(template[b_key]).dtype)
+        return out
+
+    def aggregate(self, global_adapter, updates, weights, site_ids) -> AdapterArrays:
+        """Not a delta aggregator: HeteroLoraStrategy.aggregate_train needs each site's full factors."""
+        raise RuntimeError(f"{self.name!r} aggregates per-site factors of mixed ranks in HeteroLoraStrategy; "
+                           "it cannot aggregate a mean delta (SecAgg+ / central DP are not supported)")
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"hetero.offsets": (k+1,), "hetero.<prefix>.lora_A.weight": (R, in), "hetero.<prefix>.lora_B.weight": (out, R)}."""
+        state: dict[str, Any] = {STATE_OFFSETS: np.asarray(self.offsets, dtype=np.int64)}
+        for prefix, (a, b) in self.factors.items():
+            state[STATE_PREFIX + prefix + LORA_A_SUFFIX] = a
+            state[STATE_PREFIX + prefix + LORA_B_SUFFIX] = b
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the factors and offsets written by state_dict."""
+        self.offsets = [int(x) for x in np.atleast_1d(state.get(STATE_OFFSETS, [0]))]
+        arrays = {key[len(STATE_PREFIX):]: np.asarray(value, np.float64) for key, value in state.items()
+                  if key.startswith(STATE_PREFIX) and key != STATE_OFFSETS}
+        self.factors = {prefix: (arrays[a_key], arrays[b_key]) for prefix, (a_key, b_key) in lora_pairs(arrays).items()}
+
+
+def _layer_dims(template: Mapping[str, np.ndarray]) -> dict[str, tuple[int, int]]:
+    """{prefix: (in, out)} of the global adapter; heterogeneous ranks support LoRA factors only."""
+    extra = non_lora_keys(template)
+    if extra:
+        raise ValueError(f"flora/flexlora handle LoRA factors only; the adapter also has {extra[:3]} "
+                         "(modules_to_save / trained biases)")
+    return {prefix: (np.shape(template[a_key])[1], np.shape(template[b_key])[0])
+            for prefix, (a_key, b_key) in lora_pairs(template).items()}
+
+
+class HeteroLoraStrategy(LoraDeltaStrategy):
+    """Sampling and bookkeeping as LoraDeltaStrategy; per-site messages at each site's rank; exact stacked global."""
+
+    def __init__(self, method: str, *, lora_alpha: float, export_rank: int, init_seed: int = 0,
+                 min_completed_clients: int = 1, query_timeout: float | None = None, **strategy_kwargs) -> None:
+        super().__init__(HeteroLoraState(method), **strategy_kwargs)
+        if strategy_kwargs.get("central_dp") is not None:
+            raise ValueError(f"{method}: central DP is not supported (it would need to clip and noise mixed-rank "
+                             "factor products)")
+        self.method = method
+        self.lora_alpha = float(lora_alpha)
+        self.export_rank = int(export_rank)
+        self.init_seed = int(init_seed)
+        self.min_completed_clients = int(min_completed_clients)
+        self.query_timeout = query_timeout
+        self.profiles: dict[int, SiteProfile] = {}
+        self.sent: dict[int, dict[str, np.ndarray]] = {}  # node -> trainable adapter sent this round (float32)
+
+    def scaling(self, rank: int) -> float:
+        """PEFT scaling of a rank-`rank` LoRA: alpha / r."""
+        return self.lora_alpha / rank
+
+    def _profiles_for(self, grid: Grid, nodes: Sequence[int], config: ConfigRecord, ledger_failed: dict) -> list[int]:
+        unknown = [node for node in nodes if node not in self.profiles]
+        if unknown:
+            profiles, errors = query_site_profiles(grid, unknown, config, self.query_timeout)
+            self.profiles.update(profiles)
+            for node, reason in errors.items():
+                ledger_failed[node] = f"site-profile query failed: {reason}"
+                log.warning("node %d: no site profile, not sent this round: %s", node, reason)
+        return [node for node in nodes if node in self.profiles]
+
+    def _trainable(self, server_round: int, node: int, dims: Mapping[str, tuple[int, int]]) -> AdapterArrays:
+        rank = self.profiles[node].rank
+        rng = np.random.default_rng([self.init_seed, server_round, node])
+        adapter: AdapterArrays = {}
+        for prefix, (in_features, out_features) in dims.items():
+            a, b = fresh_lora_a(rank, in_features, rng), np.zeros((out_features, rank))
+            if self.method == "flexlora" and prefix in self.aggregator.factors:
+                b_site, a_site, values = self.aggregator.site_factors(prefix, rank, self.scaling(rank))
+                # numpy.linalg.matrix_rank's tolerance: below it a component is numerically zero and
+                # would never train (zero A row and B column have zero gradients); it restarts fresh.
+                alive = values > values.max(initial=0.0) * max(in_features, out_features) * np.finfo(np.float64).eps
+                a[alive], b[:, alive] = a_site[alive], b_site[:, alive]
+            adapter[prefix + LORA_A_SUFFIX] = a.astype(np.float32)
+            adapter[prefix + LORA_B_SUFFIX] = b.astype(np.float32)
+        return adapter
+
+    def _frozen(self, node: int, evaluate: bool) -> tuple[dict[str, Any], dict[str, ArrayRecord]]:
+        """(config entries, records) carrying the frozen global update this node needs."""
+        state = self.aggregator
+        if self.method == "flexlora":
+            if not evaluate or not state.factors:
+                return {}, {}
+            return {FROZEN_MODE_KEY: FROZEN_TRANSIENT}, {FROZEN_RECORD: to_array_record(state.factors_since(0))}
+        merged = self.profiles[node].frozen_updates
+        # A site ahead of the coordinator (which resumed from an older checkpoint) starts over from 0.
+        start = merged if merged <= state.num_updates else 0
+        config = {FROZEN_MODE_KEY: FROZEN_ACCUMULATE, FROZEN_FROM_KEY: start, FROZEN_TO_KEY: state.num_updates}
+        if start == state.num_updates:
+            return config, {}
+        return config, {FROZEN_RECORD: to_array_record(state.factors_since(start))}
+
+    def _messages(self, server_round: int, nodes: Sequence[int], config: ConfigRecord, message_type: str,
+                  ledger) -> list[Message]:
+        dims = _layer_dims(self.current_global)
+        messages = []
+        for node in nodes:
+            rank = self.profiles[node].rank
+            if message_type == MessageType.TRAIN:
+                adapter = self.sent[node] = self._trainable(server_round, node, dims)
+            else:  # the global model alone: the site's own LoRA contributes B @ A = 0
+                adapter = {key: np.zeros((rank, i) if key.endswith(LORA_A_SUFFIX) else (o, rank), np.float32)
+                           for prefix, (i, o) in dims.items() for key in (prefix + LORA_A_SUFFIX, prefix + LORA_B_SUFFIX)}
+            frozen_config, frozen_records = self._frozen(node, evaluate=message_type == MessageType.EVALUATE)
+            content = RecordDict({"arrays": to_array_record(adapter, self.transport_dtype),
+                                  "config": ConfigRecord({**dict(config), **frozen_config}), **frozen_records})
+            ledger.bytes_down += sum(record.count_bytes() for record in content.array_records.values())
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
+        return messages
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Sample as FedAvg; send each site a fresh (flora) or SVD-truncated (flexlora) LoRA at its rank."""
+        self.current_global = from_array_record(arrays)
+        sampled = [m.metadata.dst_node_id for m in FedAvg.configure_train(self, server_round, arrays, config, grid)]
+        ledger = self.ledger(server_round)
+        ledger.sampled = sampled
+        self.sent = {}
+        nodes = self._profiles_for(grid, sampled, config, ledger.failed)
+        return self._messages(server_round, nodes, config, MessageType.TRAIN, ledger)
+
+    def _note_reply(self, msg: Message) -> None:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            self.profiles.pop(node, None)  # re-query: the site may be out of sync or restarted
+            return
+        metrics = next(iter(msg.content.metric_records.values()))
+        if node in self.profiles and METRIC_FROZEN_COUNT in metrics:
+            self.profiles[node].frozen_updates = int(metrics[METRIC_FROZEN_COUNT])
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Rebuild each site's factors (sent + delta); merge sum_i w_i s_i B_i A_i into the exact global."""
+        ledger = self.ledger(server_round)
+        local_adapters, weights, site_ids, metric_rows = [], [], [], []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            self._note_reply(msg)
+            if msg.has_error():
+                ledger.failed[node] = msg.error.reason
+                log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                continue
+            upload = sum(r.count_bytes() for r in msg.content.array_records.values())
+            ledger.bytes_up += upload
+            try:
+                if node not in self.sent:
+                    raise UpdateRejected("reply from a node that was not sent a LoRA this round")
+                delta, num_examples, metrics = decode_update(msg)
+                validate_update(delta, self.sent[node])
+            except UpdateRejected as exc:
+                ledger.rejected[node] = str(exc)
+                log.warning("round %d: REJECTED update from node %d, not aggregated: %s", server_round, node, exc)
+                continue
+            local_adapters.append({key: np.asarray(value, np.float64) + np.asarray(delta[key], np.float64)
+                                   for key, value in self.sent[node].items()})
+            weights.append(float(num_examples))
+            site_ids.append(str(node))
+            metric_rows.append(metrics)
+            ledger.accepted.append(node)
+            ledger.per_site[node] = {**{k: v for k, v in metrics.items() if not isinstance(v, list)},
+                                     "bytes_up": upload, METRIC_RANK: self.profiles[node].rank}
+        if len(local_adapters) < max(self.min_completed_clients, 1):
+            log.error("round %d: %d usable updates (< %d); global update unchanged", server_round,
+                      len(local_adapters), max(self.min_completed_clients, 1))
+            return None, None
+        ranks = [next(iter(lora_ranks(adapter).values())) for adapter in local_adapters]
+        stacked = stack_lora_updates(local_adapters, weights, [self.scaling(r) for r in ranks], stacked_scaling=1.0)
+        self.aggregator.merge(stacked)
+        log.info("round %d: %s merged ranks %s (weights %s); global stacked rank %d", server_round, self.method,
+                 ranks, weights, self.aggregator.offsets[-1])
+        export = self.aggregator.export(self.current_global, self.export_rank, self.scaling(self.export_rank))
+        return to_array_record(export, self.transport_dtype), weighted_metrics(metric_rows, weights)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Sample as FedAvg; every site evaluates the exact global update (frozen) with a zero LoRA of its rank."""
+        self.current_global = from_array_record(arrays)
+        sampled = [m.metadata.dst_node_id for m in FedAvg.configure_evaluate(self, server_round, arrays, config, grid)]
+        ledger = self.ledger(server_round)
+        ledger.eval_sampled = sampled
+        nodes = self._profiles_for(grid, sampled, config, {})
+        return self._messages(server_round, nodes, config, MessageType.EVALUATE, ledger)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Note each site's merged-updates count, then the union eval loss as LoraDeltaStrategy computes it."""
+        replies = list(replies)
+        for msg in replies:
+            self._note_reply(msg)
+        return super().aggregate_evaluate(server_round, replies)
+
+
+def build_hetero_strategy(cfg: Any) -> HeteroLoraStrategy:
+    """HeteroLoraStrategy for cfg.strategy.name in ("flora", "flexlora")."""
+    s = cfg.strategy
+    if cfg.privacy.secagg.enabled or cfg.privacy.central.enabled:
+        raise ValueError(f"strategy {s.name!r} needs each site's own factors: privacy.secagg and privacy.central "
+                         "are not supported with it")
+    unknown = sorted(set(s.params or {}) - {PARAM_SITE_RANKS, PARAM_SITE_LOCAL_STEPS})
+    if unknown:
+        raise ValueError(f"strategy {s.name!r} takes params {[PARAM_SITE_RANKS, PARAM_SITE_LOCAL_STEPS]}; "
+                         f"unknown {unknown}")
+    return HeteroLoraStrategy(
+        s.name, lora_alpha=cfg.lora.alpha, export_rank=cfg.lora.r, init_seed=cfg.lora.init_seed,
+        min_completed_clients=cfg.federation.min_completed_clients, query_timeout=cfg.federation.round_timeout_s,
+        fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate, min_train_nodes=s.min_train_clients,
+        min_evaluate_nodes=s.min_evaluate_clients, min_available_nodes=s.min_available_clients)
