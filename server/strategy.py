@@ -114,7 +114,9 @@ class LoraDeltaStrategy(FedAvg):
                 ledger.rejected[node] = str(exc)
                 log.warning("round %d: REJECTED update from node %d, not aggregated: %s", server_round, node, exc)
                 continue
-            deltas.append({k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()})
+            # Kept in the decoded float32: aggregators accumulate in float64 themselves, and a float64 copy
+            # per site would double the coordinator's memory.
+            deltas.append(arrays)
             weights.append(float(num_examples))
             site_ids.append(str(node))
             metric_rows.append(metrics)
