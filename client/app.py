@@ -18,9 +18,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.fast_train import FastLocalTrainer, FastPathSettings
 from client.trainer import LocalTrainer
 from federation.adapter import (adapter_delta, from_array_record, get_adapter_arrays, lora_parameters,
-                                set_adapter_arrays, to_array_record)
+                                set_adapter_arrays)
 from federation.compression import ErrorFeedback, UploadCodec
 from federation.config import RunConfig, run_config_from_json
 from federation.data import SiteDataset, load_site_files, load_site_split
@@ -79,6 +80,14 @@ def site_datasets(runtime: SiteRuntime, cfg: RunConfig, context: Context) -> tup
     return runtime.datasets[key]
 
 
+def make_trainer(runtime: SiteRuntime, cfg: RunConfig) -> LocalTrainer:
+    """The fast path (packing + chunked loss) when asked for; DP-SGD needs one example per row, so plain."""
+    if cfg.train.fast_path and not cfg.privacy.local_dp_sgd.enabled:
+        return FastLocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train,
+                                FastPathSettings(checkpoint_every=cfg.train.checkpoint_every))
+    return LocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train)
+
+
 def _site_label(context: Context) -> int:
     return int(context.node_config.get("partition-id", -1))
 
@@ -115,7 +124,7 @@ def train_reply(msg: Message, context: Context, before_step=None) -> Message:
     """The train handler; `before_step(params)` runs before every optimizer step (e.g. SCAFFOLD's correction)."""
     cfg, runtime, global_arrays, train_ds, _ = _prepare(msg, context)
     server_round = int(msg.content["config"].get("server-round", 0))
-    trainer = LocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train)
+    trainer = make_trainer(runtime, cfg)
     # Data order depends on (seed, round, site) only, so a rerun of a round reproduces it.
     seed = cfg.train.seed * 1_000_003 + server_round * 1009 + _site_label(context)
     extra_metrics = {}
@@ -173,7 +182,7 @@ def _train_dp_sgd(trainer: LocalTrainer, train_ds: SiteDataset, seed: int, cfg: 
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global adapter on this site's held-out data."""
     cfg, runtime, _, _, eval_ds = _prepare(msg, context)
-    result = LocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train).evaluate(eval_ds)
+    result = make_trainer(runtime, cfg).evaluate(eval_ds)
     metrics = MetricRecord({
         "num-examples": result.num_examples,
         "eval-loss": result.loss,

@@ -21,15 +21,13 @@ Supports Llama-family decoders (no logit scaling/soft-capping in the head).
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
 
-from client.trainer import EvalResult, LocalTrainer, TrainResult, planned_steps
+from client.trainer import LocalTrainer
 from federation.config import TrainConfig
-from federation.data import IGNORE_INDEX, SiteDataset
+from federation.data import IGNORE_INDEX
 
 # Target tokens per cross-entropy chunk: a (chunk, vocab) fp32 logits block is 1 GiB at 2048 x 128k.
 DEFAULT_LOSS_CHUNK_TOKENS = 2048
@@ -218,12 +216,13 @@ def packed_loss_sum(model: torch.nn.Module, packed: dict[str, torch.Tensor],
 
 @dataclass
 class FastPathSettings:
-    """Knobs of the fast path (defaults: what the H100 benchmark in BENCHMARKS.md chose)."""
+    """Knobs of the fast path; BENCHMARKS.md has what each costs and buys on an H100."""
 
     # Packing length in tokens; 0 = the longest example of the batch (no example is ever split).
     pack_len: int = 0
     loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS
-    # Gradient-checkpoint every k-th decoder layer; 1 = all (least memory), 0 = none (fastest).
+    # Gradient-checkpoint every k-th decoder layer; 1 = all (least memory, the default: never above the plain
+    # path's peak), 2 = half (1.2-3x faster on H100, 2-3x the activation memory), 0 = none (fastest).
     checkpoint_every: int = 1
     compute_dtype: str = "bfloat16"
 
@@ -242,85 +241,18 @@ class FastLocalTrainer(LocalTrainer):
         self.autocast_dtype = getattr(torch, self.settings.compute_dtype) if quantized else None
         prepare_model_for_fast_training(model, self.autocast_dtype or torch.float32, self.settings.checkpoint_every)
 
-    def _packed_loader(self, dataset: SiteDataset, seed: int, batch_size: int, shuffle: bool) -> DataLoader:
-        # Same sampler and generator as LocalTrainer._loader: the same examples land in the same step.
-        generator = torch.Generator().manual_seed(seed)
-        sampler = RandomSampler(dataset, generator=generator) if shuffle else None
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, collate_fn=self._pack)
-
-    def _pack(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def _collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         longest = max(len(ex["input_ids"]) for ex in examples)
         return pack_sequences(examples, max(self.settings.pack_len, longest), self.pad_token_id)
 
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def _batch_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         return packed_loss_sum(self.model, batch, self.settings.loss_chunk_tokens, self.autocast_dtype)
 
-    # The loop mirrors LocalTrainer.train line for line (a test checks the signatures agree); only batching
-    # and the loss differ. Once LocalTrainer takes its batch loss/counts from overridable methods, this copy goes.
-    def train(self, dataset: SiteDataset, seed: int, proximal_mu: float = 0.0, before_step=None) -> TrainResult:
-        """Run one round of local steps; the data order is a pure function of `seed` (as LocalTrainer).
+    def _target_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["target_ids"] != IGNORE_INDEX).sum())
 
-        proximal_mu > 0 adds FedProx's mu/2 * ||w - w_start||^2 over the trainable (LoRA) parameters.
-        before_step(params) runs after backward and before clipping/optimizer.step (gradient corrections).
-        """
-        from transformers import get_cosine_schedule_with_warmup
-
-        from strategies.fedprox import proximal_term
-
-        cfg = self.cfg
-        steps = planned_steps(cfg, len(dataset))
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        start_params = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
-        loader = self._packed_loader(dataset, seed, cfg.batch_size, shuffle=True)
-        batches = iter(loader)
-        device = next(p for p in self.model.parameters()).device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        self.model.train()
-        loss_sum, token_sum, input_tokens = 0.0, 0, 0
-        start = time.perf_counter()
-        for _ in range(steps):
-            micro = []
-            for _ in range(cfg.grad_accum):
-                try:
-                    micro.append(next(batches))
-                except StopIteration:
-                    batches = iter(loader)
-                    micro.append(next(batches))
-            step_tokens = sum(int((b["target_ids"] != IGNORE_INDEX).sum()) for b in micro)
-            for batch in micro:
-                summed, n_tok = self._loss_sum(batch)
-                (summed / max(step_tokens, 1)).backward()
-                loss_sum += float(summed.detach())
-                token_sum += n_tok
-                input_tokens += _real_tokens(batch)
-            if start_params is not None:
-                proximal_term(params, start_params, proximal_mu).backward()
-            if before_step is not None:
-                before_step(params)
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-        return TrainResult(len(dataset), steps, loss_sum / max(token_sum, 1), token_sum, input_tokens, seconds, peak)
-
-    @torch.no_grad()
-    def evaluate(self, dataset: SiteDataset) -> EvalResult:
-        """Mean next-token loss over all target tokens of `dataset`."""
-        self.model.eval()
-        loss_sum, token_sum = 0.0, 0
-        for batch in self._packed_loader(dataset, 0, self.cfg.eval_batch_size, shuffle=False):
-            summed, n_tok = self._loss_sum(batch)
-            loss_sum += float(summed)
-            token_sum += n_tok
-        return EvalResult(loss_sum / max(token_sum, 1), token_sum, len(dataset))
+    def _input_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return _real_tokens(batch)
 
 
 def _real_tokens(packed: dict[str, torch.Tensor]) -> int:

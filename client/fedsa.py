@@ -18,10 +18,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 import client.app as plain_client
 from client.app import RUN_CONFIG_KEY
 from federation.adapter import from_array_record, get_adapter_arrays, to_array_record
+from federation.compression import SEPARATOR
 from federation.config import run_config_from_json
 from strategies.lora_exact import LORA_B_SUFFIX
 
 LORA_B_STATE = "fedtune.fedsa.lora-b"
+
+
+def is_lora_b_part(upload_key: str) -> bool:
+    """Whether an upload array (plain ``key`` or a codec part ``key::...``) belongs to a lora_B tensor."""
+    return upload_key.split(SEPARATOR)[0].endswith(LORA_B_SUFFIX)
 
 
 def message_with(msg: Message, **records) -> Message:
@@ -65,7 +71,7 @@ def train(msg: Message, context: Context) -> Message:
     trained = get_adapter_arrays(plain_client.get_runtime(cfg).model)
     context.state[LORA_B_STATE] = to_array_record({k: v for k, v in trained.items() if k.endswith(LORA_B_SUFFIX)})
     delta = reply.content["arrays"]
-    reply.content["arrays"] = ArrayRecord({k: v for k, v in delta.items() if not k.endswith(LORA_B_SUFFIX)})
+    reply.content["arrays"] = ArrayRecord({k: v for k, v in delta.items() if not is_lora_b_part(k)})
     return reply
 
 

@@ -30,6 +30,7 @@ SecAgg+, FLoRA, FlexLoRA, SCAFFOLD and FedSA-LoRA messages, picking the handler 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -45,7 +46,7 @@ import client.scaffold as scaffold_client
 from client.app import RUN_CONFIG_KEY
 from client.fedsa import with_run_config
 from federation.adapter import from_array_record, to_array_record
-from federation.config import RunConfig, run_config_from_json, run_config_to_json
+from federation.config import RunConfig, run_config_from_json
 from strategies.aggregators import MixedRanksError
 from strategies.lora_exact import lora_pairs, lora_ranks
 
@@ -92,27 +93,35 @@ def _per_partition(values, node_config: Mapping, what: str) -> int | None:
 
 def site_settings(cfg: RunConfig, node_config: Mapping) -> SiteSettings:
     """Rank and local steps of this site: node config, else params lists by partition id, else the run's."""
-    params = cfg.strategy.params or {}
+    return _settings(cfg.strategy.params or {}, cfg.lora.r, cfg.train.local_steps, node_config)
+
+
+def _settings(params: Mapping, run_rank: int, run_local_steps: int, node_config: Mapping) -> SiteSettings:
     rank = node_config.get(NODE_RANK_KEY)
     if rank is None:
         rank = _per_partition(params.get(PARAM_SITE_RANKS), node_config, PARAM_SITE_RANKS)
     steps = node_config.get(NODE_LOCAL_STEPS_KEY)
     if steps is None:
         steps = _per_partition(params.get(PARAM_SITE_LOCAL_STEPS), node_config, PARAM_SITE_LOCAL_STEPS)
-    settings = SiteSettings(int(cfg.lora.r if rank is None else rank),
-                            int(cfg.train.local_steps if steps is None else steps))
+    settings = SiteSettings(int(run_rank if rank is None else rank), int(run_local_steps if steps is None else steps))
     if settings.rank < 1 or settings.local_steps < 1:
         raise ValueError(f"site LoRA rank and local steps must be >= 1, got {settings}")
     return settings
 
 
-def site_run_config(cfg: RunConfig, settings: SiteSettings, own_rank: bool) -> RunConfig:
-    """cfg with this site's local steps and (own_rank) its LoRA rank."""
-    site_cfg = copy.deepcopy(cfg)
-    site_cfg.train.local_steps = settings.local_steps
+def site_run_config(run_config: Mapping, settings: SiteSettings, own_rank: bool) -> dict:
+    """The run config (as the JSON dict on the wire) with this site's local steps and (own_rank) its LoRA rank.
+
+    With its own rank (FLoRA/FlexLoRA) the site's LoRA is re-initialised or replaced every round, so an
+    upload codec's error-feedback residual (in the coordinates of last round's factors) would add noise
+    to the next delta: the codec still compresses each upload, without feedback.
+    """
+    site = copy.deepcopy(dict(run_config))
+    site["train"]["local_steps"] = settings.local_steps
     if own_rank:
-        site_cfg.lora.r = settings.rank
-    return site_cfg
+        site["lora"]["r"] = settings.rank
+        site["federation"]["upload_error_feedback"] = False
+    return site
 
 
 @contextmanager
@@ -161,6 +170,9 @@ def frozen_update_for(msg: Message, context: Context) -> tuple[dict[str, np.ndar
     stored, count = _stored_frozen(context)
     start, end = int(config[FROZEN_FROM_KEY]), int(config[FROZEN_TO_KEY])
     if start == 0:
+        if count:
+            log.info("FLoRA: the coordinator resent the global update from the start; replacing %d merged updates",
+                     count)
         merged = received
     elif start == count:
         merged = {key: np.concatenate([stored[key], received[key]], axis=0 if ".lora_A." in key else 1)
@@ -220,17 +232,18 @@ def site_profile(msg: Message, context: Context) -> Message:
 
 def _routed(msg: Message, context: Context) -> tuple[str, Message]:
     """(strategy name, msg with this site's run config) — refuses a site rank the strategy cannot use."""
-    text = str(msg.content["config"][RUN_CONFIG_KEY])
-    cfg = run_config_from_json(text)
-    name = cfg.strategy.name
-    settings = site_settings(cfg, context.node_config)
-    if name not in HETERO_STRATEGIES and settings.rank != cfg.lora.r:
+    # Plain JSON, not run_config_from_json: the schema validation (~70 ms) runs once, in the handler.
+    run_config = json.loads(str(msg.content["config"][RUN_CONFIG_KEY]))
+    name, run_rank = run_config["strategy"]["name"], int(run_config["lora"]["r"])
+    settings = _settings(run_config["strategy"].get("params") or {}, run_rank,
+                         int(run_config["train"]["local_steps"]), context.node_config)
+    if name not in HETERO_STRATEGIES and settings.rank != run_rank:
         raise MixedRanksError(f"this site is configured for LoRA rank {settings.rank}, but strategy {name!r} "
-                              f"trains rank {cfg.lora.r} at every site; use strategy=flora or strategy=flexlora")
+                              f"trains rank {run_rank} at every site; use strategy=flora or strategy=flexlora")
     if name not in (*HETERO_STRATEGIES, "scaffold", "fedsa_lora"):
         return name, msg  # plain strategies run exactly as before
-    site_cfg = site_run_config(cfg, settings, own_rank=name in HETERO_STRATEGIES)
-    return name, with_run_config(msg, run_config_to_json(site_cfg))
+    site_config = site_run_config(run_config, settings, own_rank=name in HETERO_STRATEGIES)
+    return name, with_run_config(msg, json.dumps(site_config, sort_keys=True))
 
 
 def dispatch_train(msg: Message, context: Context) -> Message:

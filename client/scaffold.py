@@ -5,10 +5,14 @@ the site keeps its own c_i in Flower's ``Context.state`` (per node, across round
 gradient to ``grad - c_i + c`` before the optimizer step, and after training replies with the usual
 LoRA delta plus ``delta_c = c_i+ - c_i`` (ArrayRecord ``DELTA_C_RECORD``).
 
-The option-II formula ``c_i+ = c_i - c + (x - y_i) / (K * lr)`` assumes K plain SGD steps at lr; the
-local trainer runs AdamW with a cosine schedule, so (x - y_i) / (K * lr) is the average step direction
-in units of the peak lr rather than an exact mean gradient. K is the number of optimizer steps the
-site really ran (train-steps), lr is train.lr.
+Option II reads the mean corrected gradient off the displacement: with K plain SGD steps at a
+constant lr, (x - y_i) / (K * lr) = mean_k (g_k - c_i + c), so c_i+ = c_i - c + (x - y_i) / (K * lr)
+= mean_k g_k. The local trainer runs AdamW with warm-up and a cosine schedule, whose displacement is
+in units of lr per step, not of gradients (it made c dominate the gradient and slowed training on the
+demo task). So by default (``strategy.params.control_variate: gradient``) the site hands
+client_control_update the point SGD would have reached with the same corrected gradients,
+y_sgd = x - lr * sum_k (g_k - c_i + c), which yields the paper's c_i+ = mean_k g_k exactly;
+``control_variate: displacement`` uses the real trained adapter instead (the formula verbatim).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ DELTA_C_RECORD = "fedtune.scaffold.delta-c"
 C_LOCAL_STATE = "fedtune.scaffold.c-local"
 # Controls travel and are stored in float64: they are differences of near-equal adapters divided by K * lr.
 CONTROL_DTYPE = "float64"
+CONTROL_VARIATE_PARAM = "control_variate"
+CONTROL_VARIATES = ("gradient", "displacement")
 
 
 def _float64(record) -> dict[str, np.ndarray]:
@@ -65,19 +71,29 @@ def train(msg: Message, context: Context) -> Message:
     c_local_t = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in c_local.items()}
     c_global_t = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in c_global.items()}
 
+    variant = str((cfg.strategy.params or {}).get(CONTROL_VARIATE_PARAM, CONTROL_VARIATES[0]))
+    if variant not in CONTROL_VARIATES:
+        raise ValueError(f"strategy.params.{CONTROL_VARIATE_PARAM} must be one of {CONTROL_VARIATES}, got {variant!r}")
+    corrected_sum = {key: torch.zeros_like(value) for key, value in c_local_t.items()}
+
     def before_step(params) -> None:
         for param in params:
             if param.grad is not None:
                 key = key_of[id(param)]
                 param.grad.copy_(correct_gradient(param.grad, c_local_t[key], c_global_t[key]))
+                corrected_sum[key] += param.grad
 
     reply = plain_client.train_reply(msg, context, before_step=before_step)
     if reply.has_error():
         return reply
     global_arrays = from_array_record(msg.content["arrays"])
-    local_arrays = get_adapter_arrays(runtime.model)
     steps = int(reply.content["metrics"]["train-steps"])
-    new_c_local, delta_c = client_control_update(c_local, c_global, global_arrays, local_arrays, steps, cfg.train.lr)
+    if variant == "gradient":
+        end_point = {key: global_arrays[key].astype(np.float64)
+                     - cfg.train.lr * corrected_sum[key].double().cpu().numpy() for key in global_arrays}
+    else:
+        end_point = get_adapter_arrays(runtime.model)
+    new_c_local, delta_c = client_control_update(c_local, c_global, global_arrays, end_point, steps, cfg.train.lr)
     context.state[C_LOCAL_STATE] = to_array_record(new_c_local, CONTROL_DTYPE)
     reply.content[DELTA_C_RECORD] = to_array_record(delta_c, CONTROL_DTYPE)
     return reply

@@ -78,8 +78,21 @@ class LocalTrainer:
     def _loader(self, dataset: SiteDataset, seed: int, batch_size: int, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(seed)
         sampler = RandomSampler(dataset, generator=generator) if shuffle else None
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
-                          collate_fn=lambda b: collate_batch(b, self.pad_token_id))
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, collate_fn=self._collate)
+
+    # The four batch-level pieces a faster trainer overrides (client/fast_train.py packs and chunks the loss);
+    # the loop, optimizer, schedule and accounting stay here, once.
+    def _collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return collate_batch(examples, self.pad_token_id)
+
+    def _batch_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return batch_loss_sum(self.model, batch)
+
+    def _target_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    def _input_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["attention_mask"].sum())
 
     def train(self, dataset: SiteDataset, seed: int, proximal_mu: float = 0.0, before_step=None) -> TrainResult:
         """Run one round of local steps; the data order is a pure function of `seed`.
@@ -114,14 +127,14 @@ class LocalTrainer:
                 except StopIteration:  # epoch boundary: a new pass with a fresh shuffle from the same generator
                     batches = iter(loader)
                     micro.append(next(batches))
-            step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            step_tokens = sum(self._target_tokens(b) for b in micro)
             for batch in micro:
-                summed, n_tok = batch_loss_sum(self.model, batch)
+                summed, n_tok = self._batch_loss_sum(batch)
                 # Normalise by the step's token count so accumulation equals one big batch.
                 (summed / max(step_tokens, 1)).backward()
                 loss_sum += float(summed.detach())
                 token_sum += n_tok
-                input_tokens += int(batch["attention_mask"].sum())
+                input_tokens += self._input_tokens(batch)
             if start_params is not None:
                 proximal_term(params, start_params, proximal_mu).backward()
             if before_step is not None:
@@ -175,7 +188,7 @@ class LocalTrainer:
         self.model.eval()
         loss_sum, token_sum = 0.0, 0
         for batch in self._loader(dataset, 0, self.cfg.eval_batch_size, shuffle=False):
-            summed, n_tok = batch_loss_sum(self.model, batch)
+            summed, n_tok = self._batch_loss_sum(batch)
             loss_sum += float(summed)
             token_sum += n_tok
         return EvalResult(loss_sum / max(token_sum, 1), token_sum, len(dataset))

@@ -103,6 +103,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     eval_batch_size: int = 16
     seed: int = 0
+    # Packed sequences + chunked cross-entropy + bf16 frozen weights (client/fast_train.py); same losses.
+    fast_path: bool = False
+    # Fast path: gradient-checkpoint every k-th decoder layer (1: least memory, 2: usually faster, 0: none).
+    checkpoint_every: int = 1
 
 
 @dataclass

@@ -83,7 +83,7 @@ def _mixed_ranks_message(strategy_name: str, rank: int, asked: Mapping[str, int]
 
 
 def check_rank_plan(cfg: Any) -> None:
-    """Before anything is sent: raise MixedRanksError if strategy.params.site_ranks mixes ranks under a one-rank strategy."""
+    """Before anything is sent: MixedRanksError if strategy.params.site_ranks mixes ranks under a one-rank strategy."""
     params = cfg.strategy.params or {}
     ranks = [int(r) for r in params.get(PARAM_SITE_RANKS) or []]
     steps = [int(k) for k in params.get(PARAM_SITE_LOCAL_STEPS) or []]
@@ -205,7 +205,7 @@ class HeteroLoraState:
                            "it cannot aggregate a mean delta (SecAgg+ / central DP are not supported)")
 
     def state_dict(self) -> dict[str, Any]:
-        """{"hetero.offsets": (k+1,), "hetero.<prefix>.lora_A.weight": (R, in), "hetero.<prefix>.lora_B.weight": (out, R)}."""
+        """{"hetero.offsets": (k+1,), "hetero.<prefix>.lora_A.weight": (R, in), "hetero.<...>.lora_B.weight": (out, R)}."""
         state: dict[str, Any] = {STATE_OFFSETS: np.asarray(self.offsets, dtype=np.int64)}
         for prefix, (a, b) in self.factors.items():
             state[STATE_PREFIX + prefix + LORA_A_SUFFIX] = a
@@ -302,8 +302,10 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
             if message_type == MessageType.TRAIN:
                 adapter = self.sent[node] = self._trainable(server_round, node, dims)
             else:  # the global model alone: the site's own LoRA contributes B @ A = 0
-                adapter = {key: np.zeros((rank, i) if key.endswith(LORA_A_SUFFIX) else (o, rank), np.float32)
-                           for prefix, (i, o) in dims.items() for key in (prefix + LORA_A_SUFFIX, prefix + LORA_B_SUFFIX)}
+                adapter = {}
+                for prefix, (in_features, out_features) in dims.items():
+                    adapter[prefix + LORA_A_SUFFIX] = np.zeros((rank, in_features), np.float32)
+                    adapter[prefix + LORA_B_SUFFIX] = np.zeros((out_features, rank), np.float32)
             frozen_config, frozen_records = self._frozen(node, evaluate=message_type == MessageType.EVALUATE)
             content = RecordDict({"arrays": to_array_record(adapter, self.transport_dtype),
                                   "config": ConfigRecord({**dict(config), **frozen_config}), **frozen_records})

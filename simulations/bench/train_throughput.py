@@ -32,6 +32,7 @@ d_attn = heads * head_dim. MFU = counted FLOPs / time / measured dense bf16 matm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import json
@@ -137,7 +138,7 @@ def step_loss(model, examples, variant, seq: int, pad_id: int, autocast: bool):
     """(loss to backpropagate, summed loss, target tokens, real input tokens) of one step under `variant`."""
     _, loss_kind, batching = variant[2], variant[3], variant[4]
     device = next(p for p in model.parameters()).device
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast and device.type == "cuda" else _null()
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast and device.type == "cuda" else contextlib.nullcontext()
     real = sum(len(e["input_ids"]) for e in examples)
     if batching == "packed":
         packed = pack_sequences(examples, seq, pad_id)
@@ -156,14 +157,6 @@ def step_loss(model, examples, variant, seq: int, pad_id: int, autocast: bool):
                          use_cache=False).last_hidden_state
     summed, n = chunked_causal_lm_loss(hidden.to(lm_head.weight.dtype), lm_head.weight, shift_labels(batch["labels"]))
     return summed / max(n, 1), summed, n, real
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run_variant(model, variant, steps_examples, seq, pad_id, warmup, flops_args, peak_tflops, start_adapter):

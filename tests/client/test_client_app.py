@@ -5,7 +5,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 
 import client.app as client_app
-from federation.adapter import from_array_record, get_adapter_arrays, to_array_record
+from federation.adapter import get_adapter_arrays, to_array_record
 from federation.compression import decode_upload
 from federation.config import run_config_to_json
 from federation.model import initial_adapter
@@ -61,7 +61,6 @@ def test_base_model_is_loaded_once_per_process(make_cfg, monkeypatch):
     adapter = initial_adapter(cfg.model, cfg.lora)
     client_app.train(_message(cfg, adapter), _context(0))
     first = client_app.get_runtime(cfg).model
-    import federation.model
 
     def no_reload(*a, **k):
         raise AssertionError("base model reloaded")

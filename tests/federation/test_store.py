@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from federation.adapter import get_adapter_arrays
 from federation.model import initial_adapter, load_base_model, peft_lora_config

@@ -1,0 +1,216 @@
+"""Coordinator side of the LoRA methods that keep state beyond the global adapter: SCAFFOLD, FedSA-LoRA,
+and the entry point that builds any of them (plus FLoRA / FlexLoRA from server.hetero) by strategy name.
+
+SCAFFOLD (Karimireddy et al. 2020): the server control variate c rides along with the global adapter
+in every train message; sites reply with their delta and delta_c; c <- c + (1/N) sum_i delta_c_i with
+N = all sites of the federation (strategies.scaffold.server_control_update). c lives in the
+aggregator slot (``ScaffoldAggregator``), so the round checkpoint saves it and a resume restores it.
+The adapter itself is aggregated by the inner aggregator (``strategy.aggregator``, default fedavg:
+x + weighted mean of the deltas, i.e. SCAFFOLD with server lr 1; fedavgm gives another server lr).
+
+FedSA-LoRA (Guo et al. 2024): sites upload the lora_A (and non-LoRA) deltas only and keep lora_B
+(client.fedsa). The coordinator fills the missing B deltas with zeros, so the inner aggregator
+averages A and leaves the global B at its initial value; the checkpointed global adapter is the
+shared A with that initial B, the personal B's never leave the sites.
+
+Neither runs under SecAgg+ or central DP (they need per-site extras the sum would hide or that the
+DP guarantee would not cover); ``build_lora_method_strategy`` refuses those combinations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from client.fedsa import is_lora_b_part
+from client.hetero import HETERO_STRATEGIES, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS
+from client.scaffold import C_GLOBAL_RECORD, CONTROL_DTYPE, CONTROL_VARIATE_PARAM, DELTA_C_RECORD
+from federation.adapter import to_array_record
+from federation.compression import decode_upload
+from server.hetero import build_hetero_strategy, check_rank_plan, check_site_ranks  # noqa: F401 (re-exported)
+from server.strategy import LoraDeltaStrategy
+from strategies.aggregators import build_aggregator
+from strategies.fedavg import AdapterArrays, UpdateRejected, validate_update
+from strategies.lora_exact import LORA_B_SUFFIX
+from strategies.scaffold import server_control_update, zero_control
+
+log = logging.getLogger("fedtune.server")
+
+LORA_METHOD_STRATEGIES = (*HETERO_STRATEGIES, "scaffold", "fedsa_lora")
+# strategy.params read by the sites, not by the inner aggregator
+SITE_PARAMS = (PARAM_SITE_RANKS, PARAM_SITE_LOCAL_STEPS, CONTROL_VARIATE_PARAM)
+C_STATE_PREFIX = "scaffold.c."
+INNER_STATE_PREFIX = "inner."
+
+
+class ScaffoldAggregator:
+    """The inner aggregator for the adapter, plus the server control variate c (checkpointed with it)."""
+
+    supports_mixed_ranks = False
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.name = "scaffold"
+        self.c_global: AdapterArrays | None = None
+
+    def control(self, global_adapter: Mapping[str, np.ndarray]) -> AdapterArrays:
+        """The server control variate c (float64, adapter keys/shapes); zeros before the first round."""
+        if self.c_global is None:
+            self.c_global = zero_control(global_adapter)
+        return self.c_global
+
+    def aggregate(self, global_adapter, updates, weights, site_ids) -> AdapterArrays:
+        """The inner aggregator's new global adapter (SCAFFOLD's x update)."""
+        return self.inner.aggregate(global_adapter, updates, weights, site_ids)
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"scaffold.c.<adapter key>": c, "inner.<key>": inner aggregator state}."""
+        state = {INNER_STATE_PREFIX + key: value for key, value in self.inner.state_dict().items()}
+        for key, value in (self.c_global or {}).items():
+            state[C_STATE_PREFIX + key] = value
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore c and the inner aggregator's state."""
+        control = {key[len(C_STATE_PREFIX):]: np.asarray(value, np.float64)
+                   for key, value in state.items() if key.startswith(C_STATE_PREFIX)}
+        self.c_global = control or None
+        self.inner.load_state_dict({key[len(INNER_STATE_PREFIX):]: value for key, value in state.items()
+                                    if key.startswith(INNER_STATE_PREFIX)})
+
+
+def _without(msg: Message, key: str) -> Message:
+    return Message(content=RecordDict({k: v for k, v in msg.content.items() if k != key}), metadata=msg.metadata)
+
+
+class ScaffoldStrategy(LoraDeltaStrategy):
+    """LoraDeltaStrategy that sends c with the adapter and updates c from the accepted sites' delta_c."""
+
+    def __init__(self, aggregator: ScaffoldAggregator, *, num_sites_total: int, min_completed_clients: int = 1,
+                 **strategy_kwargs) -> None:
+        super().__init__(aggregator, **strategy_kwargs)
+        self.num_sites_total = int(num_sites_total)
+        self.min_completed_clients = int(min_completed_clients)
+        self.connected_nodes = 0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """LoraDeltaStrategy's messages with c added (one shared record)."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.connected_nodes = len(list(grid.get_node_ids()))
+        record = to_array_record(self.aggregator.control(self.current_global), CONTROL_DTYPE)
+        for message in messages:
+            message.content[C_GLOBAL_RECORD] = record
+        self.ledger(server_round).bytes_down += record.count_bytes() * len(messages)
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the deltas as LoraDeltaStrategy does; then c += sum of the accepted delta_c / N."""
+        c_global = self.aggregator.control(self.current_global)
+        ledger = self.ledger(server_round)
+        stripped, delta_cs, rejected, extra_bytes = [], {}, {}, {}
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                stripped.append(msg)
+                continue
+            try:
+                if DELTA_C_RECORD not in msg.content.array_records:
+                    raise UpdateRejected(f"SCAFFOLD reply without {DELTA_C_RECORD}")
+                record = msg.content[DELTA_C_RECORD]
+                delta_c = {key: np.asarray(value.numpy(), np.float64) for key, value in record.items()}
+                validate_update(delta_c, c_global)
+            except UpdateRejected as exc:
+                rejected[node] = f"control variate: {exc}"
+                continue
+            delta_cs[node] = delta_c
+            extra_bytes[node] = record.count_bytes()
+            stripped.append(_without(msg, DELTA_C_RECORD))
+        new_arrays, metrics = super().aggregate_train(server_round, stripped)
+        for node, reason in rejected.items():
+            ledger.rejected[node] = reason
+            log.warning("round %d: REJECTED update from node %d, not aggregated: %s", server_round, node, reason)
+        for node in ledger.accepted:
+            ledger.bytes_up += extra_bytes[node]
+            ledger.per_site[node]["bytes_up"] += extra_bytes[node]
+        if new_arrays is None or len(ledger.accepted) < self.min_completed_clients:
+            return None, None  # the round loop keeps the global adapter; c must not move without it
+        total = max(self.num_sites_total, self.connected_nodes, len(ledger.accepted))
+        self.aggregator.c_global = server_control_update(c_global, [delta_cs[n] for n in ledger.accepted], total)
+        return new_arrays, metrics
+
+
+class FedSALoraStrategy(LoraDeltaStrategy):
+    """LoraDeltaStrategy for uploads without lora_B: missing B deltas count as zero, so only A is averaged."""
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Refuse uploads that carry lora_B; zero-fill B; aggregate as LoraDeltaStrategy (upload bytes as sent)."""
+        ledger = self.ledger(server_round)
+        b_keys = [key for key in self.current_global if key.endswith(LORA_B_SUFFIX)]
+        filled, sent_bytes, refused = [], {}, {}
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error() or "arrays" not in msg.content.array_records:
+                filled.append(msg)
+                continue
+            record = msg.content["arrays"]
+            sent_bytes[node] = sum(r.count_bytes() for r in msg.content.array_records.values())
+            leaked = [key for key in record if is_lora_b_part(key)]
+            if leaked:
+                refused[node] = f"FedSA-LoRA keeps lora_B at the site, but the upload has lora_B parts {leaked[:2]}"
+                continue
+            try:
+                delta = decode_upload({key: value.numpy() for key, value in record.items()})
+            except Exception:  # malformed: LoraDeltaStrategy rejects it with the reason
+                filled.append(msg)
+                continue
+            zeros = {key: np.zeros(np.shape(self.current_global[key]), np.float32) for key in b_keys}
+            full = to_array_record({**delta, **zeros})  # plain float32 keys: decode_upload passes them through
+            filled.append(Message(content=RecordDict({**dict(msg.content.items()), "arrays": full}),
+                                  metadata=msg.metadata))
+        bytes_before = ledger.bytes_up
+        result = super().aggregate_train(server_round, filled)
+        ledger.bytes_up = bytes_before + sum(sent_bytes.values())
+        for node, site in ledger.per_site.items():
+            if node in sent_bytes:
+                site["bytes_up"] = sent_bytes[node]
+        for node, reason in refused.items():
+            ledger.rejected[node] = reason
+            log.warning("round %d: REJECTED update from node %d: %s", server_round, node, reason)
+        return result
+
+
+def _strategy_kwargs(cfg: Any) -> dict[str, Any]:
+    s = cfg.strategy
+    return dict(fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
+                min_train_nodes=s.min_train_clients, min_evaluate_nodes=s.min_evaluate_clients,
+                min_available_nodes=s.min_available_clients)
+
+
+def build_lora_method_strategy(cfg: Any) -> LoraDeltaStrategy:
+    """The strategy for cfg.strategy.name in LORA_METHOD_STRATEGIES (flora, flexlora, scaffold, fedsa_lora)."""
+    s = cfg.strategy
+    if s.name not in LORA_METHOD_STRATEGIES:
+        raise ValueError(f"{s.name!r} is not one of {list(LORA_METHOD_STRATEGIES)}")
+    check_rank_plan(cfg)
+    if s.name in HETERO_STRATEGIES:
+        return build_hetero_strategy(cfg)
+    if cfg.privacy.secagg.enabled or cfg.privacy.central.enabled:
+        raise ValueError(f"strategy {s.name!r} needs per-site extras (SCAFFOLD: delta_c; FedSA-LoRA: B-free "
+                         "uploads): privacy.secagg and privacy.central are not supported with it")
+    inner_name = s.aggregator if s.aggregator and s.aggregator != s.name else "fedavg"
+    inner = build_aggregator(inner_name, {k: v for k, v in (s.params or {}).items() if k not in SITE_PARAMS})
+    if s.name == "scaffold":
+        if cfg.privacy.local_dp_sgd.enabled:
+            raise ValueError("strategy 'scaffold' cannot run with privacy.local_dp_sgd: the DP-SGD step does not "
+                             "apply the control-variate correction")
+        return ScaffoldStrategy(ScaffoldAggregator(inner), num_sites_total=cfg.federation.num_clients,
+                                min_completed_clients=cfg.federation.min_completed_clients, **_strategy_kwargs(cfg))
+    return FedSALoraStrategy(inner, **_strategy_kwargs(cfg))
