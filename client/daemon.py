@@ -32,9 +32,11 @@ log = logging.getLogger("fedtune.site")
 DEFAULT_CLIENTAPPIO_PORT = 9094  # flower-supernode's own default for its local Runtime API
 DEFAULT_STOP_TIMEOUT_S = 10.0
 POLL_INTERVAL_S = 0.2
+DEFAULT_HEALTH_INTERVAL_S = 5.0
 OUTPUT_TAIL_LINES = 200
-# A crashed site cannot rejoin at once: the SuperLink refuses to activate a node it still counts as online,
-# i.e. until 2 missed heartbeats (Flower 1.41: 2 x 30 s) after the crash. Keep retrying a bit longer than that.
+# The SuperLink refuses to activate a node it still counts as online, i.e. for up to 2 missed heartbeats
+# (Flower 1.41: 2 x 30 s) after a crash. The daemon ends such a stale session itself when it knows the node id
+# (state_dir); otherwise it keeps retrying a bit longer than that.
 DEFAULT_REJOIN_TIMEOUT_S = 90.0
 DEFAULT_REJOIN_RETRY_S = 2.0
 # What flower-supernode prints when the SuperLink refuses to activate it ([code: 2004]): its key is not
@@ -91,6 +93,7 @@ class FlowerProcess:
         self.stop_timeout_s = stop_timeout_s
         self.process: subprocess.Popen | None = None
         self.stop_requested = False
+        self.unhealthy = False
         self.keep_output_tail = keep_output_tail
         # Last lines of its combined stdout/stderr (with keep_output_tail), to explain a failure.
         self.output_tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
@@ -138,14 +141,14 @@ class FlowerProcess:
             self.process.wait(timeout=self.stop_timeout_s)
         except subprocess.TimeoutExpired:
             log.warning("%s did not stop within %.0f s; killing it", self.argv[0], self.stop_timeout_s)
-        leftovers = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        leftovers = [p for p in tree if _is_alive(p)]
         for proc in leftovers:
             try:
                 proc.terminate()
             except psutil.NoSuchProcess:
                 pass
         _, alive = psutil.wait_procs(leftovers, timeout=self.stop_timeout_s)
-        for proc in alive + ([] if self.process.poll() is not None else [psutil.Process(self.process.pid)]):
+        for proc in alive:
             try:
                 proc.kill()
             except psutil.NoSuchProcess:
@@ -160,8 +163,12 @@ class FlowerProcess:
         """Whether `text` is in the last OUTPUT_TAIL_LINES lines of output (needs keep_output_tail)."""
         return any(text in line for line in list(self.output_tail))
 
-    def run_in_foreground(self) -> int:
-        """Start, wait until it exits or this process gets SIGINT/SIGTERM (then stop it); returns the exit code."""
+    def run_in_foreground(self, health_check: Callable[[], bool] | None = None,
+                          health_interval_s: float = DEFAULT_HEALTH_INTERVAL_S) -> int:
+        """Start, wait until it exits, this process gets SIGINT/SIGTERM or health_check() is False (then stop it).
+
+        Returns the exit code (0 after a requested stop); `unhealthy` says whether the health check stopped it.
+        """
 
         def request_stop(signum, _frame):
             log.info("received %s, stopping %s", signal.Signals(signum).name, Path(self.argv[0]).name)
@@ -171,13 +178,28 @@ class FlowerProcess:
         try:
             if self.process is None:
                 self.start()
+            next_check = time.monotonic() + health_interval_s
             while self.poll() is None and not self.stop_requested:
                 time.sleep(POLL_INTERVAL_S)
+                if health_check is not None and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + health_interval_s
+                    if self.poll() is None and not health_check():
+                        self.unhealthy = True
+                        break
             code = self.stop()
             return 0 if self.stop_requested else code
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def _is_alive(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def flower_executable(name: str) -> str:
@@ -375,7 +397,7 @@ def device_env(device: str) -> dict[str, str]:
 
 
 def supernode_command(cfg: SiteConfig) -> list[str]:
-    """Argv of flower-superNode for this site."""
+    """Argv of flower-supernode for this site."""
     argv = [flower_executable("flower-supernode"), "--superlink", cfg.coordinator,
             "--host", "127.0.0.1", "--port", str(cfg.clientappio_port),
             "--node-config", node_config(cfg)]

@@ -45,6 +45,7 @@ DEFAULT_CLI_TIMEOUT_S = 60.0
 READY_POLL_S = 0.25
 ALLOW_LIST_FILENAME = "allowed_supernodes.txt"
 SITES_FILENAME = "sites.json"
+SUPEREXEC_CHECK_S = 5.0
 # `flwr supernode register` answers this for a key that is registered already (e.g. after a restart
 # with the same --state-dir): not an error for us.
 ALREADY_REGISTERED = "Public key already in use"
@@ -102,6 +103,9 @@ class CoordinatorSettings:
     connection: str = DEFAULT_CONNECTION
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
     stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
+    # Flower's in-memory database instead of state_dir/superlink.db: registrations and run history are redone
+    # at every start (node ids change; sites re-activate by key), and nothing large goes through SQLite.
+    in_memory: bool = False
 
     @property
     def ca_cert(self) -> Path:
@@ -151,9 +155,10 @@ def superlink_command(settings: CoordinatorSettings) -> list[str]:
     """Argv of flower-superlink: TLS + SuperNode auth unless insecure, persistent database, no dependency installs."""
     state_dir = Path(settings.state_dir).resolve()
     argv = [flower_executable("flower-superlink"), "--host", settings.host, "--port", str(settings.port),
-            "--database", str(state_dir / "superlink.db"),
             # Offline: run the app in this environment instead of `uv sync`-ing its dependencies per run.
             "--disable-runtime-dependency-installation"]
+    if not settings.in_memory:
+        argv += ["--database", str(state_dir / "superlink.db")]
     if settings.insecure:
         return argv + ["--insecure"]
     certs = Path(settings.certs_dir).resolve()
@@ -165,6 +170,7 @@ def wait_until_ready(settings: CoordinatorSettings, superlink: FlowerProcess) ->
     """Poll the SuperLink's /health endpoint (TLS-verified against the CA) until it answers 200."""
     import httpx
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per probe otherwise
     scheme, verify = ("http", False) if settings.insecure else ("https", str(settings.ca_cert.resolve()))
     url = f"{scheme}://{settings.local_address}/health"
     deadline = time.monotonic() + settings.startup_timeout_s
@@ -202,7 +208,8 @@ def register_sites(settings: CoordinatorSettings, allowed: dict, flwr_home: Path
 
     state_dir = Path(settings.state_dir)
     sites_path = state_dir / SITES_FILENAME
-    known = _read_sites(sites_path)
+    # A fresh in-memory SuperLink knows no one: register everybody again.
+    known = {} if settings.in_memory else _read_sites(sites_path)
     keys_dir = state_dir / "registered-keys"
     keys_dir.mkdir(parents=True, exist_ok=True)
     for name, entry in list(known.items()):
@@ -250,6 +257,21 @@ def run_coordinator(settings: CoordinatorSettings) -> int:
     flwr_home = state_dir / "flwr"
     write_flower_config(flwr_home, settings.connection, settings.local_address,
                         None if settings.insecure else settings.ca_cert, insecure=settings.insecure)
+    while True:
+        superlink = start_superlink(settings, allowed, flwr_home)
+        code = superlink.run_in_foreground(health_check=lambda: _superexec_running(superlink),
+                                           health_interval_s=SUPEREXEC_CHECK_S)
+        if not superlink.unhealthy:
+            return code
+        # Seen under heavy load with a file database (flwr 1.41): a SQLite "database is locked" answer makes
+        # the SuperExec exit, after which no run can start, and the running ServerApp dies with it.
+        log.error("Flower's SuperExec (it starts every ServerApp) died; the running run, if any, is lost: "
+                  "launch it again with federation.resume=true. Restarting the SuperLink.")
+
+
+def start_superlink(settings: CoordinatorSettings, allowed: dict, flwr_home: Path) -> FlowerProcess:
+    """Start flower-superlink, wait until it answers, register the allow-list; returns the running process."""
+    state_dir = Path(settings.state_dir)
     superlink = FlowerProcess(superlink_command(settings), env=flower_env(
         state_dir / "superlink-home", {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}),
         cwd=state_dir, stop_timeout_s=settings.stop_timeout_s)
@@ -260,12 +282,31 @@ def run_coordinator(settings: CoordinatorSettings) -> int:
             sites = register_sites(settings, allowed, flwr_home)
             log.info("coordinator ready on %s:%s with %d registered sites: %s", settings.host, settings.port,
                      len(sites), ", ".join(f"{n} (node {e['node_id']})" for n, e in sorted(sites.items())))
+        else:
+            log.info("coordinator ready on %s:%s", settings.host, settings.port)
         log.info("launch a run with: FLWR_HOME=%s fedtune launch --connection %s [overrides]",
                  flwr_home.resolve(), settings.connection)
     except BaseException:
         superlink.stop()
         raise
-    return superlink.run_in_foreground()
+    return superlink
+
+
+def _superexec_running(superlink: FlowerProcess) -> bool:
+    import psutil
+
+    try:
+        children = psutil.Process(superlink.process.pid).children()
+    except psutil.NoSuchProcess:
+        return True  # the SuperLink itself exited; run_in_foreground handles that
+    for child in children:
+        try:
+            # A dead SuperExec stays a zombie child of the SuperLink, which never reaps it.
+            if child.status() != psutil.STATUS_ZOMBIE and "flower-superexec" in " ".join(child.cmdline()):
+                return True
+        except psutil.NoSuchProcess:
+            continue
+    return False
 
 
 def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
@@ -278,6 +319,8 @@ def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
                         help="database, registered sites and the ServerApp's working directory")
     parser.add_argument("--allow-list", type=Path, help=f"site public keys (default: CERTS/{ALLOW_LIST_FILENAME})")
     parser.add_argument("--connection", default=DEFAULT_CONNECTION, help="name of the `flwr` connection it writes")
+    parser.add_argument("--in-memory", action="store_true",
+                        help="keep Flower's database in memory (registrations are redone at each start)")
     parser.add_argument("--insecure", action="store_true",
                         help="NO TLS and NO site authentication (local tests only)")
 
@@ -285,7 +328,8 @@ def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
 def coordinator_main(args: argparse.Namespace) -> int:
     """`fedtune coordinator ...`."""
     settings = CoordinatorSettings(certs_dir=args.certs, host=args.host, port=args.port, state_dir=args.state_dir,
-                                   insecure=args.insecure, allow_list=args.allow_list, connection=args.connection)
+                                   insecure=args.insecure, allow_list=args.allow_list, connection=args.connection,
+                                   in_memory=args.in_memory)
     try:
         return run_coordinator(settings)
     except CoordinatorError as exc:

@@ -1,6 +1,6 @@
 """LoRA-delta transfer through a real TLS + node-auth SuperLink on loopback: `fedtune coordinator` + `fedtune site`.
 
-    python -m simulations.bench.transfer [--preset llama-8b] [--ranks 8 64] [--sites 2] [--out result.json]
+    python -m simulations.bench.transfer [--preset llama-8b] [--ranks 8 64] [--sites 2] [--packed] [--out result.json]
 
 For each LoRA rank, the adapter of that preset at that rank (all-linear, PEFT key names and shapes, random
 float32 so Flower's content-addressed 5 MiB chunks cannot be deduplicated) goes from the ServerApp to every
@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -178,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="llama-8b", help="federation.model preset whose LoRA shapes are sent")
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 64], help="LoRA ranks to send, ascending")
     parser.add_argument("--sites", type=int, default=2, help="site daemons (each gets and returns the adapter)")
+    parser.add_argument("--packed", action="store_true",
+                        help="also send each adapter packed into one flat float32 array (same bytes, fewer objects)")
     parser.add_argument("--out", type=Path, help="also write the JSON result here")
+    parser.add_argument("--in-memory", action="store_true", help="coordinator --in-memory (no SQLite database)")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, credentials) in /tmp")
     args = parser.parse_args(argv)
 
     import psutil
@@ -196,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     (app / "transfer_bench_app.py").write_text(APP)
     adapters = {BASELINE_NAME: {"tiny.lora_A.weight": [1, 1024]}}
     for rank in args.ranks:
-        adapters[f"{args.preset} r={rank}"] = adapter_shapes(args.preset, rank)
+        shapes = adapter_shapes(args.preset, rank)
+        adapters[f"{args.preset} r={rank}"] = shapes
+        if args.packed:
+            # Flower sends every Array as its own object (+ 5 MiB chunks), one HTTPS request each.
+            adapters[f"{args.preset} r={rank} packed"] = {"packed": [sum(math.prod(s) for s in shapes.values())]}
     (app / "shapes.json").write_text(json.dumps({"sites": args.sites, "adapters": adapters}))
     data = work / "site.jsonl"
     data.write_text(json.dumps({"text": "unused by the benchmark app"}) + "\n")
@@ -208,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         procs.start("coordinator", [sys.executable, "-m", "simulations.cli", "coordinator", "--certs",
                                     str(work / "creds"), "--host", "127.0.0.1", "--port", str(port),
-                                    "--state-dir", str(work / "coordinator")])
+                                    "--state-dir", str(work / "coordinator")]
+                    + (["--in-memory"] if args.in_memory else []))
         procs.wait_for_log("coordinator", "coordinator ready")
         for site in sites:
             config = work / f"{site}.yaml"
@@ -237,10 +248,12 @@ def main(argv: list[str] | None = None) -> int:
             print(result.stdout[-5000:] + result.stderr[-5000:], file=sys.stderr)
             print(procs.log("coordinator")[-5000:], file=sys.stderr)
             return 1
+        rows = json.loads(out.read_text())
     finally:
         stop.set()
         procs.stop_all()
-    rows = json.loads(out.read_text())
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     baseline = next(r["round_trip_seconds"] for r in rows if r["name"] == BASELINE_NAME)
     for row in rows:
         row["transfer_seconds"] = row["round_trip_seconds"] - baseline
@@ -251,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "LoRA delta through flower-superlink (HTTPS, node auth) on 127.0.0.1, fedtune site daemons",
         "machine": machine_info(),
         "settings": {"preset": args.preset, "ranks": args.ranks, "sites": args.sites, "dtype": "float32",
+                     "superlink_database": "memory" if args.in_memory else "sqlite file",
                      "flwr_run_wall_seconds": wall,
                      "chunk_bytes": int(os.environ.get("FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE", 5242880))},
         "superlink_peak_rss_bytes": peak_rss.get("superlink"),

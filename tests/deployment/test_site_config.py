@@ -122,6 +122,32 @@ def test_superlink_uses_tls_and_node_auth_unless_insecure(tmp_path, creds):
     insecure = superlink_command(CoordinatorSettings(certs_dir=None, state_dir=tmp_path, insecure=True))
     assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
     assert not any(a.startswith("--ssl") for a in insecure)
+    assert "--database" not in superlink_command(CoordinatorSettings(certs_dir=creds, in_memory=True))
+
+
+def test_flower_process_stop_ends_detached_grandchildren(tmp_path):
+    import psutil
+
+    from client.daemon import FlowerProcess
+
+    # Like flower-superlink, the child detaches a grandchild into its own session.
+    pid_file = tmp_path / "grandchild.pid"
+    proc = FlowerProcess(["bash", "-c", f"setsid sleep 300 & echo $! > {pid_file}; wait"], stop_timeout_s=5)
+    proc.start()
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        pass
+    grandchild = psutil.Process(int(pid_file.read_text()))
+    proc.stop()
+    grandchild.wait(timeout=5)  # raises if it is still running
+    assert not grandchild.is_running()
+
+
+def test_flower_process_failed_health_check_stops_it():
+    from client.daemon import FlowerProcess
+
+    proc = FlowerProcess(["sleep", "300"], stop_timeout_s=5)
+    assert proc.run_in_foreground(health_check=lambda: False, health_interval_s=0.0) != 0
+    assert proc.unhealthy and proc.poll() is not None
 
 
 def test_coordinator_refuses_missing_server_key(tmp_path, creds):
