@@ -37,6 +37,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 import client.app as plain_client
 from client.app import RUN_CONFIG_KEY
+from client.hetero import dispatch_evaluate, dispatch_train, site_profile
 from federation.compression import decode_upload
 from federation.adapter import to_array_record
 from federation.privacy import clip_update
@@ -153,4 +154,7 @@ def make_secagg_app(train_fn: TrainFn = plain_client.train, evaluate_fn: TrainFn
     return app
 
 
-secagg_app = make_secagg_app()
+# The one ClientApp (pyproject's clientapp, simulations): plain and SecAgg+ train messages, evaluation,
+# FLoRA/FlexLoRA/SCAFFOLD/FedSA-LoRA (picked by the run config's strategy.name) and the site-profile query.
+secagg_app = make_secagg_app(dispatch_train, dispatch_evaluate)
+secagg_app.query()(site_profile)

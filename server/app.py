@@ -26,6 +26,7 @@ from federation.store import SERVER_STATE, GlobalAdapterStore, MetricsLog, read_
 from server.privacy import CentralDP
 from server.secagg import secagg_params_for_run, secure_train_round
 from server.report import plot_losses, summary_table
+from server.stateful import LORA_METHOD_STRATEGIES, build_lora_method_strategy, check_rank_plan, check_site_ranks
 from server.strategy import LoraDeltaStrategy
 from strategies.aggregators import build_aggregator
 from strategies.fedavg import UpdateRejected, validate_update
@@ -67,6 +68,9 @@ def sites_per_round(cfg: RunConfig) -> int:
 def build_strategy(cfg: RunConfig) -> LoraDeltaStrategy:
     """The Flower strategy for cfg.strategy (+ central DP when cfg.privacy.central.enabled)."""
     s = cfg.strategy
+    check_rank_plan(cfg)  # strategy.params.site_ranks mixing ranks under a one-rank strategy: MixedRanksError
+    if s.name in LORA_METHOD_STRATEGIES:  # flora, flexlora, scaffold, fedsa_lora: per-site messages and state
+        return build_lora_method_strategy(cfg)
     central_dp = None
     if cfg.privacy.central.enabled:
         central_dp = CentralDP(cfg.privacy.central, cfg.federation.num_clients, sites_per_round(cfg),
@@ -128,6 +132,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
     secagg = secagg_params_for_run(cfg, strategy)  # None unless privacy.secagg.enabled; refuses bad combos
     config = ConfigRecord({RUN_CONFIG_KEY: run_config_to_json(cfg)})
     timeout = cfg.federation.round_timeout_s
+    # A site whose node config asks for another LoRA rank than a one-rank strategy trains: fail before round 0.
+    check_site_ranks(grid, cfg, config, timeout)
 
     def checkpoint(server_round: int, adapter: dict) -> str:
         state = {"strategy": cfg.strategy.name, "python_random_state": list(random.getstate())}

@@ -6,7 +6,8 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import app as honest
-from federation.adapter import from_array_record, to_array_record
+from federation.adapter import to_array_record
+from federation.compression import decode_upload
 
 
 def make_attacking_client_app(attacker_partition_ids: set[int], scale: float) -> ClientApp:
@@ -18,7 +19,7 @@ def make_attacking_client_app(attacker_partition_ids: set[int], scale: float) ->
         reply = honest.train(msg, context)
         if int(context.node_config.get("partition-id", -1)) not in attacker_partition_ids:
             return reply
-        delta = from_array_record(reply.content["arrays"])
+        delta = decode_upload({k: v.numpy() for k, v in reply.content["arrays"].items()})
         corrupted = to_array_record({k: v * scale for k, v in delta.items()})
         return Message(content=RecordDict({"arrays": corrupted, "metrics": reply.content["metrics"]}),
                        reply_to=msg)
