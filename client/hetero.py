@@ -18,12 +18,14 @@ The hook adds one low-rank matmul pair per layer and works for the fp32 and the 
 FLoRA (``strategy=flora``): the frozen update is the sum of all aggregated rounds; the site keeps it in
 ``Context.state`` and receives only the rounds it has not merged yet (``FROZEN_FROM_KEY`` ..
 ``FROZEN_TO_KEY``, counted in aggregated rounds); its own LoRA is re-initialised by the coordinator
-every round. FlexLoRA (``strategy=flexlora``): the coordinator sends the site its rank-r_i SVD
+every round. FedEx-LoRA (``strategy=fedex_lora``, one rank everywhere): the frozen update is the sum of
+the rounds' residuals mean(s B_i A_i) - s mean(B) mean(A), kept and sent exactly as FLoRA's; the site's
+own LoRA is the FedAvg of the factors (not re-initialised). FlexLoRA (``strategy=flexlora``): the coordinator sends the site its rank-r_i SVD
 truncation of the global update as the trainable LoRA; for evaluation it sends the exact global
 update as a transient frozen part (nothing is stored).
 
 This module also holds the one dispatching ClientApp (``make_lora_methods_app``): it answers plain,
-SecAgg+, FLoRA, FlexLoRA, SCAFFOLD and FedSA-LoRA messages, picking the handler by the run config's
+SecAgg+, FLoRA, FlexLoRA, FedEx-LoRA, SCAFFOLD and FedSA-LoRA messages, picking the handler by the run config's
 ``strategy.name`` that every message carries, plus the site-profile query.
 """
 
@@ -53,6 +55,10 @@ from strategies.lora_exact import lora_pairs, lora_ranks
 log = logging.getLogger("fedtune.client")
 
 HETERO_STRATEGIES = ("flora", "flexlora")
+# One rank everywhere, but the exact global keeps a frozen part: FedEx-LoRA's accumulated residuals.
+FEDEX_STRATEGY = "fedex_lora"
+# Strategies whose sites train and evaluate under a frozen update (frozen_lora_update).
+FROZEN_UPDATE_STRATEGIES = (*HETERO_STRATEGIES, FEDEX_STRATEGY)
 # Node config keys (deployment) and strategy.params keys (simulation, one entry per partition).
 NODE_RANK_KEY = "lora-r"
 NODE_LOCAL_STEPS_KEY = "local-steps"
@@ -240,16 +246,16 @@ def _routed(msg: Message, context: Context) -> tuple[str, Message]:
     if name not in HETERO_STRATEGIES and settings.rank != run_rank:
         raise MixedRanksError(f"this site is configured for LoRA rank {settings.rank}, but strategy {name!r} "
                               f"trains rank {run_rank} at every site; use strategy=flora or strategy=flexlora")
-    if name not in (*HETERO_STRATEGIES, "scaffold", "fedsa_lora"):
+    if name not in (*FROZEN_UPDATE_STRATEGIES, "scaffold", "fedsa_lora"):
         return name, msg  # plain strategies run exactly as before
     site_config = site_run_config(run_config, settings, own_rank=name in HETERO_STRATEGIES)
     return name, with_run_config(msg, json.dumps(site_config, sort_keys=True))
 
 
 def dispatch_train(msg: Message, context: Context) -> Message:
-    """Train handler for every strategy: FLoRA/FlexLoRA, SCAFFOLD, FedSA-LoRA, else client.app.train."""
+    """Train handler for every strategy: FLoRA/FlexLoRA/FedEx-LoRA, SCAFFOLD, FedSA-LoRA, else client.app.train."""
     name, msg = _routed(msg, context)
-    if name in HETERO_STRATEGIES:
+    if name in FROZEN_UPDATE_STRATEGIES:
         return hetero_train(msg, context)
     if name == "scaffold":
         return scaffold_client.train(msg, context)
@@ -259,9 +265,9 @@ def dispatch_train(msg: Message, context: Context) -> Message:
 
 
 def dispatch_evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate handler for every strategy (FedSA-LoRA: the site's own B; FLoRA/FlexLoRA: the frozen global)."""
+    """Evaluate handler for every strategy (FedSA-LoRA: the site's own B; FLoRA/FlexLoRA/FedEx: the frozen global)."""
     name, msg = _routed(msg, context)
-    if name in HETERO_STRATEGIES:
+    if name in FROZEN_UPDATE_STRATEGIES:
         return hetero_evaluate(msg, context)
     if name == "fedsa_lora":
         return fedsa_client.evaluate(msg, context)

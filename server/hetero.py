@@ -31,7 +31,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from client.app import RUN_CONFIG_KEY
 from client.hetero import (FROZEN_ACCUMULATE, FROZEN_FROM_KEY, FROZEN_MODE_KEY, FROZEN_RECORD, FROZEN_TO_KEY,
-                           FROZEN_TRANSIENT, HETERO_STRATEGIES, METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS,
+                           FROZEN_TRANSIENT, FROZEN_UPDATE_STRATEGIES, HETERO_STRATEGIES, METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS,
                            METRIC_RANK, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS)
 from federation.adapter import from_array_record, to_array_record
 from server.strategy import LoraDeltaStrategy, decode_update, weighted_metrics
@@ -143,18 +143,24 @@ def fresh_lora_a(rank: int, in_features: int, rng: np.random.Generator) -> np.nd
 class HeteroLoraState:
     """The exact global update as stacked factors per LoRA layer; sits in the strategy's aggregator slot.
 
-    ``offsets[k]`` is the stacked rank after k merged updates (flora: aggregated rounds), so the rows
-    ``offsets[k]:`` of A (columns of B) are exactly the updates after the k-th.
+    ``offsets[k]`` is the stacked rank after k merged updates (flora, fedex_lora: aggregated rounds), so
+    the rows ``offsets[k]:`` of A (columns of B) are exactly the updates after the k-th. fedex_lora
+    (server.fedex) keeps its accumulated residuals here the same way.
     """
 
     supports_mixed_ranks = True
 
     def __init__(self, method: str) -> None:
-        if method not in HETERO_STRATEGIES:
-            raise ValueError(f"unknown heterogeneous-rank method {method!r}; valid: {list(HETERO_STRATEGIES)}")
+        if method not in FROZEN_UPDATE_STRATEGIES:
+            raise ValueError(f"unknown stacked-update method {method!r}; valid: {list(FROZEN_UPDATE_STRATEGIES)}")
         self.name = method
         self.factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # prefix -> (A (R, in), B (out, R))
         self.offsets: list[int] = [0]
+
+    @property
+    def accumulates(self) -> bool:
+        """True when each merge adds to the held updates (flora, fedex_lora); False when it replaces them."""
+        return self.name != "flexlora"
 
     @property
     def num_updates(self) -> int:
@@ -162,17 +168,17 @@ class HeteroLoraState:
         return len(self.offsets) - 1
 
     def merge(self, stacked: Mapping[str, np.ndarray]) -> None:
-        """flora: append the round's stacked factors; flexlora: replace the global with them."""
+        """flora, fedex_lora: append the round's stacked factors; flexlora: replace the global with them."""
         pairs = lora_pairs(stacked)
         added = 0
         for prefix, (a_key, b_key) in pairs.items():
             a, b = np.asarray(stacked[a_key], np.float64), np.asarray(stacked[b_key], np.float64)
-            if self.name == "flora" and prefix in self.factors:
+            if self.accumulates and prefix in self.factors:
                 a_old, b_old = self.factors[prefix]
                 a, b = np.concatenate([a_old, a], axis=0), np.concatenate([b_old, b], axis=1)
             self.factors[prefix] = (a, b)
             added = a.shape[0]
-        self.offsets = [*self.offsets, added] if self.name == "flora" else [0, added]
+        self.offsets = [*self.offsets, added] if self.accumulates else [0, added]
 
     def factors_since(self, start: int) -> AdapterArrays:
         """Stacked factors of the updates after the `start`-th ({prefix.lora_A.weight: (R', in), ...})."""
@@ -278,6 +284,14 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
             adapter[prefix + LORA_B_SUFFIX] = b.astype(np.float32)
         return adapter
 
+    def _evaluated(self, rank: int, dims: Mapping[str, tuple[int, int]]) -> AdapterArrays:
+        """The LoRA a site evaluates with: zero (B @ A = 0), so the frozen part alone is the global model."""
+        adapter: AdapterArrays = {}
+        for prefix, (in_features, out_features) in dims.items():
+            adapter[prefix + LORA_A_SUFFIX] = np.zeros((rank, in_features), np.float32)
+            adapter[prefix + LORA_B_SUFFIX] = np.zeros((out_features, rank), np.float32)
+        return adapter
+
     def _frozen(self, node: int, evaluate: bool) -> tuple[dict[str, Any], dict[str, ArrayRecord]]:
         """(config entries, records) carrying the frozen global update this node needs."""
         state = self.aggregator
@@ -301,11 +315,8 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
             rank = self.profiles[node].rank
             if message_type == MessageType.TRAIN:
                 adapter = self.sent[node] = self._trainable(server_round, node, dims)
-            else:  # the global model alone: the site's own LoRA contributes B @ A = 0
-                adapter = {}
-                for prefix, (in_features, out_features) in dims.items():
-                    adapter[prefix + LORA_A_SUFFIX] = np.zeros((rank, in_features), np.float32)
-                    adapter[prefix + LORA_B_SUFFIX] = np.zeros((out_features, rank), np.float32)
+            else:
+                adapter = self._evaluated(rank, dims)
             frozen_config, frozen_records = self._frozen(node, evaluate=message_type == MessageType.EVALUATE)
             content = RecordDict({"arrays": to_array_record(adapter, self.transport_dtype),
                                   "config": ConfigRecord({**dict(config), **frozen_config}), **frozen_records})
@@ -368,13 +379,18 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
             log.error("round %d: %d usable updates (< %d); global update unchanged", server_round,
                       len(local_adapters), max(self.min_completed_clients, 1))
             return None, None
+        export = self._merge_round(server_round, local_adapters, weights)
+        return to_array_record(export, self.transport_dtype), weighted_metrics(metric_rows, weights)
+
+    def _merge_round(self, server_round: int, local_adapters: Sequence[AdapterArrays],
+                     weights: Sequence[float]) -> AdapterArrays:
+        """Merge sum_i w_i s_i B_i A_i into the exact global; the round loop's next adapter (SVD export)."""
         ranks = [next(iter(lora_ranks(adapter).values())) for adapter in local_adapters]
         stacked = stack_lora_updates(local_adapters, weights, [self.scaling(r) for r in ranks], stacked_scaling=1.0)
         self.aggregator.merge(stacked)
         log.info("round %d: %s merged ranks %s (weights %s); global stacked rank %d", server_round, self.method,
                  ranks, weights, self.aggregator.offsets[-1])
-        export = self.aggregator.export(self.current_global, self.export_rank, self.scaling(self.export_rank))
-        return to_array_record(export, self.transport_dtype), weighted_metrics(metric_rows, weights)
+        return self.aggregator.export(self.current_global, self.export_rank, self.scaling(self.export_rank))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

@@ -1,5 +1,6 @@
 """Coordinator side of the LoRA methods that keep state beyond the global adapter: SCAFFOLD, FedSA-LoRA,
-and the entry point that builds any of them (plus FLoRA / FlexLoRA from server.hetero) by strategy name.
+and the entry point that builds any of them (plus FLoRA / FlexLoRA from server.hetero and FedEx-LoRA from
+server.fedex) by strategy name.
 
 SCAFFOLD (Karimireddy et al. 2020): the server control variate c rides along with the global adapter
 in every train message; sites reply with their delta and delta_c; c <- c + (1/N) sum_i delta_c_i with
@@ -28,10 +29,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from client.fedsa import is_lora_b_part
-from client.hetero import HETERO_STRATEGIES, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS
+from client.hetero import FEDEX_STRATEGY, HETERO_STRATEGIES, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS
 from client.scaffold import C_GLOBAL_RECORD, CONTROL_DTYPE, CONTROL_VARIATE_PARAM, DELTA_C_RECORD
 from federation.adapter import to_array_record
 from federation.compression import decode_upload
+from server.fedex import build_fedex_strategy
 from server.hetero import build_hetero_strategy, check_rank_plan, check_site_ranks  # noqa: F401 (re-exported)
 from server.strategy import LoraDeltaStrategy
 from strategies.aggregators import build_aggregator
@@ -41,7 +43,7 @@ from strategies.scaffold import server_control_update, zero_control
 
 log = logging.getLogger("fedtune.server")
 
-LORA_METHOD_STRATEGIES = (*HETERO_STRATEGIES, "scaffold", "fedsa_lora")
+LORA_METHOD_STRATEGIES = (*HETERO_STRATEGIES, FEDEX_STRATEGY, "scaffold", "fedsa_lora")
 # strategy.params read by the sites, not by the inner aggregator
 SITE_PARAMS = (PARAM_SITE_RANKS, PARAM_SITE_LOCAL_STEPS, CONTROL_VARIATE_PARAM)
 C_STATE_PREFIX = "scaffold.c."
@@ -195,13 +197,15 @@ def _strategy_kwargs(cfg: Any) -> dict[str, Any]:
 
 
 def build_lora_method_strategy(cfg: Any) -> LoraDeltaStrategy:
-    """The strategy for cfg.strategy.name in LORA_METHOD_STRATEGIES (flora, flexlora, scaffold, fedsa_lora)."""
+    """The strategy for cfg.strategy.name in LORA_METHOD_STRATEGIES (flora, flexlora, fedex_lora, scaffold, fedsa_lora)."""
     s = cfg.strategy
     if s.name not in LORA_METHOD_STRATEGIES:
         raise ValueError(f"{s.name!r} is not one of {list(LORA_METHOD_STRATEGIES)}")
     check_rank_plan(cfg)
     if s.name in HETERO_STRATEGIES:
         return build_hetero_strategy(cfg)
+    if s.name == FEDEX_STRATEGY:
+        return build_fedex_strategy(cfg)
     if cfg.privacy.secagg.enabled or cfg.privacy.central.enabled:
         raise ValueError(f"strategy {s.name!r} needs per-site extras (SCAFFOLD: delta_c; FedSA-LoRA: B-free "
                          "uploads): privacy.secagg and privacy.central are not supported with it")

@@ -1,0 +1,94 @@
+"""Coordinator side of FedEx-LoRA (Singhal et al. 2024): FedAvg of the factors plus the exact residual, every round.
+
+Every site trains the same rank r (scaling s = lora.alpha / r) from the global adapter (B̄, Ā). FedAvg
+of the factors alone gives s B̄' Ā', which is not the mean update s sum_i w_i B_i A_i; FedEx-LoRA adds
+the difference (the residual) to the frozen weight. The residual of a round is itself low rank:
+
+    residual = s sum_i w_i B_i A_i - s B̄' Ā' = [w_1 s B_1 | ... | w_k s B_k | -s B̄'] @ [A_1; ...; A_k; Ā']
+
+so the coordinator keeps the accumulated residuals as stacked factors (scaling 1) in the same
+``HeteroLoraState`` that holds FLoRA's global update, and sites add them through the same frozen
+forward hook (client.hetero.frozen_lora_update; never merged into a 4-bit weight, see there), receiving
+only the rounds they have not merged yet. The trainable adapter is the FedAvg (B̄', Ā') and keeps
+training from there (FLoRA re-initialises it). Every round, for every layer:
+
+    W0 + frozen residuals + s B̄ Ā == W0 + sum over rounds of the exact weighted mean update.
+
+The round loop's ``arrays`` (and the checkpointed adapter) is the FedAvg adapter; the strategy state
+holds the residuals, so the adapter alone is not the model (as for FLoRA). The residual rank grows by
+(k + 1) r per round and layer (k sites); nothing is truncated, so the merge stays exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from client.hetero import FEDEX_STRATEGY, PARAM_SITE_LOCAL_STEPS
+from server.hetero import HeteroLoraStrategy
+from strategies.fedavg import AdapterArrays, weighted_mean
+from strategies.lora_exact import lora_pairs, stack_lora_updates
+
+log = logging.getLogger("fedtune.server")
+
+
+def fedex_residual_factors(adapters: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float],
+                           scaling: float) -> tuple[AdapterArrays, AdapterArrays]:
+    """(FedAvg adapter, residual as stacked factors with scaling 1: A (k r + r, in), B (out, k r + r)).
+
+    B_res @ A_res == scaling * (sum_i w_i B_i A_i - mean(B) @ mean(A)) exactly (weights normalised).
+    """
+    averaged = weighted_mean(adapters, weights)
+    stacked = stack_lora_updates(adapters, weights, [scaling] * len(adapters), stacked_scaling=1.0)
+    residual: AdapterArrays = {}
+    for a_key, b_key in lora_pairs(averaged).values():
+        residual[a_key] = np.concatenate([stacked[a_key], np.asarray(averaged[a_key], np.float64)], axis=0)
+        residual[b_key] = np.concatenate([stacked[b_key], -scaling * np.asarray(averaged[b_key], np.float64)],
+                                         axis=1)
+    return averaged, residual
+
+
+class FedExLoraStrategy(HeteroLoraStrategy):
+    """HeteroLoraStrategy's messages and frozen-update bookkeeping; trainable = FedAvg, frozen += residual."""
+
+    def __init__(self, *, lora_alpha: float, rank: int, **kwargs: Any) -> None:
+        super().__init__(FEDEX_STRATEGY, lora_alpha=lora_alpha, export_rank=rank, **kwargs)
+
+    def _trainable(self, server_round: int, node: int, dims: Mapping[str, tuple[int, int]]) -> AdapterArrays:
+        """The global (FedAvg) adapter; every site trains it at the run's rank."""
+        return {key: np.asarray(value, np.float32) for key, value in self.current_global.items()}
+
+    def _evaluated(self, rank: int, dims: Mapping[str, tuple[int, int]]) -> AdapterArrays:
+        """The global (FedAvg) adapter: with the frozen residuals it is the exact global model."""
+        return {key: np.asarray(value, np.float32) for key, value in self.current_global.items()}
+
+    def _merge_round(self, server_round: int, local_adapters: Sequence[AdapterArrays],
+                     weights: Sequence[float]) -> AdapterArrays:
+        """Append the round's residual factors to the frozen update; the FedAvg adapter is the next global."""
+        averaged, residual = fedex_residual_factors(local_adapters, weights, self.scaling(self.export_rank))
+        self.aggregator.merge(residual)
+        log.info("round %d: fedex_lora averaged %d sites (weights %s); frozen residual rank %d", server_round,
+                 len(local_adapters), list(weights), self.aggregator.offsets[-1])
+        return {key: averaged[key].astype(np.asarray(value).dtype) for key, value in self.current_global.items()}
+
+
+def build_fedex_strategy(cfg: Any) -> FedExLoraStrategy:
+    """FedExLoraStrategy for cfg.strategy.name == "fedex_lora" (one LoRA rank, lora.r, at every site)."""
+    s = cfg.strategy
+    if cfg.privacy.secagg.enabled or cfg.privacy.central.enabled:
+        raise ValueError("strategy 'fedex_lora' needs each site's own factors: privacy.secagg and privacy.central "
+                         "are not supported with it")
+    if s.aggregator not in ("", FEDEX_STRATEGY):
+        raise ValueError(f"strategy 'fedex_lora' aggregates with FedEx-LoRA itself; strategy.aggregator must be "
+                         f"empty or 'fedex_lora', got {s.aggregator!r}")
+    unknown = sorted(set(s.params or {}) - {PARAM_SITE_LOCAL_STEPS})
+    if unknown:
+        raise ValueError(f"strategy 'fedex_lora' takes params {[PARAM_SITE_LOCAL_STEPS]}; unknown {unknown}")
+    return FedExLoraStrategy(
+        lora_alpha=cfg.lora.alpha, rank=cfg.lora.r, init_seed=cfg.lora.init_seed,
+        min_completed_clients=cfg.federation.min_completed_clients, query_timeout=cfg.federation.round_timeout_s,
+        fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate, min_train_nodes=s.min_train_clients,
+        min_evaluate_nodes=s.min_evaluate_clients, min_available_nodes=s.min_available_clients)
