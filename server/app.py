@@ -68,6 +68,8 @@ def sites_per_round(cfg: RunConfig) -> int:
 def build_strategy(cfg: RunConfig) -> LoraDeltaStrategy:
     """The Flower strategy for cfg.strategy (+ central DP when cfg.privacy.central.enabled)."""
     s = cfg.strategy
+    if s.name != "fedex_lora" and "fedex_lora" in (s.aggregator, str((s.params or {}).get("inner", ""))):
+        raise ValueError("aggregator 'fedex_lora' runs only as strategy=fedex_lora (its residual is applied there)")
     check_rank_plan(cfg)  # strategy.params.site_ranks mixing ranks under a one-rank strategy: MixedRanksError
     if s.name in LORA_METHOD_STRATEGIES:  # flora, flexlora, scaffold, fedsa_lora: per-site messages and state
         return build_lora_method_strategy(cfg)

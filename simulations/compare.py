@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 DEFAULT_STRATEGIES = ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ffa_lora", "median",
-                      "trimmed_mean", "multi_krum", "norm_bound", "scaffold", "fedsa_lora", "flora", "flexlora"]
+                      "trimmed_mean", "multi_krum", "norm_bound", "scaffold", "fedsa_lora", "flora", "flexlora",
+                      "fedex_lora"]
 
 
 def run_all(strategies: list[str], out: Path, overrides: list[str]) -> dict[str, list[float]]:
