@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -28,6 +29,21 @@ from federation.data import SiteDataset, load_site_files, load_site_split
 from federation.model import LoadInfo, build_lora_model
 
 log = logging.getLogger("fedtune.client")
+
+
+def _log_in_deployment() -> None:
+    """Show our INFO lines in a site daemon's output: Flower's ClientApp process sets up only the "flwr" logger."""
+    level = os.environ.get("FEDTUNE_LOG_LEVEL")  # set by client/daemon.py (fedtune site)
+    fedtune_log = logging.getLogger("fedtune")
+    if level and not fedtune_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fedtune_log.addHandler(handler)
+        fedtune_log.setLevel(level.upper())
+        fedtune_log.propagate = False
+
+
+_log_in_deployment()
 
 RUN_CONFIG_KEY = "fedtune.run-config"
 # Per-node state Flower keeps across rounds (Context.state): the site's DP-SGD accountant history.

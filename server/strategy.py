@@ -79,6 +79,10 @@ class LoraDeltaStrategy(FedAvg):
         self.privacy_reports: dict[int, dict] = {}
         self.current_global: dict[str, np.ndarray] = {}
         self.ledgers: dict[int, RoundLedger] = {}
+        # The train messages of the round in flight. Flower answers for an unreachable node itself
+        # ("Node Unavailable", src_node_id = the SuperLink's id), so replies are attributed to the node
+        # their request went to; Grid.push_messages fills metadata.message_id of these very objects.
+        self._sent: list[Message] = []
 
     def ledger(self, server_round: int) -> RoundLedger:
         """The round's participation record (created on first use)."""
@@ -89,6 +93,7 @@ class LoraDeltaStrategy(FedAvg):
         """Remember the global adapter the deltas will be relative to, then sample and send it."""
         self.current_global = from_array_record(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sent = messages
         ledger = self.ledger(server_round)
         ledger.sampled = [m.metadata.dst_node_id for m in messages]
         ledger.bytes_down += arrays.count_bytes() * len(messages)
@@ -99,8 +104,9 @@ class LoraDeltaStrategy(FedAvg):
         """Validate each delta on its own; aggregate the accepted ones into the next global adapter."""
         ledger = self.ledger(server_round)
         deltas, weights, site_ids, metric_rows = [], [], [], []
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent if m.metadata.message_id}
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if msg.has_error():
                 ledger.failed[node] = msg.error.reason
                 log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)

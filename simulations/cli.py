@@ -7,12 +7,12 @@ import logging
 import sys
 
 
-def _simulate(overrides: list[str]) -> int:
+def _simulate(overrides: list[str], engine: str = "ray") -> int:
     from federation.config import compose_config
     from simulations.simulate import simulate
 
     cfg = compose_config(overrides)
-    simulate(cfg)
+    simulate(cfg, engine=engine)
     return 0
 
 
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated QLoRA fine-tuning with Flower.")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a federation on this machine (hydra overrides: key=value ...)")
+    sim.add_argument("--engine", choices=["ray", "inprocess"], default="ray",
+                     help="ray: Flower's simulation engine; inprocess: same apps, sites one after another, no Ray")
     sim.add_argument("overrides", nargs="*", help="e.g. federation.num_clients=8 federation.rounds=3 strategy=fedavg")
     sub.add_parser("keys", help="CA, coordinator TLS certificate and per-site keys (see `fedtune keys --help`)")
     add_coordinator_arguments(sub.add_parser(
@@ -38,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     add_launch_arguments(sub.add_parser("launch", help="start a federation run on a running coordinator"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Flower's logger has its own console handler; propagating too would print every line twice.
+    logging.getLogger("flwr").propagate = False
     if args.command == "simulate":
-        return _simulate(args.overrides)
+        return _simulate(args.overrides, args.engine)
     if args.command == "coordinator":
         return coordinator_main(args)
     if args.command == "site":
