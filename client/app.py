@@ -136,19 +136,30 @@ def train(msg: Message, context: Context) -> Message:
     return train_reply(msg, context)
 
 
+def site_seed(cfg: RunConfig, server_round: int, context: Context) -> int:
+    """The seed of a site's data order in a round: a function of (seed, round, site) only, so reruns reproduce it."""
+    return cfg.train.seed * 1_000_003 + server_round * 1009 + _site_label(context)
+
+
 def train_reply(msg: Message, context: Context, before_step=None) -> Message:
     """The train handler; `before_step(params)` runs before every optimizer step (e.g. SCAFFOLD's correction)."""
     cfg, runtime, global_arrays, train_ds, _ = _prepare(msg, context)
     server_round = int(msg.content["config"].get("server-round", 0))
     trainer = make_trainer(runtime, cfg)
-    # Data order depends on (seed, round, site) only, so a rerun of a round reproduces it.
-    seed = cfg.train.seed * 1_000_003 + server_round * 1009 + _site_label(context)
+    seed = site_seed(cfg, server_round, context)
     extra_metrics = {}
     if cfg.privacy.local_dp_sgd.enabled:
         result, extra_metrics["dp-sgd-epsilon"] = _train_dp_sgd(trainer, train_ds, seed, cfg, context)
     else:
         result = trainer.train(train_ds, seed=seed, proximal_mu=cfg.strategy.proximal_mu, before_step=before_step)
     delta = adapter_delta(get_adapter_arrays(runtime.model), global_arrays)
+    return build_train_reply(msg, context, cfg, result, delta, extra_metrics)
+
+
+def build_train_reply(msg: Message, context: Context, cfg: RunConfig, result, delta: dict,
+                      extra_metrics: dict | None = None) -> Message:
+    """The reply to a train message: the encoded delta and the round's metrics (logged on the site)."""
+    server_round = int(msg.content["config"].get("server-round", 0))
     record = encode_delta(delta, cfg, context)
     log.info("round %d: trained on %d examples (%d steps, %d tokens, loss %.4f, %.0f tok/s); uploading %d bytes",
              server_round, result.num_examples, result.steps, result.input_tokens, result.train_loss,
@@ -163,7 +174,7 @@ def train_reply(msg: Message, context: Context, before_step=None) -> Message:
         "tokens-per-second": result.tokens_per_second,
         "peak-memory-bytes": result.peak_memory_bytes,
         "partition-id": _site_label(context),
-        **extra_metrics,
+        **(extra_metrics or {}),
     })
     return Message(content=RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)
 

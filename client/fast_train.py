@@ -86,6 +86,20 @@ def pack_sequences(examples: list[dict[str, torch.Tensor]], max_len: int, pad_to
 # -------------------------------------------------------------------------------------- chunked CE loss
 
 
+def _chunk_cross_entropy(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor,
+                         with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token CE of one chunk, h (c, d), weight (V, d), t (c,) -> (losses (c,) fp32, dCE/dlogits (c, V) or None)."""
+    logits = (h @ weight.t()).float()  # (c, V)
+    lse = torch.logsumexp(logits, dim=-1)
+    losses = lse - logits.gather(1, t[:, None])[:, 0]
+    if not with_grad:
+        return losses, None
+    # d(CE)/d(logits) = softmax - onehot, built in place in the logits buffer.
+    grad_logits = logits.sub_(lse[:, None]).exp_()
+    grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+    return losses, grad_logits
+
+
 class _LinearCrossEntropySum(torch.autograd.Function):
     """sum_i CE(hidden_i @ W^T, target_i); the gradient is computed chunk by chunk during the forward pass.
 
@@ -100,15 +114,9 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if compute_grad and ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]
-            t = targets[start:start + chunk_size]
-            logits = (h @ weight.t()).float()  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss_sum += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
-            if grad_hidden is None and grad_weight is None:
-                continue
-            # d(CE)/d(logits) = softmax - onehot, built in place in the logits buffer.
-            grad_logits = logits.sub_(lse[:, None]).exp_()
-            grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            losses, grad_logits = _chunk_cross_entropy(h, weight, targets[start:start + chunk_size],
+                                                       grad_hidden is not None or grad_weight is not None)
+            loss_sum += losses.sum()
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk_size] = grad_logits.to(weight.dtype) @ weight
             if grad_weight is not None:
@@ -128,6 +136,45 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         out_hidden = grad_hidden * grad_output.to(grad_hidden.dtype) if has_hidden else None
         out_weight = (grad_weight * grad_output).to(ctx.weight_dtype) if has_weight else None
         return out_hidden, out_weight, None, None, None
+
+
+class _LinearCrossEntropyPerToken(torch.autograd.Function):
+    """CE(hidden_i @ W^T, target_i) for every i, W frozen; dCE_i/dhidden_i is computed in the forward pass.
+
+    The backward scales row i of the stored gradient by the incoming grad_i, so a weighted sum of the
+    per-token losses (multi-adapter training: 1 / tokens of each token's client) costs no extra pass.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, compute_grad):  # noqa: D102
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if compute_grad and ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            chunk_losses, grad_logits = _chunk_cross_entropy(hidden[start:start + chunk_size], weight,
+                                                             targets[start:start + chunk_size], grad_hidden is not None)
+            losses[start:start + chunk_size] = chunk_losses
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk_size] = grad_logits.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0))
+        ctx.has_grad = grad_hidden is not None
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        (grad_hidden,) = ctx.saved_tensors
+        out_hidden = grad_hidden * grad_output[:, None].to(grad_hidden.dtype) if ctx.has_grad else None
+        return out_hidden, None, None, None, None
+
+
+def linear_cross_entropy_per_token(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                   chunk_size: int = DEFAULT_LOSS_CHUNK_TOKENS) -> torch.Tensor:
+    """Per-token CE losses (n,) fp32 of hidden (n, d) through a frozen head weight (V, d) against targets (n,)."""
+    if weight.requires_grad:
+        raise ValueError("linear_cross_entropy_per_token needs a frozen head weight (LoRA does not train lm_head)")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    compute_grad = torch.is_grad_enabled() and hidden.requires_grad
+    return _LinearCrossEntropyPerToken.apply(hidden, weight, targets, chunk_size, compute_grad)
 
 
 def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, target_ids: torch.Tensor,

@@ -212,6 +212,9 @@ class FederationConfig:
     resume: bool = False
     # A round whose accepted updates are fewer than this is not aggregated (global stays as it was).
     min_completed_clients: int = 1
+    # Simulation (inprocess engine): train up to N virtual clients of a round together, one forward/backward with
+    # each row routed through its own client's LoRA factors (client/multi_adapter.py); 1 = one after another.
+    clients_per_batch: int = 1
 
 
 @dataclass

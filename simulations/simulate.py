@@ -26,12 +26,18 @@ def simulate(cfg: RunConfig, engine: str = "ray") -> list[dict[str, Any]]:
 
     engine="ray": Flower's simulation engine (virtual SuperNodes in Ray actors).
     engine="inprocess": the same ServerApp loop and ClientApp, sites run one after another in this
-    process (no Ray: for machines without it, debugging and benchmarks).
+    process (no Ray: for machines without it, debugging and benchmarks), or federation.clients_per_batch
+    of them together (multi-adapter batched training, client/multi_adapter.py).
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # secagg_app answers plain train/evaluate messages exactly like client.app.app, plus SecAgg+ stages.
     from client.secagg import secagg_app as client_app
 
+    if cfg.federation.clients_per_batch < 1:
+        raise ValueError(f"federation.clients_per_batch must be >= 1, got {cfg.federation.clients_per_batch}")
+    if cfg.federation.clients_per_batch > 1 and engine != "inprocess":
+        raise ValueError("federation.clients_per_batch > 1 trains virtual clients together in one process: run it "
+                         "with --engine inprocess (Flower's Ray engine runs every virtual client on its own)")
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if engine == "inprocess":

@@ -1,0 +1,316 @@
+"""Multi-adapter batched training: the virtual clients of a round share one resident base and train together.
+
+Every LoRA layer of the resident peft model is rerouted to K stacked adapters, A (K, r, in) and B (K, out, r);
+row n of a batch goes through adapter ``row_adapter[n]`` (its factors gathered per row, one batched matmul), as
+in multi-LoRA training (mLoRA, Ye et al. 2023). Small per-client batches then share one forward/backward that
+fills the GPU. Nothing couples the clients, so each client's adapter is the one solo training gives:
+
+* the loss is sum_k L_k / tokens_k: the gradient of client k's factors is exactly its solo gradient;
+* gradient clipping is per client, with the formula of ``torch.nn.utils.clip_grad_norm_``;
+* AdamW is elementwise, so one AdamW over the stacked tensors is K independent AdamWs with one schedule;
+* each client's batches come from the solo trainer's own loader and seed (same data order).
+
+Equal up to floating-point summation order (tests/client/test_multi_adapter.py bounds it). LoRA dropout > 0
+draws other masks than a solo run (same distribution). Not supported, so left to solo training by
+``batchable``: DP-SGD (per-example clipping), SCAFFOLD's gradient correction, FedSA/FLoRA/FlexLoRA/FedEx site
+state, SecAgg+ messages, and clients of one group with different step counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Context, Message, MessageType
+
+from client.fast_train import FastLocalTrainer, causal_lm_parts, linear_cross_entropy_per_token, shift_labels
+from client.trainer import LocalTrainer, TrainResult, planned_steps
+from federation.adapter import ADAPTER_NAME, AdapterMismatch, check_adapter_keys, lora_parameters
+from federation.data import IGNORE_INDEX, SiteDataset
+
+log = logging.getLogger("fedtune.client")
+
+
+@dataclass
+class _StackedLayer:
+    module: torch.nn.Module
+    key_a: str
+    key_b: str
+    lora_a: torch.nn.Parameter  # (K, r, in)
+    lora_b: torch.nn.Parameter  # (K, out, r)
+    scaling: float
+
+
+class StackedLoRA:
+    """Context manager: the model's LoRA layers use K stacked adapters, row n of a batch adapter row_adapter[n]."""
+
+    def __init__(self, model: torch.nn.Module, initial: Mapping[str, np.ndarray], num_adapters: int):
+        from peft.tuners.lora import LoraLayer
+
+        if num_adapters < 1:
+            raise ValueError(f"num_adapters must be >= 1, got {num_adapters}")
+        self.num_adapters = num_adapters
+        self.row_adapter: torch.Tensor | None = None
+        live = lora_parameters(model)
+        check_adapter_keys(live, initial)
+        self.layers: list[_StackedLayer] = []
+        for name, module in model.named_modules():
+            if not isinstance(module, LoraLayer) or ADAPTER_NAME not in module.lora_A:
+                continue
+            if module.use_dora.get(ADAPTER_NAME) or getattr(module, "merged", False):
+                raise AdapterMismatch(f"{name}: DoRA or merged LoRA layers cannot be stacked")
+            key_a, key_b = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+            self.layers.append(_StackedLayer(module, key_a, key_b, self._stack(live[key_a], initial[key_a]),
+                                             self._stack(live[key_b], initial[key_b]),
+                                             float(module.scaling[ADAPTER_NAME])))
+        covered = {k for layer in self.layers for k in (layer.key_a, layer.key_b)}
+        if covered != set(live):
+            raise AdapterMismatch(f"LoRA parameters outside stackable layers: {sorted(set(live) - covered)[:3]}")
+
+    def _stack(self, live: torch.nn.Parameter, value: np.ndarray) -> torch.nn.Parameter:
+        start = torch.from_numpy(np.ascontiguousarray(value)).to(live.device, live.dtype)
+        stacked = start.unsqueeze(0).repeat(self.num_adapters, *([1] * start.dim())).contiguous()
+        return torch.nn.Parameter(stacked, requires_grad=live.requires_grad)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The stacked tensors that train (lora_A is frozen under FFA-LoRA)."""
+        return [p for layer in self.layers for p in (layer.lora_a, layer.lora_b) if p.requires_grad]
+
+    def adapter_arrays(self, index: int) -> dict[str, np.ndarray]:
+        """Adapter `index` as float32 numpy arrays under PEFT's saved keys (like federation.adapter.get_adapter_arrays)."""
+        out = {}
+        for layer in self.layers:
+            out[layer.key_a] = layer.lora_a[index].detach().float().cpu().numpy().copy()
+            out[layer.key_b] = layer.lora_b[index].detach().float().cpu().numpy().copy()
+        return out
+
+    def clip_grad_norm_per_adapter(self, max_norm: float) -> torch.Tensor:
+        """Clip each adapter's gradient to L2 norm max_norm as clip_grad_norm_ would alone; returns the norms (K,)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros(self.num_adapters)
+        squares = sum(g.float().pow(2).reshape(self.num_adapters, -1).sum(dim=1) for g in grads)
+        norms = squares.sqrt()
+        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+        return norms
+
+    def _forward(self, layer: _StackedLayer):
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            result = layer.module.base_layer(x, *args, **kwargs)
+            rows = self.row_adapter
+            if rows is None or rows.shape[0] != x.shape[0]:
+                raise RuntimeError("StackedLoRA.row_adapter must give one adapter index per batch row")
+            lora_a = layer.lora_a.index_select(0, rows)  # (N, r, in)
+            lora_b = layer.lora_b.index_select(0, rows)  # (N, out, r)
+            inputs = layer.module.lora_dropout[ADAPTER_NAME](x)
+            if not torch.is_autocast_enabled():  # as peft: the LoRA matmuls in the adapter's dtype
+                inputs = inputs.to(lora_a.dtype)
+            update = torch.matmul(torch.matmul(inputs, lora_a.transpose(1, 2)), lora_b.transpose(1, 2))
+            return result + (update * layer.scaling).to(result.dtype)
+
+        return forward
+
+    def __enter__(self) -> StackedLoRA:
+        for layer in self.layers:
+            layer.module.forward = self._forward(layer)  # an instance attribute shadows the class's forward
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer in self.layers:
+            layer.module.__dict__.pop("forward", None)
+
+
+def _pad_right(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    if tensor.shape[1] == width:
+        return tensor
+    pad = torch.full((tensor.shape[0], width - tensor.shape[1]), value, dtype=tensor.dtype)
+    return torch.cat([tensor, pad], dim=1)
+
+
+def combine_batches(batches: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Rows of every client's collated batch in one (N, T) batch plus row_adapter (N,) = which client a row is.
+
+    Takes the solo trainers' batches: padded (input_ids, attention_mask, labels) or packed (input_ids,
+    position_ids, target_ids). Returns input_ids, targets (shifted, -100 = no loss) and attention_mask or
+    position_ids. Right padding changes no real token's result: the causal mask (padded) or a separate
+    position-id segment (packed) keeps it out of every real token's attention.
+    """
+    width = max(b["input_ids"].shape[1] for b in batches)
+    packed = "target_ids" in batches[0]
+    out = {"input_ids": torch.cat([_pad_right(b["input_ids"], width, pad_token_id) for b in batches]),
+           "row_adapter": torch.cat([torch.full((b["input_ids"].shape[0],), k, dtype=torch.long)
+                                     for k, b in enumerate(batches)])}
+    if packed:
+        out["targets"] = torch.cat([_pad_right(b["target_ids"], width, IGNORE_INDEX) for b in batches])
+        positions = []
+        for b in batches:
+            tail = width - b["position_ids"].shape[1]
+            positions.append(torch.cat([b["position_ids"], torch.arange(tail).expand(b["position_ids"].shape[0], tail)],
+                                       dim=1))
+        out["position_ids"] = torch.cat(positions)
+    else:
+        out["targets"] = torch.cat([_pad_right(shift_labels(b["labels"]), width, IGNORE_INDEX) for b in batches])
+        out["attention_mask"] = torch.cat([_pad_right(b["attention_mask"], width, 0) for b in batches])
+    return out
+
+
+class MultiAdapterTrainer:
+    """Trains K clients' adapters from one start in one loop; `solo` supplies collation, data order and settings."""
+
+    def __init__(self, solo: LocalTrainer):
+        self.solo = solo
+        self.model = solo.model
+        self.cfg = solo.cfg
+        self.autocast_dtype = solo.autocast_dtype if isinstance(solo, FastLocalTrainer) else None
+        self.loss_chunk_tokens = solo.settings.loss_chunk_tokens if isinstance(solo, FastLocalTrainer) else 2048
+
+    def _token_losses(self, combined: dict[str, torch.Tensor], device: torch.device):
+        """(per-target-token CE (n,), the client of each target token (n,))."""
+        _, decoder, lm_head = causal_lm_parts(self.model)
+        kwargs = {"input_ids": combined["input_ids"].to(device), "use_cache": False}
+        if "position_ids" in combined:
+            kwargs.update(position_ids=combined["position_ids"].to(device), attention_mask=None)
+        else:
+            kwargs.update(attention_mask=combined["attention_mask"].to(device))
+        autocast = (torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+                    if self.autocast_dtype is not None and device.type == "cuda" else contextlib.nullcontext())
+        with autocast:
+            hidden = decoder(**kwargs).last_hidden_state
+        targets = combined["targets"].to(device).reshape(-1)
+        keep = (targets != IGNORE_INDEX).nonzero()[:, 0]
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep).to(lm_head.weight.dtype)
+        losses = linear_cross_entropy_per_token(selected, lm_head.weight, targets.index_select(0, keep),
+                                                self.loss_chunk_tokens)
+        row_of_token = keep // combined["targets"].shape[1]
+        return losses, combined["row_adapter"].to(device).index_select(0, row_of_token)
+
+    def train(self, datasets: Sequence[SiteDataset], seeds: Sequence[int], initial: Mapping[str, np.ndarray],
+              proximal_mu: float = 0.0) -> list[tuple[TrainResult, dict[str, np.ndarray]]]:
+        """Train one adapter per dataset from `initial`; returns (result, adapter arrays) per client, in order.
+
+        Client k's data order is the solo trainer's for seeds[k]; every client runs the same number of steps.
+        """
+        from transformers import get_cosine_schedule_with_warmup
+
+        from strategies.fedprox import proximal_term
+
+        if len(datasets) != len(seeds) or not datasets:
+            raise ValueError(f"need one seed per dataset, got {len(datasets)} datasets and {len(seeds)} seeds")
+        cfg, k_clients = self.cfg, len(datasets)
+        steps_each = {planned_steps(cfg, len(ds)) for ds in datasets}
+        if len(steps_each) != 1:
+            raise ValueError(f"clients trained together must run the same number of steps, got {sorted(steps_each)}")
+        steps = steps_each.pop()
+        device = next(p for p in self.model.parameters()).device
+        loaders = [self.solo._loader(ds, seed, cfg.batch_size, shuffle=True) for ds, seed in zip(datasets, seeds)]
+        iterators = [iter(loader) for loader in loaders]
+        loss_sum = torch.zeros(k_clients, dtype=torch.float64)
+        target_tokens = torch.zeros(k_clients, dtype=torch.long)
+        input_tokens = torch.zeros(k_clients, dtype=torch.long)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.model.train()
+        with StackedLoRA(self.model, initial, k_clients) as stacked:
+            params = stacked.parameters()
+            start_params = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
+            start = time.perf_counter()
+            for _ in range(steps):
+                micro = [[self._next(iterators, loaders, k) for _ in range(cfg.grad_accum)] for k in range(k_clients)]
+                step_tokens = torch.tensor([max(sum(self.solo._target_tokens(b) for b in batches), 1)
+                                            for batches in micro], dtype=torch.float32, device=device)
+                for j in range(cfg.grad_accum):
+                    combined = combine_batches([micro[k][j] for k in range(k_clients)], self.solo.pad_token_id)
+                    stacked.row_adapter = combined["row_adapter"].to(device)
+                    losses, client_of_token = self._token_losses(combined, device)
+                    # Each client's loss normalised by its own step's tokens: its gradient is the solo one.
+                    (losses * step_tokens.index_select(0, client_of_token).reciprocal()).sum().backward()
+                    loss_sum += torch.zeros(k_clients, dtype=torch.float64, device=device).index_add_(
+                        0, client_of_token, losses.detach().double()).cpu()
+                    target_tokens += torch.bincount(client_of_token, minlength=k_clients).cpu()
+                    for k in range(k_clients):
+                        input_tokens[k] += self.solo._input_tokens(micro[k][j])
+                if start_params is not None:
+                    proximal_term(params, start_params, proximal_mu).backward()
+                if cfg.max_grad_norm > 0:
+                    stacked.clip_grad_norm_per_adapter(cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+            stacked.row_adapter = None
+            out = []
+            total_input = max(int(input_tokens.sum()), 1)
+            for k, ds in enumerate(datasets):
+                # One wall clock for the group, shared out by input tokens, so the clients' seconds add up to it.
+                share = seconds * int(input_tokens[k]) / total_input
+                result = TrainResult(len(ds), steps, float(loss_sum[k]) / max(int(target_tokens[k]), 1),
+                                     int(target_tokens[k]), int(input_tokens[k]), share, peak)
+                out.append((result, stacked.adapter_arrays(k)))
+        return out
+
+    @staticmethod
+    def _next(iterators: list, loaders: list, k: int):
+        try:
+            return next(iterators[k])
+        except StopIteration:  # epoch boundary: a fresh pass from the same generator, as the solo loop does
+            iterators[k] = iter(loaders[k])
+            return next(iterators[k])
+
+
+# -------------------------------------------------------------------------------------- ClientApp side
+
+
+def batchable(msg: Message, context: Context) -> bool:
+    """True for a plain train message that multi-adapter training reproduces exactly (see the module docstring)."""
+    from client.app import RUN_CONFIG_KEY
+    from client.hetero import FROZEN_UPDATE_STRATEGIES, _routed
+    from client.secagg import LEGACY_FIT_PARAMETERS, RECORD_KEY_CONFIGS, _requires_secagg
+
+    if msg.metadata.message_type != MessageType.TRAIN or msg.has_error():
+        return False
+    content = msg.content
+    if LEGACY_FIT_PARAMETERS in content.array_records or RECORD_KEY_CONFIGS in content.config_records:
+        return False
+    if "config" not in content.config_records or RUN_CONFIG_KEY not in content["config"] or _requires_secagg(context):
+        return False
+    try:
+        name, _ = _routed(msg, context)
+    except ValueError:  # e.g. a site rank the strategy cannot use: the solo handler raises the clear error
+        return False
+    run = json.loads(str(content["config"][RUN_CONFIG_KEY]))
+    return (int(run["federation"].get("clients_per_batch", 1)) > 1
+            and name not in (*FROZEN_UPDATE_STRATEGIES, "scaffold", "fedsa_lora")
+            and not run["privacy"]["local_dp_sgd"]["enabled"])
+
+
+def train_replies(messages: Sequence[Message], contexts: Sequence[Context]) -> list[Message]:
+    """Replies to batchable train messages with one run config, trained together; each as client.app.train gives."""
+    from client.app import _prepare, build_train_reply, make_trainer, site_seed
+    from federation.adapter import adapter_delta
+
+    prepared = [_prepare(msg, ctx) for msg, ctx in zip(messages, contexts)]
+    cfg, runtime, global_arrays = prepared[0][0], prepared[0][1], prepared[0][2]
+    for other in prepared[1:]:
+        if other[0] != cfg or any(not np.array_equal(global_arrays[key], other[2][key]) for key in global_arrays):
+            raise ValueError("messages trained together must carry one run config and one global adapter")
+    rounds = [int(msg.content["config"].get("server-round", 0)) for msg in messages]
+    seeds = [site_seed(cfg, r, ctx) for r, ctx in zip(rounds, contexts)]
+    trainer = MultiAdapterTrainer(make_trainer(runtime, cfg))
+    results = trainer.train([p[3] for p in prepared], seeds, global_arrays, proximal_mu=cfg.strategy.proximal_mu)
+    log.info("round %d: %d virtual clients trained together in %.1fs", rounds[0], len(messages),
+             sum(r.seconds for r, _ in results))
+    return [build_train_reply(msg, ctx, cfg, result, adapter_delta(arrays, global_arrays))
+            for (result, arrays), msg, ctx in zip(results, messages, contexts)]

@@ -1,0 +1,188 @@
+"""Multi-adapter batched training gives every client the adapter that training it alone gives (fp32, CPU, tiny)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from client.fast_train import FastLocalTrainer, linear_cross_entropy_per_token
+from client.multi_adapter import MultiAdapterTrainer, StackedLoRA, combine_batches
+from client.trainer import LocalTrainer
+from federation.adapter import get_adapter_arrays, lora_parameters, set_adapter_arrays
+from federation.data import IGNORE_INDEX, load_site_split
+
+# fp32 on CPU: batched and solo gradients differ only in summation order (checked to GRAD_REL_TOL below). AdamW
+# divides by sqrt(v) + eps, which magnifies that rounding in coordinates whose gradient is near zero (peft starts
+# B at zero), so trained adapters are compared relative to the update's norm, below bf16's unit roundoff 2^-8.
+REL_TOL = 2.5e-3
+GRAD_REL_TOL = 1e-5
+
+
+def _setup(make_cfg, *overrides):
+    from federation.model import build_lora_model
+
+    cfg = make_cfg("federation.num_clients=3", "train.local_steps=3", "train.batch_size=3", *overrides)
+    model, tokenizer, _ = build_lora_model(cfg.model, cfg.lora)
+    datasets = [load_site_split(cfg.data, tokenizer, pid, 3)[0] for pid in range(3)]
+    return cfg, model, tokenizer, datasets
+
+
+def _solo_adapters(trainer, model, start, datasets, seeds, proximal_mu=0.0):
+    out = []
+    for ds, seed in zip(datasets, seeds):
+        set_adapter_arrays(model, start)
+        result = trainer.train(ds, seed=seed, proximal_mu=proximal_mu)
+        out.append((result, get_adapter_arrays(model)))
+    return out
+
+
+def _max_rel_update_error(batched: dict, solo: dict, start: dict) -> float:
+    """max over tensors of ||batched - solo|| / ||solo - start||: error relative to the update itself."""
+    worst = 0.0
+    for key in solo:
+        update = np.linalg.norm(solo[key].astype(np.float64) - start[key])
+        if update == 0:
+            assert np.array_equal(batched[key], solo[key]), key
+            continue
+        worst = max(worst, float(np.linalg.norm(batched[key].astype(np.float64) - solo[key]) / update))
+    return worst
+
+
+@pytest.mark.parametrize("fast_path", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("variant", ["plain", "clipped+fedprox+accum", "ffa"])
+def test_batched_clients_match_solo_training(make_cfg, fast_path, variant):
+    overrides = {"plain": [],
+                 # a clip far below the gradient norms: per-client clipping is active at every step
+                 "clipped+fedprox+accum": ["train.max_grad_norm=0.05", "train.grad_accum=2"],
+                 "ffa": ["strategy=ffa_lora"]}[variant]
+    cfg, model, tokenizer, datasets = _setup(make_cfg, f"train.fast_path={fast_path}", *overrides)
+    from client.app import configure_trainable
+
+    configure_trainable(model, cfg)
+    start = get_adapter_arrays(model)
+    solo_cls = FastLocalTrainer if fast_path else LocalTrainer
+    trainer = solo_cls(model, tokenizer.pad_token_id, cfg.train)
+    seeds = [11, 12, 13]
+    mu = 0.5 if variant.startswith("clipped") else 0.0
+    solo = _solo_adapters(trainer, model, start, datasets, seeds, mu)
+    set_adapter_arrays(model, start)
+    batched = MultiAdapterTrainer(trainer).train(datasets, seeds, start, proximal_mu=mu)
+
+    assert len(batched) == 3
+    for (b_result, b_arrays), (s_result, s_arrays) in zip(batched, solo):
+        assert _max_rel_update_error(b_arrays, s_arrays, start) < REL_TOL
+        assert b_result.steps == s_result.steps
+        assert b_result.target_tokens == s_result.target_tokens
+        assert b_result.input_tokens == s_result.input_tokens
+        assert b_result.train_loss == pytest.approx(s_result.train_loss, rel=1e-5)
+    # The three clients had different data, so their adapters differ: nothing was averaged in between.
+    some_b = next(k for k in start if ".lora_B." in k)
+    assert not np.allclose(batched[0][1][some_b], batched[1][1][some_b])
+    if variant == "ffa":
+        for _, arrays in batched:
+            assert all(np.array_equal(arrays[k], start[k]) for k in start if ".lora_A." in k)
+    # The model's own LoRA layers are untouched and back to peft's forward.
+    assert all(np.array_equal(v, start[k]) for k, v in get_adapter_arrays(model).items())
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_stacked_lora_routes_each_row_through_its_own_adapter(make_cfg):
+    """Row k of a batch under StackedLoRA gives the logits of the model with adapter k loaded."""
+    cfg, model, tokenizer, datasets = _setup(make_cfg)
+    start = get_adapter_arrays(model)
+    rng = np.random.default_rng(0)
+    adapters = [{k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) for k, v in start.items()} for _ in range(3)]
+    ids = torch.tensor([list(datasets[0][i]["input_ids"][:6]) for i in range(3)])
+    model.eval()
+    expected = []
+    with torch.no_grad():
+        for arrays in adapters:
+            set_adapter_arrays(model, arrays)
+            expected.append(model(input_ids=ids).logits)
+        set_adapter_arrays(model, start)
+        with StackedLoRA(model, start, 3) as stacked:
+            for layer in stacked.layers:
+                for k, arrays in enumerate(adapters):
+                    layer.lora_a[k].copy_(torch.from_numpy(arrays[layer.key_a]))
+                    layer.lora_b[k].copy_(torch.from_numpy(arrays[layer.key_b]))
+            rows = torch.tensor([2, 0, 1])
+            stacked.row_adapter = rows
+            routed = model(input_ids=ids).logits
+    for row, k in enumerate(rows.tolist()):
+        torch.testing.assert_close(routed[row], expected[k][row], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fast_path", [False, True], ids=["padded", "packed"])
+def test_batched_gradients_equal_each_clients_solo_gradient(make_cfg, fast_path):
+    """One batched backward of 3 clients' batches gives each client's stacked slice its solo gradient."""
+    cfg, model, tokenizer, datasets = _setup(make_cfg, f"train.fast_path={fast_path}")
+    rng = np.random.default_rng(1)
+    start = {k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) for k, v in get_adapter_arrays(model).items()}
+    solo = (FastLocalTrainer if fast_path else LocalTrainer)(model, tokenizer.pad_token_id, cfg.train)
+    batches = [solo._collate([ds[i] for i in range(3)]) for ds in datasets]
+    set_adapter_arrays(model, start)
+    expected = []
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        summed, tokens = solo._batch_loss_sum(batch)
+        (summed / tokens).backward()
+        expected.append({k: p.grad.clone() for k, p in lora_parameters(model).items()})
+    model.zero_grad(set_to_none=True)
+    multi = MultiAdapterTrainer(solo)
+    with StackedLoRA(model, start, 3) as stacked:
+        combined = combine_batches(batches, tokenizer.pad_token_id)
+        stacked.row_adapter = combined["row_adapter"]
+        losses, client_of_token = multi._token_losses(combined, torch.device("cpu"))
+        tokens = torch.bincount(client_of_token, minlength=3).float()
+        (losses / tokens[client_of_token]).sum().backward()
+        for layer in stacked.layers:
+            for k in range(3):
+                for key, grad in ((layer.key_a, layer.lora_a.grad[k]), (layer.key_b, layer.lora_b.grad[k])):
+                    err = float((grad - expected[k][key]).norm() / expected[k][key].norm())
+                    assert err < GRAD_REL_TOL, (key, k, err)
+
+
+def test_clients_with_different_step_counts_are_refused(make_cfg):
+    cfg, model, tokenizer, datasets = _setup(make_cfg, "train.local_epochs=1")
+    trainer = LocalTrainer(model, tokenizer.pad_token_id, cfg.train)
+    short = torch.utils.data.Subset(datasets[0], [0])
+    with pytest.raises(ValueError, match="same number of steps"):
+        MultiAdapterTrainer(trainer).train([datasets[1], short], [1, 2], get_adapter_arrays(model))
+
+
+def test_combine_batches_pads_rows_and_labels_each_with_its_client():
+    packed_a = {"input_ids": torch.tensor([[5, 6, 7]]), "position_ids": torch.tensor([[0, 1, 2]]),
+                "target_ids": torch.tensor([[6, 7, IGNORE_INDEX]])}
+    packed_b = {"input_ids": torch.tensor([[8], [9]]), "position_ids": torch.tensor([[0], [0]]),
+                "target_ids": torch.tensor([[IGNORE_INDEX], [IGNORE_INDEX]])}
+    out = combine_batches([packed_a, packed_b], pad_token_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0], [9, 0, 0]]
+    assert out["position_ids"].tolist() == [[0, 1, 2], [0, 0, 1], [0, 0, 1]]  # padding: its own segment
+    assert out["targets"].tolist() == [[6, 7, -100], [-100] * 3, [-100] * 3]
+    assert out["row_adapter"].tolist() == [0, 1, 1]
+    padded_a = {"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.tensor([[1, 1]]),
+                "labels": torch.tensor([[-100, 6]])}
+    padded_b = {"input_ids": torch.tensor([[8, 9, 4]]), "attention_mask": torch.tensor([[1, 1, 1]]),
+                "labels": torch.tensor([[-100, 9, 4]])}
+    out = combine_batches([padded_a, padded_b], pad_token_id=0)
+    assert out["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert out["targets"].tolist() == [[6, -100, -100], [9, 4, -100]]  # shifted as HF's loss shifts
+
+
+def test_per_token_cross_entropy_and_weighted_gradient_match_autograd():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(20, 8, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 20, (10,), generator=gen)
+    weights = torch.rand(10, generator=gen, dtype=torch.float64)
+    losses = linear_cross_entropy_per_token(hidden, weight, targets, chunk_size=3)
+    (losses * weights).sum().backward()
+    ours = hidden.grad.clone()
+    hidden.grad = None
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="none")
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(losses.double(), reference.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours, hidden.grad, rtol=1e-5, atol=1e-6)  # softmax in fp32
+    with pytest.raises(ValueError, match="frozen head"):
+        linear_cross_entropy_per_token(hidden, weight.clone().requires_grad_(), targets)
