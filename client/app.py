@@ -9,6 +9,7 @@ partition id).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -117,8 +118,20 @@ def configure_trainable(model, cfg: RunConfig) -> None:
         base.gradient_checkpointing_disable()
 
 
+_PARSED_RUN_CONFIGS: dict[str, RunConfig] = {}
+
+
+def parse_run_config(text: str) -> RunConfig:
+    """run_config_from_json, cached by text: its schema validation costs 20-60 ms and every message of a run repeats it."""
+    if text not in _PARSED_RUN_CONFIGS:
+        if len(_PARSED_RUN_CONFIGS) >= 8:  # a process serves one run at a time; keep the cache tiny
+            _PARSED_RUN_CONFIGS.clear()
+        _PARSED_RUN_CONFIGS[text] = run_config_from_json(text)
+    return copy.deepcopy(_PARSED_RUN_CONFIGS[text])  # callers may adjust their copy
+
+
 def _prepare(msg: Message, context: Context):
-    cfg = run_config_from_json(str(msg.content["config"][RUN_CONFIG_KEY]))
+    cfg = parse_run_config(str(msg.content["config"][RUN_CONFIG_KEY]))
     runtime = get_runtime(cfg)
     configure_trainable(runtime.model, cfg)
     global_arrays = from_array_record(msg.content["arrays"])

@@ -82,13 +82,14 @@ class StackedLoRA:
         """The stacked tensors that train (lora_A is frozen under FFA-LoRA)."""
         return [p for layer in self.layers for p in (layer.lora_a, layer.lora_b) if p.requires_grad]
 
-    def adapter_arrays(self, index: int) -> dict[str, np.ndarray]:
-        """Adapter `index` as float32 numpy arrays under PEFT's saved keys (like federation.adapter.get_adapter_arrays)."""
-        out = {}
+    def adapter_arrays(self) -> list[dict[str, np.ndarray]]:
+        """Every adapter as float32 numpy arrays under PEFT's saved keys (as federation.adapter.get_adapter_arrays)."""
+        # One device-to-host copy per stacked tensor, not one per client and tensor.
+        host = {}
         for layer in self.layers:
-            out[layer.key_a] = layer.lora_a[index].detach().float().cpu().numpy().copy()
-            out[layer.key_b] = layer.lora_b[index].detach().float().cpu().numpy().copy()
-        return out
+            host[layer.key_a] = layer.lora_a.detach().float().cpu().numpy()
+            host[layer.key_b] = layer.lora_b.detach().float().cpu().numpy()
+        return [{key: value[index].copy() for key, value in host.items()} for index in range(self.num_adapters)]
 
     def clip_grad_norm_per_adapter(self, max_norm: float) -> torch.Tensor:
         """Clip each adapter's gradient to L2 norm max_norm as clip_grad_norm_ would alone; returns the norms (K,)."""
@@ -251,14 +252,15 @@ class MultiAdapterTrainer:
             seconds = time.perf_counter() - start
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
             stacked.row_adapter = None
-            out = []
-            total_input = max(int(input_tokens.sum()), 1)
-            for k, ds in enumerate(datasets):
-                # One wall clock for the group, shared out by input tokens, so the clients' seconds add up to it.
-                share = seconds * int(input_tokens[k]) / total_input
-                result = TrainResult(len(ds), steps, float(loss_sum[k]) / max(int(target_tokens[k]), 1),
-                                     int(target_tokens[k]), int(input_tokens[k]), share, peak)
-                out.append((result, stacked.adapter_arrays(k)))
+            adapters = stacked.adapter_arrays()
+        out = []
+        total_input = max(int(input_tokens.sum()), 1)
+        for k, ds in enumerate(datasets):
+            # One wall clock for the group, shared out by input tokens, so the clients' seconds add up to it.
+            share = seconds * int(input_tokens[k]) / total_input
+            result = TrainResult(len(ds), steps, float(loss_sum[k]) / max(int(target_tokens[k]), 1),
+                                 int(target_tokens[k]), int(input_tokens[k]), share, peak)
+            out.append((result, adapters[k]))
         return out
 
     @staticmethod
@@ -298,19 +300,33 @@ def batchable(msg: Message, context: Context) -> bool:
 
 def train_replies(messages: Sequence[Message], contexts: Sequence[Context]) -> list[Message]:
     """Replies to batchable train messages with one run config, trained together; each as client.app.train gives."""
-    from client.app import _prepare, build_train_reply, make_trainer, site_seed
-    from federation.adapter import adapter_delta
+    from client.app import (RUN_CONFIG_KEY, build_train_reply, configure_trainable, get_runtime, make_trainer,
+                            parse_run_config, site_datasets, site_seed)
+    from federation.adapter import adapter_delta, from_array_record
 
-    prepared = [_prepare(msg, ctx) for msg, ctx in zip(messages, contexts)]
-    cfg, runtime, global_arrays = prepared[0][0], prepared[0][1], prepared[0][2]
-    for other in prepared[1:]:
-        if other[0] != cfg or any(not np.array_equal(global_arrays[key], other[2][key]) for key in global_arrays):
-            raise ValueError("messages trained together must carry one run config and one global adapter")
+    texts = {str(msg.content["config"][RUN_CONFIG_KEY]) for msg in messages}
+    if len(texts) != 1:
+        raise ValueError("messages trained together must carry one run config")
+    cfg = parse_run_config(texts.pop())
+    runtime = get_runtime(cfg)
+    configure_trainable(runtime.model, cfg)
+    global_arrays = from_array_record(messages[0].content["arrays"])
+    for msg in messages[1:]:
+        record = msg.content["arrays"]
+        # In-process messages of one round share the record; anything else is compared in full.
+        if any(record[key] is not messages[0].content["arrays"][key] for key in record) and not _same_arrays(
+                from_array_record(record), global_arrays):
+            raise ValueError("messages trained together must carry one global adapter")
+    datasets = [site_datasets(runtime, cfg, ctx)[0] for ctx in contexts]
     rounds = [int(msg.content["config"].get("server-round", 0)) for msg in messages]
     seeds = [site_seed(cfg, r, ctx) for r, ctx in zip(rounds, contexts)]
     trainer = MultiAdapterTrainer(make_trainer(runtime, cfg))
-    results = trainer.train([p[3] for p in prepared], seeds, global_arrays, proximal_mu=cfg.strategy.proximal_mu)
+    results = trainer.train(datasets, seeds, global_arrays, proximal_mu=cfg.strategy.proximal_mu)
     log.info("round %d: %d virtual clients trained together in %.1fs", rounds[0], len(messages),
              sum(r.seconds for r, _ in results))
     return [build_train_reply(msg, ctx, cfg, result, adapter_delta(arrays, global_arrays))
             for (result, arrays), msg, ctx in zip(results, messages, contexts)]
+
+
+def _same_arrays(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -96,3 +96,10 @@ def test_sites_with_their_own_rank_or_secagg_requirement_are_not_batched(make_cf
     evaluate_msg.metadata.__dict__["_message_type"] = MessageType.EVALUATE
     assert not batchable(evaluate_msg, ctx)
     assert json.loads(run_config_to_json(cfg))["federation"]["clients_per_batch"] == 4
+
+
+def test_ray_engine_refuses_batched_clients(make_cfg):
+    from simulations.simulate import simulate
+
+    with pytest.raises(ValueError, match="--engine inprocess"):
+        simulate(make_cfg("federation.clients_per_batch=2"), engine="ray")
