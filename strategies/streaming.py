@@ -3,17 +3,29 @@
 ``weighted_mean`` needs every site's update in memory at once (N adapters); here each update is
 added to a running sum and can be freed right after, so a coordinator holds one accumulator
 (float64: 2 float32 adapters' worth; float32: 1) plus a scratch buffer of one tensor.
+
+Updates may be numpy arrays or torch tensors of any float dtype, bfloat16 included (a zero-copy view
+of a bf16 upload's bytes). The float32/float64 sums run on torch's CPU kernels (torch views of the
+numpy sums): its dtype conversion and ``add_(alpha=w)`` are vectorised and multi-threaded, which
+is what makes the sum memory-bandwidth bound (BENCHMARKS.md: 2.5x faster than the numpy path).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import warnings
+
 import numpy as np
+import torch
 
 from strategies.fedavg import AdapterArrays, UpdateRejected
 
 ACCUMULATORS = ("float64", "float32", "kahan32")
+# Tensors are summed in groups of about this many elements (16 MB of float32 scratch): one concatenation,
+# one conversion and one add per group instead of per tensor, since an adapter has hundreds of small tensors
+# and per-call overhead, not memory bandwidth, would otherwise dominate.
+GROUP_ELEMENTS = 1 << 22
 
 
 class StreamingWeightedMean:
@@ -35,6 +47,8 @@ class StreamingWeightedMean:
         self.total_weight = 0.0
         self.count = 0
         self._scratch: list[np.ndarray] = []  # one tensor's worth, reused for every key and update
+        self._torch_scratch: torch.Tensor | None = None
+        self._staging: dict[torch.dtype, torch.Tensor] = {}
         self._finished = False
 
     def _check(self, update: Mapping[str, np.ndarray], weight: float) -> None:
@@ -55,13 +69,48 @@ class StreamingWeightedMean:
 
     def _start(self, update: Mapping[str, np.ndarray]) -> None:
         for key, value in update.items():
-            if not np.issubdtype(np.asarray(value).dtype, np.floating):
-                raise UpdateRejected(f"non-float dtype {np.asarray(value).dtype} for {key}")
-        self.sums = {key: np.zeros(np.shape(value), self.dtype) for key, value in update.items()}
+            if not _is_float(value):
+                raise UpdateRejected(f"non-float dtype {value.dtype} for {key}")
+        shapes = {key: tuple(np.shape(value)) for key, value in update.items()}
+        sizes = {key: int(np.prod(shape)) for key, shape in shapes.items()}
+        # One flat buffer; the per-key sums are views into it, in update order (so groups are contiguous).
+        self._flat = np.zeros(sum(sizes.values()), self.dtype)
+        self.sums, offset = {}, 0
+        for key in update:
+            self.sums[key] = self._flat[offset:offset + sizes[key]].reshape(shapes[key])
+            offset += sizes[key]
+        self._groups, keys, start, end = [], [], 0, 0
+        for key in update:
+            if keys and end - start + sizes[key] > GROUP_ELEMENTS:
+                self._groups.append((keys, start, end))
+                keys, start = [], end
+            keys.append(key)
+            end += sizes[key]
+        if keys:
+            self._groups.append((keys, start, end))
+        largest_group = max((e - s for _, s, e in self._groups), default=0)
+        self._torch_flat = torch.from_numpy(self._flat)
+        self._torch_scratch = torch.empty(largest_group, dtype=self._torch_flat.dtype)
+        self._staging: dict[torch.dtype, torch.Tensor] = {}
         if self.accumulator == "kahan32":
             self.compensation = {key: np.zeros_like(acc) for key, acc in self.sums.items()}
-        largest = max((acc.size for acc in self.sums.values()), default=0)
-        self._scratch = [np.empty(largest, self.dtype) for _ in range(2 if self.accumulator == "kahan32" else 1)]
+            largest = max((acc.size for acc in self.sums.values()), default=0)
+            self._scratch = [np.empty(largest, self.dtype) for _ in range(2)]
+
+    def _add_grouped(self, update: Mapping[str, np.ndarray], weight: float) -> None:
+        """flat += weight * update, a group of tensors at a time (concatenate, convert, one fused add)."""
+        with warnings.catch_warnings():  # read-only numpy inputs: torch warns, and we only read them
+            warnings.simplefilter("ignore", UserWarning)
+            for keys, start, end in self._groups:
+                parts = [_as_tensor(update[key]).reshape(-1) for key in keys]
+                dtype = parts[0].dtype if all(p.dtype == parts[0].dtype for p in parts) else self._torch_flat.dtype
+                if dtype not in self._staging:
+                    self._staging[dtype] = torch.empty(self._torch_scratch.numel(), dtype=dtype)
+                staged = torch.cat(parts, out=self._staging[dtype][:end - start]) if len(parts) > 1 else \
+                    parts[0].to(dtype)
+                if dtype != self._torch_flat.dtype:
+                    staged = self._torch_scratch[:end - start].copy_(staged)
+                self._torch_flat[start:end].add_(staged, alpha=weight)
 
     def add(self, update: Mapping[str, np.ndarray], weight: float) -> None:
         """sums += weight * update; keys and shapes must match the first update's (checked before anything is added)."""
@@ -69,15 +118,17 @@ class StreamingWeightedMean:
         self._check(update, weight)
         if not self.sums:
             self._start(update)
+        if self.accumulator != "kahan32":
+            self._add_grouped(update, weight)
+            self.total_weight += weight
+            self.count += 1
+            return
         w = self.dtype(weight)  # a numpy scalar, so w * u is computed in the accumulator's dtype
         for key, acc in self.sums.items():
-            value = np.asarray(update[key])
+            value = _as_numpy(update[key])
             # In-place into a reused scratch tensor: no adapter-sized temporaries (the scratch stays in cache).
             scaled = self._scratch[0][:acc.size].reshape(acc.shape)
             np.multiply(value, w, out=scaled)
-            if self.accumulator != "kahan32":
-                np.add(acc, scaled, out=acc)
-                continue
             comp = self.compensation[key]
             new_sum = self._scratch[1][:acc.size].reshape(acc.shape)
             np.subtract(scaled, comp, out=scaled)       # y = w u - c
@@ -100,5 +151,20 @@ class StreamingWeightedMean:
             np.divide(acc, self.total_weight, out=acc)
         self._finished = True
         self.compensation = {}
-        self._scratch = []
+        self._scratch, self._torch_scratch, self._staging = [], None, {}
         return self.sums
+
+
+def _is_float(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point()
+    return np.issubdtype(np.asarray(value).dtype, np.floating)
+
+
+def _as_tensor(value) -> torch.Tensor:
+    """A torch view of a numpy array (no copy) or the tensor itself."""
+    return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+
+
+def _as_numpy(value) -> np.ndarray:
+    return value.float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)

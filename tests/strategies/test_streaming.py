@@ -91,3 +91,18 @@ def test_refuses_bad_weights_and_empty_and_reuse():
     done.result()
     with pytest.raises(RuntimeError, match="already"):
         done.add({KEY_A: np.ones(2)}, 1.0)
+
+
+@pytest.mark.parametrize("accumulator", ["float32", "float64", "kahan32"])
+def test_bfloat16_tensor_updates_equal_their_float32_decoding(accumulator):
+    """A bf16 upload viewed as a torch tensor (no decode step) sums exactly like its float32 decoding."""
+    import torch
+
+    updates, weights = random_updates(5, seed=2)
+    as_bf16 = [{k: torch.from_numpy(v).to(torch.bfloat16) for k, v in u.items()} for u in updates]
+    decoded = [{k: v.float().numpy() for k, v in u.items()} for u in as_bf16]
+    out, ref = stream(as_bf16, weights, accumulator), stream(decoded, weights, accumulator)
+    for key in ref:
+        np.testing.assert_array_equal(out[key], ref[key])
+    with pytest.raises(UpdateRejected, match="non-float"):
+        StreamingWeightedMean(accumulator).add({KEY_A: torch.zeros(2, dtype=torch.int32)}, 1.0)
