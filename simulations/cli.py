@@ -1,4 +1,4 @@
-"""`fedtune` command line: simulate on one machine, or deploy (keys, coordinator, site, launch)."""
+"""`fedtune` command line: simulate on one machine, deploy (keys, coordinator, site, launch), or benchmark."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         from federation.pki import main as keys_main
 
         return keys_main(argv[1:])
+    if argv[:1] == ["bench"]:  # likewise the benchmark suite (simulations/bench/suite.py)
+        from simulations.bench.suite import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated QLoRA fine-tuning with Flower.")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a federation on this machine (hydra overrides: key=value ...)")
@@ -34,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="ray: Flower's simulation engine; inprocess: same apps, sites one after another, no Ray")
     sim.add_argument("overrides", nargs="*", help="e.g. federation.num_clients=8 federation.rounds=3 strategy=fedavg")
     sub.add_parser("keys", help="CA, coordinator TLS certificate and per-site keys (see `fedtune keys --help`)")
+    sub.add_parser("bench", help="the benchmark suite: tables + JSON (see `fedtune bench --help`)")
     add_coordinator_arguments(sub.add_parser(
         "coordinator", help="run the coordinator (Flower SuperLink, TLS + site authentication) in the foreground"))
     add_site_arguments(sub.add_parser("site", help="run a partner site (Flower SuperNode + fedtune ClientApp)"))

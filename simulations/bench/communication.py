@@ -157,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     for label, codec, error_feedback in CASES:
         if label not in wanted:
             continue
+        # Sites send fp32 and compressing_client_app applies the case's codec (with its own error feedback);
+        # the built-in default (bf16) would otherwise encode every upload twice.
         cfg = compose_config([f"output_dir={work / label.replace(' ', '_')}", f"model.cache_dir={work / 'models'}",
-                              *args.overrides])
+                              "federation.upload_codec=fp32", *args.overrides])
         if fp32_wire is None:
             adapter = starting_adapter(cfg)
             fp32_wire, fp32_payload = to_array_record(adapter).count_bytes(), 4 * sum(v.size for v in adapter.values())
