@@ -10,6 +10,9 @@ fp32    ``key`` (float32): unchanged, today's wire format       4
 bf16    ``key::bf16`` (uint16: upper half of the float32 bits)  2
 fp16    ``key::fp16`` (float16)                                 2
 int8    ``key::q`` (int8) + ``key::scale`` (float32)            1 (+4 per scale)
+int4    ``key::q4`` (uint8: two 4-bit codes per byte) +         0.5 + 4 / block (+4 per dim)
+        ``key::scale4`` (float32, one per block of elements)
+        + ``key::shape4`` (int32: block size, then shape)
 topk    ``key::idx`` (int32, flat) + ``key::val`` (float16,     6 * fraction (+8 for the shape)
         or uint16 = bf16 bits) + ``key::shape`` (int32)
 ======  =====================================================  ==============================
@@ -26,15 +29,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CODECS = ("fp32", "bf16", "fp16", "int8", "topk")
+CODECS = ("fp32", "bf16", "fp16", "int8", "int4", "topk")
 SEPARATOR = "::"
 INT8_LEVELS = 127  # symmetric int8: q in [-127, 127], so -x encodes as -q
+INT4_LEVELS = 7  # symmetric int4: q in [-7, 7], stored as q + 8 in a nibble (0 is never used)
 BF16_QUIET_NAN = np.uint16(0x7FC0)  # what torch.bfloat16 turns every NaN into
 FP16_MAX = float(np.finfo(np.float16).max)
 
 # suffix -> codec, for every part an encoded upload may hold
 _PART_CODEC = {"bf16": "bf16", "fp16": "fp16", "q": "int8", "scale": "int8", "idx": "topk", "val": "topk",
-               "shape": "topk"}
+               "shape": "topk", "q4": "int4", "scale4": "int4", "shape4": "int4"}
 
 
 # --------------------------------------------------------------------------- bfloat16 without a numpy dtype
@@ -100,7 +104,7 @@ def _encode_tensor(key: str, x: np.ndarray, codec: "UploadCodec") -> dict[str, n
     if codec.name == "fp16":
         _check_fp16_range(key, x)
         return {f"{key}::fp16": x.astype(np.float16)}
-    if codec.name in ("int8", "topk") and not np.all(np.isfinite(x)):
+    if codec.name in ("int8", "int4", "topk") and not np.all(np.isfinite(x)):
         # bf16/fp16 carry NaN/Inf to the coordinator, which rejects the update; these codecs would hide them.
         raise ValueError(f"{key}: non-finite values cannot be {codec.name}-encoded")
     if codec.name == "int8":
@@ -109,6 +113,8 @@ def _encode_tensor(key: str, x: np.ndarray, codec: "UploadCodec") -> dict[str, n
         # Divide by the float32 scale that is sent, so |x - q * scale| <= scale / 2 holds for the decoded value.
         q = np.rint(x.astype(np.float64) / _scale_broadcast(safe, x.ndim))
         return {f"{key}::q": np.clip(q, -INT8_LEVELS, INT8_LEVELS).astype(np.int8), f"{key}::scale": scale}
+    if codec.name == "int4":
+        return _encode_int4(key, x, codec.int4_block)
     # topk
     flat = x.reshape(-1)
     k = topk_count(flat.size, codec.topk_fraction)
@@ -122,6 +128,43 @@ def _encode_tensor(key: str, x: np.ndarray, codec: "UploadCodec") -> dict[str, n
         encoded_values = float32_to_bf16_bits(values)
     return {f"{key}::idx": idx.astype(np.int32), f"{key}::val": encoded_values,
             f"{key}::shape": np.asarray(x.shape, dtype=np.int32)}
+
+
+def _encode_int4(key: str, x: np.ndarray, block: int) -> dict[str, np.ndarray]:
+    """Blockwise absmax int4 (as bitsandbytes' 4-bit blocks, but symmetric): |x - decoded| <= scale / 2 per block."""
+    flat = x.reshape(-1).astype(np.float64)
+    blocks = math.ceil(flat.size / block) if flat.size else 0
+    padded = np.zeros(blocks * block)
+    padded[:flat.size] = flat
+    # float32 scales are what is sent, so quantize against exactly those
+    scale = (np.abs(padded.reshape(blocks, block)).max(axis=1) / INT4_LEVELS).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0).astype(np.float64)
+    q = np.clip(np.rint(padded.reshape(blocks, block) / safe[:, None]), -INT4_LEVELS, INT4_LEVELS).reshape(-1)
+    codes = (q + INT4_LEVELS + 1).astype(np.uint8)  # 1..15
+    if codes.size % 2:
+        codes = np.append(codes, np.uint8(INT4_LEVELS + 1))
+    packed = codes[0::2] | (codes[1::2] << 4)
+    return {f"{key}::q4": packed.astype(np.uint8), f"{key}::scale4": scale,
+            f"{key}::shape4": np.asarray((block, *x.shape), dtype=np.int32)}
+
+
+def _decode_int4(encoded: Mapping[str, np.ndarray], key: str) -> np.ndarray:
+    packed = _part(encoded, key, "q4", (np.uint8,))
+    scale = _part(encoded, key, "scale4", (np.float32,))
+    header = _part(encoded, key, "shape4", (np.int32,))  # block size, then the tensor's shape
+    if header.ndim != 1 or header.size < 1 or header[0] < 1 or np.any(header[1:] < 0):
+        raise ValueError(f"{key}::shape4: expected [block >= 1, *shape], got {header.tolist()}")
+    block, shape = int(header[0]), tuple(int(s) for s in header[1:])
+    size = math.prod(shape)
+    blocks = math.ceil(size / block)
+    if scale.shape != (blocks,) or packed.shape != ((blocks * block + 1) // 2,):
+        raise ValueError(f"{key}: int4 parts q4 {packed.shape}, scale4 {scale.shape} do not fit shape {list(shape)} "
+                         f"in blocks of {block}")
+    codes = np.empty(2 * packed.size, dtype=np.float32)
+    codes[0::2] = packed & 0x0F
+    codes[1::2] = packed >> 4
+    q = codes[:blocks * block].reshape(blocks, block) - (INT4_LEVELS + 1)
+    return (q * scale[:, None]).reshape(-1)[:size].astype(np.float32).reshape(shape)
 
 
 def _part(encoded: Mapping[str, np.ndarray], key: str, suffix: str, dtypes: tuple) -> np.ndarray:
@@ -151,6 +194,8 @@ def _decode_tensor(encoded: Mapping[str, np.ndarray], key: str, codec: str) -> n
         if scale.ndim != 1 or scale.size not in (1, rows):
             raise ValueError(f"{key}::scale: shape {scale.shape}, expected (1,) or ({rows},) for q of shape {q.shape}")
         return (q.astype(np.float32) * _scale_broadcast(scale, q.ndim)).astype(np.float32)
+    if codec == "int4":
+        return _decode_int4(encoded, key)
     idx = _part(encoded, key, "idx", (np.int32,))
     values = _part(encoded, key, "val", (np.float16, np.uint16))
     shape = _part(encoded, key, "shape", (np.int32,))
@@ -179,12 +224,16 @@ class UploadCodec:
     topk_values: str = "fp16"  # "fp16" (10-bit mantissa) | "bf16" (float32's range)
     # int8: one absmax scale per row (axis 0) instead of one per tensor.
     int8_per_row: bool = False
+    # int4: one absmax scale per this many consecutive elements (flattened); 64 as bitsandbytes' NF4 blocks.
+    int4_block: int = 64
 
     def __post_init__(self):
         if self.name not in CODECS:
             raise ValueError(f"unknown upload codec {self.name!r}; valid: {list(CODECS)}")
         if not 0.0 < self.topk_fraction <= 1.0:
             raise ValueError(f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
+        if self.int4_block < 1:
+            raise ValueError(f"int4_block must be >= 1, got {self.int4_block}")
         if self.topk_values not in ("fp16", "bf16"):
             raise ValueError(f"topk_values must be fp16 or bf16, got {self.topk_values!r}")
 

@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 from federation.adapter import from_array_record, to_array_record
 from federation.compression import decode_upload
 from strategies.fedavg import UpdateRejected, validate_update
+from strategies.streaming import StreamingWeightedMean
 
 log = logging.getLogger("fedtune.server")
 
@@ -104,6 +105,10 @@ class LoraDeltaStrategy(FedAvg):
         """Validate each delta on its own; aggregate the accepted ones into the next global adapter."""
         ledger = self.ledger(server_round)
         deltas, weights, site_ids, metric_rows = [], [], [], []
+        # Mean-based aggregators (FedAvg, server optimizers) take a running sum: each decoded delta is added
+        # and dropped, so the coordinator holds one float64 sum instead of every site's float32 delta.
+        streaming = StreamingWeightedMean("float64") if (
+            self.central_dp is None and hasattr(self.aggregator, "aggregate_mean")) else None
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent if m.metadata.message_id}
         for msg in replies:
             node = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
@@ -120,9 +125,13 @@ class LoraDeltaStrategy(FedAvg):
                 ledger.rejected[node] = str(exc)
                 log.warning("round %d: REJECTED update from node %d, not aggregated: %s", server_round, node, exc)
                 continue
-            # Kept in the decoded float32: aggregators accumulate in float64 themselves, and a float64 copy
-            # per site would double the coordinator's memory.
-            deltas.append(arrays)
+            # Otherwise kept in the decoded float32: aggregators accumulate in float64 themselves, and a
+            # float64 copy per site would double the coordinator's memory.
+            if streaming is not None:
+                streaming.add(arrays, float(num_examples))
+            else:
+                deltas.append(arrays)
+            del arrays
             weights.append(float(num_examples))
             site_ids.append(str(node))
             metric_rows.append(metrics)
@@ -131,10 +140,12 @@ class LoraDeltaStrategy(FedAvg):
                                      "bytes_up": upload}
         if ledger.missing:
             log.warning("round %d: no usable update from nodes %s", server_round, ledger.missing)
-        if not deltas:
+        if not ledger.accepted:
             log.error("round %d: no valid updates; global adapter unchanged", server_round)
             return None, None
-        if self.central_dp is not None:
+        if streaming is not None:
+            new_global = self.aggregator.aggregate_mean(self.current_global, streaming.result())
+        elif self.central_dp is not None:
             # The DP mean is uniform over sites by design (weights would change the sensitivity); the
             # aggregator then post-processes it (server optimizers keep the guarantee).
             noisy_mean, self.privacy_reports[server_round] = self.central_dp.aggregate(deltas)

@@ -108,7 +108,11 @@ class FedAvgAggregator:
     def aggregate(self, global_adapter, updates, weights, site_ids) -> AdapterArrays:
         """New global adapter = global + sum_i w_i delta_i / sum_i w_i."""
         _checked(self, global_adapter, updates, weights, site_ids)
-        return apply_delta(global_adapter, weighted_mean(updates, weights))
+        return self.aggregate_mean(global_adapter, weighted_mean(updates, weights))
+
+    def aggregate_mean(self, global_adapter, mean_delta) -> AdapterArrays:
+        """New global adapter from the sites' weighted mean delta (computed by the caller, e.g. streaming)."""
+        return apply_delta(global_adapter, mean_delta)
 
     def state_dict(self) -> dict[str, Any]:
         """Stateless: {}."""
@@ -130,7 +134,11 @@ class _ServerOptAggregator:
     def aggregate(self, global_adapter, updates, weights, site_ids) -> AdapterArrays:
         """New global adapter = optimizer.step(global, weighted mean of deltas)."""
         _checked(self, global_adapter, updates, weights, site_ids)
-        return self.optimizer.step(global_adapter, weighted_mean(updates, weights))
+        return self.aggregate_mean(global_adapter, weighted_mean(updates, weights))
+
+    def aggregate_mean(self, global_adapter, mean_delta) -> AdapterArrays:
+        """New global adapter = optimizer.step(global, the sites' weighted mean delta computed by the caller)."""
+        return self.optimizer.step(global_adapter, mean_delta)
 
     def state_dict(self) -> dict[str, Any]:
         """The server optimizer's flat state (step, moments)."""

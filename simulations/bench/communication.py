@@ -33,6 +33,8 @@ CASES: list[tuple[str, UploadCodec, bool]] = [
     ("fp16", UploadCodec("fp16"), True),
     ("int8", UploadCodec("int8"), True),
     ("int8-row", UploadCodec("int8", int8_per_row=True), True),
+    ("int4+EF", UploadCodec("int4"), True),
+    ("int4 no EF", UploadCodec("int4"), False),
     ("topk10+EF", UploadCodec("topk", topk_fraction=0.1), True),
     ("topk10 no EF", UploadCodec("topk", topk_fraction=0.1), False),
 ]

@@ -90,6 +90,40 @@ def test_int8_error_at_most_half_a_scale(per_row):
     assert encoded_nbytes(encoded) == FP32_BYTES // 4 + 4 * n_scales
 
 
+@pytest.mark.parametrize("block", [64, 7, 1000])
+def test_int4_error_at_most_half_a_block_scale_and_about_an_eighth_of_fp32(block):
+    d = delta(3)
+    d["odd.lora_B.weight"] = np.linspace(-1, 1, 33, dtype=np.float32)  # odd count: the last byte holds one code
+    encoded = encode_upload(d, UploadCodec("int4", int4_block=block))
+    out = decode_upload(encoded)
+    for key, value in d.items():
+        flat, scale = value.reshape(-1), encoded[f"{key}::scale4"]
+        assert scale.shape == (-(-flat.size // block),)
+        bound = np.repeat(scale, block)[:flat.size] / 2
+        assert np.all(np.abs(out[key].reshape(-1) - flat) <= bound + np.spacing(np.abs(flat)))
+        assert out[key].shape == value.shape and out[key].dtype == np.float32
+        assert encoded[f"{key}::q4"].dtype == np.uint8
+        blocks = -(-flat.size // block)
+        expected = (blocks * block + 1) // 2 + 4 * blocks + 4 * (1 + value.ndim)  # codes, scales, header
+        assert sum(encoded[f"{key}::{p}"].nbytes for p in ("q4", "scale4", "shape4")) == expected
+    if block == 64:  # on a realistic tensor: 0.5 byte per element + a float32 scale per 64 = 0.141 of fp32
+        big = np.ones((4096, 16), np.float32)
+        assert encoded_nbytes(encode_upload({KEY_B: big}, "int4")) / big.nbytes == pytest.approx(0.1406, abs=1e-3)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda e: e.__setitem__(f"{KEY_A}::q4", e[f"{KEY_A}::q4"][:-1]), "do not fit"),
+    (lambda e: e.__setitem__(f"{KEY_A}::scale4", np.ones(3, np.float32)), "do not fit"),
+    (lambda e: e.__setitem__(f"{KEY_A}::shape4", np.array([0, 8, 64], np.int32)), "block >= 1"),
+    (lambda e: e.__setitem__(f"{KEY_A}::q4", e[f"{KEY_A}::q4"].astype(np.int8)), "dtype int8"),
+])
+def test_decode_rejects_malformed_int4(mutate, message):
+    encoded = encode_upload(delta(), "int4")
+    mutate(encoded)
+    with pytest.raises(ValueError, match=message):
+        decode_upload(encoded)
+
+
 def test_int8_of_zeros_is_zeros():
     out = decode_upload(encode_upload({KEY_A: np.zeros((2, 3), np.float32)}, "int8"))
     np.testing.assert_array_equal(out[KEY_A], np.zeros((2, 3)))
@@ -161,7 +195,7 @@ def test_error_feedback_with_fp32_keeps_no_residual():
     assert ef.residual == {}
 
 
-@pytest.mark.parametrize("codec", ["bf16", "fp16", "int8", "topk"])
+@pytest.mark.parametrize("codec", ["bf16", "fp16", "int8", "int4", "topk"])
 def test_decode_names_the_key_of_a_missing_part(codec):
     encoded = encode_upload(delta(), codec)
     victim = sorted(k for k in encoded if k.startswith(KEY_B))[-1]
@@ -214,6 +248,10 @@ def test_lossy_codecs_refuse_non_finite_and_bad_params():
         UploadCodec("zstd")
     with pytest.raises(ValueError, match="topk_fraction"):
         UploadCodec("topk", topk_fraction=0.0)
+    with pytest.raises(ValueError, match=KEY_A):
+        encode_upload({KEY_A: np.array([np.inf, 1.0], np.float32)}, "int4")
+    with pytest.raises(ValueError, match="int4_block"):
+        UploadCodec("int4", int4_block=0)
 
 
 def test_encoded_upload_survives_a_flower_array_record():

@@ -55,6 +55,30 @@ def test_bad_updates_are_rejected_logged_and_never_aggregated(caplog):
     assert metrics["num-examples"] == 40
 
 
+@pytest.mark.parametrize("aggregator", ["fedavg", "fedadam"])
+def test_mean_based_aggregators_stream_and_match_the_all_in_memory_result(monkeypatch, aggregator):
+    """FedAvg/server optimizers get a running sum (no list of deltas), with the result of aggregate() on the list."""
+    import strategies.aggregators as aggregators
+
+    rng = np.random.default_rng(0)
+    deltas = [{KA: rng.standard_normal((1, 2)).astype(np.float32), KB: rng.standard_normal((2, 1)).astype(np.float32)}
+              for _ in range(5)]
+    counts = [10, 20, 5, 40, 25]
+    build = {"fedavg": aggregators.FedAvgAggregator, "fedadam": aggregators.FedAdamAggregator}[aggregator]
+    expected = build().aggregate(GLOBAL, deltas, [float(c) for c in counts], [str(i) for i in range(5)])
+
+    def no_list_mean(*args, **kwargs):
+        raise AssertionError("the streaming path must not build the list of deltas for weighted_mean")
+
+    monkeypatch.setattr(aggregators, "weighted_mean", no_list_mean)
+    s = LoraDeltaStrategy(build(), min_train_nodes=1, min_available_nodes=1)
+    s.current_global = {k: v.copy() for k, v in GLOBAL.items()}
+    arrays, _ = s.aggregate_train(1, [_train_reply(i + 1, d, n) for i, (d, n) in enumerate(zip(deltas, counts))])
+    new = from_array_record(arrays)
+    for key in GLOBAL:
+        np.testing.assert_allclose(new[key], expected[key], rtol=1e-6, atol=1e-7)
+
+
 def test_round_with_only_bad_updates_keeps_global():
     s = _strategy()
     nan = {KA: np.array([[np.nan, 0.0]], np.float32), KB: np.zeros((2, 1), np.float32)}
