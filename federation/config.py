@@ -203,7 +203,7 @@ class FederationConfig:
     evaluate_before_training: bool = True
     # Keep only the newest N round checkpoints (0 keeps all).
     keep_last_checkpoints: int = 0
-    # How sites encode their delta for upload: fp32 | bf16 | fp16 | int8 | topk (federation/compression.py).
+    # How sites encode their delta for upload: fp32 | bf16 | fp16 | int8 | int4 | topk (federation/compression.py).
     upload_codec: str = "bf16"
     upload_codec_params: dict[str, Any] = field(default_factory=dict)
     # Lossy codecs carry what they dropped into the next round (error feedback), kept in the node's state.
