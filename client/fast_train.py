@@ -42,12 +42,14 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[..., 1:], pad], dim=-1)
 
 
-def pack_sequences(examples: list[dict[str, torch.Tensor]], max_len: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+def pack_sequences(examples: list[dict[str, torch.Tensor]], max_len: int, pad_token_id: int,
+                   fixed_width: bool = False) -> dict[str, torch.Tensor]:
     """Pack examples ({"input_ids": (T_i,), "labels": (T_i,)}) into rows of <= max_len tokens, first-fit decreasing.
 
     Returns input_ids, position_ids, target_ids, each (R, T_max) long, and num_real_tokens (0-d), where target_ids is already shifted
     (target_ids[r, t] is the token predicted at position t; -100 = no loss). The tail of a shorter row is
     padding that forms its own position-id segment (it attends only to itself, and has no targets).
+    fixed_width pads every row to max_len, so every batch has width max_len (one shape for the kernels).
     """
     if not examples:
         raise ValueError("cannot pack an empty list of examples")
@@ -66,7 +68,7 @@ def pack_sequences(examples: list[dict[str, torch.Tensor]], max_len: int, pad_to
         else:
             rows.append([index])
             free.append(max_len - lengths[index])
-    width = max(max_len - space for space in free)
+    width = max_len if fixed_width else max(max_len - space for space in free)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     target_ids = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -272,6 +274,13 @@ class FastPathSettings:
     # path's peak), 2 = half (1.2-3x faster on H100, 2-3x the activation memory), 0 = none (fastest).
     checkpoint_every: int = 1
     compute_dtype: str = "bfloat16"
+    # cuDNN's fused attention builds an execution plan for every new sequence shape; packed variable-length
+    # batches have a new shape almost every step, so on an H100 it ran 2.4x slower than the memory-efficient
+    # kernel when cold (BENCHMARKS.md, "cold-process" table). Off by default: SDPA then picks flash/efficient.
+    cudnn_attention: bool = False
+    # Pad every packed row to pack_len: one width for all steps (fewer shapes for the kernels), at the cost of
+    # computing the padding; measured as marginal once cuDNN attention is off.
+    fixed_width: bool = False
 
 
 class FastLocalTrainer(LocalTrainer):
@@ -287,10 +296,15 @@ class FastLocalTrainer(LocalTrainer):
         quantized = is_quantized(model)
         self.autocast_dtype = getattr(torch, self.settings.compute_dtype) if quantized else None
         prepare_model_for_fast_training(model, self.autocast_dtype or torch.float32, self.settings.checkpoint_every)
+        if torch.cuda.is_available():
+            # Process-wide (a site's process trains only this model); a context manager would not cover the
+            # checkpointed layers' recompute, which runs later, during backward.
+            torch.backends.cuda.enable_cudnn_sdp(self.settings.cudnn_attention)
 
     def _collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         longest = max(len(ex["input_ids"]) for ex in examples)
-        return pack_sequences(examples, max(self.settings.pack_len, longest), self.pad_token_id)
+        return pack_sequences(examples, max(self.settings.pack_len, longest), self.pad_token_id,
+                              fixed_width=self.settings.fixed_width)
 
     def _batch_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         return packed_loss_sum(self.model, batch, self.settings.loss_chunk_tokens, self.autocast_dtype)

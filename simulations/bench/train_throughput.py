@@ -68,6 +68,7 @@ VARIANTS = [
     ("+bf16-frozen", True, "fast", "hf", "padded", 1),
     ("+chunked-ce", True, "fast", "chunked", "padded", 1),
     ("+packing", True, "fast", "chunked", "packed", 1),
+    ("+packing-fixed", True, "fast", "chunked", "packed-fixed", 1),  # diagnostic: every row padded to seq
     ("+ckpt-half", True, "fast", "chunked", "packed", 2),
     ("+no-ckpt", True, "fast", "chunked", "packed", 0),
 ]
@@ -140,8 +141,8 @@ def step_loss(model, examples, variant, seq: int, pad_id: int, autocast: bool):
     device = next(p for p in model.parameters()).device
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast and device.type == "cuda" else contextlib.nullcontext()
     real = sum(len(e["input_ids"]) for e in examples)
-    if batching == "packed":
-        packed = pack_sequences(examples, seq, pad_id)
+    if batching in ("packed", "packed-fixed"):
+        packed = pack_sequences(examples, seq, pad_id, fixed_width=batching == "packed-fixed")
         with ctx:
             summed, n = packed_loss_sum(model, packed)
         return summed / max(n, 1), summed, n, real
@@ -378,7 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-cudnn-attention", action="store_true",
+                        help="diagnostic: SDPA without the cuDNN backend (flash / memory-efficient kernels only)")
     args = parser.parse_args(argv)
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
