@@ -30,7 +30,7 @@ import torch
 from flwr.app import Context, Message, MessageType
 
 from client.fast_train import FastLocalTrainer, causal_lm_parts, linear_cross_entropy_per_token, shift_labels
-from client.trainer import LocalTrainer, TrainResult, planned_steps
+from client.trainer import LocalTrainer, TrainResult, elapsed_and_peak, planned_steps
 from federation.adapter import ADAPTER_NAME, AdapterMismatch, check_adapter_keys, lora_parameters
 from federation.data import IGNORE_INDEX, SiteDataset
 
@@ -247,10 +247,7 @@ class MultiAdapterTrainer:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - start
-            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+            seconds, peak = elapsed_and_peak(device, start)
             stacked.row_adapter = None
             adapters = stacked.adapter_arrays()
         out = []

@@ -59,6 +59,14 @@ def batch_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     return out.loss.float() * num_tokens, num_tokens
 
 
+def elapsed_and_peak(device: torch.device, start: float) -> tuple[float, int]:
+    """(seconds since `start` once the GPU has finished, peak GPU bytes since the last reset; 0 on CPU)."""
+    if device.type != "cuda":
+        return time.perf_counter() - start, 0
+    torch.cuda.synchronize(device)
+    return time.perf_counter() - start, torch.cuda.max_memory_allocated(device)
+
+
 def planned_steps(cfg: TrainConfig, num_examples: int) -> int:
     """Optimizer steps for one round: local_steps, or local_epochs over the data."""
     if cfg.local_epochs > 0:
@@ -144,10 +152,7 @@ class LocalTrainer:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+        seconds, peak = elapsed_and_peak(device, start)
         return TrainResult(len(dataset), steps, loss_sum / max(token_sum, 1), token_sum, input_tokens, seconds, peak)
 
     def train_dp_sgd(self, dataset: SiteDataset, seed: int, dp_cfg, total_steps: int,
