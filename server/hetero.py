@@ -34,9 +34,9 @@ from client.hetero import (FROZEN_ACCUMULATE, FROZEN_FROM_KEY, FROZEN_MODE_KEY, 
                            FROZEN_TRANSIENT, FROZEN_UPDATE_STRATEGIES, HETERO_STRATEGIES, METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS,
                            METRIC_RANK, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS)
 from federation.adapter import from_array_record, to_array_record
-from server.strategy import LoraDeltaStrategy, decode_update, weighted_metrics
+from server.strategy import LoraDeltaStrategy, weighted_metrics
 from strategies.aggregators import MixedRanksError
-from strategies.fedavg import AdapterArrays, UpdateRejected, validate_update
+from strategies.fedavg import AdapterArrays, UpdateRejected
 from strategies.lora_exact import LORA_A_SUFFIX, LORA_B_SUFFIX, lora_pairs, lora_ranks, non_lora_keys, \
     stack_lora_updates
 
@@ -333,7 +333,14 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
         ledger.sampled = sampled
         self.sent = {}
         nodes = self._profiles_for(grid, sampled, config, ledger.failed)
-        return self._messages(server_round, nodes, config, MessageType.TRAIN, ledger)
+        self._sent = self._messages(server_round, nodes, config, MessageType.TRAIN, ledger)
+        return self._sent
+
+    def _sent_adapter(self, node: int) -> AdapterArrays:
+        """The LoRA this node was sent this round (its delta's reference)."""
+        if node not in self.sent:
+            raise UpdateRejected("reply from a node that was not sent a LoRA this round")
+        return self.sent[node]
 
     def _note_reply(self, msg: Message) -> None:
         node = msg.metadata.src_node_id
@@ -347,34 +354,17 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Rebuild each site's factors (sent + delta); merge sum_i w_i s_i B_i A_i into the exact global."""
-        ledger = self.ledger(server_round)
-        local_adapters, weights, site_ids, metric_rows = [], [], [], []
+        replies = list(replies)
         for msg in replies:
-            node = msg.metadata.src_node_id
             self._note_reply(msg)
-            if msg.has_error():
-                ledger.failed[node] = msg.error.reason
-                log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)
-                continue
-            upload = sum(r.count_bytes() for r in msg.content.array_records.values())
-            ledger.bytes_up += upload
-            try:
-                if node not in self.sent:
-                    raise UpdateRejected("reply from a node that was not sent a LoRA this round")
-                delta, num_examples, metrics = decode_update(msg)
-                validate_update(delta, self.sent[node])
-            except UpdateRejected as exc:
-                ledger.rejected[node] = str(exc)
-                log.warning("round %d: REJECTED update from node %d, not aggregated: %s", server_round, node, exc)
-                continue
+        local_adapters, weights, site_ids, metric_rows = [], [], [], []
+        for node, delta, num_examples, metrics in self.accepted_updates(server_round, replies, self._sent_adapter):
             local_adapters.append({key: np.asarray(value, np.float64) + np.asarray(delta[key], np.float64)
                                    for key, value in self.sent[node].items()})
             weights.append(float(num_examples))
             site_ids.append(str(node))
             metric_rows.append(metrics)
-            ledger.accepted.append(node)
-            ledger.per_site[node] = {**{k: v for k, v in metrics.items() if not isinstance(v, list)},
-                                     "bytes_up": upload, METRIC_RANK: self.profiles[node].rank}
+            self.ledger(server_round).per_site[node][METRIC_RANK] = self.profiles[node].rank
         if len(local_adapters) < max(self.min_completed_clients, 1):
             log.error("round %d: %d usable updates (< %d); global update unchanged", server_round,
                       len(local_adapters), max(self.min_completed_clients, 1))

@@ -9,7 +9,7 @@ and a bad one is dropped, where Flower's consistency check would abort the whole
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,9 +80,8 @@ class LoraDeltaStrategy(FedAvg):
         self.privacy_reports: dict[int, dict] = {}
         self.current_global: dict[str, np.ndarray] = {}
         self.ledgers: dict[int, RoundLedger] = {}
-        # The train messages of the round in flight. Flower answers for an unreachable node itself
-        # ("Node Unavailable", src_node_id = the SuperLink's id), so replies are attributed to the node
-        # their request went to; Grid.push_messages fills metadata.message_id of these very objects.
+        # The train messages of the round in flight, to attribute replies (accepted_updates);
+        # Grid.push_messages fills metadata.message_id of these very objects.
         self._sent: list[Message] = []
 
     def ledger(self, server_round: int) -> RoundLedger:
@@ -100,15 +99,17 @@ class LoraDeltaStrategy(FedAvg):
         ledger.bytes_down += arrays.count_bytes() * len(messages)
         return messages
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate each delta on its own; aggregate the accepted ones into the next global adapter."""
+    def accepted_updates(self, server_round: int, replies: Iterable[Message],
+                         reference: Callable[[int], Mapping[str, np.ndarray]]
+                         ) -> Iterator[tuple[int, dict[str, np.ndarray], int, MetricRecord]]:
+        """(node, delta, example count, metrics) of each reply whose delta fits reference(node); the ledger notes
+        failures, rejections (logged, never yielded), upload bytes and the accepted sites.
+
+        reference(node) may raise UpdateRejected (e.g. a node that was sent nothing this round).
+        """
         ledger = self.ledger(server_round)
-        deltas, weights, site_ids, metric_rows = [], [], [], []
-        # Mean-based aggregators (FedAvg, server optimizers) take a running sum: each decoded delta is added
-        # and dropped, so the coordinator holds one float64 sum instead of every site's float32 delta.
-        streaming = StreamingWeightedMean("float64") if (
-            self.central_dp is None and hasattr(self.aggregator, "aggregate_mean")) else None
+        # Flower answers for an unreachable node itself (src_node_id = the SuperLink's id), so a reply is
+        # attributed to the node its request went to.
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent if m.metadata.message_id}
         for msg in replies:
             node = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
@@ -120,11 +121,27 @@ class LoraDeltaStrategy(FedAvg):
             ledger.bytes_up += upload
             try:
                 arrays, num_examples, metrics = decode_update(msg)
-                validate_update(arrays, self.current_global)
+                validate_update(arrays, reference(node))
             except UpdateRejected as exc:
                 ledger.rejected[node] = str(exc)
                 log.warning("round %d: REJECTED update from node %d, not aggregated: %s", server_round, node, exc)
                 continue
+            ledger.accepted.append(node)
+            ledger.per_site[node] = {**{k: v for k, v in metrics.items() if not isinstance(v, list)},
+                                     "bytes_up": upload}
+            yield node, arrays, num_examples, metrics
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate each delta on its own; aggregate the accepted ones into the next global adapter."""
+        ledger = self.ledger(server_round)
+        deltas, weights, site_ids, metric_rows = [], [], [], []
+        # Mean-based aggregators (FedAvg, server optimizers) take a running sum: each decoded delta is added
+        # and dropped, so the coordinator holds one float64 sum instead of every site's float32 delta.
+        streaming = StreamingWeightedMean("float64") if (
+            self.central_dp is None and hasattr(self.aggregator, "aggregate_mean")) else None
+        for node, arrays, num_examples, metrics in self.accepted_updates(server_round, replies,
+                                                                         lambda node: self.current_global):
             # Otherwise kept in the decoded float32: aggregators accumulate in float64 themselves, and a
             # float64 copy per site would double the coordinator's memory.
             if streaming is not None:
@@ -135,9 +152,6 @@ class LoraDeltaStrategy(FedAvg):
             weights.append(float(num_examples))
             site_ids.append(str(node))
             metric_rows.append(metrics)
-            ledger.accepted.append(node)
-            ledger.per_site[node] = {**{k: v for k, v in metrics.items() if not isinstance(v, list)},
-                                     "bytes_up": upload}
         if ledger.missing:
             log.warning("round %d: no usable update from nodes %s", server_round, ledger.missing)
         if not ledger.accepted:
