@@ -19,7 +19,6 @@ import client.app as plain_client
 from client.app import RUN_CONFIG_KEY
 from federation.adapter import from_array_record, get_adapter_arrays, to_array_record
 from federation.compression import SEPARATOR
-from federation.config import run_config_from_json
 from strategies.lora_exact import LORA_B_SUFFIX
 
 LORA_B_STATE = "fedtune.fedsa.lora-b"
@@ -64,7 +63,7 @@ def with_own_lora_b(msg: Message, context: Context) -> Message:
 
 def train(msg: Message, context: Context) -> Message:
     """Train from (global A, own B); keep the trained B in Context.state; reply with the A (and non-LoRA) delta only."""
-    cfg = run_config_from_json(str(msg.content["config"][RUN_CONFIG_KEY]))
+    cfg = plain_client.parse_run_config(str(msg.content["config"][RUN_CONFIG_KEY]))
     reply = plain_client.train_reply(with_own_lora_b(msg, context), context)
     if reply.has_error():
         return reply

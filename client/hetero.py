@@ -48,7 +48,7 @@ import client.scaffold as scaffold_client
 from client.app import RUN_CONFIG_KEY
 from client.fedsa import with_run_config
 from federation.adapter import from_array_record, to_array_record
-from federation.config import RunConfig, run_config_from_json
+from federation.config import RunConfig
 from strategies.aggregators import MixedRanksError
 from strategies.lora_exact import lora_pairs, lora_ranks
 
@@ -199,36 +199,32 @@ def _check_received_rank(msg: Message, settings: SiteSettings) -> None:
                               f"{settings.rank}; it must re-query this site's profile")
 
 
-def hetero_train(msg: Message, context: Context) -> Message:
-    """Train this site's LoRA (its own rank) on top of the frozen global update; reply with the delta."""
-    cfg = run_config_from_json(str(msg.content["config"][RUN_CONFIG_KEY]))
-    settings = site_settings(cfg, context.node_config)
-    _check_received_rank(msg, settings)
-    frozen, count = frozen_update_for(msg, context)
-    runtime = plain_client.get_runtime(cfg)
-    with frozen_lora_update(runtime.model, frozen):
-        reply = plain_client.train_reply(msg, context)
-    if not reply.has_error():
-        reply.content["metrics"][METRIC_FROZEN_COUNT] = count
-    return reply
-
-
-def hetero_evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global update (frozen part) with this site's LoRA as sent (zero for the global model)."""
-    cfg = run_config_from_json(str(msg.content["config"][RUN_CONFIG_KEY]))
+def _on_frozen_update(msg: Message, context: Context, handler) -> Message:
+    """Run handler(msg, context) with the frozen global update applied to the resident model; note its count."""
+    cfg = plain_client.parse_run_config(str(msg.content["config"][RUN_CONFIG_KEY]))
     _check_received_rank(msg, site_settings(cfg, context.node_config))
     frozen, count = frozen_update_for(msg, context)
     runtime = plain_client.get_runtime(cfg)
     with frozen_lora_update(runtime.model, frozen):
-        reply = plain_client.evaluate(msg, context)
+        reply = handler(msg, context)
     if not reply.has_error():
         reply.content["metrics"][METRIC_FROZEN_COUNT] = count
     return reply
 
 
+def hetero_train(msg: Message, context: Context) -> Message:
+    """Train this site's LoRA (its own rank) on top of the frozen global update; reply with the delta."""
+    return _on_frozen_update(msg, context, plain_client.train_reply)
+
+
+def hetero_evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global update (frozen part) with this site's LoRA as sent (zero for the global model)."""
+    return _on_frozen_update(msg, context, plain_client.evaluate)
+
+
 def site_profile(msg: Message, context: Context) -> Message:
     """Query handler: this site's rank, local steps and FLoRA merged-rounds count (no model is loaded)."""
-    cfg = run_config_from_json(str(msg.content["config"][RUN_CONFIG_KEY]))
+    cfg = plain_client.parse_run_config(str(msg.content["config"][RUN_CONFIG_KEY]))
     settings = site_settings(cfg, context.node_config)
     _, count = _stored_frozen(context)
     return Message(RecordDict({"metrics": MetricRecord({

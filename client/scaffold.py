@@ -24,7 +24,6 @@ from flwr.app import Context, Message
 import client.app as plain_client
 from client.app import RUN_CONFIG_KEY
 from federation.adapter import from_array_record, get_adapter_arrays, lora_parameters, to_array_record
-from federation.config import run_config_from_json
 from strategies.scaffold import client_control_update, correct_gradient, zero_control
 
 # Message records (server -> site: c; site -> server: delta_c) and the site's own c_i in Context.state.
@@ -55,7 +54,7 @@ def local_control(context: Context, c_global: dict[str, np.ndarray]) -> dict[str
 
 def train(msg: Message, context: Context) -> Message:
     """Train with SCAFFOLD-corrected gradients; reply with the LoRA delta and delta_c; c_i is kept in Context.state."""
-    cfg = run_config_from_json(str(msg.content["config"][RUN_CONFIG_KEY]))
+    cfg = plain_client.parse_run_config(str(msg.content["config"][RUN_CONFIG_KEY]))
     if cfg.privacy.local_dp_sgd.enabled:
         # The DP-SGD path (Opacus) does not call before_step, so the correction would be silently missing.
         raise ValueError("SCAFFOLD cannot run with privacy.local_dp_sgd (the Opacus step skips the gradient "
