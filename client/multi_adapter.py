@@ -213,8 +213,9 @@ class MultiAdapterTrainer:
         device = next(p for p in self.model.parameters()).device
         loaders = [self.solo._loader(ds, seed, cfg.batch_size, shuffle=True) for ds, seed in zip(datasets, seeds)]
         iterators = [iter(loader) for loader in loaders]
-        loss_sum = torch.zeros(k_clients, dtype=torch.float64)
-        target_tokens = torch.zeros(k_clients, dtype=torch.long)
+        # Per-client sums stay on the device until the end: no host sync per micro-batch.
+        loss_sum = torch.zeros(k_clients, dtype=torch.float64, device=device)
+        target_tokens = torch.zeros(k_clients, dtype=torch.long, device=device)
         input_tokens = torch.zeros(k_clients, dtype=torch.long)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -235,9 +236,8 @@ class MultiAdapterTrainer:
                     losses, client_of_token = self._token_losses(combined, device)
                     # Each client's loss normalised by its own step's tokens: its gradient is the solo one.
                     (losses * step_tokens.index_select(0, client_of_token).reciprocal()).sum().backward()
-                    loss_sum += torch.zeros(k_clients, dtype=torch.float64, device=device).index_add_(
-                        0, client_of_token, losses.detach().double()).cpu()
-                    target_tokens += torch.bincount(client_of_token, minlength=k_clients).cpu()
+                    loss_sum.index_add_(0, client_of_token, losses.detach().double())
+                    target_tokens += torch.bincount(client_of_token, minlength=k_clients)
                     for k in range(k_clients):
                         input_tokens[k] += self.solo._input_tokens(micro[k][j])
                 if start_params is not None:
@@ -250,6 +250,7 @@ class MultiAdapterTrainer:
             seconds, peak = elapsed_and_peak(device, start)
             stacked.row_adapter = None
             adapters = stacked.adapter_arrays()
+        loss_sum, target_tokens = loss_sum.cpu(), target_tokens.cpu()
         out = []
         total_input = max(int(input_tokens.sum()), 1)
         for k, ds in enumerate(datasets):
