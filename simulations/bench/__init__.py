@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import platform
 import time
 import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 def _proc_field(path: str, field: str) -> str:
@@ -42,6 +44,15 @@ def machine_info() -> dict:
         except ImportError:
             pass
     return info
+
+
+def write_result(path: str, summary: dict) -> None:
+    """Write a benchmark's JSON summary to `path` (parents created) and say so; nothing when path is empty."""
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(summary, indent=1))
+    print(f"wrote {path}")
 
 
 def available_ram_bytes() -> int:

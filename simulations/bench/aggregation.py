@@ -21,18 +21,16 @@ Seconds count decoding and aggregation only, not building the simulated messages
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from federation.compression import decode_upload, encode_upload
-from simulations.bench import available_ram_bytes, machine_info, measure
+from simulations.bench import available_ram_bytes, machine_info, measure, write_result
 from strategies.fedavg import weighted_mean
 from strategies.streaming import StreamingWeightedMean
 
@@ -219,10 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                if args.preset == LLAMA2_7B else args.preset, "rank": args.rank, "tensors": len(keys),
                "adapter_params": params, "adapter_bytes_fp32": adapter_bytes, "sites": args.sites,
                "machine": machine, "rows": rows}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(summary, indent=1))
-        print(f"wrote {args.out}")
+    write_result(args.out, summary)
     return 0
 
 

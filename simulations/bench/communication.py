@@ -12,7 +12,6 @@ LoraDeltaStrategy validates and aggregates it.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 from unittest import mock
@@ -22,7 +21,7 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from federation.compression import ErrorFeedback, UploadCodec, decode_upload, encoded_nbytes
-from simulations.bench import machine_info
+from simulations.bench import machine_info, write_result
 
 EF_STATE_KEY = "fedtune.error-feedback"
 
@@ -198,10 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"benchmark": "communication", "overrides": args.overrides, "sites": cfg.federation.num_clients,
                "rounds": cfg.federation.rounds, "lora_r": cfg.lora.r, "adapter_bytes_fp32_payload": fp32_payload,
                "adapter_bytes_fp32_wire": fp32_wire, "machine": machine, "rows": results}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(summary, indent=1))
-        print(f"wrote {args.out}")
+    write_result(args.out, summary)
     return 0
 
 
