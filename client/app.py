@@ -162,7 +162,7 @@ def train_reply(msg: Message, context: Context, before_step=None) -> Message:
     seed = site_seed(cfg, server_round, context)
     extra_metrics = {}
     if cfg.privacy.local_dp_sgd.enabled:
-        result, extra_metrics["dp-sgd-epsilon"] = _train_dp_sgd(trainer, train_ds, seed, cfg, context)
+        result, extra_metrics["dp-sgd-epsilon"] = _train_dp_sgd(trainer, train_ds, cfg, context)
     else:
         result = trainer.train(train_ds, seed=seed, proximal_mu=cfg.strategy.proximal_mu, before_step=before_step)
     delta = adapter_delta(get_adapter_arrays(runtime.model), global_arrays)
@@ -207,12 +207,14 @@ def encode_delta(delta: dict, cfg: RunConfig, context: Context) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in encoded.items()})
 
 
-def _train_dp_sgd(trainer: LocalTrainer, train_ds: SiteDataset, seed: int, cfg: RunConfig, context: Context):
-    """DP-SGD round whose accountant history lives in the node's Flower state, so epsilon accumulates."""
+def _train_dp_sgd(trainer: LocalTrainer, train_ds: SiteDataset, cfg: RunConfig, context: Context):
+    """DP-SGD round whose accountant history lives in the node's Flower state, so epsilon accumulates.
+
+    No seed: the site's sampling and noise come from OS entropy, so the coordinator cannot replay them.
+    """
     stored = context.state.config_records.get(DP_STATE_KEY)
     previous = json.loads(str(stored["accountant"])) if stored else None
-    total_steps = cfg.federation.rounds * cfg.train.local_steps
-    result, state, epsilon = trainer.train_dp_sgd(train_ds, seed, cfg.privacy.local_dp_sgd, total_steps, previous)
+    result, state, epsilon = trainer.train_dp_sgd(train_ds, cfg.privacy.local_dp_sgd, cfg.federation.rounds, previous)
     context.state[DP_STATE_KEY] = ConfigRecord({"accountant": json.dumps(state)})
     log.info("DP-SGD: epsilon %.4f at delta %.1e after this round", epsilon, cfg.privacy.local_dp_sgd.delta)
     return result, float(epsilon)

@@ -155,10 +155,12 @@ class LocalTrainer:
         seconds, peak = elapsed_and_peak(device, start)
         return TrainResult(len(dataset), steps, loss_sum / max(token_sum, 1), token_sum, input_tokens, seconds, peak)
 
-    def train_dp_sgd(self, dataset: SiteDataset, seed: int, dp_cfg, total_steps: int,
+    def train_dp_sgd(self, dataset: SiteDataset, dp_cfg, rounds: int,
                      accountant_state: dict | None) -> tuple[TrainResult, dict, float]:
         """One round of Opacus DP-SGD (Poisson sampling, per-example clipping, noise) on the LoRA parameters.
 
+        A target epsilon is calibrated for `rounds` x this round's planned steps, the steps that really run.
+        Sampling and noise come from OS entropy (federation/dp_sgd.py), so no seed replays them.
         Returns (result, accountant state to carry into the next round, epsilon so far at dp_cfg.delta).
         """
         from federation.dp_sgd import dp_train_steps, make_dp_sgd
@@ -167,15 +169,14 @@ class LocalTrainer:
         steps = planned_steps(cfg, len(dataset))
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        generator = torch.Generator().manual_seed(seed)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, generator=generator,
+        # Only len() and collate of this loader matter: make_dp_sgd replaces its sampling and generator.
+        loader = DataLoader(dataset, batch_size=cfg.batch_size,
                             collate_fn=lambda b: collate_batch(b, self.pad_token_id))
         self.model.train()  # Opacus validates the module in training mode
         budget = dict(noise_multiplier=dp_cfg.noise_multiplier) if dp_cfg.target_epsilon <= 0 else dict(
-            target_epsilon=dp_cfg.target_epsilon, target_delta=dp_cfg.delta, total_steps=total_steps)
+            target_epsilon=dp_cfg.target_epsilon, target_delta=dp_cfg.delta, total_steps=rounds * steps)
         setup = make_dp_sgd(self.model, optimizer, loader, max_grad_norm=dp_cfg.max_grad_norm,
-                            accountant=dp_cfg.accountant, accountant_state=accountant_state,
-                            noise_generator=torch.Generator().manual_seed(seed + 1), **budget)
+                            accountant=dp_cfg.accountant, accountant_state=accountant_state, **budget)
         start = time.perf_counter()
         try:
             losses = dp_train_steps(setup, steps)

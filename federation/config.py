@@ -147,7 +147,7 @@ class CentralDPConfig:
     clip_norm_lr: float = 0.2
     # Std of the noise on the unclipped count; 0 means the paper's m/20 (m = expected sites per round).
     clipped_count_stddev: float = 0.0
-    seed: int = 0
+    # No seed on purpose: the noise comes from OS entropy (federation/secure_random.py), never reproducible.
 
 
 @dataclass

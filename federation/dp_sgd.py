@@ -15,10 +15,20 @@ RMSNorms and attention own no trainable parameter, so they need no grad sampler 
 the frozen computation. We attach hooks in place (``wrap_model=False``) so the PEFT model keeps its
 own class and state_dict names (a GradSampleModule wrapper would prefix them with ``_module.``).
 Gradient checkpointing is not supported: with it the LoRA layers get no per-sample gradients.
+
+Randomness: Opacus draws the Poisson sample of each batch from the data loader's generator
+(``DPDataLoader.from_data_loader`` takes it unless secure_mode supplies torchcsprng's; the
+``UniformWithReplacementSampler`` calls ``torch.rand(num_examples, generator=...)`` per step) and the
+noise from the optimizer's ``noise_generator`` (``torch.normal(..., generator=...)`` in
+``opacus.optimizers.optimizer._generate_noise``); without a generator both fall back to torch's global
+one, which train.seed seeds. ``make_dp_sgd`` gives both a fresh generator filled from OS entropy every
+round (federation/secure_random.py), so nobody, the coordinator included, can replay a site's
+sampling or noise from the config, the seed, the round and the partition.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
@@ -31,8 +41,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from federation.privacy import DEFAULT_MAX_NOISE_MULTIPLIER, calibrate_noise_multiplier
+from federation.secure_random import os_entropy_torch_generator
 
 IGNORE_INDEX = -100
+log = logging.getLogger("fedtune.dp_sgd")
+_announced_os_entropy = False
 
 
 class DPSGDSetup(NamedTuple):
@@ -73,7 +86,6 @@ def make_dp_sgd(
     accountant_state: Mapping[str, Any] | None = None,
     grad_sample_mode: str = "hooks",
     secure_mode: bool = False,
-    noise_generator: torch.Generator | None = None,
     max_noise_multiplier: float = DEFAULT_MAX_NOISE_MULTIPLIER,
 ) -> DPSGDSetup:
     """Make one round of local training record-level DP; give `noise_multiplier` or a target budget.
@@ -83,7 +95,8 @@ def make_dp_sgd(
     which gives the same sigma every round, so the carried-over history ends exactly on budget.
     `accountant_state` is the previous round's DPSGDSetup.accountant_state() (None on the first round).
     Per-example clipping: `max_grad_norm`; sampling: Poisson with rate 1 / len(data_loader).
-    `secure_mode=True` needs torchcsprng and should be on in production (Opacus' advice).
+    Poisson sampling and noise come from fresh OS-entropy generators (`data_loader`'s own generator is
+    replaced); `secure_mode=True` hands both to Opacus' torchcsprng instead (needs that package).
     """
     if getattr(model, "is_gradient_checkpointing", False):
         raise ValueError(
@@ -114,6 +127,13 @@ def make_dp_sgd(
             accountant=accountant,
             max_noise_multiplier=max_noise_multiplier,
         )
+    sampling_generator = noise_generator = None
+    if not secure_mode:
+        sampling_generator = os_entropy_torch_generator("cpu")  # the sampler's torch.rand runs on the CPU
+        data_loader.generator = sampling_generator
+        device = next(p for p in model.parameters() if p.requires_grad).device
+        noise_generator = os_entropy_torch_generator(device)  # torch.normal needs it on the noise's device
+        _announce_os_entropy()
     hooks, dp_optimizer, dp_loader = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -128,7 +148,19 @@ def make_dp_sgd(
         # loss = mean over the batch of per-sequence losses; Opacus rescales per-sample grads to match.
         loss_reduction="mean",
     )
+    if not secure_mode and getattr(dp_loader.batch_sampler, "generator", None) is not sampling_generator:
+        hooks.cleanup()
+        raise RuntimeError("Opacus did not take the OS-entropy generator for Poisson sampling; refusing to train "
+                           "with a predictable sample (check federation/dp_sgd.py against this Opacus version)")
     return DPSGDSetup(model, dp_optimizer, dp_loader, engine, hooks)
+
+
+def _announce_os_entropy() -> None:
+    global _announced_os_entropy
+    if not _announced_os_entropy:
+        _announced_os_entropy = True
+        log.info("DP-SGD: Poisson sampling and noise are drawn from OS entropy and are not reproducible by design; "
+                 "seeds reproduce everything else")
 
 
 def per_sequence_causal_lm_loss(

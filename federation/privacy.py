@@ -22,7 +22,11 @@ import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from federation.secure_random import SecureRandom
+
 AdapterArrays = dict[str, np.ndarray]
+# Where DP noise comes from: SecureRandom in runs; anything with numpy's normal(loc, scale, size) in tests.
+NoiseSource = SecureRandom | np.random.Generator
 
 ACCOUNTANTS = ("rdp", "prv")
 # sigma beyond this makes the update pure noise for any realistic number of sites; a target that
@@ -60,15 +64,15 @@ def add_gaussian_noise(
     summed_update: Mapping[str, np.ndarray],
     noise_multiplier: float,
     clip_norm: float,
-    rng: np.random.Generator,
+    rng: NoiseSource,
 ) -> AdapterArrays:
     """Sum of clipped updates + N(0, (sigma*C)^2) per coordinate; float64, shapes unchanged.
 
     The noise goes on the SUM, whose L2 sensitivity to adding/removing one site is C. Dividing the
     noisy sum by n sites gives a mean with noise std sigma*C/n per coordinate, so more sites per round
-    buy accuracy at the same privacy. numpy's generator is not a cryptographic RNG and float64
-    sampling is open to Mironov's (2012) floating-point attack: fine for research runs; a production
-    deployment should draw the noise from a secure source.
+    buy accuracy at the same privacy. `rng` is federation.secure_random.SecureRandom in every run (noise
+    nobody can regenerate); a seeded numpy Generator is accepted for tests only. float64 sampling stays
+    open to Mironov's (2012) floating-point attack (see federation/secure_random.py).
     """
     if noise_multiplier < 0:
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
@@ -85,7 +89,7 @@ def private_mean_update(
     updates: Sequence[Mapping[str, np.ndarray]],
     clip_norm: float,
     noise_multiplier: float,
-    rng: np.random.Generator,
+    rng: NoiseSource,
     denominator: float | None = None,
 ) -> tuple[AdapterArrays, list[float]]:
     """DP-FedAvg aggregate: (sum_i clip(u_i) + noise) / denominator; returns (mean, pre-clip norms).
@@ -170,7 +174,7 @@ class AdaptiveClipNorm:
         self.clipped_count_stddev = float(clipped_count_stddev)
 
     def update_from_count(
-        self, unclipped_count: int, expected_num_updates: float, rng: np.random.Generator
+        self, unclipped_count: int, expected_num_updates: float, rng: NoiseSource
     ) -> float:
         """Geometric step from the number of updates with norm <= C (what sites report as bits); new C."""
         if not expected_num_updates > 0:
@@ -180,7 +184,7 @@ class AdaptiveClipNorm:
         return self.clip_norm
 
     def update(
-        self, norms: Sequence[float], rng: np.random.Generator, expected_num_updates: float | None = None
+        self, norms: Sequence[float], rng: NoiseSource, expected_num_updates: float | None = None
     ) -> float:
         """Geometric step from this round's pre-clip update norms; returns the new clip norm.
 

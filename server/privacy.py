@@ -6,6 +6,9 @@ deltas; and their noise is added after the inner (weighted) aggregate. The same 
 site's update to C, add N(0, (sigma*C)^2) to the sum, divide by the expected number of sites —
 is in federation/privacy.py, tested, and the result feeds any aggregator (server optimizers keep
 the guarantee by post-processing).
+
+All of this run's DP noise (the sum's, SecAgg+'s and adaptive clipping's noisy count) is drawn from
+`rng`, a federation.secure_random.SecureRandom: OS entropy, nothing seeded, nothing in state_dict().
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ import numpy as np
 from federation.config import CentralDPConfig
 from federation.privacy import (AdaptiveClipNorm, PrivacyLedger, calibrate_noise_multiplier,
                                 noise_multiplier_for_adaptive_clipping, private_mean_update)
+from federation.secure_random import secure_random
 
 log = logging.getLogger("fedtune.server")
 
 
 class CentralDP:
-    """DP-FedAvg state for one run: clip norm (fixed or adaptive), noise, RNG and the privacy ledger."""
+    """DP-FedAvg state for one run: clip norm (fixed or adaptive), noise multiplier and the privacy ledger."""
 
     def __init__(self, cfg: CentralDPConfig, num_sites: int, sites_per_round: int, rounds: int):
         if not 0 < sites_per_round <= num_sites:
@@ -53,7 +57,10 @@ class CentralDP:
             # Part of the budget goes to the noisy unclipped count (Andrew et al. 2021, Thm 1).
             self.sum_noise_multiplier = noise_multiplier_for_adaptive_clipping(self.noise_multiplier, count_std)
         self.ledger = PrivacyLedger(cfg.delta, cfg.accountant)
-        self.rng = np.random.default_rng(cfg.seed)
+        # Never seeded and never saved: whoever knows the seed or the state could subtract the noise.
+        self.rng = secure_random()
+        log.info("central DP: noise is drawn from OS entropy (ChaCha20 keyed by os.urandom) and is not "
+                 "reproducible by design; seeds reproduce everything else")
 
     def aggregate(self, deltas: Sequence[Mapping[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Noisy mean of the clipped deltas, and this round's privacy report (epsilon so far, C, sigma)."""
@@ -73,16 +80,15 @@ class CentralDP:
         return mean, report
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able: ledger, clip norm, RNG state."""
+        """JSON-able: ledger, clip norm, noise multiplier (no randomness: the noise source has no state)."""
         return {"ledger": self.ledger.state_dict(), "clip_norm": self.clip_norm,
                 "adaptive": None if self.adaptive is None else self.adaptive.state_dict(),
-                "rng": self.rng.bit_generator.state, "noise_multiplier": self.noise_multiplier}
+                "noise_multiplier": self.noise_multiplier}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what state_dict() returned."""
+        """Restore what state_dict() returned; an older checkpoint's "rng" entry (a seeded generator) is ignored."""
         self.ledger.load_state_dict(state["ledger"])
         self.clip_norm = float(state["clip_norm"])
         if self.adaptive is not None and state.get("adaptive"):
             self.adaptive.load_state_dict(state["adaptive"])
-        self.rng.bit_generator.state = state["rng"]
         self.noise_multiplier = float(state["noise_multiplier"])
