@@ -179,6 +179,37 @@ def test_ffa_lora_with_dp_sgd_keeps_A_at_init():
     setup.close()
 
 
+def _poisson_batches(setup, steps=8):
+    """Index lists of the next `steps` Poisson batches (the sampler yields len(loader) per pass)."""
+    batches: list[list[int]] = []
+    while len(batches) < steps:
+        batches += list(setup.data_loader.batch_sampler)
+    return batches[:steps]
+
+
+def test_poisson_sampling_and_noise_cannot_be_replayed_from_any_seed():
+    # Everything a replaying coordinator controls is identical: model init, data, the global torch seed.
+    setups, params = [], []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = tiny_lora_model(seed=0)
+        setup = setup_dp(model)
+        _noise_only_step(setup.optimizer)  # zero gradients: the step is the noise alone
+        params.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        setups.append(setup)
+    assert all(not torch.equal(params[0][n], params[1][n]) for n in params[0])
+    torch.manual_seed(0)
+    first = _poisson_batches(setups[0])
+    torch.manual_seed(0)
+    second = _poisson_batches(setups[1])
+    assert first != second
+    # Still Poisson sampling at rate 1 / len(loader): about BATCH_SIZE examples per batch.
+    sizes = [len(batch) for batch in _poisson_batches(setups[0], 200)]
+    assert abs(sum(sizes) / len(sizes) - BATCH_SIZE) < 5 * math.sqrt(BATCH_SIZE * (1 - SAMPLE_RATE) / len(sizes))
+    for setup in setups:
+        setup.close()
+
+
 def test_rejects_gradient_checkpointing_and_ambiguous_noise():
     model = tiny_lora_model()
     model.base_model.model.gradient_checkpointing_enable()

@@ -23,6 +23,7 @@ from federation.privacy import (
     private_mean_update,
     update_l2_norm,
 )
+from federation.secure_random import secure_random
 
 # ------------------------------------------------------------------ clipping and noise
 
@@ -74,11 +75,21 @@ def test_noise_std_matches_sigma_times_clip_norm():
     # 400k draws: the sample std's relative error is ~1/sqrt(2n) = 0.1%, far inside the 5% band.
     sigma, clip_norm = 1.3, 0.7
     summed = {"a": np.full((400, 500), 2.0), "b": np.zeros(200_000)}
-    noisy = add_gaussian_noise(summed, sigma, clip_norm, np.random.default_rng(1))
+    noisy = add_gaussian_noise(summed, sigma, clip_norm, secure_random())
     noise = np.concatenate([(noisy["a"] - 2.0).ravel(), noisy["b"].ravel()])
     assert noisy["a"].shape == (400, 500) and noisy["b"].shape == (200_000,)
     assert abs(noise.std() - sigma * clip_norm) <= 0.05 * sigma * clip_norm
     assert abs(noise.mean()) < 5 * sigma * clip_norm / math.sqrt(noise.size)
+
+
+def test_the_same_sum_gets_different_noise_every_time():
+    summed = {"a": np.zeros((3, 4)), "b": np.ones(5)}
+    first, second = (add_gaussian_noise(summed, 1.0, 0.5, secure_random()) for _ in range(2))
+    assert all(not np.array_equal(first[key], second[key]) for key in summed)
+    rng = secure_random()
+    updates = [{"w": np.array([3.0, 4.0])}, {"w": np.array([0.0, 1.0])}]
+    assert not np.array_equal(private_mean_update(updates, 1.0, 1.0, rng)[0]["w"],
+                              private_mean_update(updates, 1.0, 1.0, rng)[0]["w"])
 
 
 def test_zero_noise_multiplier_adds_nothing():
@@ -124,6 +135,22 @@ def test_adaptive_clip_converges_to_target_quantile(initial_clip_norm, target):
     assert abs(math.log(np.median(late) / true_quantile)) < 0.1
     fresh = rng.lognormal(0.0, norm_sigma, size=100_000)
     assert np.mean(fresh <= np.median(late)) == pytest.approx(target, abs=0.05)
+
+
+def test_adaptive_clip_count_noise_from_the_secure_source_has_the_configured_std():
+    # Invert the geometric step to read off the noise added to the unclipped count, over many draws.
+    count_std, lr, gamma, m = 2.0, 0.01, 0.5, 10.0
+    rng = secure_random()
+    noise = []
+    for _ in range(4000):
+        clip = AdaptiveClipNorm(clipped_count_stddev=count_std, initial_clip_norm=1.0, target_unclipped_quantile=gamma,
+                                clip_norm_lr=lr)
+        new = clip.update_from_count(4, m, rng)
+        noise.append((gamma - math.log(new) / lr) * m - 4)
+    noise = np.array(noise)
+    assert abs(noise.mean()) < 5 * count_std / math.sqrt(noise.size)
+    assert abs(noise.std() / count_std - 1.0) < 0.05
+    assert len(np.unique(np.round(noise, 9))) == noise.size
 
 
 def test_adaptive_clip_state_round_trip():
