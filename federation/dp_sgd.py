@@ -148,10 +148,11 @@ def make_dp_sgd(
         # loss = mean over the batch of per-sequence losses; Opacus rescales per-sample grads to match.
         loss_reduction="mean",
     )
-    if not secure_mode and getattr(dp_loader.batch_sampler, "generator", None) is not sampling_generator:
+    if not secure_mode and (getattr(dp_loader.batch_sampler, "generator", None) is not sampling_generator
+                            or getattr(dp_optimizer, "generator", None) is not noise_generator):
         hooks.cleanup()
-        raise RuntimeError("Opacus did not take the OS-entropy generator for Poisson sampling; refusing to train "
-                           "with a predictable sample (check federation/dp_sgd.py against this Opacus version)")
+        raise RuntimeError("Opacus did not take the OS-entropy generators for Poisson sampling and noise; refusing "
+                           "to train replayably (check federation/dp_sgd.py against this Opacus version)")
     return DPSGDSetup(model, dp_optimizer, dp_loader, engine, hooks)
 
 

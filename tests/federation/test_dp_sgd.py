@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
@@ -208,6 +209,17 @@ def test_poisson_sampling_and_noise_cannot_be_replayed_from_any_seed():
     assert abs(sum(sizes) / len(sizes) - BATCH_SIZE) < 5 * math.sqrt(BATCH_SIZE * (1 - SAMPLE_RATE) / len(sizes))
     for setup in setups:
         setup.close()
+
+
+def test_the_log_says_once_that_dp_sgd_randomness_is_not_reproducible(monkeypatch, caplog):
+    import federation.dp_sgd as dp_sgd
+
+    monkeypatch.setattr(dp_sgd, "_announced_os_entropy", False)
+    model = tiny_lora_model()
+    with caplog.at_level(logging.INFO, logger="fedtune.dp_sgd"):
+        for _ in range(2):  # two rounds
+            setup_dp(model).close()
+    assert sum("not reproducible by design" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_rejects_gradient_checkpointing_and_ambiguous_noise():
