@@ -41,8 +41,11 @@ from client.hetero import dispatch_evaluate, dispatch_train, site_profile
 from federation.compression import decode_upload
 from federation.adapter import to_array_record
 from federation.privacy import clip_update
+from federation.secagg_masks import MASK_SCHEME, MASK_SCHEME_KEY, use_cryptographic_masks
 
 log = logging.getLogger("fedtune.client")
+# Flower's own SecAgg+ masks come from a 32-bit seed (federation/secagg_masks.py): replaced before any round.
+use_cryptographic_masks("site")
 
 # FitIns config keys set by server.secagg.secagg_train_round. Legacy Parameters have no names, so
 # the adapter's key order travels as JSON next to them.
@@ -91,6 +94,10 @@ def secagg_fit(msg: Message, context: Context, train_fn: TrainFn = plain_client.
     """Legacy FitIns in (as secaggplus_mod passes it) -> local training -> legacy FitRes with the delta."""
     fit_ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = fit_ins.config
+    if config.get(MASK_SCHEME_KEY) != MASK_SCHEME:
+        # A coordinator that would unmask with Flower's 32-bit-seed masks gets nothing from this site.
+        raise ValueError(f"the coordinator did not announce SecAgg+ mask scheme {MASK_SCHEME!r} "
+                         f"(got {config.get(MASK_SCHEME_KEY)!r}); this site masks only with it")
     keys = json.loads(str(config[ADAPTER_KEYS_KEY]))
     arrays = parameters_to_ndarrays(fit_ins.parameters)
     if len(keys) != len(arrays):
@@ -114,8 +121,8 @@ def secagg_fit(msg: Message, context: Context, train_fn: TrainFn = plain_client.
                                             float(config[CLIPPING_RANGE_KEY]), float(config[DP_CLIP_NORM_KEY]))
     metrics[CLIPPED_VALUES_METRIC] = clipped
     # float64 on purpose: secaggplus_mod scales and quantizes in the arrays' dtype, and float32 would
-    # add up to ~0.6 quantization levels of rounding per value at Q = 2**22. Only the masked int64
-    # vector leaves the site; these arrays are cleared by secaggplus_mod.
+    # add up to ~0.6 quantization levels of rounding per value at Q = 2**22. Only the masked integer
+    # vector (uint32 for the default modulus) leaves the site; these arrays are cleared by secaggplus_mod.
     fit_res = FitRes(status=Status(code=Code.OK, message=""),
                      parameters=ndarrays_to_parameters([update[key] for key in keys]),
                      num_examples=weight, metrics={k: v for k, v in metrics.items() if not isinstance(v, list)})

@@ -8,7 +8,8 @@ strategy (``_SecureSumCollector``) only hands the FitIns to the sampled nodes an
 unmasked aggregate in aggregate_fit. The crypto, masking and dropout recovery are Flower's.
 
 What crosses the wire per site (the coordinator sees): public keys, encrypted key shares, ONE masked
-integer vector (int64, mod ``modulus_range``; no plaintext arrays), the site's plaintext FitRes metrics
+integer vector (mod ``modulus_range``, sent as uint32 for the default 2**32; masks are ChaCha20 streams keyed by
+the full shared secrets, federation/secagg_masks.py; no plaintext arrays), the site's plaintext FitRes metrics
 (train loss, example count, ...) and Shamir shares in the unmask stage.
 
 Weighting and quantization (Flower's secaggplus_mod / workflow; notation of secagg_error_bound):
@@ -52,9 +53,12 @@ from client.secagg import (ADAPTER_KEYS_KEY, CLIPPING_RANGE_KEY, DP_CLIP_NORM_KE
                            SERVER_ROUND_KEY)
 from federation.adapter import to_array_record
 from federation.privacy import add_gaussian_noise
+from federation.secagg_masks import MASK_SCHEME, MASK_SCHEME_KEY, use_cryptographic_masks
 from strategies.fedavg import UpdateRejected, validate_update
 
 log = logging.getLogger("fedtune.server")
+# Unmask with the same ChaCha20 masks the sites use (Flower's own come from a 32-bit seed).
+use_cryptographic_masks("coordinator")
 
 SCALAR_BYTES = 8  # int / float / bool config values on the wire (at most 64 bits)
 STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
@@ -398,6 +402,7 @@ def secagg_train_round(
         MAX_WEIGHT_KEY: float(max_weight),
         CLIPPING_RANGE_KEY: float(params.clipping_range),
         DP_CLIP_NORM_KEY: dp_clip_norm,
+        MASK_SCHEME_KEY: MASK_SCHEME,
     }
     collector = _SecureSumCollector(nodes, fit_config, grid, grid.run.run_id)
     state = RecordDict()

@@ -104,7 +104,11 @@ def test_coordinator_sees_only_masked_vectors_and_gets_the_fedavg_aggregate():
                 2 * PARAMS.clipping_range)
             assert vector.shape == GLOBAL[key].shape
             assert np.all(np.abs(vector - unmasked) > 2), f"node {node} {key}: masked value close to the true one"
-        assert result.masked_bytes_up[node] >= 8 * (1 + sum(v.size for v in GLOBAL.values()))
+        # The narrowest width the 2**32 modulus allows: uint32, 4 B per value (Flower sends int64), plus
+        # one .npy header per array.
+        assert all(vector.dtype == np.uint32 for vector in vectors)
+        values = 1 + sum(v.size for v in GLOBAL.values())
+        assert 4 * values < result.masked_bytes_up[node] <= 4 * values + 128 * len(vectors)
 
     expected = fedavg_of([0, 1, 2])
     bound = secagg_error_bound([8, 16, 32], PARAMS.clipping_range, Q, PARAMS.max_weight)
@@ -265,3 +269,51 @@ def test_real_training_under_secagg_matches_plain_fedavg_of_the_same_deltas(make
     assert json.loads(run_config)["lora"]["r"] == cfg.lora.r
     assert max_error(result.mean_delta, expected) <= result.error_bound
     assert max(float(np.abs(v).max()) for v in expected.values()) > 100 * result.error_bound
+
+
+BIG = {KA: np.zeros((4, 25_000), np.float32), KB: np.zeros((25_000, 4), np.float32)}
+
+
+def big_stub_train(msg: Message, context: Context) -> Message:
+    """A site whose delta is all zeros: without masks every quantized value would be the same integer."""
+    delta = {k: np.zeros_like(v) for k, v in BIG.items()}
+    return Message(RecordDict({"arrays": to_array_record(delta),
+                               "metrics": MetricRecord({"num-examples": 8, "train-loss": 1.0})}), reply_to=msg)
+
+
+def test_masked_vectors_the_coordinator_receives_are_indistinguishable_from_uniform():
+    grid = StageDropGrid(make_secagg_app(big_stub_train), 3)
+    result = secagg_train_round(grid, 1, BIG, "{}", PARAMS, timeout=60)
+    assert result.error is None and result.aggregated_nodes == [1, 2, 3]
+    assert max(float(np.abs(v).max()) for v in result.mean_delta.values()) <= result.error_bound
+    received = [np.concatenate([bytes_to_ndarray(b).ravel() for b in r.content[RECORD_KEY_CONFIGS][
+        Key.MASKED_PARAMETERS]]) for r in grid.replies
+        if Key.MASKED_PARAMETERS in r.content.config_records.get(RECORD_KEY_CONFIGS, {})]
+    assert len(received) == 3
+    for vector in received:
+        counts = np.bincount((vector.astype(np.int64) >> 24), minlength=256)  # top byte of each uint32
+        expected = len(vector) / 256
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < 380, chi2  # 255 dof: mean 255, sd 22.6
+    # Two sites' vectors are uncorrelated although their plaintexts are identical.
+    assert abs(np.corrcoef(received[0].astype(np.float64), received[1].astype(np.float64))[0, 1]) < 0.02
+
+
+def test_site_refuses_a_secagg_round_without_the_cryptographic_mask_scheme():
+    from federation.secagg_masks import MASK_SCHEME_KEY
+
+    import server.secagg as server_secagg
+
+    class OldCoordinatorCollector(server_secagg._SecureSumCollector):
+        def __init__(self, node_ids, fit_config, grid, run_id):
+            super().__init__(node_ids, {k: v for k, v in fit_config.items() if k != MASK_SCHEME_KEY}, grid, run_id)
+
+    original = server_secagg._SecureSumCollector
+    server_secagg._SecureSumCollector = OldCoordinatorCollector
+    try:
+        grid = StageDropGrid(make_secagg_app(stub_train), 3)
+        result = secagg_train_round(grid, 1, GLOBAL, "{}", PARAMS, timeout=30)
+    finally:
+        server_secagg._SecureSumCollector = original
+    assert result.mean_delta is None and result.error
+    assert all("mask scheme" in reason for reason in result.dropped_nodes.values()), result.dropped_nodes
