@@ -1,8 +1,9 @@
 """The coordinator's public port as an outsider sees it: only the Fleet API answers; the Control API is loopback-only.
 
 Real processes on 127.0.0.1: `fedtune coordinator` (TLS + site authentication) and one `fedtune site` daemon.
-The outsider holds the federation's public ca.crt and even a registered site's private key, and tries what the
-Control API offers: list runs, list and register SuperNodes, launch and stop runs. The operator, on the coordinator
+The outsider holds the federation's public ca.crt and tries what the Control API offers: list runs, list and
+register SuperNodes, launch and stop runs. (A stolen site key would not help: the gateway refuses by path before
+any credential is looked at; with it one can only act as that site on the Fleet API.) The operator, on the coordinator
 host, launches a run that the registered site trains.
 """
 
