@@ -439,7 +439,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--superlink-connection",
         default="fedtune",
-        help="name of the `flwr` SuperLink connection used in the printed register commands",
+        help="unused (kept for old scripts): the coordinator registers the allow-list itself",
     )
     parser.add_argument(
         "--no-loopback",
@@ -471,10 +471,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"CA private key (keep offline):        {creds.ca.key_path}")
     print(f"SuperLink TLS cert/key:               {creds.server.cert_path} {creds.server.key_path}")
     print(f"SuperNode allow-list:                 {creds.site_keys.allow_list_path}")
-    print("Register each site on the SuperLink (started with --enable-supernode-auth):")
+    # `fedtune coordinator --certs DIR` registers every key of the allow-list itself at each start.
+    print(f"Start the coordinator with: fedtune coordinator --certs {args.out} (it registers the allow-list)")
     for site in creds.site_keys.sites.values():
-        print("  " + " ".join(supernode_register_command(site, args.superlink_connection)))
-        print(f"  -> give {site.private_key_path} to {site.site_name} only")
+        print(f"  give {site.private_key_path} and {creds.ca.cert_path} to {site.site_name} only")
     return 0
 
 

@@ -37,7 +37,10 @@ from client.daemon import DEFAULT_STOP_TIMEOUT_S, FlowerProcess, flower_env, flo
 log = logging.getLogger("fedtune.coordinator")
 
 DEFAULT_HOST = "0.0.0.0"
-DEFAULT_PORT = 8000  # Flower 1.41 serves Fleet, Control and Runtime APIs on this one port
+DEFAULT_PORT = 8000  # public: sites' Fleet API only (server/fleet_gateway.py)
+# Flower 1.41 serves Fleet, Control and Runtime APIs on one port; the SuperLink listens on loopback only, on the
+# public port + 1 unless --control-port says otherwise.
+LOOPBACK = "127.0.0.1"
 DEFAULT_STATE_DIR = "fedtune-coordinator"
 DEFAULT_CONNECTION = "fedtune"
 DEFAULT_STARTUP_TIMEOUT_S = 60.0
@@ -106,6 +109,8 @@ class CoordinatorSettings:
     # Flower's in-memory database instead of state_dir/superlink.db: registrations and run history are redone
     # at every start (node ids change; sites re-activate by key), and nothing large goes through SQLite.
     in_memory: bool = False
+    # Loopback port of the SuperLink itself (Control API for the operator); 0: port + 1.
+    control_port: int = 0
 
     @property
     def ca_cert(self) -> Path:
@@ -118,10 +123,19 @@ class CoordinatorSettings:
         return Path(self.allow_list) if self.allow_list else Path(self.certs_dir) / ALLOW_LIST_FILENAME
 
     @property
+    def superlink_port(self) -> int:
+        """The SuperLink's own port, on 127.0.0.1 only."""
+        return self.control_port or self.port + 1
+
+    @property
     def local_address(self) -> str:
-        """host:port this machine reaches the SuperLink at (wildcard binds are dialled on loopback)."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::", "[::]") else self.host
-        return f"{host}:{self.port}"
+        """host:port of the SuperLink (all its APIs, Control included), reachable from this machine only."""
+        return f"{LOOPBACK}:{self.superlink_port}"
+
+    @property
+    def public_address(self) -> str:
+        """host:port the sites dial (the Fleet gateway)."""
+        return f"{self.host}:{self.port}"
 
 
 def check_certificates(settings: CoordinatorSettings) -> dict[str, object]:
@@ -154,7 +168,8 @@ def check_certificates(settings: CoordinatorSettings) -> dict[str, object]:
 def superlink_command(settings: CoordinatorSettings) -> list[str]:
     """Argv of flower-superlink: TLS + SuperNode auth unless insecure, persistent database, no dependency installs."""
     state_dir = Path(settings.state_dir).resolve()
-    argv = [flower_executable("flower-superlink"), "--host", settings.host, "--port", str(settings.port),
+    # Loopback only: the public port is the Fleet gateway's (server/fleet_gateway.py).
+    argv = [flower_executable("flower-superlink"), "--host", LOOPBACK, "--port", str(settings.superlink_port),
             # Offline: run the app in this environment instead of `uv sync`-ing its dependencies per run.
             "--disable-runtime-dependency-installation"]
     if not settings.in_memory:
@@ -248,7 +263,7 @@ def run_coordinator(settings: CoordinatorSettings) -> int:
         log.warning("!" * 78)
         log.warning("INSECURE coordinator: NO TLS and NO SuperNode authentication. Anyone who can reach "
                     "%s can join as a site, read the global adapter and run code here. Test use only.",
-                    settings.local_address)
+                    settings.public_address)
         log.warning("!" * 78)
         allowed = {}
     else:
@@ -257,16 +272,41 @@ def run_coordinator(settings: CoordinatorSettings) -> int:
     flwr_home = state_dir / "flwr"
     write_flower_config(flwr_home, settings.connection, settings.local_address,
                         None if settings.insecure else settings.ca_cert, insecure=settings.insecure)
-    while True:
-        superlink = start_superlink(settings, allowed, flwr_home)
-        code = superlink.run_in_foreground(health_check=lambda: _superexec_running(superlink),
-                                           health_interval_s=SUPEREXEC_CHECK_S)
-        if not superlink.unhealthy:
-            return code
-        # Seen under heavy load with a file database (flwr 1.41): a SQLite "database is locked" answer makes
-        # the SuperExec exit, after which no run can start, and the running ServerApp dies with it.
-        log.error("Flower's SuperExec (it starts every ServerApp) died; the running run, if any, is lost: "
-                  "launch it again with federation.resume=true. Restarting the SuperLink.")
+    gateway = start_gateway(settings)
+    try:
+        while True:
+            superlink = start_superlink(settings, allowed, flwr_home)
+            code = superlink.run_in_foreground(health_check=lambda: _superexec_running(superlink) and gateway.alive,
+                                               health_interval_s=SUPEREXEC_CHECK_S)
+            if not superlink.unhealthy:
+                return code
+            if not gateway.alive:
+                log.error("the Fleet gateway stopped (%s); restarting it and the SuperLink", gateway.error)
+                gateway = start_gateway(settings)
+                continue
+            # Seen under heavy load with a file database (flwr 1.41): a SQLite "database is locked" answer makes
+            # the SuperExec exit, after which no run can start, and the running ServerApp dies with it.
+            log.error("Flower's SuperExec (it starts every ServerApp) died; the running run, if any, is lost: "
+                      "launch it again with federation.resume=true. Restarting the SuperLink.")
+    finally:
+        gateway.stop()
+
+
+def start_gateway(settings: CoordinatorSettings):
+    """The public port: TLS, Fleet API only, forwarded to the loopback SuperLink (server/fleet_gateway.py)."""
+    from server.fleet_gateway import GatewaySettings, GatewayThread
+
+    certs = None if settings.insecure else Path(settings.certs_dir).resolve()
+    gateway = GatewayThread(GatewaySettings(
+        listen_host=settings.host, listen_port=settings.port,
+        upstream_url=f"{'http' if settings.insecure else 'https'}://{settings.local_address}",
+        certfile=None if certs is None else certs / "server.crt", keyfile=None if certs is None else certs / "server.key",
+        ca_cert=None if certs is None else certs / "ca.crt"))
+    try:
+        gateway.start()
+    except RuntimeError as exc:
+        raise CoordinatorError(str(exc)) from None
+    return gateway
 
 
 def start_superlink(settings: CoordinatorSettings, allowed: dict, flwr_home: Path) -> FlowerProcess:
@@ -280,10 +320,13 @@ def start_superlink(settings: CoordinatorSettings, allowed: dict, flwr_home: Pat
         wait_until_ready(settings, superlink)
         if allowed:
             sites = register_sites(settings, allowed, flwr_home)
-            log.info("coordinator ready on %s:%s with %d registered sites: %s", settings.host, settings.port,
-                     len(sites), ", ".join(f"{n} (node {e['node_id']})" for n, e in sorted(sites.items())))
+            log.info("coordinator ready on %s (sites: Fleet API only) with %d registered sites: %s",
+                     settings.public_address, len(sites),
+                     ", ".join(f"{n} (node {e['node_id']})" for n, e in sorted(sites.items())))
         else:
-            log.info("coordinator ready on %s:%s", settings.host, settings.port)
+            log.info("coordinator ready on %s (sites: Fleet API only)", settings.public_address)
+        log.info("Control API (list, launch, stop runs; register sites) on %s: this host only",
+                 settings.local_address)
         log.info("launch a run with: FLWR_HOME=%s fedtune launch --connection %s [overrides]",
                  flwr_home.resolve(), settings.connection)
     except BaseException:
@@ -314,7 +357,9 @@ def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--certs", type=Path, help="directory made by `fedtune keys` (ca.crt, server.crt/.key, "
                         f"{ALLOW_LIST_FILENAME})")
     parser.add_argument("--host", default=DEFAULT_HOST, help="interface to listen on (default: all)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="the one port for sites and `flwr`")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="the one public port (sites' Fleet API only)")
+    parser.add_argument("--control-port", type=int, default=0,
+                        help="loopback port of the SuperLink and its Control API (default: --port + 1)")
     parser.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE_DIR),
                         help="database, registered sites and the ServerApp's working directory")
     parser.add_argument("--allow-list", type=Path, help=f"site public keys (default: CERTS/{ALLOW_LIST_FILENAME})")
@@ -329,7 +374,7 @@ def coordinator_main(args: argparse.Namespace) -> int:
     """`fedtune coordinator ...`."""
     settings = CoordinatorSettings(certs_dir=args.certs, host=args.host, port=args.port, state_dir=args.state_dir,
                                    insecure=args.insecure, allow_list=args.allow_list, connection=args.connection,
-                                   in_memory=args.in_memory)
+                                   in_memory=args.in_memory, control_port=args.control_port)
     try:
         return run_coordinator(settings)
     except CoordinatorError as exc:

@@ -248,7 +248,9 @@ def test_cli_writes_credentials_and_refuses_a_second_run(tmp_path, capsys):
     argv += ["--sites", *SITES]
 
     assert pki.main(argv) == 0
-    assert "flwr supernode register" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # The coordinator registers the allow-list itself: no manual register commands to follow.
+    assert "flwr supernode register" not in out and "fedtune coordinator --certs" in out
     assert sorted(pki.read_allow_list(tmp_path / pki.ALLOW_LIST_FILENAME)) == sorted(SITES)
     assert pki.main(argv) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
