@@ -62,8 +62,10 @@ class Number:
             raise ValueError(f"must be {self}, got {_short(value)}") from None
         if math.isnan(number) or (math.isinf(number) and not (self.allow_inf and number > 0)):
             raise ValueError(f"must be {self}, got {number}")
-        if self.whole and (not number.is_integer() or abs(number) > MAX_COUNT):
-            raise ValueError(f"must be {self} (at most 2**53), got {_short(value)}")
+        if self.whole and not number.is_integer():
+            raise ValueError(f"must be {self}, got {_short(value)}")
+        if self.whole and abs(number) > MAX_COUNT:
+            raise ValueError(f"must be {self} of at most 2**53, got {_short(value)}")
         if self.minimum is not None and number < self.minimum:
             raise ValueError(f"must be {self}, got {_short(value)}")
         return int(number) if self.whole else number
