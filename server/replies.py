@@ -42,7 +42,7 @@ _NUMBER_TYPES = (int, float, np.integer, np.floating)
 
 @dataclass(frozen=True)
 class Number:
-    """What a metric value must be: a real number (never a bool, str, list or None), optionally whole and bounded below."""
+    """What a metric value must be: a real number (not a bool, str, list or None), maybe whole, maybe bounded below."""
 
     whole: bool = False
     minimum: float | None = None
@@ -106,7 +106,7 @@ class MetricSchema:
             try:
                 checked[name] = self.optional.get(name, FINITE)(value)
             except ValueError as exc:
-                log.warning("%s: ignoring metric %r: %s", where, name, exc)
+                log.warning("%s: ignoring metric %s: %s", where, _short(name), exc)
         return checked
 
 
@@ -121,6 +121,13 @@ EVAL_REPLY = MetricSchema(required={NUM_EXAMPLES: POSITIVE_COUNT, EVAL_LOSS: NON
 
 
 def _short(value: object) -> str:
+    """A bounded description of a value for a log line or rejection reason (a hostile value may be huge)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an int of {value.bit_length()} bits"
+    if isinstance(value, (str, bytes)) and len(value) > 40:
+        return f"of length {len(value)} {value[:20]!r}..."
+    if isinstance(value, list):
+        return f"of length {len(value)}"
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 

@@ -113,7 +113,7 @@ class ScaffoldStrategy(LoraDeltaStrategy):
 
     def decode_reply(self, node: int, msg: Message, reference: Callable[[int], Mapping[str, np.ndarray]]
                      ) -> tuple[dict[str, np.ndarray], int, dict[str, int | float]]:
-        """The reply's delta_c (its own ArrayRecord, checked against c), then the rest as LoraDeltaStrategy decodes it."""
+        """The reply's delta_c (its own ArrayRecord, checked against c); the rest as LoraDeltaStrategy decodes it."""
         if DELTA_C_RECORD not in msg.content.array_records:
             raise UpdateRejected(f"SCAFFOLD reply without the ArrayRecord {DELTA_C_RECORD!r}")
         delta_c = decode_arrays(msg.content.array_records[DELTA_C_RECORD])

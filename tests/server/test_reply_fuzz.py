@@ -246,7 +246,7 @@ def breaking_eval_change(draw):
 
 @st.composite
 def harmless_changes(draw, optional: list[str]):
-    """Changes a reply may carry and still be aggregated: junk extra metrics, malformed optional ones, a ConfigRecord."""
+    """Changes a reply may carry and still be aggregated: junk metrics, malformed optional ones, a ConfigRecord."""
     options = [
         lambda d, k=draw(st.sampled_from(JUNK_NAMES)), v=draw(st.floats(-1e6, 1e6)): d.metrics.__setitem__(k, v),
         lambda d, k=draw(st.sampled_from(JUNK_NAMES)), v=draw(st.sampled_from(NOT_NUMBERS)):
