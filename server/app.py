@@ -24,6 +24,7 @@ from federation.config import RunConfig, compose_config, overrides_from_flat, ru
 from federation.model import initial_adapter, lora_shapes, peft_lora_config
 from federation.store import SERVER_STATE, GlobalAdapterStore, MetricsLog, read_peft_adapter
 from server.privacy import CentralDP
+from server.replies import DP_SGD_EPSILON, EVAL_LOSS, TOKENS_PER_SECOND, TRAIN_LOSS, TRAIN_TOKENS, metric_or_none
 from server.secagg import secagg_params_for_run, secure_train_round
 from server.report import plot_losses, summary_table
 from server.stateful import LORA_METHOD_STRATEGIES, build_lora_method_strategy, check_rank_plan, check_site_ranks
@@ -90,7 +91,7 @@ def _evaluate(strategy: LoraDeltaStrategy, grid: Grid, server_round: int, arrays
     messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), grid)
     replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
     metrics = strategy.aggregate_evaluate(server_round, replies)
-    return None if metrics is None else float(metrics["eval-loss"])
+    return metric_or_none(metrics, EVAL_LOSS)
 
 
 def _restore(store: GlobalAdapterStore, metrics_log: MetricsLog, strategy: LoraDeltaStrategy, cfg: RunConfig):
@@ -163,7 +164,10 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
     if first_round == 0 and cfg.federation.evaluate_before_training:
         start = time.perf_counter()
         eval_loss = _evaluate(strategy, grid, 0, arrays, config, timeout)
+        ledger = strategy.ledger(0)
         row = {"round": 0, "eval_loss": eval_loss, "train_loss": None, "seconds": time.perf_counter() - start,
+               "eval_failed": {str(k): v for k, v in ledger.eval_failed.items()},
+               "eval_rejected": {str(k): v for k, v in ledger.eval_rejected.items()},
                "adapter_params": n_params, "adapter_digest": digest}
         metrics_log.append(row)
         rows.append(row)
@@ -191,24 +195,27 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
         digest = checkpoint(server_round, from_array_record(arrays))
         row = {
             "round": server_round,
-            "train_loss": None if train_metrics is None else float(train_metrics["train-loss"]),
+            "train_loss": metric_or_none(train_metrics, TRAIN_LOSS),
             "eval_loss": eval_loss,
             "clients_sampled": len(ledger.sampled),
             "clients_ok": len(ledger.accepted),
             "missing": ledger.missing,
             "failed": {str(k): v for k, v in ledger.failed.items()},
             "rejected": {str(k): v for k, v in ledger.rejected.items()},
+            "eval_failed": {str(k): v for k, v in ledger.eval_failed.items()},
+            "eval_rejected": {str(k): v for k, v in ledger.eval_rejected.items()},
+            "aggregation_error": ledger.aggregation_error,
             "bytes_up": ledger.bytes_up,
             "bytes_down": ledger.bytes_down,
-            "train_tokens": None if train_metrics is None else int(train_metrics["train-tokens"]),
-            "tokens_per_second": None if train_metrics is None else float(train_metrics["tokens-per-second"]),
+            "train_tokens": metric_or_none(train_metrics, TRAIN_TOKENS, int),
+            "tokens_per_second": metric_or_none(train_metrics, TOKENS_PER_SECOND),
             "adapter_params": n_params,
             "per_site": {str(k): v for k, v in ledger.per_site.items()},
             "aggregated": new_arrays is not None,
             "privacy": strategy.privacy_reports.get(server_round),
             "epsilon": strategy.privacy_reports.get(server_round, {}).get("epsilon"),
-            "local_dp_epsilon": max((site["dp-sgd-epsilon"] for site in ledger.per_site.values()
-                                     if "dp-sgd-epsilon" in site), default=None),
+            "local_dp_epsilon": max((site[DP_SGD_EPSILON] for site in ledger.per_site.values()
+                                     if DP_SGD_EPSILON in site), default=None),
             "start_adapter_digest": start_digest,
             "adapter_digest": digest,
             "seconds": time.perf_counter() - start,

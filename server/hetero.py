@@ -34,6 +34,7 @@ from client.hetero import (FROZEN_ACCUMULATE, FROZEN_FROM_KEY, FROZEN_MODE_KEY, 
                            FROZEN_TRANSIENT, FROZEN_UPDATE_STRATEGIES, HETERO_STRATEGIES, METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS,
                            METRIC_RANK, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS)
 from federation.adapter import from_array_record, to_array_record
+from server.replies import COUNT, EVAL_REPLY, POSITIVE_COUNT, TRAIN_REPLY, MetricSchema, reply_node, sent_to
 from server.strategy import LoraDeltaStrategy, weighted_metrics
 from strategies.aggregators import MixedRanksError
 from strategies.fedavg import AdapterArrays, UpdateRejected
@@ -44,6 +45,9 @@ log = logging.getLogger("fedtune.server")
 
 STATE_PREFIX = "hetero."
 STATE_OFFSETS = "hetero.offsets"
+# A site-profile reply (client.hetero.site_profile); train and evaluate replies may add the merged-updates count.
+SITE_PROFILE_REPLY = MetricSchema(required={METRIC_RANK: POSITIVE_COUNT, METRIC_LOCAL_STEPS: POSITIVE_COUNT,
+                                            METRIC_FROZEN_COUNT: COUNT})
 
 
 @dataclass
@@ -61,15 +65,22 @@ def query_site_profiles(grid: Grid, node_ids: Sequence[int], config: ConfigRecor
     content = RecordDict({"config": ConfigRecord({RUN_CONFIG_KEY: str(config[RUN_CONFIG_KEY])})})
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=node) for node in node_ids]
     replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+    destinations = sent_to(messages)
     profiles, errors = {}, {}
     for reply in replies:
-        node = reply.metadata.src_node_id
+        node = reply_node(reply, destinations)
         if reply.has_error():
             errors[node] = reply.error.reason
             continue
-        metrics = reply.content["metrics"]
-        profiles[node] = SiteProfile(int(metrics[METRIC_RANK]), int(metrics[METRIC_LOCAL_STEPS]),
-                                     int(metrics[METRIC_FROZEN_COUNT]))
+        try:
+            metric_records = list(reply.content.metric_records.values())
+            if len(metric_records) != 1:
+                raise UpdateRejected(f"site profile must be one MetricRecord, got {len(metric_records)}")
+            metrics = SITE_PROFILE_REPLY.check(metric_records[0], f"node {node}")
+        except UpdateRejected as exc:
+            errors[node] = f"malformed site profile: {exc}"
+            continue
+        profiles[node] = SiteProfile(metrics[METRIC_RANK], metrics[METRIC_LOCAL_STEPS], metrics[METRIC_FROZEN_COUNT])
     for node in set(node_ids) - set(profiles) - set(errors):
         errors[node] = "no reply to the site-profile query"
     return profiles, errors
@@ -239,6 +250,9 @@ def _layer_dims(template: Mapping[str, np.ndarray]) -> dict[str, tuple[int, int]
 class HeteroLoraStrategy(LoraDeltaStrategy):
     """Sampling and bookkeeping as LoraDeltaStrategy; per-site messages at each site's rank; exact stacked global."""
 
+    train_schema = TRAIN_REPLY.with_optional({METRIC_FROZEN_COUNT: COUNT})
+    eval_schema = EVAL_REPLY.with_optional({METRIC_FROZEN_COUNT: COUNT})
+
     def __init__(self, method: str, *, lora_alpha: float, export_rank: int, init_seed: int = 0,
                  min_completed_clients: int = 1, query_timeout: float | None = None, **strategy_kwargs) -> None:
         super().__init__(HeteroLoraState(method), **strategy_kwargs)
@@ -342,21 +356,16 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
             raise UpdateRejected("reply from a node that was not sent a LoRA this round")
         return self.sent[node]
 
-    def _note_reply(self, msg: Message) -> None:
-        node = msg.metadata.src_node_id
-        if msg.has_error():
-            self.profiles.pop(node, None)  # re-query: the site may be out of sync or restarted
-            return
-        metrics = next(iter(msg.content.metric_records.values()))
-        if node in self.profiles and METRIC_FROZEN_COUNT in metrics:
+    def note_reply(self, node: int, metrics: Mapping[str, int | float] | None) -> None:
+        """Keep the site's merged-updates count; forget the profile of a site that failed or was rejected."""
+        if metrics is None:
+            self.profiles.pop(node, None)  # re-query: the site may be out of sync, restarted or changed rank
+        elif node in self.profiles and METRIC_FROZEN_COUNT in metrics:
             self.profiles[node].frozen_updates = int(metrics[METRIC_FROZEN_COUNT])
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Rebuild each site's factors (sent + delta); merge sum_i w_i s_i B_i A_i into the exact global."""
-        replies = list(replies)
-        for msg in replies:
-            self._note_reply(msg)
         local_adapters, weights, site_ids, metric_rows = [], [], [], []
         for node, delta, num_examples, metrics in self.accepted_updates(server_round, replies, self._sent_adapter):
             local_adapters.append({key: np.asarray(value, np.float64) + np.asarray(delta[key], np.float64)
@@ -369,7 +378,10 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
             log.error("round %d: %d usable updates (< %d); global update unchanged", server_round,
                       len(local_adapters), max(self.min_completed_clients, 1))
             return None, None
-        export = self._merge_round(server_round, local_adapters, weights)
+        try:
+            export = self._merge_round(server_round, local_adapters, weights)
+        except ValueError as exc:  # incl. LinAlgError
+            return self.aggregation_failed(server_round, exc)
         return to_array_record(export, self.transport_dtype), weighted_metrics(metric_rows, weights)
 
     def _merge_round(self, server_round: int, local_adapters: Sequence[AdapterArrays],
@@ -389,15 +401,9 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
         sampled = [m.metadata.dst_node_id for m in FedAvg.configure_evaluate(self, server_round, arrays, config, grid)]
         ledger = self.ledger(server_round)
         ledger.eval_sampled = sampled
-        nodes = self._profiles_for(grid, sampled, config, {})
-        return self._messages(server_round, nodes, config, MessageType.EVALUATE, ledger)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Note each site's merged-updates count, then the union eval loss as LoraDeltaStrategy computes it."""
-        replies = list(replies)
-        for msg in replies:
-            self._note_reply(msg)
-        return super().aggregate_evaluate(server_round, replies)
+        nodes = self._profiles_for(grid, sampled, config, ledger.eval_failed)
+        self._sent_eval = self._messages(server_round, nodes, config, MessageType.EVALUATE, ledger)
+        return self._sent_eval
 
 
 def build_hetero_strategy(cfg: Any) -> HeteroLoraStrategy:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
-from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, FitIns, bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig, SimpleClientManager
@@ -54,6 +54,7 @@ from client.secagg import (ADAPTER_KEYS_KEY, CLIPPING_RANGE_KEY, DP_CLIP_NORM_KE
 from federation.adapter import to_array_record
 from federation.privacy import add_gaussian_noise
 from federation.secagg_masks import MASK_SCHEME, MASK_SCHEME_KEY, use_cryptographic_masks
+from server.replies import NUM_EXAMPLES, POSITIVE_COUNT, TRAIN_REPLY, reply_node, sent_to
 from strategies.fedavg import UpdateRejected, validate_update
 
 log = logging.getLogger("fedtune.server")
@@ -62,6 +63,7 @@ use_cryptographic_masks("coordinator")
 
 SCALAR_BYTES = 8  # int / float / bool config values on the wire (at most 64 bits)
 STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
+COLLECT_STAGE = "collect_masked_vectors"  # the stage whose replies carry the masked vector and plaintext FitRes
 DEFAULT_MODULUS_RANGE = 2**32
 # Flower's _stochastic_round casts to int32; values reach Q inclusive.
 MAX_QUANTIZATION_RANGE = 2**31 - 1
@@ -207,6 +209,8 @@ class SecAggRoundResult:
     sampled_nodes: list[int] = field(default_factory=list)
     # node -> "stage: reason" for sampled sites that dropped out (no reply or an error reply)
     dropped_nodes: dict[int, str] = field(default_factory=dict)
+    # node -> why its masked-vector reply was refused (kept out of the sum; its masks removed as for a dropout)
+    rejected_nodes: dict[int, str] = field(default_factory=dict)
     masked_bytes_up: dict[int, int] = field(default_factory=dict)  # size of each site's masked vector
     bytes_up: dict[int, int] = field(default_factory=dict)  # all four stages' replies
     bytes_down: int = 0
@@ -260,11 +264,55 @@ class _SecureSumCollector(Strategy):
         return None
 
 
-class _RecordingGrid:
-    """Passes the workflow's send_and_receive through and records, per stage, who replied and how much."""
+def check_masked_vector_reply(content: RecordDict, shapes: Sequence[tuple[int, ...]], max_weight: float,
+                              where: str) -> dict[str, int | float]:
+    """Checked plaintext metrics of a site's collect-masked-vectors reply; UpdateRejected when the reply could not
+    be summed (masked vector of the wrong count, shape or dtype) or its FitRes or metrics are malformed.
 
-    def __init__(self, grid: Grid):
+    Flower's workflow would otherwise raise on it and lose the round for everyone; refused, the site counts as
+    dropped out at this stage, so its vector stays out of the sum and its pairwise masks are reconstructed.
+    """
+    configs = content.config_records.get(RECORD_KEY_CONFIGS)
+    masked = None if configs is None else configs.get(Key.MASKED_PARAMETERS)
+    expected = [(1,), *(tuple(shape) for shape in shapes)]  # the weight factor, then one vector per adapter array
+    if not isinstance(masked, list) or len(masked) != len(expected) or not all(isinstance(b, bytes) for b in masked):
+        raise UpdateRejected(f"masked vector must be {len(expected)} serialized arrays, got "
+                             f"{type(masked).__name__} of {len(masked) if isinstance(masked, list) else 0}")
+    for index, (blob, shape) in enumerate(zip(masked, expected)):
+        try:
+            vector = bytes_to_ndarray(blob)
+        except Exception as exc:  # not an .npy payload (or a pickled one): this site only
+            raise UpdateRejected(f"masked vector part {index} undecodable: {type(exc).__name__}: {exc}") from None
+        if vector.shape != shape or not np.issubdtype(vector.dtype, np.integer):
+            raise UpdateRejected(f"masked vector part {index} is {vector.dtype} {vector.shape}, expected integers "
+                                 f"of shape {shape}")
+    try:
+        fit_res = compat.recorddict_to_fitres(content, keep_input=True)
+    except Exception as exc:  # missing or mistyped FitRes records
+        raise UpdateRejected(f"malformed FitRes: {type(exc).__name__}: {exc}") from None
+    if fit_res.status.code != Code.OK:
+        raise UpdateRejected(f"FitRes status {fit_res.status.code.name}: {fit_res.status.message}")
+    try:
+        weight = POSITIVE_COUNT(fit_res.num_examples)
+    except ValueError as exc:
+        raise UpdateRejected(f"SecAgg+ weight (FitRes num_examples) {exc}") from None
+    if weight > max_weight:
+        raise UpdateRejected(f"SecAgg+ weight {weight} exceeds max_weight {max_weight:g}")
+    return TRAIN_REPLY.check(fit_res.metrics, where)
+
+
+class _RecordingGrid:
+    """Passes the workflow's send_and_receive through and records, per stage, who replied and how much.
+
+    At the collect stage each reply goes through check_masked_vector_reply(content, where) when given: a refused
+    reply is withheld from the workflow (recorded in `rejected`), the others' checked metrics kept in `site_metrics`.
+    """
+
+    def __init__(self, grid: Grid, check_masked_vector=None):
         self.grid = grid
+        self.check_masked_vector = check_masked_vector
+        self.rejected: dict[int, str] = {}
+        self.site_metrics: dict[int, dict[str, int | float]] = {}
         self.stage = ""
         self.sent: dict[str, list[int]] = {}
         self.ok: dict[str, list[int]] = {}
@@ -285,18 +333,30 @@ class _RecordingGrid:
         self.sent[self.stage] = [m.metadata.dst_node_id for m in messages]
         self.bytes_down += sum(_content_bytes(m.content) for m in messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        destinations = sent_to(messages)
         self.ok[self.stage], self.errors[self.stage] = [], {}
+        passed = []
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = reply_node(reply, destinations)
             if reply.has_error():
                 self.errors[self.stage][node] = reply.error.reason
+                passed.append(reply)
                 continue
-            self.ok[self.stage].append(node)
             self.bytes_up[node] = self.bytes_up.get(node, 0) + _content_bytes(reply.content)
+            if self.stage == COLLECT_STAGE and self.check_masked_vector is not None:
+                try:
+                    self.site_metrics[node] = self.check_masked_vector(reply.content, f"node {node}")
+                except UpdateRejected as exc:
+                    self.rejected[node] = str(exc)
+                    log.warning("SecAgg+: REJECTED masked vector of node %d (handled as a dropout, not in the "
+                                "sum): %s", node, exc)
+                    continue
+            self.ok[self.stage].append(node)
+            passed.append(reply)
             configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
-            if configs is not None and Key.MASKED_PARAMETERS in configs:
-                self.masked_bytes[node] = sum(len(b) for b in configs[Key.MASKED_PARAMETERS])
-        return replies
+            if configs is not None and isinstance(configs.get(Key.MASKED_PARAMETERS), list):
+                self.masked_bytes[node] = sum(len(b) for b in configs[Key.MASKED_PARAMETERS] if isinstance(b, bytes))
+        return passed
 
 
 def _content_bytes(content: RecordDict) -> int:
@@ -339,7 +399,7 @@ def _dropped(recorder: _RecordingGrid) -> dict[int, str]:
         if stage not in recorder.sent:
             continue
         for node in recorder.sent[stage]:
-            if node in recorder.ok.get(stage, []) or node in dropped:
+            if node in recorder.ok.get(stage, []) or node in dropped or node in recorder.rejected:
                 continue
             reason = recorder.errors.get(stage, {}).get(node, "no reply")
             dropped[node] = f"{stage}: {reason.splitlines()[0] if reason else 'error'}"
@@ -421,7 +481,9 @@ def secagg_train_round(
         params.flower_num_shares(), params.flower_threshold(), max_weight=max_weight,
         clipping_range=float(params.clipping_range), quantization_range=int(params.quantization_range),
         modulus_range=int(params.modulus_range), timeout=stage_timeout)
-    recorder = _RecordingGrid(grid)
+    shapes = [np.shape(global_arrays[key]) for key in keys]
+    recorder = _RecordingGrid(grid, lambda content, where: check_masked_vector_reply(content, shapes, max_weight,
+                                                                                      where))
     try:
         halted_at, flower_state = workflow.run_stages(recorder, context)
     except Exception as exc:  # a protocol error must not end the federation: this round fails, the next runs
@@ -429,6 +491,7 @@ def secagg_train_round(
         halted_at, flower_state = "exception", None
         result.error = f"SecAgg+ round {server_round} raised {type(exc).__name__}: {exc}"
     result.dropped_nodes = _dropped(recorder)
+    result.rejected_nodes = dict(recorder.rejected)
     result.masked_bytes_up = dict(recorder.masked_bytes)
     result.bytes_up = dict(recorder.bytes_up)
     result.bytes_down = recorder.bytes_down
@@ -451,11 +514,11 @@ def secagg_train_round(
         result.error = f"SecAgg+ round {server_round}: unmasked aggregate unusable: {exc}"
         log.error("round %d: %s", server_round, result.error)
         return result
+    # Only replies that passed check_masked_vector_reply reach the collector: their metrics are the checked ones.
     result.aggregated_nodes = sorted(collector.site_results)
     result.weights = {node: float(n) for node, (n, _) in collector.site_results.items()}
-    result.site_metrics = {node: metrics for node, (_, metrics) in collector.site_results.items()}
-    result.total_examples = int(sum(
-        int(m.get("num-examples", n)) for node, (n, m) in collector.site_results.items()))
+    result.site_metrics = {node: recorder.site_metrics[node] for node in result.aggregated_nodes}
+    result.total_examples = int(sum(metrics[NUM_EXAMPLES] for metrics in result.site_metrics.values()))
     result.error_bound = secagg_error_bound(list(result.weights.values()), params.clipping_range,
                                             params.quantization_range, max_weight)
     if central_dp is not None:
@@ -518,23 +581,22 @@ def secure_train_round(strategy: Any, grid: Grid, server_round: int, arrays: Arr
     ledger.bytes_down = result.bytes_down
     ledger.bytes_up += sum(result.bytes_up.values())
     ledger.failed.update(result.dropped_nodes)
+    ledger.rejected.update(result.rejected_nodes)
     if result.error is not None:
         for node in node_ids:
-            ledger.failed.setdefault(node, result.error)
+            if node not in ledger.rejected:
+                ledger.failed.setdefault(node, result.error)
         return None, None
     ledger.accepted.extend(result.aggregated_nodes)
     for node in result.aggregated_nodes:
-        ledger.per_site[node] = {**{k: v for k, v in result.site_metrics[node].items() if not isinstance(v, list)},
-                                 "bytes_up": result.bytes_up.get(node, 0),
+        ledger.per_site[node] = {**result.site_metrics[node], "bytes_up": result.bytes_up.get(node, 0),
                                  "masked_bytes_up": result.masked_bytes_up.get(node, 0)}
     if result.privacy_report is not None:
         strategy.privacy_reports[server_round] = result.privacy_report
     new_global = strategy.aggregator.aggregate(strategy.current_global, [result.mean_delta],
                                                [float(max(result.total_examples, 1))], ["secagg"])
-    rows = [MetricRecord({k: v for k, v in result.site_metrics[n].items() if isinstance(v, (int, float))})
-            for n in result.aggregated_nodes]
-    site_weights = [float(result.site_metrics[n].get("num-examples", result.weights[n]))
-                    for n in result.aggregated_nodes]
+    rows = [result.site_metrics[n] for n in result.aggregated_nodes]
+    site_weights = [float(result.site_metrics[n][NUM_EXAMPLES]) for n in result.aggregated_nodes]
     return to_array_record(new_global, strategy.transport_dtype), weighted_metrics(rows, site_weights)
 
 

@@ -21,20 +21,19 @@ DP guarantee would not cover); ``build_lora_method_strategy`` refuses those comb
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from client.fedsa import is_lora_b_part
 from client.hetero import FEDEX_STRATEGY, HETERO_STRATEGIES, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS
 from client.scaffold import C_GLOBAL_RECORD, CONTROL_DTYPE, CONTROL_VARIATE_PARAM, DELTA_C_RECORD
 from federation.adapter import to_array_record
-from federation.compression import decode_upload
 from server.fedex import build_fedex_strategy
 from server.hetero import build_hetero_strategy, check_rank_plan, check_site_ranks  # noqa: F401 (re-exported)
+from server.replies import decode_arrays
 from server.strategy import LoraDeltaStrategy
 from strategies.aggregators import build_aggregator
 from strategies.fedavg import AdapterArrays, UpdateRejected, validate_update
@@ -99,6 +98,7 @@ class ScaffoldStrategy(LoraDeltaStrategy):
         self.num_sites_total = int(num_sites_total)
         self.min_completed_clients = int(min_completed_clients)
         self.connected_nodes = 0
+        self._delta_c: dict[int, AdapterArrays] = {}  # accepted node -> its delta_c, for the round in flight
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -111,82 +111,46 @@ class ScaffoldStrategy(LoraDeltaStrategy):
         self.ledger(server_round).bytes_down += record.count_bytes() * len(messages)
         return messages
 
+    def decode_reply(self, node: int, msg: Message, reference: Callable[[int], Mapping[str, np.ndarray]]
+                     ) -> tuple[dict[str, np.ndarray], int, dict[str, int | float]]:
+        """The reply's delta_c (its own ArrayRecord, checked against c); the rest as LoraDeltaStrategy decodes it."""
+        if DELTA_C_RECORD not in msg.content.array_records:
+            raise UpdateRejected(f"SCAFFOLD reply without the ArrayRecord {DELTA_C_RECORD!r}")
+        delta_c = decode_arrays(msg.content.array_records[DELTA_C_RECORD])
+        try:
+            validate_update(delta_c, self.aggregator.control(self.current_global))
+        except UpdateRejected as exc:
+            raise UpdateRejected(f"control variate: {exc}") from None
+        update = super().decode_reply(node, _without(msg, DELTA_C_RECORD), reference)
+        self._delta_c[node] = {key: np.asarray(value, np.float64) for key, value in delta_c.items()}
+        return update
+
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the deltas as LoraDeltaStrategy does; then c += sum of the accepted delta_c / N."""
         c_global = self.aggregator.control(self.current_global)
         ledger = self.ledger(server_round)
-        stripped, delta_cs, rejected, extra_bytes = [], {}, {}, {}
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                stripped.append(msg)
-                continue
-            try:
-                if DELTA_C_RECORD not in msg.content.array_records:
-                    raise UpdateRejected(f"SCAFFOLD reply without {DELTA_C_RECORD}")
-                record = msg.content[DELTA_C_RECORD]
-                delta_c = {key: np.asarray(value.numpy(), np.float64) for key, value in record.items()}
-                validate_update(delta_c, c_global)
-            except UpdateRejected as exc:
-                rejected[node] = f"control variate: {exc}"
-                continue
-            delta_cs[node] = delta_c
-            extra_bytes[node] = record.count_bytes()
-            stripped.append(_without(msg, DELTA_C_RECORD))
-        new_arrays, metrics = super().aggregate_train(server_round, stripped)
-        for node, reason in rejected.items():
-            ledger.rejected[node] = reason
-            log.warning("round %d: REJECTED update from node %d, not aggregated: %s", server_round, node, reason)
-        for node in ledger.accepted:
-            ledger.bytes_up += extra_bytes[node]
-            ledger.per_site[node]["bytes_up"] += extra_bytes[node]
+        self._delta_c = {}
+        new_arrays, metrics = super().aggregate_train(server_round, replies)
         if new_arrays is None or len(ledger.accepted) < self.min_completed_clients:
             return None, None  # the round loop keeps the global adapter; c must not move without it
         total = max(self.num_sites_total, self.connected_nodes, len(ledger.accepted))
-        self.aggregator.c_global = server_control_update(c_global, [delta_cs[n] for n in ledger.accepted], total)
+        self.aggregator.c_global = server_control_update(c_global, [self._delta_c[n] for n in ledger.accepted],
+                                                         total)
         return new_arrays, metrics
 
 
 class FedSALoraStrategy(LoraDeltaStrategy):
     """LoraDeltaStrategy for uploads without lora_B: missing B deltas count as zero, so only A is averaged."""
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Refuse uploads that carry lora_B; zero-fill B; aggregate as LoraDeltaStrategy (upload bytes as sent)."""
-        ledger = self.ledger(server_round)
-        b_keys = [key for key in self.current_global if key.endswith(LORA_B_SUFFIX)]
-        filled, sent_bytes, refused = [], {}, {}
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error() or "arrays" not in msg.content.array_records:
-                filled.append(msg)
-                continue
-            record = msg.content["arrays"]
-            sent_bytes[node] = sum(r.count_bytes() for r in msg.content.array_records.values())
-            leaked = [key for key in record if is_lora_b_part(key)]
-            if leaked:
-                refused[node] = f"FedSA-LoRA keeps lora_B at the site, but the upload has lora_B parts {leaked[:2]}"
-                continue
-            try:
-                delta = decode_upload({key: value.numpy() for key, value in record.items()})
-            except Exception:  # malformed: LoraDeltaStrategy rejects it with the reason
-                filled.append(msg)
-                continue
-            zeros = {key: np.zeros(np.shape(self.current_global[key]), np.float32) for key in b_keys}
-            full = to_array_record({**delta, **zeros})  # plain float32 keys: decode_upload passes them through
-            filled.append(Message(content=RecordDict({**dict(msg.content.items()), "arrays": full}),
-                                  metadata=msg.metadata))
-        bytes_before = ledger.bytes_up
-        result = super().aggregate_train(server_round, filled)
-        ledger.bytes_up = bytes_before + sum(sent_bytes.values())
-        for node, site in ledger.per_site.items():
-            if node in sent_bytes:
-                site["bytes_up"] = sent_bytes[node]
-        for node, reason in refused.items():
-            ledger.rejected[node] = reason
-            log.warning("round %d: REJECTED update from node %d: %s", server_round, node, reason)
-        return result
+    def complete_update(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Refuse an upload that carries lora_B; fill every lora_B delta with zeros (the global B never moves)."""
+        leaked = [key for key in arrays if key.endswith(LORA_B_SUFFIX)]
+        if leaked:
+            raise UpdateRejected(f"FedSA-LoRA keeps lora_B at the site, but the upload has lora_B parts {leaked[:2]}")
+        zeros = {key: np.zeros(np.shape(value), np.float32) for key, value in self.current_global.items()
+                 if key.endswith(LORA_B_SUFFIX)}
+        return {**arrays, **zeros}
 
 
 def _strategy_kwargs(cfg: Any) -> dict[str, Any]:

@@ -18,7 +18,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from federation.adapter import from_array_record, to_array_record
-from federation.compression import decode_upload
+from server.replies import (EVAL_LOSS, EVAL_REPLY, EVAL_TOKENS, INPUT_TOKENS, NUM_EXAMPLES, PARTITION_ID,
+                            PEAK_MEMORY_BYTES, TRAIN_REPLY, TRAIN_SECONDS, TRAIN_STEPS, TRAIN_TOKENS, MetricSchema,
+                            decode_eval_reply, decode_train_reply, reply_node, sent_to)
 from strategies.fedavg import UpdateRejected, validate_update
 from strategies.streaming import StreamingWeightedMean
 
@@ -37,6 +39,10 @@ class RoundLedger:
     bytes_up: int = 0
     eval_sampled: list[int] = field(default_factory=list)
     eval_ok: list[int] = field(default_factory=list)
+    eval_failed: dict[int, str] = field(default_factory=dict)
+    eval_rejected: dict[int, str] = field(default_factory=dict)
+    # why the accepted updates could not be aggregated (e.g. too few for Multi-Krum); None when they were
+    aggregation_error: str | None = None
     # node id -> that site's train metrics and upload size, for per-site reporting
     per_site: dict[int, dict] = field(default_factory=dict)
 
@@ -46,33 +52,19 @@ class RoundLedger:
         return sorted(set(self.sampled) - set(self.accepted))
 
 
-def decode_update(msg: Message) -> tuple[dict[str, np.ndarray], int, MetricRecord]:
-    """(delta arrays as sent, example count, metrics) of a train reply; raises UpdateRejected when malformed."""
-    content = msg.content
-    if len(content.array_records) != 1 or len(content.metric_records) != 1:
-        raise UpdateRejected("reply must carry exactly one ArrayRecord and one MetricRecord")
-    record = next(iter(content.array_records.values()))
-    metrics = next(iter(content.metric_records.values()))
-    try:
-        arrays = decode_upload({k: v.numpy() for k, v in record.items()})
-    except Exception as exc:  # undecodable bytes/dtype or malformed encoding: reject this site only
-        raise UpdateRejected(f"undecodable arrays: {exc}") from exc
-    num_examples = metrics.get("num-examples")
-    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, float)) or num_examples <= 0 \
-            or not np.isfinite(num_examples):
-        raise UpdateRejected(f"num-examples must be a positive number, got {num_examples!r}")
-    return arrays, int(num_examples), metrics
-
-
 class LoraDeltaStrategy(FedAvg):
     """Sample sites, send the global adapter, aggregate their validated LoRA deltas with `aggregator`."""
+
+    # What a train / evaluate reply must carry (server.replies); a strategy with metrics of its own extends them.
+    train_schema: MetricSchema = TRAIN_REPLY
+    eval_schema: MetricSchema = EVAL_REPLY
 
     def __init__(self, aggregator, *, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
                  min_train_nodes: int = 2, min_evaluate_nodes: int = 2, min_available_nodes: int = 2,
                  transport_dtype: str = "float32", central_dp=None):
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
                          min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
-                         min_available_nodes=min_available_nodes, weighted_by_key="num-examples")
+                         min_available_nodes=min_available_nodes, weighted_by_key=NUM_EXAMPLES)
         self.aggregator = aggregator
         self.transport_dtype = transport_dtype
         # server.privacy.CentralDP or None: when set, sites are clipped and noised before `aggregator`.
@@ -80,9 +72,10 @@ class LoraDeltaStrategy(FedAvg):
         self.privacy_reports: dict[int, dict] = {}
         self.current_global: dict[str, np.ndarray] = {}
         self.ledgers: dict[int, RoundLedger] = {}
-        # The train messages of the round in flight, to attribute replies (accepted_updates);
+        # The train / evaluate messages of the round in flight, to attribute replies (reply_node);
         # Grid.push_messages fills metadata.message_id of these very objects.
         self._sent: list[Message] = []
+        self._sent_eval: list[Message] = []
 
     def ledger(self, server_round: int) -> RoundLedger:
         """The round's participation record (created on first use)."""
@@ -99,37 +92,69 @@ class LoraDeltaStrategy(FedAvg):
         ledger.bytes_down += arrays.count_bytes() * len(messages)
         return messages
 
+    def decode_reply(self, node: int, msg: Message, reference: Callable[[int], Mapping[str, np.ndarray]]
+                     ) -> tuple[dict[str, np.ndarray], int, dict[str, int | float]]:
+        """(delta, example count, checked metrics) of one train reply, or UpdateRejected with the reason.
+
+        The one validation of a train reply: its records and metrics (server.replies), its arrays against
+        reference(node) (keys, shapes, float dtype, finite values), and the aggregator's own precondition on
+        a single update (``check_update``, e.g. FFA-LoRA's frozen A). Strategies with extra records override it.
+        """
+        arrays, num_examples, metrics = decode_train_reply(msg, self.train_schema, f"node {node}")
+        arrays = self.complete_update(arrays)
+        expected = reference(node)
+        validate_update(arrays, expected)
+        check_update = getattr(self.aggregator, "check_update", None)
+        if check_update is not None:
+            check_update(expected, arrays)
+        return arrays, num_examples, metrics
+
+    def complete_update(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The delta as the aggregator expects it, from the decoded upload (FedSA-LoRA fills in lora_B)."""
+        return arrays
+
+    def note_reply(self, node: int, metrics: Mapping[str, int | float] | None) -> None:
+        """Called for every train or evaluate reply: its checked metrics, or None when it failed or was rejected."""
+
     def accepted_updates(self, server_round: int, replies: Iterable[Message],
                          reference: Callable[[int], Mapping[str, np.ndarray]]
-                         ) -> Iterator[tuple[int, dict[str, np.ndarray], int, MetricRecord]]:
-        """(node, delta, example count, metrics) of each reply whose delta fits reference(node); the ledger notes
+                         ) -> Iterator[tuple[int, dict[str, np.ndarray], int, dict[str, int | float]]]:
+        """(node, delta, example count, checked metrics) of each reply that decode_reply accepts; the ledger notes
         failures, rejections (logged, never yielded), upload bytes and the accepted sites.
 
         reference(node) may raise UpdateRejected (e.g. a node that was sent nothing this round).
         """
         ledger = self.ledger(server_round)
-        # Flower answers for an unreachable node itself (src_node_id = the SuperLink's id), so a reply is
-        # attributed to the node its request went to.
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent if m.metadata.message_id}
+        destinations = sent_to(self._sent)
         for msg in replies:
-            node = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            node = reply_node(msg, destinations)
             if msg.has_error():
                 ledger.failed[node] = msg.error.reason
                 log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                self.note_reply(node, None)
                 continue
             upload = sum(r.count_bytes() for r in msg.content.array_records.values())
             ledger.bytes_up += upload
             try:
-                arrays, num_examples, metrics = decode_update(msg)
-                validate_update(arrays, reference(node))
+                arrays, num_examples, metrics = self.decode_reply(node, msg, reference)
             except UpdateRejected as exc:
                 ledger.rejected[node] = str(exc)
                 log.warning("round %d: REJECTED update from node %d, not aggregated: %s", server_round, node, exc)
+                self.note_reply(node, None)
                 continue
             ledger.accepted.append(node)
-            ledger.per_site[node] = {**{k: v for k, v in metrics.items() if not isinstance(v, list)},
-                                     "bytes_up": upload}
+            ledger.per_site[node] = {**metrics, "bytes_up": upload}
+            self.note_reply(node, metrics)
             yield node, arrays, num_examples, metrics
+
+    def aggregation_failed(self, server_round: int, exc: ValueError) -> tuple[None, None]:
+        """The accepted updates cannot be aggregated together (an aggregator's precondition on the set, e.g.
+        Multi-Krum's minimum count): the round keeps the global adapter; the ledger says why."""
+        ledger = self.ledger(server_round)
+        ledger.aggregation_error = f"{type(exc).__name__}: {exc}"
+        log.error("round %d: the %d accepted updates could not be aggregated (%s); global adapter unchanged",
+                  server_round, len(ledger.accepted), ledger.aggregation_error)
+        return None, None
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -157,62 +182,71 @@ class LoraDeltaStrategy(FedAvg):
         if not ledger.accepted:
             log.error("round %d: no valid updates; global adapter unchanged", server_round)
             return None, None
-        if streaming is not None:
-            new_global = self.aggregator.aggregate_mean(self.current_global, streaming.result())
-        elif self.central_dp is not None:
-            # The DP mean is uniform over sites by design (weights would change the sensitivity); the
-            # aggregator then post-processes it (server optimizers keep the guarantee).
-            noisy_mean, self.privacy_reports[server_round] = self.central_dp.aggregate(deltas)
-            new_global = self.aggregator.aggregate(self.current_global, [noisy_mean], [1.0], ["dp-mean"])
-        else:
-            new_global = self.aggregator.aggregate(self.current_global, deltas, weights, site_ids)
+        try:
+            if streaming is not None:
+                new_global = self.aggregator.aggregate_mean(self.current_global, streaming.result())
+            elif self.central_dp is not None:
+                # The DP mean is uniform over sites by design (weights would change the sensitivity); the
+                # aggregator then post-processes it (server optimizers keep the guarantee).
+                noisy_mean, self.privacy_reports[server_round] = self.central_dp.aggregate(deltas)
+                new_global = self.aggregator.aggregate(self.current_global, [noisy_mean], [1.0], ["dp-mean"])
+            else:
+                new_global = self.aggregator.aggregate(self.current_global, deltas, weights, site_ids)
+        except ValueError as exc:  # incl. UpdateRejected, MixedRanksError, LinAlgError
+            return self.aggregation_failed(server_round, exc)
         return to_array_record(new_global, self.transport_dtype), weighted_metrics(metric_rows, weights)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """Sample sites to evaluate the global adapter on their held-out data."""
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._sent_eval = messages
         ledger = self.ledger(server_round)
         ledger.eval_sampled = [m.metadata.dst_node_id for m in messages]
         ledger.bytes_down += arrays.count_bytes() * len(messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Union eval loss: every site's summed token loss over all sites' target tokens."""
+        """Union eval loss: every site's summed token loss over all sites' target tokens (checked replies only)."""
         ledger = self.ledger(server_round)
+        destinations = sent_to(self._sent_eval)
         loss_sum, tokens, examples = 0.0, 0, 0
         for msg in replies:
+            node = reply_node(msg, destinations)
             if msg.has_error():
-                log.warning("round %d: evaluation failed on node %d: %s", server_round, msg.metadata.src_node_id,
-                            msg.error.reason)
+                ledger.eval_failed[node] = msg.error.reason
+                log.warning("round %d: evaluation failed on node %d: %s", server_round, node, msg.error.reason)
+                self.note_reply(node, None)
                 continue
-            metrics = next(iter(msg.content.metric_records.values()))
-            loss, n_tok = float(metrics["eval-loss"]), int(metrics["eval-tokens"])
-            if not np.isfinite(loss) or n_tok <= 0:
-                log.warning("round %d: ignoring eval from node %d (loss=%s, tokens=%s)", server_round,
-                            msg.metadata.src_node_id, loss, n_tok)
+            try:
+                metrics = decode_eval_reply(msg, self.eval_schema, f"node {node}")
+            except UpdateRejected as exc:
+                ledger.eval_rejected[node] = str(exc)
+                log.warning("round %d: REJECTED evaluation from node %d, not counted: %s", server_round, node, exc)
+                self.note_reply(node, None)
                 continue
-            loss_sum += loss * n_tok
-            tokens += n_tok
-            examples += int(metrics["num-examples"])
-            ledger.eval_ok.append(msg.metadata.src_node_id)
+            loss_sum += metrics[EVAL_LOSS] * metrics[EVAL_TOKENS]
+            tokens += metrics[EVAL_TOKENS]
+            examples += metrics[NUM_EXAMPLES]
+            ledger.eval_ok.append(node)
+            self.note_reply(node, metrics)
         if tokens == 0:
             return None
-        return MetricRecord({"eval-loss": loss_sum / tokens, "eval-tokens": tokens, "num-examples": examples})
+        return MetricRecord({EVAL_LOSS: loss_sum / tokens, EVAL_TOKENS: tokens, NUM_EXAMPLES: examples})
 
 
-def weighted_metrics(rows: list[MetricRecord], weights: list[float]) -> MetricRecord:
-    """Example-weighted mean of scalar train metrics; token and time counts are summed."""
-    summed_keys = {"train-tokens", "input-tokens", "train-steps", "num-examples"}
+def weighted_metrics(rows: list[Mapping[str, int | float]], weights: list[float]) -> MetricRecord:
+    """Example-weighted mean of the (checked, scalar) train metrics; token and time counts are summed."""
+    summed_keys = {TRAIN_TOKENS, INPUT_TOKENS, TRAIN_STEPS, NUM_EXAMPLES}
     total = sum(weights)
     out: dict[str, float] = {}
     for key in rows[0]:
         values = [row.get(key) for row in rows]
-        if key == "partition-id" or any(isinstance(v, list) or v is None for v in values):
+        if key == PARTITION_ID or any(isinstance(v, list) or v is None for v in values):
             continue
         if key in summed_keys:
             out[key] = float(sum(values))
-        elif key in ("train-seconds", "peak-memory-bytes"):
+        elif key in (TRAIN_SECONDS, PEAK_MEMORY_BYTES):
             out[key] = float(max(values))
         else:
             out[key] = float(sum(w * v for w, v in zip(weights, values)) / total)

@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from strategies.fedavg import AdapterArrays, UpdateRejected, apply_delta, validate_update, weighted_mean
-from strategies.lora_exact import fedex_residual, ffa_lora, lora_ranks
+from strategies.lora_exact import LORA_A_SUFFIX, fedex_residual, ffa_lora, lora_ranks
 from strategies.robust import coordinate_median, coordinate_trimmed_mean, krum, norm_bound
 from strategies.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
@@ -194,6 +194,15 @@ class FFALoRAAggregator:
     def __init__(self, a_atol: float = 0.0) -> None:
         self.a_atol = a_atol
 
+    def check_update(self, global_adapter, update) -> None:
+        """Raise UpdateRejected if one site's lora_A moved by more than a_atol / 2 (then no two accepted sites
+        differ by more than a_atol, and aggregate() cannot fail on the others' account)."""
+        for a_key in [key for key in global_adapter if key.endswith(LORA_A_SUFFIX)]:
+            moved = float(np.max(np.abs(np.asarray(update[a_key], dtype=np.float64)), initial=0.0))
+            if moved > self.a_atol / 2:
+                raise UpdateRejected(f"FFA-LoRA keeps lora_A frozen, but {a_key} moved by {moved:.3g} "
+                                     f"(> a_atol/2 = {self.a_atol / 2:g})")
+
     def aggregate(self, global_adapter, updates, weights, site_ids) -> AdapterArrays:
         """New global = FFA-LoRA mean of the sites' adapters (global + delta_i); raises if the A factors differ."""
         _checked(self, global_adapter, updates, weights, site_ids)
@@ -284,6 +293,12 @@ class RobustAggregator:
     def last_residual(self) -> dict[str, np.ndarray] | None:
         """The inner aggregator's FedEx residual, if it has one."""
         return getattr(self.inner, "last_residual", None)
+
+    def check_update(self, global_adapter, update) -> None:
+        """The inner aggregator's check of one site's update, if it has one (UpdateRejected)."""
+        check = getattr(self.inner, "check_update", None)
+        if check is not None:
+            check(global_adapter, update)
 
     def aggregate(self, global_adapter, updates, weights, site_ids) -> AdapterArrays:
         """Apply the robust method, then the inner aggregator; last_selected_sites lists the sites that counted."""

@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 import server.app
 import server.hetero
 from client.app import RUN_CONFIG_KEY
 from client.hetero import (FROZEN_ACCUMULATE, FROZEN_COUNT_STATE, FROZEN_FROM_KEY, FROZEN_MODE_KEY, FROZEN_RECORD,
-                           FROZEN_STATE, FROZEN_TO_KEY, dispatch_train, frozen_lora_update, frozen_update_for,
+                           FROZEN_STATE, FROZEN_TO_KEY, METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS, METRIC_RANK,
+                           dispatch_train, frozen_lora_update, frozen_update_for,
                            make_lora_methods_app, site_settings)
 from federation.adapter import from_array_record, to_array_record
 from federation.config import run_config_to_json
 from federation.model import initial_adapter
-from server.hetero import HeteroLoraState, check_site_ranks, truncate_factors
+from server.hetero import HeteroLoraState, SiteProfile, check_site_ranks, query_site_profiles, truncate_factors
 from server.stateful import LORA_METHOD_STRATEGIES, build_lora_method_strategy, check_rank_plan
 from simulations.inprocess import InProcessGrid
 from strategies.aggregators import MixedRanksError
 from strategies.lora_exact import lora_pairs, lora_ranks, svd_redistribute, weighted_dense_mean
-from tests.flower_messages import instruction
+from tests.flower_messages import instruction, set_task_identity
 
 RANKS = [4, 8, 16]
 
@@ -228,6 +231,44 @@ def test_mixed_ranks_under_fedavg_fail_before_any_round(make_cfg, lora_methods_l
         server.app.run_federation(grid, cfg)
     assert grid.exchanges == []  # nothing was sent
     assert not list((server.app.Path(cfg.output_dir) / "checkpoints").glob("round-*"))  # not even round 0
+
+
+class ProfileRepliesGrid:
+    """Nodes 1..4 answering the site-profile query with the given contents (node -> RecordDict)."""
+
+    def __init__(self, contents):
+        self.contents = contents
+
+    def get_node_ids(self):
+        return sorted(self.contents)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for index, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"q{index}"
+            replies.append(Message(self.contents[msg.metadata.dst_node_id], reply_to=msg))
+        return replies
+
+
+def test_malformed_site_profiles_become_per_node_errors(make_cfg, caplog):
+    set_task_identity()
+    honest = {METRIC_RANK: 8, METRIC_LOCAL_STEPS: 2, METRIC_FROZEN_COUNT: 0}
+    grid = ProfileRepliesGrid({
+        1: RecordDict({"metrics": MetricRecord(honest)}),
+        2: RecordDict({"metrics": MetricRecord({METRIC_RANK: 8, METRIC_LOCAL_STEPS: 2})}),
+        3: RecordDict({"metrics": ConfigRecord({**honest, METRIC_RANK: "8"})}),
+        4: RecordDict({"metrics": MetricRecord({**honest, METRIC_RANK: 2.5})}),
+    })
+    cfg = make_cfg("strategy=flora")
+    config = ConfigRecord({RUN_CONFIG_KEY: run_config_to_json(cfg)})
+    profiles, errors = query_site_profiles(grid, [1, 2, 3, 4], config, None)
+    assert profiles == {1: SiteProfile(8, 2, 0)}
+    assert errors == {2: "malformed site profile: metric 'frozen-updates' is missing",
+                      3: "malformed site profile: site profile must be one MetricRecord, got 0",
+                      4: "malformed site profile: metric 'lora-r' must be a whole number >= 1, got 2.5"}
+    with caplog.at_level(logging.WARNING, logger="fedtune.server"):
+        assert set(check_site_ranks(grid, make_cfg(), config, None)) == {1}  # fedavg: the others assumed lora.r
+    assert "node 4 gave no site profile (malformed site profile" in caplog.text
 
 
 def test_site_ranks_from_node_configs_under_fedavg_are_refused_by_the_query_and_by_the_site(make_cfg):

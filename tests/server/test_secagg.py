@@ -144,6 +144,49 @@ def test_site_over_max_weight_drops_out_with_its_reason_and_the_rest_aggregate()
     assert max_error(result.mean_delta, fedavg_of([0, 1])) <= result.error_bound
 
 
+def stub_train_without_loss_at_partition_1(msg: Message, context: Context) -> Message:
+    """stub_train, except that partition 1 reports no train-loss (the review case of issue 10, under SecAgg+)."""
+    reply = stub_train(msg, context)
+    if int(context.node_config["partition-id"]) == 1:
+        del reply.content["metrics"]["train-loss"]
+    return reply
+
+
+class TamperingGrid(StageDropGrid):
+    """StageDropGrid whose node `node` cuts the last array off its masked vector in the collect stage."""
+
+    def __init__(self, client_app_, num_nodes, node):
+        super().__init__(client_app_, num_nodes)
+        self.node = node
+
+    def pull_messages(self, message_ids):
+        replies = list(super().pull_messages(message_ids))
+        for reply in replies:
+            configs = reply.content.config_records.get(RECORD_KEY_CONFIGS) if not reply.has_error() else None
+            if reply.metadata.src_node_id == self.node and configs and Key.MASKED_PARAMETERS in configs:
+                configs[Key.MASKED_PARAMETERS] = configs[Key.MASKED_PARAMETERS][:-1]
+        return replies
+
+
+@pytest.mark.parametrize("grid_of, reason", [
+    (lambda: StageDropGrid(make_secagg_app(stub_train_without_loss_at_partition_1), 4), "'train-loss' is missing"),
+    (lambda: TamperingGrid(make_secagg_app(stub_train), 4, node=2), "masked vector must be 3 serialized arrays"),
+], ids=["metrics", "masked-vector"])
+def test_malformed_masked_vector_reply_is_rejected_and_the_others_aggregate(grid_of, reason):
+    strategy = LoraDeltaStrategy(FedAvgAggregator(), min_train_nodes=4, min_available_nodes=4)
+    config = ConfigRecord({client_app.RUN_CONFIG_KEY: "{}"})
+    new_arrays, metrics = secure_train_round(strategy, grid_of(), 1, to_array_record(GLOBAL), config, PARAMS,
+                                             timeout=30)
+    ledger = strategy.ledger(1)
+    # Node 2 (partition 1) is refused; its vector stays out of the sum, its masks are removed like a dropout's.
+    assert sorted(ledger.accepted) == [1, 3, 4] and list(ledger.rejected) == [2] and reason in ledger.rejected[2]
+    assert 2 not in ledger.failed
+    expected = {k: GLOBAL[k] + v for k, v in fedavg_of([0, 2, 3]).items()}
+    assert max_error(from_array_record(new_arrays), expected) <= secagg_error_bound(
+        [8, 32, 24], PARAMS.clipping_range, Q, PARAMS.max_weight) + 1e-7
+    assert metrics["num-examples"] == 8 + 32 + 24
+
+
 def test_dropout_below_threshold_fails_cleanly_keeps_the_global_and_the_next_round_recovers(caplog):
     params = SecAggParams(num_shares=1.0, reconstruction_threshold=3, clipping_range=0.125, max_weight=64)
     grid = StageDropGrid(make_secagg_app(stub_train), 4,

@@ -96,3 +96,68 @@ def test_eval_loss_is_token_weighted_union():
     out = s.aggregate_evaluate(1, msgs)
     assert out["eval-loss"] == pytest.approx((2.0 * 10 + 4.0 * 30) / 40)
     assert out["eval-tokens"] == 40
+
+
+def test_review_case_reply_without_train_loss_is_rejected_and_the_round_goes_on(caplog):
+    """Outside review (issue 10): a train reply lacking train-loss ended the whole run with a KeyError."""
+    good1 = {KA: np.array([[1.0, 0.0]], np.float32), KB: np.array([[2.0], [0.0]], np.float32)}
+    good2 = {KA: np.array([[3.0, 0.0]], np.float32), KB: np.array([[0.0], [2.0]], np.float32)}
+    no_loss = _train_reply(3, good1, 1000)
+    del no_loss.content["metrics"]["train-loss"]
+    s = _strategy()
+    with caplog.at_level(logging.WARNING, logger="fedtune.server"):
+        arrays, metrics = s.aggregate_train(1, [_train_reply(1, good1, 10), no_loss, _train_reply(2, good2, 30)])
+    ledger = s.ledger(1)
+    assert ledger.accepted == [1, 2] and list(ledger.rejected) == [3]
+    assert ledger.rejected[3] == "metric 'train-loss' is missing"
+    assert "REJECTED update from node 3" in caplog.text
+    np.testing.assert_allclose(from_array_record(arrays)[KA], [[1 + 0.25 * 1 + 0.75 * 3, 1.0]])
+    assert metrics["train-loss"] == 1.0 and metrics["num-examples"] == 40
+
+
+def test_optional_metrics_are_dropped_when_malformed_and_kept_when_numbers():
+    reply_ = _train_reply(1, {KA: np.zeros((1, 2), np.float32), KB: np.zeros((2, 1), np.float32)})
+    reply_.content["metrics"]["train-tokens"] = -5  # malformed optional metric: ignored
+    reply_.content["metrics"]["site-note"] = [1.0, 2.0]  # unknown and not a number: ignored
+    reply_.content["metrics"]["site-speed"] = 2.5  # unknown number: kept for the per-site report
+    s = _strategy()
+    s.aggregate_train(1, [reply_])
+    assert s.ledger(1).accepted == [1]
+    site = s.ledger(1).per_site[1]
+    assert "train-tokens" not in site and "site-note" not in site and site["site-speed"] == 2.5
+
+
+def test_accepted_updates_the_aggregator_cannot_combine_fail_the_round_not_the_coordinator(caplog):
+    from strategies.aggregators import build_aggregator
+
+    s = LoraDeltaStrategy(build_aggregator("multi_krum", {"num_malicious": 1, "multi_k": 2}), min_train_nodes=1,
+                          min_available_nodes=1)
+    s.current_global = {k: v.copy() for k, v in GLOBAL.items()}
+    bad = _train_reply(2, {KA: np.zeros((1, 2), np.float32), KB: np.zeros((2, 1), np.float32)}, n=0)
+    with caplog.at_level(logging.ERROR, logger="fedtune.server"):
+        arrays, metrics = s.aggregate_train(1, [_train_reply(1, {k: np.ones_like(v) for k, v in GLOBAL.items()}),
+                                                bad])
+    assert arrays is None and metrics is None
+    ledger = s.ledger(1)
+    assert ledger.accepted == [1] and "num-examples" in ledger.rejected[2]
+    assert "Krum needs at least 2 updates" in ledger.aggregation_error and "could not be aggregated" in caplog.text
+
+
+def test_malformed_and_failed_evaluations_are_recorded_and_left_out_of_the_union_loss():
+    s = _strategy()
+    msgs = []
+    for node, metrics in [(1, {"eval-loss": 2.0, "eval-tokens": 10, "num-examples": 3}),
+                          (2, {"eval-tokens": 30, "num-examples": 3}),  # no eval-loss
+                          (3, {"eval-loss": float("nan"), "eval-tokens": 30, "num-examples": 3}),
+                          (4, {"eval-loss": 1.0, "eval-tokens": 0, "num-examples": 3})]:
+        ins = instruction(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="evaluate")
+        msgs.append(reply(ins, RecordDict({"metrics": MetricRecord(metrics)})))
+    ins = instruction(RecordDict({"config": ConfigRecord({})}), dst_node_id=5, message_type="evaluate")
+    msgs.append(Message(Error(code=0, reason="out of memory"), reply_to=ins))
+    out = s.aggregate_evaluate(1, msgs)
+    assert out["eval-loss"] == 2.0 and out["eval-tokens"] == 10
+    ledger = s.ledger(1)
+    assert ledger.eval_ok == [1] and ledger.eval_failed == {5: "out of memory"}
+    assert ledger.eval_rejected == {2: "metric 'eval-loss' is missing",
+                                    3: "metric 'eval-loss' must be a finite number >= 0, got nan",
+                                    4: "metric 'eval-tokens' must be a whole number >= 1, got 0"}

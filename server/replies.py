@@ -1,0 +1,184 @@
+"""The coordinator's one check of what a site sends back: metric names, reply schemas and the reply decoders.
+
+Every read of a reply's content goes through here, so a reply - whatever it holds - is either decoded
+into values the aggregation code can trust, or refused with ``UpdateRejected`` and a reason that the
+round's ledger records for that site; it never raises anything else into the round loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+from federation.compression import decode_upload
+from strategies.fedavg import UpdateRejected
+
+log = logging.getLogger("fedtune.server")
+
+# Metric names of the site protocol, as client/app.py writes them (one place on the coordinator's side).
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+TRAIN_TOKENS = "train-tokens"
+INPUT_TOKENS = "input-tokens"
+TRAIN_STEPS = "train-steps"
+TRAIN_SECONDS = "train-seconds"
+TOKENS_PER_SECOND = "tokens-per-second"
+PEAK_MEMORY_BYTES = "peak-memory-bytes"
+PARTITION_ID = "partition-id"
+DP_SGD_EPSILON = "dp-sgd-epsilon"
+EVAL_LOSS = "eval-loss"
+EVAL_TOKENS = "eval-tokens"
+
+# Counts are summed and used as weights in float64, which represents whole numbers exactly up to 2**53;
+# a larger claimed count could also overflow the weighted sums.
+MAX_COUNT = 2**53
+_NUMBER_TYPES = (int, float, np.integer, np.floating)
+
+
+@dataclass(frozen=True)
+class Number:
+    """What a metric value must be: a real number (not a bool, str, list or None), maybe whole, maybe bounded below."""
+
+    whole: bool = False
+    minimum: float | None = None
+    allow_inf: bool = False  # +inf is a valid value (e.g. a privacy budget that is spent)
+
+    def __str__(self) -> str:
+        text = "a whole number" if self.whole else ("a number" if self.allow_inf else "a finite number")
+        return text + ("" if self.minimum is None else f" >= {self.minimum:g}")
+
+    def __call__(self, value: object) -> int | float:
+        """The value as a Python int (whole) or float; ValueError saying what was expected otherwise."""
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, _NUMBER_TYPES):
+            raise ValueError(f"must be {self}, got {type(value).__name__} {_short(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float64's range
+            raise ValueError(f"must be {self}, got {_short(value)}") from None
+        if math.isnan(number) or (math.isinf(number) and not (self.allow_inf and number > 0)):
+            raise ValueError(f"must be {self}, got {number}")
+        if self.whole and not number.is_integer():
+            raise ValueError(f"must be {self}, got {_short(value)}")
+        if self.whole and abs(number) > MAX_COUNT:
+            raise ValueError(f"must be {self} of at most 2**53, got {_short(value)}")
+        if self.minimum is not None and number < self.minimum:
+            raise ValueError(f"must be {self}, got {_short(value)}")
+        return int(number) if self.whole else number
+
+
+COUNT = Number(whole=True, minimum=0)
+POSITIVE_COUNT = Number(whole=True, minimum=1)
+FINITE = Number()
+NON_NEGATIVE = Number(minimum=0.0)
+LABEL = Number(whole=True)
+
+
+@dataclass(frozen=True)
+class MetricSchema:
+    """The metrics of one kind of reply: required ones refuse the reply when absent or malformed; optional
+    ones are dropped when malformed; metrics it does not name are kept only as finite numbers."""
+
+    required: Mapping[str, Number]
+    optional: Mapping[str, Number] = field(default_factory=dict)
+
+    def with_optional(self, extra: Mapping[str, Number]) -> MetricSchema:
+        """This schema plus more optional metrics (a strategy's own, e.g. FLoRA's merged-updates count)."""
+        return MetricSchema(self.required, {**self.optional, **extra})
+
+    def check(self, metrics: Mapping[str, object], where: str) -> dict[str, int | float]:
+        """Checked copy of `metrics` (UpdateRejected naming the metric if a required one is missing or malformed)."""
+        checked: dict[str, int | float] = {}
+        for name, kind in self.required.items():
+            if name not in metrics:
+                raise UpdateRejected(f"metric {name!r} is missing")
+            try:
+                checked[name] = kind(metrics[name])
+            except ValueError as exc:
+                raise UpdateRejected(f"metric {name!r} {exc}") from None
+        for name, value in metrics.items():
+            if name in self.required:
+                continue
+            try:
+                checked[name] = self.optional.get(name, FINITE)(value)
+            except ValueError as exc:
+                log.warning("%s: ignoring metric %s: %s", where, _short(name), exc)
+        return checked
+
+
+# Losses are token-mean cross-entropies (>= 0); counts are whole numbers.
+TRAIN_REPLY = MetricSchema(
+    required={NUM_EXAMPLES: POSITIVE_COUNT, TRAIN_LOSS: NON_NEGATIVE},
+    optional={TRAIN_TOKENS: COUNT, INPUT_TOKENS: COUNT, TRAIN_STEPS: COUNT, TRAIN_SECONDS: NON_NEGATIVE,
+              TOKENS_PER_SECOND: NON_NEGATIVE, PEAK_MEMORY_BYTES: COUNT, PARTITION_ID: LABEL,
+              DP_SGD_EPSILON: Number(minimum=0.0, allow_inf=True)})
+EVAL_REPLY = MetricSchema(required={NUM_EXAMPLES: POSITIVE_COUNT, EVAL_LOSS: NON_NEGATIVE, EVAL_TOKENS: POSITIVE_COUNT},
+                          optional={PARTITION_ID: LABEL})
+
+
+def _short(value: object) -> str:
+    """A bounded description of a value for a log line or rejection reason (a hostile value may be huge)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an int of {value.bit_length()} bits"
+    if isinstance(value, (str, bytes)) and len(value) > 40:
+        return f"of length {len(value)} {value[:20]!r}..."
+    if isinstance(value, list):
+        return f"of length {len(value)}"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def sent_to(messages: Iterable[Message]) -> dict[str, int]:
+    """{message id: destination node} of sent messages (Grid.push_messages fills the ids)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+
+
+def reply_node(msg: Message, destinations: Mapping[str, int]) -> int:
+    """The node a reply is about: the one its request went to (Flower answers for an unreachable node itself,
+    with the SuperLink as sender), else its sender."""
+    return destinations.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+
+
+def decode_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """The arrays of a record as sent (any dtype); UpdateRejected if they cannot be read."""
+    try:
+        return {key: value.numpy() for key, value in record.items()}
+    except Exception as exc:  # undecodable bytes, pickled objects, ...: this site only
+        raise UpdateRejected(f"undecodable arrays: {type(exc).__name__}: {exc}") from None
+
+
+def decode_train_reply(msg: Message, schema: MetricSchema, where: str
+                       ) -> tuple[dict[str, np.ndarray], int, dict[str, int | float]]:
+    """(delta as decoded from its upload codec, example count, checked metrics) of a train reply with exactly one
+    ArrayRecord and one MetricRecord; UpdateRejected when it is malformed."""
+    content = msg.content
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        raise UpdateRejected(f"reply must carry exactly one ArrayRecord and one MetricRecord, got "
+                             f"{len(content.array_records)} and {len(content.metric_records)}")
+    metrics = schema.check(next(iter(content.metric_records.values())), where)
+    encoded = decode_arrays(next(iter(content.array_records.values())))
+    try:
+        arrays = decode_upload(encoded)
+    except Exception as exc:  # malformed encoding (parts, dtypes, shapes): this site only
+        raise UpdateRejected(f"undecodable upload: {type(exc).__name__}: {exc}") from None
+    return arrays, metrics[NUM_EXAMPLES], metrics
+
+
+def decode_eval_reply(msg: Message, schema: MetricSchema, where: str) -> dict[str, int | float]:
+    """Checked metrics of an evaluate reply: exactly one MetricRecord and no arrays; UpdateRejected otherwise."""
+    content = msg.content
+    if content.array_records or len(content.metric_records) != 1:
+        raise UpdateRejected(f"evaluate reply must carry exactly one MetricRecord and no ArrayRecord, got "
+                             f"{len(content.metric_records)} and {len(content.array_records)}")
+    return schema.check(next(iter(content.metric_records.values())), where)
+
+
+def metric_or_none(metrics: Mapping[str, object] | None, name: str, kind: type = float) -> int | float | None:
+    """metrics[name] as `kind`, or None when there are no metrics or no such metric (for the metrics row)."""
+    if metrics is None or name not in metrics:
+        return None
+    return kind(metrics[name])
