@@ -53,7 +53,7 @@ from client.secagg import (ADAPTER_KEYS_KEY, CLIPPING_RANGE_KEY, DP_CLIP_NORM_KE
                            SERVER_ROUND_KEY)
 from federation.adapter import to_array_record
 from federation.privacy import add_gaussian_noise
-from federation.secagg_masks import MASK_SCHEME, MASK_SCHEME_KEY, use_cryptographic_masks
+from federation.secagg_masks import MASK_SCHEME, MASK_SCHEME_KEY, narrow_dtype, use_cryptographic_masks
 from server.replies import NUM_EXAMPLES, POSITIVE_COUNT, TRAIN_REPLY, reply_node, sent_to
 from strategies.fedavg import UpdateRejected, validate_update
 
@@ -265,7 +265,7 @@ class _SecureSumCollector(Strategy):
 
 
 def check_masked_vector_reply(content: RecordDict, shapes: Sequence[tuple[int, ...]], max_weight: float,
-                              where: str) -> dict[str, int | float]:
+                              where: str, modulus_range: int = DEFAULT_MODULUS_RANGE) -> dict[str, int | float]:
     """Checked plaintext metrics of a site's collect-masked-vectors reply; UpdateRejected when the reply could not
     be summed (masked vector of the wrong count, shape or dtype) or its FitRes or metrics are malformed.
 
@@ -283,9 +283,10 @@ def check_masked_vector_reply(content: RecordDict, shapes: Sequence[tuple[int, .
             vector = bytes_to_ndarray(blob)
         except Exception as exc:  # not an .npy payload (or a pickled one): this site only
             raise UpdateRejected(f"masked vector part {index} undecodable: {type(exc).__name__}: {exc}") from None
-        if vector.shape != shape or not np.issubdtype(vector.dtype, np.integer):
-            raise UpdateRejected(f"masked vector part {index} is {vector.dtype} {vector.shape}, expected integers "
-                                 f"of shape {shape}")
+        # Exactly the sites' dtype: mixing e.g. uint64 with int64 would make numpy sum in float64, inexactly.
+        if vector.shape != shape or vector.dtype != narrow_dtype(modulus_range):
+            raise UpdateRejected(f"masked vector part {index} is {vector.dtype} {vector.shape}, expected "
+                                 f"{narrow_dtype(modulus_range)} of shape {shape}")
     try:
         fit_res = compat.recorddict_to_fitres(content, keep_input=True)
     except Exception as exc:  # missing or mistyped FitRes records
@@ -482,8 +483,8 @@ def secagg_train_round(
         clipping_range=float(params.clipping_range), quantization_range=int(params.quantization_range),
         modulus_range=int(params.modulus_range), timeout=stage_timeout)
     shapes = [np.shape(global_arrays[key]) for key in keys]
-    recorder = _RecordingGrid(grid, lambda content, where: check_masked_vector_reply(content, shapes, max_weight,
-                                                                                      where))
+    recorder = _RecordingGrid(grid, lambda content, where: check_masked_vector_reply(
+        content, shapes, max_weight, where, modulus_range=int(params.modulus_range)))
     try:
         halted_at, flower_state = workflow.run_stages(recorder, context)
     except Exception as exc:  # a protocol error must not end the federation: this round fails, the next runs
