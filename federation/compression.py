@@ -148,14 +148,23 @@ def _encode_int4(key: str, x: np.ndarray, block: int) -> dict[str, np.ndarray]:
             f"{key}::shape4": np.asarray((block, *x.shape), dtype=np.int32)}
 
 
-def _decode_int4(encoded: Mapping[str, np.ndarray], key: str) -> np.ndarray:
+def _check_declared_size(key: str, shape: tuple[int, ...], max_elements: int | None) -> int:
+    """prod(shape), refused above max_elements: a declared shape must not make the decoder allocate at will."""
+    size = math.prod(shape)
+    if max_elements is not None and size > max_elements:
+        raise ValueError(f"{key}: declared shape {list(shape)} ({size} elements) exceeds the largest expected "
+                         f"tensor ({max_elements} elements)")
+    return size
+
+
+def _decode_int4(encoded: Mapping[str, np.ndarray], key: str, max_elements: int | None = None) -> np.ndarray:
     packed = _part(encoded, key, "q4", (np.uint8,))
     scale = _part(encoded, key, "scale4", (np.float32,))
     header = _part(encoded, key, "shape4", (np.int32,))  # block size, then the tensor's shape
     if header.ndim != 1 or header.size < 1 or header[0] < 1 or np.any(header[1:] < 0):
         raise ValueError(f"{key}::shape4: expected [block >= 1, *shape], got {header.tolist()}")
     block, shape = int(header[0]), tuple(int(s) for s in header[1:])
-    size = math.prod(shape)
+    size = _check_declared_size(key, shape, max_elements)
     blocks = math.ceil(size / block)
     if scale.shape != (blocks,) or packed.shape != ((blocks * block + 1) // 2,):
         raise ValueError(f"{key}: int4 parts q4 {packed.shape}, scale4 {scale.shape} do not fit shape {list(shape)} "
@@ -177,7 +186,8 @@ def _part(encoded: Mapping[str, np.ndarray], key: str, suffix: str, dtypes: tupl
     return value
 
 
-def _decode_tensor(encoded: Mapping[str, np.ndarray], key: str, codec: str) -> np.ndarray:
+def _decode_tensor(encoded: Mapping[str, np.ndarray], key: str, codec: str,
+                   max_elements: int | None = None) -> np.ndarray:
     if codec == "fp32":
         value = np.asarray(encoded[key])
         if not np.issubdtype(value.dtype, np.floating):
@@ -195,13 +205,13 @@ def _decode_tensor(encoded: Mapping[str, np.ndarray], key: str, codec: str) -> n
             raise ValueError(f"{key}::scale: shape {scale.shape}, expected (1,) or ({rows},) for q of shape {q.shape}")
         return (q.astype(np.float32) * _scale_broadcast(scale, q.ndim)).astype(np.float32)
     if codec == "int4":
-        return _decode_int4(encoded, key)
+        return _decode_int4(encoded, key, max_elements)
     idx = _part(encoded, key, "idx", (np.int32,))
     values = _part(encoded, key, "val", (np.float16, np.uint16))
     shape = _part(encoded, key, "shape", (np.int32,))
     if shape.ndim != 1 or np.any(shape < 0):
         raise ValueError(f"{key}::shape: not a shape: {shape.tolist()}")
-    size = int(np.prod(shape))
+    size = _check_declared_size(key, tuple(int(s) for s in shape), max_elements)
     if idx.ndim != 1 or values.shape != idx.shape:
         raise ValueError(f"{key}: topk idx {idx.shape} and val {values.shape} must be 1-D of one length")
     if idx.size and (idx.min() < 0 or idx.max() >= size or np.any(np.diff(idx) <= 0)):
@@ -276,9 +286,13 @@ def upload_codecs(encoded: Mapping[str, np.ndarray]) -> dict[str, str]:
     return codecs
 
 
-def decode_upload(encoded: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Encoded upload -> float32 delta {key: array}; ValueError naming the key on missing/wrong parts."""
-    return {key: _decode_tensor(encoded, key, codec) for key, codec in upload_codecs(encoded).items()}
+def decode_upload(encoded: Mapping[str, np.ndarray], max_elements: int | None = None) -> dict[str, np.ndarray]:
+    """Encoded upload -> float32 delta {key: array}; ValueError naming the key on missing/wrong parts.
+
+    max_elements: the largest tensor the receiver expects; codecs that declare a shape (topk, int4) are refused
+    above it before anything is allocated (an untrusted upload).
+    """
+    return {key: _decode_tensor(encoded, key, codec, max_elements) for key, codec in upload_codecs(encoded).items()}
 
 
 def encoded_nbytes(encoded: Mapping[str, np.ndarray]) -> int:

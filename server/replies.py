@@ -151,7 +151,7 @@ def decode_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
         raise UpdateRejected(f"undecodable arrays: {type(exc).__name__}: {exc}") from None
 
 
-def decode_train_reply(msg: Message, schema: MetricSchema, where: str
+def decode_train_reply(msg: Message, schema: MetricSchema, where: str, max_elements: int | None = None
                        ) -> tuple[dict[str, np.ndarray], int, dict[str, int | float]]:
     """(delta as decoded from its upload codec, example count, checked metrics) of a train reply with exactly one
     ArrayRecord and one MetricRecord; UpdateRejected when it is malformed."""
@@ -162,7 +162,7 @@ def decode_train_reply(msg: Message, schema: MetricSchema, where: str
     metrics = schema.check(next(iter(content.metric_records.values())), where)
     encoded = decode_arrays(next(iter(content.array_records.values())))
     try:
-        arrays = decode_upload(encoded)
+        arrays = decode_upload(encoded, max_elements)
     except Exception as exc:  # malformed encoding (parts, dtypes, shapes): this site only
         raise UpdateRejected(f"undecodable upload: {type(exc).__name__}: {exc}") from None
     return arrays, metrics[NUM_EXAMPLES], metrics

@@ -100,9 +100,10 @@ class LoraDeltaStrategy(FedAvg):
         reference(node) (keys, shapes, float dtype, finite values), and the aggregator's own precondition on
         a single update (``check_update``, e.g. FFA-LoRA's frozen A). Strategies with extra records override it.
         """
-        arrays, num_examples, metrics = decode_train_reply(msg, self.train_schema, f"node {node}")
-        arrays = self.complete_update(arrays)
         expected = reference(node)
+        largest = max((int(np.size(value)) for value in expected.values()), default=0)
+        arrays, num_examples, metrics = decode_train_reply(msg, self.train_schema, f"node {node}", largest)
+        arrays = self.complete_update(arrays)
         validate_update(arrays, expected)
         check_update = getattr(self.aggregator, "check_update", None)
         if check_update is not None:

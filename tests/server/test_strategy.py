@@ -161,3 +161,15 @@ def test_malformed_and_failed_evaluations_are_recorded_and_left_out_of_the_union
     assert ledger.eval_rejected == {2: "metric 'eval-loss' is missing",
                                     3: "metric 'eval-loss' must be a finite number >= 0, got nan",
                                     4: "metric 'eval-tokens' must be a whole number >= 1, got 0"}
+
+
+def test_topk_upload_declaring_a_huge_shape_is_rejected_before_allocation():
+    from federation.compression import UploadCodec
+    from strategies.fedavg import UpdateRejected
+
+    encoded = UploadCodec("topk", topk_fraction=0.5).encode({k: np.ones_like(v) for k, v in GLOBAL.items()})
+    encoded[f"{KA}::shape"] = np.asarray([2**20, 2**20], dtype=np.int32)  # 2**40 floats if it were allocated
+    strategy = _strategy()
+    strategy.current_global = GLOBAL
+    with pytest.raises(UpdateRejected, match="exceeds the largest expected tensor"):
+        strategy.decode_reply(3, _train_reply(3, encoded), lambda node: GLOBAL)
