@@ -111,6 +111,7 @@ class LoraDeltaStrategy(FedAvg):
         # Flower answers for an unreachable node itself (src_node_id = the SuperLink's id), so a reply is
         # attributed to the node its request went to.
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent if m.metadata.message_id}
+        replies = sorted(replies, key=lambda msg: reply_order(msg, sent_to))  # see reply_order
         for msg in replies:
             node = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if msg.has_error():
@@ -199,6 +200,23 @@ class LoraDeltaStrategy(FedAvg):
         if tokens == 0:
             return None
         return MetricRecord({"eval-loss": loss_sum / tokens, "eval-tokens": tokens, "num-examples": examples})
+
+
+def reply_order(msg: Message, sent_to: Mapping[str, int]) -> tuple[int, int]:
+    """Sort key of a train reply: (partition id, node id), so the coordinator sums updates in a fixed order.
+
+    Float sums depend on their order, and replies arrive in any order: summed as they came, a re-run or a
+    resumed run would not reproduce the adapter bit for bit. The node id is stable in a deployment (it comes
+    with the site's registered key); Flower's simulation draws new node ids per run, hence the partition id
+    the sites report first (-1 in a deployment, or when a reply has none).
+    """
+    partition = -1
+    if not msg.has_error():
+        for record in msg.content.metric_records.values():
+            value = record.get("partition-id")
+            if isinstance(value, int) and not isinstance(value, bool):
+                partition = value
+    return partition, sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
 
 
 def weighted_metrics(rows: list[MetricRecord], weights: list[float]) -> MetricRecord:
