@@ -87,6 +87,10 @@ class SiteStateStore:
                 found[int(match.group(1))] = path
         return found
 
+    def rounds(self, name: str) -> list[int]:
+        """The rounds that `name` has state saved for (the state entering them), oldest first."""
+        return sorted(self._rounds(name))
+
     def _entry(self, name: str, server_round: int) -> Path | None:
         """The file of the state entering `server_round`: the newest saved for a round <= server_round."""
         rounds = self._rounds(name)
