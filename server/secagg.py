@@ -52,6 +52,7 @@ from client.secagg import (ADAPTER_KEYS_KEY, CLIPPING_RANGE_KEY, DP_CLIP_NORM_KE
                            SERVER_ROUND_KEY)
 from federation.adapter import to_array_record
 from federation.privacy import add_gaussian_noise
+from federation.store import FEDERATION_RUN_ID_KEY
 from strategies.fedavg import UpdateRejected, validate_update
 
 log = logging.getLogger("fedtune.server")
@@ -352,6 +353,7 @@ def secagg_train_round(
     *,
     node_ids: Sequence[int] | None = None,
     central_dp: Any = None,
+    run_id: str | None = None,
 ) -> SecAggRoundResult:
     """One SecAgg+ training round over `node_ids` (default: all nodes); returns the unmasked mean delta.
 
@@ -398,6 +400,8 @@ def secagg_train_round(
         MAX_WEIGHT_KEY: float(max_weight),
         CLIPPING_RANGE_KEY: float(params.clipping_range),
         DP_CLIP_NORM_KEY: dp_clip_norm,
+        # the federation run id keys the sites' round state (client/site_state.py)
+        **({FEDERATION_RUN_ID_KEY: run_id} if run_id else {}),
     }
     collector = _SecureSumCollector(nodes, fit_config, grid, grid.run.run_id)
     state = RecordDict()
@@ -508,7 +512,8 @@ def secure_train_round(strategy: Any, grid: Grid, server_round: int, arrays: Arr
     messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
     node_ids = [m.metadata.dst_node_id for m in messages]
     result = secagg_train_round(grid, server_round, strategy.current_global, str(config[RUN_CONFIG_KEY]), params,
-                                timeout, node_ids=node_ids, central_dp=strategy.central_dp)
+                                timeout, node_ids=node_ids, central_dp=strategy.central_dp,
+                                run_id=config.get(FEDERATION_RUN_ID_KEY))
     ledger = strategy.ledger(server_round)
     ledger.bytes_down = result.bytes_down
     ledger.bytes_up += sum(result.bytes_up.values())

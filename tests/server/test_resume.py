@@ -172,3 +172,35 @@ def test_replies_are_summed_in_a_fixed_order_whatever_order_they_arrive_in():
         accepted.add(tuple(strategy.ledger(1).accepted))
     assert accepted == {(30, 10, 20)}  # by partition id, not node id
     assert len(results) == 1
+
+
+def test_dp_sgd_accountant_history_survives_a_restart(make_cfg, tmp_path):
+    """Epsilon accumulates across a coordinator restart: after a resume the sites report the uninterrupted run's
+    epsilon (the accountant depends on the steps taken, not on the noise values, which are not reproducible)."""
+    def run(name, rounds, *extra):
+        cfg = make_cfg("privacy=dp_sgd", "privacy.local_dp_sgd.noise_multiplier=1.0", "federation.num_clients=2",
+                       f"federation.rounds={rounds}", "federation.evaluate_before_training=false",
+                       "strategy.fraction_evaluate=0.0", *extra)
+        cfg.output_dir = str(tmp_path / name)
+        return run_federation(InProcessGrid(client_app, 2), cfg)
+
+    full = [r["local_dp_epsilon"] for r in run("uninterrupted", 2)]
+    run("resumed", 1)
+    resumed = [r["local_dp_epsilon"] for r in run("resumed", 2, "federation.resume=true")]
+    assert full[1] > full[0] > 0
+    assert resumed[-1] == pytest.approx(full[1], rel=1e-12)
+
+
+def test_sites_keep_round_state_under_secagg_too(make_cfg, tmp_path):
+    """SecAgg+ rounds carry the federation run id to the sites' training as well (not bit-identical: Flower's
+    quantization rounds stochastically, but the error feedback and a DP-SGD accountant survive a restart)."""
+    from client.secagg import secagg_app
+
+    cfg = make_cfg("privacy=secagg", "federation.num_clients=3", "federation.rounds=1",
+                   "federation.evaluate_before_training=false", "strategy.fraction_evaluate=0.0")
+    rows = run_federation(InProcessGrid(secagg_app, 3), cfg)
+    assert rows[-1]["clients_ok"] == 3
+    run_id = GlobalAdapterStore(cfg.output_dir).federation_run_id()
+    for partition in range(3):
+        site = SiteStateStore(Path(cfg.output_dir) / "sites" / f"partition-{partition}", run_id)
+        assert site.rounds(ERROR_FEEDBACK_KEY) == [2]
