@@ -17,10 +17,11 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.fast_train import FastLocalTrainer, FastPathSettings
+from client.site_state import server_round_of, site_state
 from client.trainer import LocalTrainer
 from federation.adapter import (adapter_delta, from_array_record, get_adapter_arrays, lora_parameters,
                                 set_adapter_arrays)
@@ -47,7 +48,8 @@ def _log_in_deployment() -> None:
 _log_in_deployment()
 
 RUN_CONFIG_KEY = "fedtune.run-config"
-# Per-node state Flower keeps across rounds (Context.state): the site's DP-SGD accountant history.
+# Site state that rounds advance (client/site_state.py, per federation run and round): the site's DP-SGD
+# accountant history ...
 DP_STATE_KEY = "fedtune.dp-sgd"
 # ... and the upload codec's error-feedback residual (what lossy compression dropped so far).
 ERROR_FEEDBACK_KEY = "fedtune.error-feedback"
@@ -162,7 +164,7 @@ def train_reply(msg: Message, context: Context, before_step=None) -> Message:
     seed = site_seed(cfg, server_round, context)
     extra_metrics = {}
     if cfg.privacy.local_dp_sgd.enabled:
-        result, extra_metrics["dp-sgd-epsilon"] = _train_dp_sgd(trainer, train_ds, cfg, context)
+        result, extra_metrics["dp-sgd-epsilon"] = _train_dp_sgd(trainer, train_ds, cfg, msg, context)
     else:
         result = trainer.train(train_ds, seed=seed, proximal_mu=cfg.strategy.proximal_mu, before_step=before_step)
     delta = adapter_delta(get_adapter_arrays(runtime.model), global_arrays)
@@ -173,7 +175,7 @@ def build_train_reply(msg: Message, context: Context, cfg: RunConfig, result, de
                       extra_metrics: dict | None = None) -> Message:
     """The reply to a train message: the encoded delta and the round's metrics (logged on the site)."""
     server_round = int(msg.content["config"].get("server-round", 0))
-    record = encode_delta(delta, cfg, context)
+    record = encode_delta(delta, cfg, msg, context)
     log.info("round %d: trained on %d examples (%d steps, %d tokens, loss %.4f, %.0f tok/s); uploading %d bytes",
              server_round, result.num_examples, result.steps, result.input_tokens, result.train_loss,
              result.tokens_per_second, record.count_bytes())
@@ -192,30 +194,31 @@ def build_train_reply(msg: Message, context: Context, cfg: RunConfig, result, de
     return Message(content=RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)
 
 
-def encode_delta(delta: dict, cfg: RunConfig, context: Context) -> ArrayRecord:
-    """The delta as federation.upload_codec encodes it; the error-feedback residual lives in the node's Flower state."""
+def encode_delta(delta: dict, cfg: RunConfig, msg: Message, context: Context) -> ArrayRecord:
+    """The delta as federation.upload_codec encodes it; the error-feedback residual is round state of the site."""
     codec = UploadCodec(cfg.federation.upload_codec, **dict(cfg.federation.upload_codec_params))
     if codec.lossless or not cfg.federation.upload_error_feedback:
         encoded = codec.encode(delta)
     else:
+        site, server_round = site_state(msg, context, cfg.output_dir), server_round_of(msg)
         feedback = ErrorFeedback()
-        stored = context.state.array_records.get(ERROR_FEEDBACK_KEY)
+        stored = site.load_arrays(ERROR_FEEDBACK_KEY, server_round)
         if stored is not None:
-            feedback.load_state_dict({k: v.numpy() for k, v in stored.items()})
+            feedback.load_state_dict(stored)
         encoded = feedback.encode(delta, codec)
-        context.state[ERROR_FEEDBACK_KEY] = ArrayRecord({k: Array(v) for k, v in feedback.state_dict().items()})
+        site.save_arrays(ERROR_FEEDBACK_KEY, server_round + 1, feedback.state_dict())
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in encoded.items()})
 
 
-def _train_dp_sgd(trainer: LocalTrainer, train_ds: SiteDataset, cfg: RunConfig, context: Context):
-    """DP-SGD round whose accountant history lives in the node's Flower state, so epsilon accumulates.
+def _train_dp_sgd(trainer: LocalTrainer, train_ds: SiteDataset, cfg: RunConfig, msg: Message, context: Context):
+    """DP-SGD round whose accountant history is round state of the site, so epsilon accumulates across rounds.
 
     No seed: the site's sampling and noise come from OS entropy, so the coordinator cannot replay them.
     """
-    stored = context.state.config_records.get(DP_STATE_KEY)
-    previous = json.loads(str(stored["accountant"])) if stored else None
+    site, server_round = site_state(msg, context, cfg.output_dir), server_round_of(msg)
+    previous = site.load_json(DP_STATE_KEY, server_round)
     result, state, epsilon = trainer.train_dp_sgd(train_ds, cfg.privacy.local_dp_sgd, cfg.federation.rounds, previous)
-    context.state[DP_STATE_KEY] = ConfigRecord({"accountant": json.dumps(state)})
+    site.save_json(DP_STATE_KEY, server_round + 1, state)
     log.info("DP-SGD: epsilon %.4f at delta %.1e after this round", epsilon, cfg.privacy.local_dp_sgd.delta)
     return result, float(epsilon)
 

@@ -4,7 +4,9 @@ A site runs ``fedtune site --config site.yaml``. The daemon validates everything
 (data, CA certificate, the site's private key) before it dials the coordinator, because a SuperNode
 started with bad data would only fail inside the first round, on the coordinator's clock. It then
 runs ``flower-supernode`` in the foreground over TLS with SuperNode authentication; the ClientApp
-(``client.app:app``) arrives with each run and reads its data from the node config ``data-path``.
+(``client.app:app``) arrives with each run and reads its data from the node config ``data-path``; it keeps
+the state that rounds advance (client/site_state.py) under ``<state_dir>/round-state`` (node config
+``round-state-dir``), so a resumed run continues from it.
 
 ``FlowerProcess`` (supervise a Flower CLI process and everything it spawns) is shared with the
 coordinator (server/coordinator.py).
@@ -54,6 +56,8 @@ SUPERNODE_FAILURE_HINTS = {
     "Unable to parse the private key": "`private_key` is not an OpenSSH EC private key (use sites/<site>.key)",
     "Connection refused": "nothing listens at `coordinator` (host:port); is the coordinator running?",
 }
+# Under state_dir: the ClientApp's round state per federation run (node config round-state-dir).
+ROUND_STATE_SUBDIR = "round-state"
 # Node-config values are written as '...' strings inside --node-config, so they cannot hold a quote.
 _NODE_CONFIG_FORBIDDEN = ("'", '"')
 DEVICES = ("auto", "cpu", "cuda")
@@ -242,7 +246,8 @@ class SiteConfig:
     device: str = "auto"
     # Local port of this SuperNode's Runtime API (SuperNode <-> ClientApp process); two sites on one host need two.
     clientappio_port: int = DEFAULT_CLIENTAPPIO_PORT
-    # FLWR_HOME of this SuperNode (installed apps); empty: ~/.flwr.
+    # FLWR_HOME of this SuperNode (installed apps) and the ClientApp's round state (round-state/: error feedback,
+    # SCAFFOLD c_i, ... per run, so a resumed run continues from it); empty: ~/.flwr and no durable round state.
     state_dir: Path | None = None
     # Reconnection limits while the coordinator is unreachable (None: retry forever).
     max_retries: int | None = None
@@ -361,7 +366,8 @@ def validate_site(cfg: SiteConfig) -> dict[str, int]:
         raise SiteConfigError(f"device {cfg.device!r}: use one of {DEVICES} or cuda:N")
     if ":" not in cfg.coordinator or cfg.coordinator.startswith(("http://", "https://")):
         raise SiteConfigError(f"coordinator {cfg.coordinator!r}: expected host:port without a scheme")
-    for key, value in [("name", cfg.name), ("data_path", str(cfg.data_path)), *cfg.extra_node_config.items()]:
+    for key, value in [("name", cfg.name), ("data_path", str(cfg.data_path)), ("state_dir", str(cfg.state_dir or "")),
+                       *cfg.extra_node_config.items()]:
         if any(ch in str(value) for ch in _NODE_CONFIG_FORBIDDEN):
             raise SiteConfigError(f"{key} {value!r}: must not contain quotes")
     if cfg.insecure:
@@ -373,9 +379,14 @@ def validate_site(cfg: SiteConfig) -> dict[str, int]:
 
 
 def node_config(cfg: SiteConfig) -> str:
-    """--node-config string: what the ClientApp reads from context.node_config (data-path, site, device)."""
+    """--node-config string: what the ClientApp reads from context.node_config (data-path, site, device, state)."""
+    from client.site_state import NODE_STATE_DIR_KEY
+
     values: dict[str, str | int | float | bool] = {"site": cfg.name, "data-path": str(cfg.data_path),
-                                                   "device": cfg.device, **cfg.extra_node_config}
+                                                   "device": cfg.device}
+    if cfg.state_dir is not None:
+        values[NODE_STATE_DIR_KEY] = str(cfg.state_dir / ROUND_STATE_SUBDIR)
+    values.update(cfg.extra_node_config)
     parts = []
     for key, value in values.items():
         if isinstance(value, bool):

@@ -1,8 +1,8 @@
 """The site's side of FedSA-LoRA (Guo et al. 2024): lora_A is shared and averaged, lora_B stays at the site.
 
 The coordinator sends the whole global adapter; the site overwrites every received lora_B with its
-own (kept in Flower's ``Context.state``; before its first round it starts from the received, initial
-B), trains, stores its trained B and uploads the delta of lora_A and of any non-LoRA keys only: lora_B
+own (round state of the site, client/site_state.py; before its first round it starts from the received,
+initial B), trains, stores its trained B and uploads the delta of lora_A and of any non-LoRA keys only: lora_B
 is ABSENT from the reply, so neither B nor its change ever leaves the site. The coordinator
 (server.stateful.FedSALoraStrategy) treats the missing B deltas as zero, so the global B stays at its
 initial value. Evaluation uses the site's own B (a personalised model).
@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 import client.app as plain_client
 from client.app import RUN_CONFIG_KEY
+from client.site_state import server_round_of, site_state
 from federation.adapter import from_array_record, get_adapter_arrays, to_array_record
 from federation.compression import SEPARATOR
 from strategies.lora_exact import LORA_B_SUFFIX
@@ -42,15 +43,15 @@ def with_run_config(msg: Message, run_config_json: str) -> Message:
     return message_with(msg, config=ConfigRecord({**dict(msg.content["config"]), RUN_CONFIG_KEY: run_config_json}))
 
 
-def own_lora_b(context: Context) -> dict[str, np.ndarray] | None:
-    """This site's lora_B tensors from Context.state ({key: (out, r)}), None before its first training round."""
-    stored = context.state.array_records.get(LORA_B_STATE)
-    return None if stored is None else from_array_record(stored)
+def own_lora_b(msg: Message, context: Context, server_round: int) -> dict[str, np.ndarray] | None:
+    """This site's lora_B tensors ({key: (out, r)}) as it enters `server_round`, None before it trained once."""
+    cfg = plain_client.parse_run_config(str(msg.content["config"][RUN_CONFIG_KEY]))
+    return site_state(msg, context, cfg.output_dir).load_arrays(LORA_B_STATE, server_round)
 
 
-def with_own_lora_b(msg: Message, context: Context) -> Message:
-    """`msg` with every received lora_B replaced by this site's own (unchanged before its first round)."""
-    own = own_lora_b(context)
+def with_own_lora_b(msg: Message, context: Context, server_round: int) -> Message:
+    """`msg` with every received lora_B replaced by this site's own as of `server_round` (unchanged before any)."""
+    own = own_lora_b(msg, context, server_round)
     if own is None:
         return msg
     arrays = from_array_record(msg.content["arrays"])
@@ -62,18 +63,20 @@ def with_own_lora_b(msg: Message, context: Context) -> Message:
 
 
 def train(msg: Message, context: Context) -> Message:
-    """Train from (global A, own B); keep the trained B in Context.state; reply with the A (and non-LoRA) delta only."""
+    """Train from (global A, own B); keep the trained B for the next round; reply with the A (and non-LoRA) delta."""
     cfg = plain_client.parse_run_config(str(msg.content["config"][RUN_CONFIG_KEY]))
-    reply = plain_client.train_reply(with_own_lora_b(msg, context), context)
+    server_round = server_round_of(msg)
+    reply = plain_client.train_reply(with_own_lora_b(msg, context, server_round), context)
     if reply.has_error():
         return reply
     trained = get_adapter_arrays(plain_client.get_runtime(cfg).model)
-    context.state[LORA_B_STATE] = to_array_record({k: v for k, v in trained.items() if k.endswith(LORA_B_SUFFIX)})
+    site_state(msg, context, cfg.output_dir).save_arrays(
+        LORA_B_STATE, server_round + 1, {k: v for k, v in trained.items() if k.endswith(LORA_B_SUFFIX)})
     delta = reply.content["arrays"]
     reply.content["arrays"] = ArrayRecord({k: v for k, v in delta.items() if not is_lora_b_part(k)})
     return reply
 
 
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global A with this site's own B (personalised)."""
-    return plain_client.evaluate(with_own_lora_b(msg, context), context)
+    """Evaluate the global A with this site's own B (personalised): the B it trained in this round (or before)."""
+    return plain_client.evaluate(with_own_lora_b(msg, context, server_round_of(msg) + 1), context)

@@ -1,7 +1,8 @@
 """The site's side of SCAFFOLD (Karimireddy et al. 2020, option II) on the LoRA adapter.
 
 The coordinator sends its control variate c next to the global adapter (ArrayRecord ``C_GLOBAL_RECORD``);
-the site keeps its own c_i in Flower's ``Context.state`` (per node, across rounds), corrects every
+the site keeps its own c_i as round state (client/site_state.py: per federation run and round, so a
+resumed run continues from the same c_i), corrects every
 gradient to ``grad - c_i + c`` before the optimizer step, and after training replies with the usual
 LoRA delta plus ``delta_c = c_i+ - c_i`` (ArrayRecord ``DELTA_C_RECORD``).
 
@@ -23,10 +24,11 @@ from flwr.app import Context, Message
 
 import client.app as plain_client
 from client.app import RUN_CONFIG_KEY
+from client.site_state import SiteState, server_round_of, site_state
 from federation.adapter import from_array_record, get_adapter_arrays, lora_parameters, to_array_record
 from strategies.scaffold import client_control_update, correct_gradient, zero_control
 
-# Message records (server -> site: c; site -> server: delta_c) and the site's own c_i in Context.state.
+# Message records (server -> site: c; site -> server: delta_c) and the site's own c_i (site round state).
 C_GLOBAL_RECORD = "fedtune.scaffold.c-global"
 DELTA_C_RECORD = "fedtune.scaffold.delta-c"
 C_LOCAL_STATE = "fedtune.scaffold.c-local"
@@ -40,12 +42,12 @@ def _float64(record) -> dict[str, np.ndarray]:
     return {key: np.asarray(value.numpy(), dtype=np.float64) for key, value in record.items()}
 
 
-def local_control(context: Context, c_global: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """This site's c_i from Context.state, zeros (shaped like c) before its first round."""
-    stored = context.state.array_records.get(C_LOCAL_STATE)
+def local_control(site: SiteState, server_round: int, c_global: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The c_i this site enters `server_round` with, zeros (shaped like c) before its first round."""
+    stored = site.load_arrays(C_LOCAL_STATE, server_round)
     if stored is None:
         return zero_control(c_global)
-    c_local = _float64(stored)
+    c_local = {key: np.asarray(value, dtype=np.float64) for key, value in stored.items()}
     if set(c_local) != set(c_global) or any(c_local[k].shape != c_global[k].shape for k in c_global):
         raise ValueError("SCAFFOLD: this site's stored control variate does not match the coordinator's c "
                          "(different model or LoRA config than in earlier rounds of this run)")
@@ -53,7 +55,7 @@ def local_control(context: Context, c_global: dict[str, np.ndarray]) -> dict[str
 
 
 def train(msg: Message, context: Context) -> Message:
-    """Train with SCAFFOLD-corrected gradients; reply with the LoRA delta and delta_c; c_i is kept in Context.state."""
+    """Train with SCAFFOLD-corrected gradients; reply with the LoRA delta and delta_c; keep c_i+ for the next round."""
     cfg = plain_client.parse_run_config(str(msg.content["config"][RUN_CONFIG_KEY]))
     if cfg.privacy.local_dp_sgd.enabled:
         # The DP-SGD path (Opacus) does not call before_step, so the correction would be silently missing.
@@ -62,7 +64,8 @@ def train(msg: Message, context: Context) -> Message:
     if C_GLOBAL_RECORD not in msg.content.array_records:
         raise ValueError(f"SCAFFOLD train message without the coordinator's control variate ({C_GLOBAL_RECORD})")
     c_global = _float64(msg.content[C_GLOBAL_RECORD])
-    c_local = local_control(context, c_global)
+    site, server_round = site_state(msg, context, cfg.output_dir), server_round_of(msg)
+    c_local = local_control(site, server_round, c_global)
     runtime = plain_client.get_runtime(cfg)
     key_of = {id(param): key for key, param in lora_parameters(runtime.model).items()}
     device = next(iter(lora_parameters(runtime.model).values())).device
@@ -93,7 +96,7 @@ def train(msg: Message, context: Context) -> Message:
     else:
         end_point = get_adapter_arrays(runtime.model)
     new_c_local, delta_c = client_control_update(c_local, c_global, global_arrays, end_point, steps, cfg.train.lr)
-    context.state[C_LOCAL_STATE] = to_array_record(new_c_local, CONTROL_DTYPE)
+    site.save_arrays(C_LOCAL_STATE, server_round + 1, {k: np.asarray(v, CONTROL_DTYPE) for k, v in new_c_local.items()})
     reply.content[DELTA_C_RECORD] = to_array_record(delta_c, CONTROL_DTYPE)
     return reply
 

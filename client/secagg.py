@@ -42,6 +42,7 @@ from federation.compression import decode_upload
 from federation.adapter import to_array_record
 from federation.privacy import clip_update
 from federation.secagg_masks import MASK_SCHEME, MASK_SCHEME_KEY, use_cryptographic_masks
+from federation.store import FEDERATION_RUN_ID_KEY
 
 log = logging.getLogger("fedtune.client")
 # Flower's own SecAgg+ masks come from a 32-bit seed (federation/secagg_masks.py): replaced before any round.
@@ -103,13 +104,12 @@ def secagg_fit(msg: Message, context: Context, train_fn: TrainFn = plain_client.
     if len(keys) != len(arrays):
         raise ValueError(f"SecAgg+ FitIns carries {len(arrays)} arrays for {len(keys)} adapter keys")
     global_arrays = dict(zip(keys, arrays))
+    train_config = {RUN_CONFIG_KEY: str(config[RUN_CONFIG_KEY]), SERVER_ROUND_KEY: int(config[SERVER_ROUND_KEY])}
+    if FEDERATION_RUN_ID_KEY in config:  # keys the site's round state (client/site_state.py)
+        train_config[FEDERATION_RUN_ID_KEY] = str(config[FEDERATION_RUN_ID_KEY])
     train_msg = Message(
         metadata=copy.copy(msg.metadata),
-        content=RecordDict({
-            "arrays": to_array_record(global_arrays),
-            "config": ConfigRecord({RUN_CONFIG_KEY: str(config[RUN_CONFIG_KEY]),
-                                    SERVER_ROUND_KEY: int(config[SERVER_ROUND_KEY])}),
-        }),
+        content=RecordDict({"arrays": to_array_record(global_arrays), "config": ConfigRecord(train_config)}),
     )
     reply = train_fn(train_msg, context)
     if reply.has_error():

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,16 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 SERVER_STATE = "server_state.json"
 STRATEGY_STATE = "strategy_state.npz"
+# The federation run id: made once per run by the coordinator, kept in every checkpoint's server state (so a
+# resumed run reuses it) and sent to the sites with every message, which key their round state by it
+# (client/site_state.py).
+FEDERATION_RUN_ID_STATE = "federation_run_id"
+FEDERATION_RUN_ID_KEY = "fedtune.federation-run-id"
+
+
+def new_federation_run_id() -> str:
+    """A fresh federation run id: 32 hex digits from the OS's randomness (uuid4), unique across runs."""
+    return uuid.uuid4().hex
 
 
 def sha256_file(path: str | Path) -> str:
@@ -37,6 +48,23 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves the old file or the new one: temp file, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 def write_peft_adapter(directory: Path, arrays: Mapping[str, np.ndarray], peft_config) -> None:
@@ -129,6 +157,13 @@ class GlobalAdapterStore:
         target = self.global_adapter_dir.resolve()
         state = json.loads((target / SERVER_STATE).read_text())
         return int(state["round"]), target
+
+    def federation_run_id(self) -> str | None:
+        """The federation run id in the newest checkpoint; None without a checkpoint or in one written before ids."""
+        latest = self.latest()
+        if latest is None:
+            return None
+        return json.loads((latest[1] / SERVER_STATE).read_text()).get(FEDERATION_RUN_ID_STATE)
 
     def load(self, directory: str | Path | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """(adapter arrays, server state) of a checkpoint, default the newest; verifies the sha256."""

@@ -22,7 +22,8 @@ from client.app import RUN_CONFIG_KEY
 from federation.adapter import from_array_record, num_elements, to_array_record
 from federation.config import RunConfig, compose_config, overrides_from_flat, run_config_to_json
 from federation.model import initial_adapter, lora_shapes, peft_lora_config
-from federation.store import SERVER_STATE, GlobalAdapterStore, MetricsLog, read_peft_adapter
+from federation.store import (FEDERATION_RUN_ID_KEY, FEDERATION_RUN_ID_STATE, SERVER_STATE, GlobalAdapterStore,
+                              MetricsLog, new_federation_run_id, read_peft_adapter)
 from server.privacy import CentralDP
 from server.replies import DP_SGD_EPSILON, EVAL_LOSS, TOKENS_PER_SECOND, TRAIN_LOSS, TRAIN_TOKENS, metric_or_none
 from server.secagg import secagg_params_for_run, secure_train_round
@@ -133,13 +134,17 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
                                    else f"preset:{cfg.model.preset_name}")
     strategy = build_strategy(cfg)
     secagg = secagg_params_for_run(cfg, strategy)  # None unless privacy.secagg.enabled; refuses bad combos
-    config = ConfigRecord({RUN_CONFIG_KEY: run_config_to_json(cfg)})
+    # The sites key the state that rounds advance (error feedback, SCAFFOLD c_i, ...) by this id and the round
+    # (client/site_state.py): a resumed run reuses the checkpointed id, so its sites continue where they were.
+    run_id = (store.federation_run_id() if cfg.federation.resume else None) or new_federation_run_id()
+    config = ConfigRecord({RUN_CONFIG_KEY: run_config_to_json(cfg), FEDERATION_RUN_ID_KEY: run_id})
     timeout = cfg.federation.round_timeout_s
     # A site whose node config asks for another LoRA rank than a one-rank strategy trains: fail before round 0.
     check_site_ranks(grid, cfg, config, timeout)
 
     def checkpoint(server_round: int, adapter: dict) -> str:
-        state = {"strategy": cfg.strategy.name, "python_random_state": list(random.getstate())}
+        state = {"strategy": cfg.strategy.name, "python_random_state": list(random.getstate()),
+                 FEDERATION_RUN_ID_STATE: run_id}
         if strategy.central_dp is not None:
             state["privacy_state"] = strategy.central_dp.state_dict()
         path = store.save(server_round, adapter, peft_config, state, strategy.aggregator.state_dict())
@@ -150,6 +155,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
         first_round, start_arrays, state = _restore(store, metrics_log, strategy, cfg)
         rows = metrics_log.rows()
         digest = state["adapter_digest"]
+        if state.get(FEDERATION_RUN_ID_STATE) != run_id:
+            log.warning("%s has no federation run id (written by an older fedtune): the sites' round state "
+                        "(error feedback, SCAFFOLD c_i, ...) starts afresh", store.global_adapter_dir.resolve())
         console.print(f"[bold]resuming[/] after round {first_round} from {store.global_adapter_dir.resolve()} "
                       f"(adapter digest {digest[:16]}…, sha256 {state['adapter_sha256'][:16]}…)")
     else:

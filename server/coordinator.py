@@ -10,6 +10,10 @@ SuperLink's logs until SIGINT/SIGTERM. Everything it keeps lives in ``--state-di
     state_dir/flwr/config.toml   a `flwr` CLI connection to this SuperLink (used to register sites)
     state_dir/sites.json         site name -> {node_id, public_key}: names the node ids in metrics.jsonl
 
+A run whose ServerApp died with the previous coordinator process stays ``running`` in the database; at
+every start the coordinator stops such runs (``flwr stop``) and logs them: continue one with
+``federation.resume=true``.
+
 The ServerApp runs with state_dir as its working directory, so a relative ``output_dir`` ends up there.
 
 ``fedtune launch [overrides]`` submits this project's Flower app to a running coordinator, like
@@ -30,6 +34,7 @@ import time
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from client.daemon import DEFAULT_STOP_TIMEOUT_S, FlowerProcess, flower_env, flower_executable
@@ -57,6 +62,7 @@ ALREADY_REGISTERED = "Public key already in use"
 APP_ENTRIES = ("pyproject.toml", "README.md", "LICENSE", "conf", "federation", "client", "server", "strategies")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_FINISHED_OK = "finished:completed"
+RUN_RUNNING = "running"
 
 
 class CoordinatorError(RuntimeError):
@@ -256,6 +262,45 @@ def register_sites(settings: CoordinatorSettings, allowed: dict, flwr_home: Path
     return known
 
 
+def _flwr_json(result: subprocess.CompletedProcess) -> dict | None:
+    """The JSON object that `flwr ... --format json` printed, None if it printed none."""
+    start = result.stdout.find("{")
+    try:
+        return json.loads(result.stdout[start:]) if start >= 0 else None
+    except ValueError:
+        return None
+
+
+def stop_abandoned_runs(settings: CoordinatorSettings, flwr_home: Path, superlink_started: datetime) -> list[str]:
+    """Stop the runs the database lists as running since before this SuperLink started; returns their ids.
+
+    Their ServerApp died with the previous coordinator (or with Flower's SuperExec), so nothing will ever
+    finish them, and `flwr ls` would show them running forever. Runs started by this SuperLink are left alone.
+    """
+    if settings.in_memory:
+        return []  # a fresh in-memory database holds no runs
+    result = run_flwr(["ls", settings.connection, "--format", "json"], flwr_home)
+    listing = _flwr_json(result)
+    if result.returncode != 0 or listing is None:  # not fatal: the federation works, the listing stays stale
+        log.error("could not list runs to stop abandoned ones: %s", (result.stdout + result.stderr).strip()[-300:])
+        return []
+    stopped = []
+    for run in listing.get("runs", []):
+        running_at = str(run.get("running-at", "N/A"))
+        if run.get("status") != RUN_RUNNING or running_at == "N/A" \
+                or datetime.fromisoformat(running_at) >= superlink_started:
+            continue
+        result = run_flwr(["stop", str(run["run-id"]), settings.connection, "--format", "json"], flwr_home)
+        if result.returncode == 0:
+            stopped.append(str(run["run-id"]))
+            log.warning("run %s was still running when the coordinator went down (running since %s); marked it "
+                        "stopped. Continue it with `fedtune launch ... output_dir=<its output_dir> "
+                        "federation.resume=true`", run["run-id"], running_at)
+        else:
+            log.error("could not stop abandoned run %s: %s", run["run-id"], (result.stdout + result.stderr).strip())
+    return stopped
+
+
 def run_coordinator(settings: CoordinatorSettings) -> int:
     """Start the SuperLink, register the sites, then forward its logs until it exits or SIGINT/SIGTERM."""
     state_dir = Path(settings.state_dir)
@@ -315,9 +360,12 @@ def start_superlink(settings: CoordinatorSettings, allowed: dict, flwr_home: Pat
     superlink = FlowerProcess(superlink_command(settings), env=flower_env(
         state_dir / "superlink-home", {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}),
         cwd=state_dir, stop_timeout_s=settings.stop_timeout_s)
+    # Flower's run timestamps have whole seconds: anything running since before this second is from before.
+    started = datetime.now(UTC).replace(microsecond=0)
     superlink.start()
     try:
         wait_until_ready(settings, superlink)
+        stop_abandoned_runs(settings, flwr_home, started)
         if allowed:
             sites = register_sites(settings, allowed, flwr_home)
             log.info("coordinator ready on %s (sites: Fleet API only) with %d registered sites: %s",

@@ -54,6 +54,7 @@ from client.secagg import (ADAPTER_KEYS_KEY, CLIPPING_RANGE_KEY, DP_CLIP_NORM_KE
 from federation.adapter import to_array_record
 from federation.privacy import add_gaussian_noise
 from federation.secagg_masks import MASK_SCHEME, MASK_SCHEME_KEY, narrow_dtype, use_cryptographic_masks
+from federation.store import FEDERATION_RUN_ID_KEY
 from server.replies import NUM_EXAMPLES, POSITIVE_COUNT, TRAIN_REPLY, reply_node, sent_to
 from strategies.fedavg import UpdateRejected, validate_update
 
@@ -417,6 +418,7 @@ def secagg_train_round(
     *,
     node_ids: Sequence[int] | None = None,
     central_dp: Any = None,
+    run_id: str | None = None,
 ) -> SecAggRoundResult:
     """One SecAgg+ training round over `node_ids` (default: all nodes); returns the unmasked mean delta.
 
@@ -464,6 +466,8 @@ def secagg_train_round(
         CLIPPING_RANGE_KEY: float(params.clipping_range),
         DP_CLIP_NORM_KEY: dp_clip_norm,
         MASK_SCHEME_KEY: MASK_SCHEME,
+        # the federation run id keys the sites' round state (client/site_state.py)
+        **({FEDERATION_RUN_ID_KEY: run_id} if run_id else {}),
     }
     collector = _SecureSumCollector(nodes, fit_config, grid, grid.run.run_id)
     state = RecordDict()
@@ -577,7 +581,8 @@ def secure_train_round(strategy: Any, grid: Grid, server_round: int, arrays: Arr
     messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
     node_ids = [m.metadata.dst_node_id for m in messages]
     result = secagg_train_round(grid, server_round, strategy.current_global, str(config[RUN_CONFIG_KEY]), params,
-                                timeout, node_ids=node_ids, central_dp=strategy.central_dp)
+                                timeout, node_ids=node_ids, central_dp=strategy.central_dp,
+                                run_id=config.get(FEDERATION_RUN_ID_KEY))
     ledger = strategy.ledger(server_round)
     ledger.bytes_down = result.bytes_down
     ledger.bytes_up += sum(result.bytes_up.values())

@@ -127,6 +127,7 @@ class LoraDeltaStrategy(FedAvg):
         """
         ledger = self.ledger(server_round)
         destinations = sent_to(self._sent)
+        replies = sorted(replies, key=lambda msg: reply_order(msg, destinations))  # see reply_order
         for msg in replies:
             node = reply_node(msg, destinations)
             if msg.has_error():
@@ -234,6 +235,23 @@ class LoraDeltaStrategy(FedAvg):
         if tokens == 0:
             return None
         return MetricRecord({EVAL_LOSS: loss_sum / tokens, EVAL_TOKENS: tokens, NUM_EXAMPLES: examples})
+
+
+def reply_order(msg: Message, destinations: Mapping[str, int]) -> tuple[int, int]:
+    """Sort key of a train reply: (partition id, node id), so the coordinator sums updates in a fixed order.
+
+    Float sums depend on their order, and replies arrive in any order: summed as they came, a re-run or a
+    resumed run would not reproduce the adapter bit for bit. The node id is stable in a deployment (it comes
+    with the site's registered key); Flower's simulation draws new node ids per run, hence the partition id
+    the sites report first (-1 in a deployment, or when a reply has none).
+    """
+    partition = -1
+    if not msg.has_error():
+        for record in msg.content.metric_records.values():
+            value = record.get(PARTITION_ID)
+            if isinstance(value, int) and not isinstance(value, bool):
+                partition = value
+    return partition, reply_node(msg, destinations)
 
 
 def weighted_metrics(rows: list[Mapping[str, int | float]], weights: list[float]) -> MetricRecord:

@@ -49,6 +49,10 @@ class Processes:
         path = self.log_path(name)
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def send_signal(self, name: str, sig: int) -> None:
+        """Send sig to process `name`'s group and every descendant without waiting (e.g. SIGSTOP / SIGCONT)."""
+        _signal_tree(self.procs[name].pid, sig)
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send sig to the process group and every descendant (Flower detaches some children), then reap."""
         proc = self.procs[name]

@@ -2,9 +2,11 @@
 processes, over TLS with SuperNode authentication.
 
 One coordinator and three sites serve the whole module (starting them costs ~10 s); the tests run in file order
-and the last one kills and restarts the coordinator. Evaluation is switched off (strategy.fraction_evaluate=0,
-federation.evaluate_before_training=false): in Flower 1.41 every message starts a fresh ClientApp process that
-imports torch/transformers/peft (~10 s of CPU), so each extra wave of messages costs ~30 s on 2 CPUs.
+and the last one kills and restarts the coordinator. One uninterrupted two-round run (fixture ``two_round_run``)
+is both the happy path and the reference that the resumed run must reproduce bit for bit. Evaluation is switched
+off (strategy.fraction_evaluate=0, federation.evaluate_before_training=false): in Flower 1.41 every message starts
+a fresh ClientApp process that imports torch/transformers/peft (~10 s of CPU), so each extra wave of messages costs
+~30 s on 2 CPUs.
 Every process is started in its own session and killed with its whole tree at the end, pass or fail.
 """
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -68,6 +72,14 @@ class Deployment:
         return [sys.executable, "-m", "simulations.cli", "launch", "--connection", "fedtune",
                 "--flwr-home", str(self.flwr_home), "--stream", *FAST_OVERRIDES,
                 f"model.cache_dir={self.root / 'model-cache'}", *overrides]
+
+    def site_process(self, site: str) -> str:
+        """The process name of the site's newest daemon (a test may have restarted it as '<site>-restarted')."""
+        return [name for name in self.procs.procs if name in (site, f"{site}-restarted")][-1]
+
+    def site_log(self, site: str) -> str:
+        """The output of the site's newest daemon."""
+        return self.procs.log(self.site_process(site))
 
     def activations(self, coordinator_log: str = "coordinator") -> dict[int, int]:
         """node id -> how often the SuperLink activated it (from its log)."""
@@ -188,12 +200,18 @@ def test_plaintext_client_cannot_connect_to_the_tls_coordinator(deployment):
     assert "SuperNode ID:" not in output
 
 
-@pytest.mark.timeout(RUN_TIMEOUT_S + 30)
-def test_three_sites_finish_two_rounds_over_tls_with_node_auth(deployment):
+@pytest.fixture(scope="module")
+def two_round_run(deployment) -> tuple[int, Path]:
+    """(launch exit code, run dir) of an uninterrupted two-round run, default config (bf16 uploads, error feedback)."""
     run_dir = deployment.root / "run-happy"
     proc = deployment.procs.start("launch-happy", deployment.launch_argv("federation.rounds=2",
                                                                            f"output_dir={run_dir}"))
-    code = proc.wait(timeout=RUN_TIMEOUT_S)
+    return proc.wait(timeout=RUN_TIMEOUT_S), run_dir
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 30)
+def test_three_sites_finish_two_rounds_over_tls_with_node_auth(deployment, two_round_run):
+    code, run_dir = two_round_run
     output = deployment.procs.log("launch-happy")
     assert code == 0, tail(output, 80)  # --stream: 0 only when Flower reports finished:completed
     rows = _metrics(run_dir)
@@ -256,21 +274,61 @@ def test_site_killed_in_round_one_is_missing_and_rejoins(deployment):
     assert str(node_c) in later[0]["per_site"], later[0]
 
 
-@pytest.mark.timeout(2 * RUN_TIMEOUT_S + 60)
-def test_coordinator_killed_after_round_one_resumes_from_round_one_adapter(deployment):
+def _flower_run_id(launch_output: str) -> str:
+    match = re.search(r"Successfully started run (\d+)", launch_output)
+    assert match, tail(launch_output)
+    return match.group(1)
+
+
+def _train_messages(deployment: Deployment) -> dict[str, int]:
+    return {site: deployment.site_log(site).count("Receiving: train message") for site in SITES}
+
+
+@pytest.mark.timeout(3 * RUN_TIMEOUT_S + 60)
+def test_coordinator_killed_mid_round_resumes_bit_identically(deployment, two_round_run):
+    """Killed while round 2 trains (after round 1's checkpoint, two sites done with round 2, one still at it): the
+    restarted coordinator stops the abandoned Flower run, the resumed run re-runs round 2 from the state the sites
+    entered it with (two of them had already saved the state after it), and ends with the uninterrupted run's
+    adapter, byte for byte (default config: bf16 uploads with error feedback at the sites)."""
+    from client.app import ERROR_FEEDBACK_KEY
+    from client.site_state import SiteStateStore
+    from server.coordinator import RUN_RUNNING, run_status
+
+    reference_code, reference_dir = two_round_run
+    assert reference_code == 0, tail(deployment.procs.log("launch-happy"), 80)
     run_dir = deployment.root / "run-resume"
-    first = deployment.procs.start("launch-resume-1", deployment.launch_argv("federation.rounds=2",
-                                                                               f"output_dir={run_dir}"))
-    wait_for(lambda: any(r["round"] == 1 for r in _metrics(run_dir)) or first.poll() is not None, RUN_TIMEOUT_S,
-             "round 1", lambda: tail(deployment.procs.log("launch-resume-1")))
-    deployment.procs.kill("coordinator")  # SIGKILL: SuperLink, SuperExec and the running ServerApp
-    deployment.procs.kill("launch-resume-1")
+    received_before = _train_messages(deployment)
+    first = deployment.procs.start("launch-resume-1", deployment.launch_argv(
+        "federation.rounds=2", f"output_dir={run_dir}", f"federation.round_timeout_s={RESUME_ROUND_TIMEOUT_S}"))
+    # Round 2 reached site-c: freeze it there (SIGSTOP, whole tree), so round 2 cannot finish before the kill.
+    wait_for(lambda: _train_messages(deployment)["site-c"] >= received_before["site-c"] + 2
+             or first.poll() is not None, RUN_TIMEOUT_S, "site-c to receive round 2's train message",
+             lambda: tail(deployment.procs.log("launch-resume-1")))
+    deployment.procs.send_signal(deployment.site_process("site-c"), signal.SIGSTOP)
+    try:
+        # The other two train round 2 and save the state they enter round 3 with.
+        run_id = json.loads((run_dir / "checkpoints" / "round-0000" / "server_state.json").read_text())[
+            "federation_run_id"]
+        sites = {site: SiteStateStore(deployment.root / f"home-{site}" / "round-state", run_id) for site in SITES}
+        wait_for(lambda: all(sites[s].rounds(ERROR_FEEDBACK_KEY) == [2, 3] for s in ("site-a", "site-b")),
+                 RUN_TIMEOUT_S, "site-a and site-b to save their state after round 2",
+                 lambda: "\n".join(tail(deployment.site_log(s), 10) for s in SITES))
+        deployment.procs.kill("coordinator")  # SIGKILL: SuperLink, SuperExec and the running ServerApp
+        deployment.procs.kill("launch-resume-1")
+    finally:
+        deployment.procs.send_signal(deployment.site_process("site-c"), signal.SIGCONT)
     round_one = run_dir / "checkpoints" / "round-0001"
     assert not (run_dir / "checkpoints" / "round-0002").exists(), "killed too late: round 2 had finished"
     sha_round_one = _sha256(round_one / "adapter_model.safetensors")
     digest_round_one = _metrics(run_dir)[0]["adapter_digest"]
+    interrupted = _flower_run_id(deployment.procs.log("launch-resume-1"))
 
     deployment.start_coordinator("coordinator-restarted")
+    # The abandoned Flower run is no longer listed as running.
+    assert f"run {interrupted} was still running" in deployment.procs.log("coordinator-restarted")
+    status = run_status(interrupted, "fedtune", deployment.flwr_home)
+    assert status.startswith("finished:") and status != RUN_RUNNING, status
+
     # The sites reconnect by themselves, but one that was mid-transfer when the SuperLink died backs off for up
     # to ~60 s (Flower's retry policy), so the resumed round waits longer than the others.
     resumed = deployment.procs.start("launch-resume-2", deployment.launch_argv(
@@ -287,4 +345,8 @@ def test_coordinator_killed_after_round_one_resumes_from_round_one_adapter(deplo
     assert _sha256(round_one / "adapter_model.safetensors") == sha_round_one
     assert json.loads((round_one / "server_state.json").read_text())["adapter_sha256"] == sha_round_one
     assert (run_dir / "global_adapter").resolve().name == "round-0002"
-
+    # Bit for bit the uninterrupted run's adapter, round by round.
+    assert [r["adapter_digest"] for r in rows] == [r["adapter_digest"] for r in _metrics(reference_dir)]
+    assert all(sites[s].rounds(ERROR_FEEDBACK_KEY) == [2, 3] for s in SITES)  # round 2's re-run replaced round 3
+    assert _sha256(run_dir / "global_adapter" / "adapter_model.safetensors") == \
+        _sha256(reference_dir / "global_adapter" / "adapter_model.safetensors")

@@ -106,6 +106,8 @@ def test_node_config_is_what_flower_parses(tmp_path, creds):
     assert node_config(cfg) == "site='site-a' data-path='/data/site a' device='cpu' shard=3"
     assert parse_config_args([node_config(cfg)]) == {"site": "site-a", "data-path": "/data/site a",
                                                      "device": "cpu", "shard": 3}
+    with_state = _site(tmp_path, creds, Path("/data/site-a"), state_dir=tmp_path / "home")
+    assert parse_config_args([node_config(with_state)])["round-state-dir"] == str(tmp_path / "home" / "round-state")
     argv = supernode_command(cfg)
     assert argv[argv.index("--root-certificates") + 1] == str(creds / "ca.crt")
     assert argv[argv.index("--auth-supernode-private-key") + 1] == str(creds / "sites" / "site-a.key")
@@ -196,3 +198,33 @@ def test_keys_subcommand_writes_private_keys_0600(tmp_path):
     for path in (tmp_path / "ca.key", tmp_path / "server.key", tmp_path / "sites" / "a.key"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert len((tmp_path / "allowed_supernodes.txt").read_text().splitlines()) == 2
+
+
+def test_restarted_coordinator_stops_runs_left_running_by_the_previous_one(tmp_path, monkeypatch, caplog):
+    """A run whose ServerApp died with the coordinator is stopped at the next start; newer or finished runs are not."""
+    import logging
+    import subprocess
+    from datetime import UTC, datetime
+
+    import server.coordinator as coordinator
+
+    runs = [{"run-id": "11", "status": "running", "running-at": "2026-01-01 09:59:58Z"},  # abandoned
+            {"run-id": "12", "status": "running", "running-at": "2026-01-01 10:00:00Z"},  # launched after the start
+            {"run-id": "13", "status": "finished:completed", "running-at": "2026-01-01 09:00:00Z"},
+            {"run-id": "14", "status": "pending", "running-at": "N/A"}]
+    calls = []
+
+    def fake_flwr(args, flwr_home, *rest, **kwargs):
+        calls.append(list(args))
+        stdout = json.dumps({"success": True, "runs": runs}) if args[0] == "ls" else '{"success": true}'
+        return subprocess.CompletedProcess(args, 0, stdout=stdout, stderr="")
+
+    monkeypatch.setattr(coordinator, "run_flwr", fake_flwr)
+    settings = CoordinatorSettings(certs_dir=None, state_dir=tmp_path, insecure=True)
+    with caplog.at_level(logging.WARNING, logger="fedtune.coordinator"):
+        stopped = coordinator.stop_abandoned_runs(settings, tmp_path / "flwr", datetime(2026, 1, 1, 10, tzinfo=UTC))
+    assert stopped == ["11"]
+    assert [c for c in calls if c[0] == "stop"] == [["stop", "11", "fedtune", "--format", "json"]]
+    assert "run 11 was still running when the coordinator went down" in caplog.text
+    assert coordinator.stop_abandoned_runs(CoordinatorSettings(certs_dir=None, in_memory=True), tmp_path,
+                                           datetime.now(UTC)) == []

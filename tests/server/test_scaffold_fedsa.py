@@ -1,6 +1,8 @@
-"""SCAFFOLD and FedSA-LoRA through the real round loop: state at the sites (Context.state) and on the coordinator."""
+"""SCAFFOLD and FedSA-LoRA through the real round loop: state at the sites (round state) and on the coordinator."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import server.app
 from client.fedsa import LORA_B_STATE
 from client.hetero import make_lora_methods_app
 from client.scaffold import C_GLOBAL_RECORD, C_LOCAL_STATE, DELTA_C_RECORD
+from client.site_state import SiteStateStore
 from federation.adapter import from_array_record, get_adapter_arrays
 from federation.compression import decode_upload
 from federation.config import run_config_from_json
@@ -24,6 +27,12 @@ def _float64(record):
     return {key: np.asarray(value.numpy(), np.float64) for key, value in record.items()}
 
 
+def _site_state(cfg, node) -> SiteStateStore:
+    """The round state of in-process node `node` (partition node - 1) in the run under cfg.output_dir."""
+    run_id = GlobalAdapterStore(cfg.output_dir).federation_run_id()
+    return SiteStateStore(Path(cfg.output_dir) / "sites" / f"partition-{node - 1}", run_id)
+
+
 def _train_exchanges(grid, server_round):
     return {m.metadata.dst_node_id: (m, r) for m, r in grid.exchanges
             if m.metadata.message_type == MessageType.TRAIN and m.content["config"]["server-round"] == server_round}
@@ -32,7 +41,7 @@ def _train_exchanges(grid, server_round):
 def test_scaffold_two_rounds_controls_persist_at_sites_and_c_follows_the_formula(make_cfg, lora_methods_loop,
                                                                                  monkeypatch):
     cfg = make_cfg("federation.num_clients=2", "federation.rounds=2", "strategy=scaffold")
-    site_controls = {}  # (node, round) -> c_i in Context.state right after that round's training
+    site_controls = {}  # (node, round) -> c_i the site keeps right after that round's training
     grid = RecordingGrid(make_lora_methods_app(), 2)
     real_push = grid.push_messages
 
@@ -42,7 +51,7 @@ def test_scaffold_two_rounds_controls_persist_at_sites_and_c_follows_the_formula
         for m in messages:
             if m.metadata.message_type == MessageType.TRAIN:
                 node, rnd = m.metadata.dst_node_id, int(m.content["config"]["server-round"])
-                site_controls[(node, rnd)] = _float64(grid.contexts[node].state[C_LOCAL_STATE])
+                site_controls[(node, rnd)] = _site_state(cfg, node).load_arrays(C_LOCAL_STATE, rnd + 1)
         return ids
 
     monkeypatch.setattr(grid, "push_messages", push_and_snapshot)
@@ -63,7 +72,7 @@ def test_scaffold_two_rounds_controls_persist_at_sites_and_c_follows_the_formula
     c2 = lora_methods_loop[0].aggregator.c_global
     for key in c0:
         np.testing.assert_allclose(c2[key], c1[key] + (delta_c2[1][key] + delta_c2[2][key]) / 2, atol=1e-12)
-    # Sites: c_i(1) = 0 + delta_c_i(1) stays in Context.state; c_i(2) = c_i(1) + delta_c_i(2).
+    # Sites: c_i(1) = 0 + delta_c_i(1) stays at the site; c_i(2) = c_i(1) + delta_c_i(2).
     for node in (1, 2):
         for key in c0:
             np.testing.assert_allclose(site_controls[(node, 1)][key], delta_c1[node][key], atol=1e-12)
@@ -108,14 +117,14 @@ def test_fedsa_keeps_each_sites_b_and_averages_a(make_cfg, lora_methods_loop, mo
     a_keys = sorted(k for k in first if k.endswith("lora_A.weight"))
     b_keys = sorted(k for k in first if k.endswith("lora_B.weight"))
     for node in (1, 2, 3):
-        own_b = from_array_record(grid.contexts[node].state[LORA_B_STATE])
+        own_b = _site_state(cfg, node).load_arrays(LORA_B_STATE, 3)  # what it trained in round 2
         round1_end, (round2_start, round2_end) = trained[(node, 1)][1], trained[(node, 2)]
         for key in b_keys:
             # round 2 started from the site's own round-1 B, and the site keeps its round-2 B
             np.testing.assert_array_equal(round2_start[key], round1_end[key])
             np.testing.assert_array_equal(own_b[key], round2_end[key])
             np.testing.assert_array_equal(evaluated[(node, 2)][key], round2_end[key])  # personalised eval
-    sites_b = [from_array_record(grid.contexts[n].state[LORA_B_STATE])[b_keys[0]] for n in (1, 2, 3)]
+    sites_b = [_site_state(cfg, n).load_arrays(LORA_B_STATE, 3)[b_keys[0]] for n in (1, 2, 3)]
     assert not np.allclose(sites_b[0], sites_b[1]) and not np.allclose(sites_b[0], np.mean(sites_b, axis=0))
 
     # Uploads carry no lora_B; the global A is the previous global plus the weighted mean of the A deltas.

@@ -1,0 +1,197 @@
+"""Site state that rounds advance, kept durably at the site per federation run and round.
+
+What rounds advance at a site: the upload codec's error-feedback residual (client/app.py), SCAFFOLD's c_i
+(client/scaffold.py), FedSA-LoRA's own lora_B (client/fedsa.py) and the DP-SGD accountant history
+(client/app.py). Flower's ``Context.state`` keeps such state per *Flower* run, and a coordinator restart
+(``federation.resume=true``) is a new Flower run: the sites would start from zero and the resumed run
+would drift away from an uninterrupted one. So the state lives in files at the site instead, keyed by
+
+* the **federation run id**, which the coordinator creates once per run, checkpoints, and sends with every
+  message (``FEDERATION_RUN_ID_KEY``; a resumed run sends the same id), and
+* the **round it is entered with**: after training round t a site saves the state it enters round t+1 with;
+  round t loads the newest state saved for a round <= t. A round that is run again after a restart (the
+  coordinator died before its checkpoint, the sites had already trained it) therefore starts from the same
+  site state as the first time, and overwrites what that first attempt saved for round t+1.
+
+Layout: ``<directory>/<run id>/<name>/round-NNNN.npz`` (arrays) or ``.json`` (JSON values). Every file is
+written atomically (temp file, fsync, rename, fsync of the directory); each name keeps its newest
+``keep_rounds`` rounds. Where the directory comes from (``site_state``): the node config
+``round-state-dir`` in deployment (client/daemon.py: ``<state_dir>/round-state``), else
+``<output_dir>/sites/partition-<id>`` in simulation. Without either, or without a run id in the message,
+the state stays in ``Context.state`` as before (``ContextState``), and a resumed run is not bit-identical.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+
+from federation.store import FEDERATION_RUN_ID_KEY, atomic_write_bytes
+
+log = logging.getLogger("fedtune.client")
+
+# Node config (deployment): the site's directory for round state.
+NODE_STATE_DIR_KEY = "round-state-dir"
+# Under output_dir (simulation): one directory per partition.
+SIMULATION_SITES_DIR = "sites"
+# Rounds kept per state name and run: a resume re-runs at most the round after the newest checkpoint, whose
+# entry state is then one or two rounds behind the newest saved; one more for margin.
+KEEP_ROUNDS = 3
+# Run ids and state names become path components: nothing that could leave the directory.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_ROUND_FILE = re.compile(r"round-(\d+)\.(npz|json)")
+
+
+def _checked(value: str, what: str) -> str:
+    if not _SAFE_NAME.fullmatch(value) or ".." in value:
+        raise ValueError(f"site state: {what} {value!r} is not a safe name (letters, digits, '.', '_', '-')")
+    return value
+
+
+class SiteState(Protocol):
+    """Round-keyed site state: what a site enters a round with, by name."""
+
+    def load_arrays(self, name: str, server_round: int) -> dict[str, np.ndarray] | None: ...
+
+    def save_arrays(self, name: str, server_round: int, arrays: dict[str, np.ndarray]) -> None: ...
+
+    def load_json(self, name: str, server_round: int) -> Any | None: ...
+
+    def save_json(self, name: str, server_round: int, value: Any) -> None: ...
+
+
+class SiteStateStore:
+    """State files of one federation run at one site: ``<directory>/<run id>/<name>/round-NNNN.{npz,json}``."""
+
+    def __init__(self, directory: str | Path, run_id: str, keep_rounds: int = KEEP_ROUNDS):
+        if keep_rounds < 2:  # a re-run round needs the state before the one its first attempt saved
+            raise ValueError(f"keep_rounds must be >= 2, got {keep_rounds}")
+        self.run_dir = Path(directory) / _checked(str(run_id), "run id")
+        self.keep_rounds = keep_rounds
+
+    def _rounds(self, name: str) -> dict[int, Path]:
+        folder = self.run_dir / _checked(name, "state name")
+        if not folder.is_dir():
+            return {}
+        found = {}
+        for path in folder.iterdir():
+            match = _ROUND_FILE.fullmatch(path.name)
+            if match:
+                found[int(match.group(1))] = path
+        return found
+
+    def rounds(self, name: str) -> list[int]:
+        """The rounds that `name` has state saved for (the state entering them), oldest first."""
+        return sorted(self._rounds(name))
+
+    def _entry(self, name: str, server_round: int) -> Path | None:
+        """The file of the state entering `server_round`: the newest saved for a round <= server_round."""
+        rounds = self._rounds(name)
+        entering = [r for r in rounds if r <= server_round]
+        return rounds[max(entering)] if entering else None
+
+    def _save(self, name: str, server_round: int, data: bytes, suffix: str) -> None:
+        path = self.run_dir / _checked(name, "state name") / f"round-{int(server_round):04d}.{suffix}"
+        atomic_write_bytes(path, data)
+        # Entries after this round belong to an abandoned attempt (a resume went back further); older ones
+        # beyond keep_rounds are no longer needed.
+        rounds = self._rounds(name)
+        kept = sorted(r for r in rounds if r <= server_round)[-self.keep_rounds:]
+        for other, other_path in rounds.items():
+            if other not in kept:
+                other_path.unlink(missing_ok=True)
+
+    def load_arrays(self, name: str, server_round: int) -> dict[str, np.ndarray] | None:
+        """The arrays `name` holds when the site enters `server_round`; None if nothing was saved up to it."""
+        path = self._entry(name, server_round)
+        if path is None:
+            return None
+        if path.suffix != ".npz":
+            raise ValueError(f"{path}: site state {name!r} was saved as JSON, not arrays")
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+
+    def save_arrays(self, name: str, server_round: int, arrays: dict[str, np.ndarray]) -> None:
+        """Save `arrays` (dtypes kept) as what `name` holds when the site enters `server_round`."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **{key: np.asarray(value) for key, value in arrays.items()})
+        self._save(name, server_round, buffer.getvalue(), "npz")
+
+    def load_json(self, name: str, server_round: int) -> Any | None:
+        """The JSON value `name` holds when the site enters `server_round`; None if nothing was saved up to it."""
+        path = self._entry(name, server_round)
+        if path is None:
+            return None
+        if path.suffix != ".json":
+            raise ValueError(f"{path}: site state {name!r} was saved as arrays, not JSON")
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def save_json(self, name: str, server_round: int, value: Any) -> None:
+        """Save a JSON-able `value` as what `name` holds when the site enters `server_round`."""
+        self._save(name, server_round, json.dumps(value, sort_keys=True).encode("utf-8"), "json")
+
+
+class ContextState:
+    """Fallback without a state directory or run id: Flower's Context.state, newest value only (rounds ignored)."""
+
+    def __init__(self, context: Context):
+        self.state = context.state
+
+    def load_arrays(self, name: str, server_round: int) -> dict[str, np.ndarray] | None:
+        """The newest arrays saved under `name` in this Flower run."""
+        record = self.state.array_records.get(name)
+        return None if record is None else {key: value.numpy() for key, value in record.items()}
+
+    def save_arrays(self, name: str, server_round: int, arrays: dict[str, np.ndarray]) -> None:
+        """Replace `name`'s arrays."""
+        self.state[name] = ArrayRecord({key: Array(np.ascontiguousarray(v)) for key, v in arrays.items()})
+
+    def load_json(self, name: str, server_round: int) -> Any | None:
+        """The newest JSON value saved under `name` in this Flower run."""
+        record = self.state.config_records.get(name)
+        return None if record is None else json.loads(str(record["json"]))
+
+    def save_json(self, name: str, server_round: int, value: Any) -> None:
+        """Replace `name`'s JSON value."""
+        self.state[name] = ConfigRecord({"json": json.dumps(value, sort_keys=True)})
+
+
+_FALLBACK_LOGGED: set[str] = set()
+
+
+def site_state_dir(node_config, output_dir: str) -> Path | None:
+    """Where this site keeps round state: node config round-state-dir, else the simulation partition's folder."""
+    if NODE_STATE_DIR_KEY in node_config:
+        return Path(str(node_config[NODE_STATE_DIR_KEY]))
+    if "partition-id" in node_config and "data-path" not in node_config and output_dir:
+        return Path(output_dir) / SIMULATION_SITES_DIR / f"partition-{int(node_config['partition-id'])}"
+    return None
+
+
+def site_state(msg: Message, context: Context, output_dir: str) -> SiteState:
+    """This site's round state for the run `msg` belongs to (files), or Context.state when that is impossible."""
+    config = msg.content.config_records.get("config")
+    run_id = None if config is None else config.get(FEDERATION_RUN_ID_KEY)
+    directory = site_state_dir(context.node_config, output_dir)
+    if run_id is not None and directory is not None:
+        return SiteStateStore(directory, str(run_id))
+    reason = ("the coordinator sent no federation run id" if run_id is None
+              else f"this site has no '{NODE_STATE_DIR_KEY}' in its node config (fedtune site sets it from state_dir)")
+    if reason not in _FALLBACK_LOGGED:
+        _FALLBACK_LOGGED.add(reason)
+        log.warning("site state (error feedback, SCAFFOLD c_i, FedSA-LoRA B, DP-SGD accountant) stays in Flower's "
+                    "Context.state because %s: a resumed run will not be bit-identical", reason)
+    return ContextState(context)
+
+
+def server_round_of(msg: Message) -> int:
+    """The round a message belongs to (Flower's 'server-round' config entry; 0 if absent)."""
+    config = msg.content.config_records.get("config")
+    return int(config.get("server-round", 0)) if config is not None else 0

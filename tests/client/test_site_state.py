@@ -1,0 +1,146 @@
+"""The site's round state (client/site_state.py): durable, keyed by federation run id and round, bounded."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, RecordDict
+
+from client.site_state import (ContextState, NODE_STATE_DIR_KEY, SiteStateStore, site_state,
+                               site_state_dir)
+from federation.store import FEDERATION_RUN_ID_KEY
+from tests.flower_messages import instruction
+
+RUN = "0123456789abcdef0123456789abcdef"
+NAME = "fedtune.error-feedback"
+
+
+def _arrays(value: float) -> dict[str, np.ndarray]:
+    return {"a": np.full((2, 3), value, np.float32), "c": np.full((3,), value, np.float64)}
+
+
+def _files(store: SiteStateStore, name: str = NAME) -> list[str]:
+    return sorted(os.listdir(store.run_dir / name))
+
+
+def test_state_entering_a_round_is_the_newest_saved_up_to_it(tmp_path):
+    store = SiteStateStore(tmp_path, RUN)
+    assert store.load_arrays(NAME, 1) is None  # nothing before the first round
+    store.save_arrays(NAME, 2, _arrays(2.0))  # after training round 1
+    store.save_arrays(NAME, 4, _arrays(4.0))  # after training round 3 (the site sat out round 2)
+    assert store.load_arrays(NAME, 1) is None
+    assert store.load_arrays(NAME, 2)["a"][0, 0] == 2.0
+    assert store.load_arrays(NAME, 3)["a"][0, 0] == 2.0
+    assert store.load_arrays(NAME, 4)["a"][0, 0] == 4.0
+    assert store.load_arrays(NAME, 9)["a"][0, 0] == 4.0
+    loaded = store.load_arrays(NAME, 4)
+    assert {k: v.dtype for k, v in loaded.items()} == {"a": np.float32, "c": np.float64}  # dtypes kept
+
+
+def test_rerun_of_a_round_starts_from_the_same_state_and_replaces_what_the_first_attempt_saved(tmp_path):
+    store = SiteStateStore(tmp_path, RUN)
+    store.save_arrays(NAME, 3, _arrays(3.0))
+    entering_3 = store.load_arrays(NAME, 3)
+    store.save_arrays(NAME, 4, _arrays(4.0))  # round 3 trained, then the coordinator died before its checkpoint
+    again = store.load_arrays(NAME, 3)  # the resumed run re-runs round 3
+    assert all(np.array_equal(again[k], entering_3[k]) for k in entering_3)
+    store.save_arrays(NAME, 4, _arrays(40.0))
+    assert store.load_arrays(NAME, 4)["a"][0, 0] == 40.0
+
+
+def test_saving_a_round_drops_later_rounds_of_an_abandoned_attempt(tmp_path):
+    store = SiteStateStore(tmp_path, RUN)
+    for server_round in (2, 3, 4):
+        store.save_arrays(NAME, server_round, _arrays(server_round))
+    store.save_arrays(NAME, 3, _arrays(30.0))  # a resume went back to round 2: rounds 3.. are redone
+    assert _files(store) == ["round-0002.npz", "round-0003.npz"]
+    assert store.load_arrays(NAME, 9)["a"][0, 0] == 30.0
+
+
+def test_only_the_newest_rounds_are_kept(tmp_path):
+    store = SiteStateStore(tmp_path, RUN, keep_rounds=3)
+    for server_round in range(2, 12):
+        store.save_arrays(NAME, server_round, _arrays(server_round))
+    assert _files(store) == ["round-0009.npz", "round-0010.npz", "round-0011.npz"]
+    with pytest.raises(ValueError, match="keep_rounds"):
+        SiteStateStore(tmp_path, RUN, keep_rounds=1)
+
+
+def test_writes_are_atomic_a_failed_write_keeps_the_old_state_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    store = SiteStateStore(tmp_path, RUN)
+    store.save_arrays(NAME, 2, _arrays(2.0))
+
+    def crash(*args, **kwargs):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        store.save_arrays(NAME, 2, _arrays(99.0))
+    monkeypatch.undo()
+    assert store.load_arrays(NAME, 2)["a"][0, 0] == 2.0
+    assert _files(store) == ["round-0002.npz"]
+
+
+def test_run_ids_isolate_runs_and_must_be_safe_path_names(tmp_path):
+    one, other = SiteStateStore(tmp_path, RUN), SiteStateStore(tmp_path, "f" * 32)
+    one.save_arrays(NAME, 2, _arrays(1.0))
+    assert other.load_arrays(NAME, 2) is None
+    other.save_arrays(NAME, 2, _arrays(7.0))
+    assert one.load_arrays(NAME, 2)["a"][0, 0] == 1.0
+    for bad in ("../escape", "a/b", "", ".hidden"):
+        with pytest.raises(ValueError, match="not a safe name"):
+            SiteStateStore(tmp_path, bad)
+    with pytest.raises(ValueError, match="not a safe name"):
+        one.load_arrays("../x", 1)
+
+
+def test_json_state_round_trips_and_kinds_are_not_mixed_up(tmp_path):
+    store = SiteStateStore(tmp_path, RUN)
+    store.save_json("fedtune.dp-sgd", 2, {"history": [[1.1, 0.5, 4]]})
+    assert store.load_json("fedtune.dp-sgd", 5) == {"history": [[1.1, 0.5, 4]]}
+    with pytest.raises(ValueError, match="saved as JSON"):
+        store.load_arrays("fedtune.dp-sgd", 5)
+    store.save_arrays(NAME, 2, _arrays(1.0))
+    with pytest.raises(ValueError, match="saved as arrays"):
+        store.load_json(NAME, 2)
+
+
+def _train_message(run_id: str | None, server_round: int = 3):
+    config = {"server-round": server_round, **({FEDERATION_RUN_ID_KEY: run_id} if run_id else {})}
+    return instruction(RecordDict({"config": ConfigRecord(config)}), dst_node_id=1)
+
+
+def _context(node_config: dict) -> Context:
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def test_where_a_site_keeps_its_state(tmp_path):
+    deployment = {"data-path": "/data/site-a", NODE_STATE_DIR_KEY: str(tmp_path / "round-state")}
+    assert site_state_dir(deployment, "runs/x") == tmp_path / "round-state"
+    assert site_state_dir({"partition-id": 2, "num-partitions": 4}, str(tmp_path)) == tmp_path / "sites" / "partition-2"
+    assert site_state_dir({"data-path": "/data/site-a"}, "runs/x") is None
+
+    store = site_state(_train_message(RUN), _context(deployment), "runs/x")
+    assert isinstance(store, SiteStateStore) and store.run_dir == tmp_path / "round-state" / RUN
+
+
+def test_without_a_run_id_or_a_directory_state_stays_in_context_state_with_one_warning(tmp_path, caplog,
+                                                                                      monkeypatch):
+    import client.site_state
+
+    monkeypatch.setattr(client.site_state, "_FALLBACK_LOGGED", set())
+    context = _context({"data-path": "/data/site-a"})
+    with caplog.at_level(logging.WARNING, logger="fedtune.client"):
+        first = site_state(_train_message(RUN), context, str(tmp_path))
+        site_state(_train_message(RUN), context, str(tmp_path))
+    assert isinstance(first, ContextState)
+    assert caplog.text.count("will not be bit-identical") == 1  # once per process and reason
+    assert "no 'round-state-dir' in its node config" in caplog.text
+    first.save_arrays(NAME, 4, _arrays(4.0))
+    first.save_json("fedtune.dp-sgd", 4, {"k": 1})
+    again = site_state(_train_message(None), context, str(tmp_path))
+    assert again.load_arrays(NAME, 1)["a"][0, 0] == 4.0  # Context.state has no rounds: the newest value
+    assert again.load_json("fedtune.dp-sgd", 1) == {"k": 1}
