@@ -302,19 +302,29 @@ def run_round(name: str, bad_train, bad_eval, position: int) -> Outcome:
 
 
 def assert_same_aggregate(got: Outcome, expected: Outcome, noisy: bool) -> None:
-    assert got.ledger.accepted == expected.ledger.accepted
+    assert sorted(got.ledger.accepted) == sorted(expected.ledger.accepted)
+    # Replies are summed in (partition id, node id) order (server.strategy.reply_order); a tolerated reply whose
+    # partition-id changed moves in that order, which may change the float sums in their last bits only.
+    same_order = got.ledger.accepted == expected.ledger.accepted
     if noisy:  # central DP: the same sites clipped with the same norms; the noise itself is not compared
         for key in ("update_norms", "clipped_sites", "clip_norm", "next_clip_norm"):
             assert got.privacy[key] == expected.privacy[key], key
     else:
         assert (got.arrays is None) == (expected.arrays is None)
+        def same(a, b, key):
+            if same_order:
+                np.testing.assert_array_equal(a, b, err_msg=key)
+            else:
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=key)
+
         for key in expected.arrays or {}:
-            np.testing.assert_array_equal(got.arrays[key], expected.arrays[key], err_msg=key)
+            same(got.arrays[key], expected.arrays[key], key)
         assert set(got.state) == set(expected.state)
         for key, value in expected.state.items():
-            np.testing.assert_array_equal(np.asarray(got.state[key]), np.asarray(value), err_msg=key)
+            same(np.asarray(got.state[key]), np.asarray(value), key)
     for key in (NUM_EXAMPLES, TRAIN_LOSS):  # optional metrics may be dropped from a tolerated reply
-        assert (got.train_metrics or {}).get(key) == (expected.train_metrics or {}).get(key)
+        value, wanted = (got.train_metrics or {}).get(key), (expected.train_metrics or {}).get(key)
+        assert value == wanted if same_order or wanted is None else value == pytest.approx(wanted, rel=1e-12)
     assert got.eval_metrics == expected.eval_metrics
 
 
