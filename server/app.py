@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,18 +21,26 @@ from flwr.serverapp import Grid, ServerApp
 
 from client.app import RUN_CONFIG_KEY
 from federation.adapter import from_array_record, num_elements, to_array_record
-from federation.config import RunConfig, compose_config, overrides_from_flat, run_config_to_json
+from federation.config import RunConfig, compose_config, overrides_from_flat, run_config_to_json, sites_per_round
 from federation.model import initial_adapter, lora_shapes, peft_lora_config
 from federation.store import SERVER_STATE, GlobalAdapterStore, MetricsLog, read_peft_adapter
 from server.privacy import CentralDP
 from server.secagg import secagg_params_for_run, secure_train_round
 from server.report import plot_losses, summary_table
-from server.stateful import LORA_METHOD_STRATEGIES, build_lora_method_strategy, check_rank_plan, check_site_ranks
-from server.strategy import LoraDeltaStrategy
+from server.stateful import LORA_METHOD_STRATEGIES, build_lora_method_strategy, check_site_ranks
+from server.strategy import LoraDeltaStrategy, RoundLedger
 from strategies.aggregators import build_aggregator
 from strategies.fedavg import UpdateRejected, validate_update
 
 log = logging.getLogger("fedtune.server")
+
+# Flower wraps a ClientApp's exception as "<class '...'>:<'...'>" (plus its own preamble); the cause is inside.
+_FLOWER_REASON = re.compile(r"^<class '[^']*'>:<'(.*)'>$", re.DOTALL)
+_FLOWER_PREAMBLE = re.compile(r"Exception \w+ occurred\. Message:\s*")
+
+
+class FederationFailed(RuntimeError):
+    """The run stopped because federation.max_failed_rounds rounds in a row aggregated nothing; str() is the summary."""
 
 
 def starting_adapter(cfg: RunConfig) -> dict:
@@ -59,18 +68,12 @@ class _Shape:
         self.shape = tuple(shape)
 
 
-def sites_per_round(cfg: RunConfig) -> int:
-    """How many sites Flower's FedAvg sampling picks per round when all cfg.federation.num_clients are up."""
-    n = cfg.federation.num_clients
-    return min(n, max(int(n * cfg.strategy.fraction_train), cfg.strategy.min_train_clients))
-
-
 def build_strategy(cfg: RunConfig) -> LoraDeltaStrategy:
-    """The Flower strategy for cfg.strategy (+ central DP when cfg.privacy.central.enabled)."""
+    """The Flower strategy for cfg.strategy (+ central DP when cfg.privacy.central.enabled).
+
+    cfg was validated when it was composed (federation.validation): names, params, ranks and combinations.
+    """
     s = cfg.strategy
-    if s.name != "fedex_lora" and "fedex_lora" in (s.aggregator, str((s.params or {}).get("inner", ""))):
-        raise ValueError("aggregator 'fedex_lora' runs only as strategy=fedex_lora (its residual is applied there)")
-    check_rank_plan(cfg)  # strategy.params.site_ranks mixing ranks under a one-rank strategy: MixedRanksError
     if s.name in LORA_METHOD_STRATEGIES:  # flora, flexlora, scaffold, fedsa_lora: per-site messages and state
         return build_lora_method_strategy(cfg)
     central_dp = None
@@ -131,7 +134,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
     peft_config = peft_lora_config(cfg.lora, cfg.model.name if cfg.model.name != "preset"
                                    else f"preset:{cfg.model.preset_name}")
     strategy = build_strategy(cfg)
-    secagg = secagg_params_for_run(cfg, strategy)  # None unless privacy.secagg.enabled; refuses bad combos
+    secagg = secagg_params_for_run(cfg)  # None unless privacy.secagg.enabled
     config = ConfigRecord({RUN_CONFIG_KEY: run_config_to_json(cfg)})
     timeout = cfg.federation.round_timeout_s
     # A site whose node config asks for another LoRA rank than a one-rank strategy trains: fail before round 0.
@@ -169,6 +172,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
         rows.append(row)
         console.print(f"round 0/{cfg.federation.rounds}: union eval loss {eval_loss}")
 
+    failed_rounds: list[int] = []  # the current streak of rounds that aggregated nothing
     for server_round in range(first_round + 1, cfg.federation.rounds + 1):
         start = time.perf_counter()
         start_digest = digest
@@ -220,11 +224,57 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
                       f"{row['bytes_up'] / 1e6:.2f} MB up, {row['seconds']:.1f}s"
                       + (f", missing nodes {row['missing']}" if row["missing"] else "")
                       + (f", epsilon {row['epsilon']:.3f}" if row["epsilon"] is not None else ""))
+        failed_rounds = failed_rounds + [server_round] if new_arrays is None else []
+        if len(failed_rounds) >= cfg.federation.max_failed_rounds:
+            raise FederationFailed(failure_summary(cfg, strategy, failed_rounds, store.global_adapter_dir,
+                                                   metrics_log.path))
 
     plot_losses(rows, run_dir / "loss.png", title=f"{cfg.strategy.name}, {cfg.federation.num_clients} sites")
     console.print(summary_table(rows))
     console.print(f"global adapter: {store.global_adapter_dir} (PEFT directory), metrics: {metrics_log.path}")
     return rows
+
+
+def _reason_line(reason: str) -> str:
+    """The readable first line of a site's error reply (Flower's wrapping and tracebacks removed)."""
+    text = str(reason or "").strip()
+    match = _FLOWER_REASON.match(text)
+    if match:
+        text = _FLOWER_PREAMBLE.sub("", match.group(1)).strip()
+    return next((line.strip() for line in text.splitlines() if line.strip()), "no reason given")
+
+
+def round_failure_cause(cfg: RunConfig, ledger: RoundLedger) -> str:
+    """Why a round aggregated nothing, from its ledger: the first site error or rejection, else silence or too few."""
+    if ledger.failed:
+        node, reason = next(iter(ledger.failed.items()))
+        return f"node {node} failed: {_reason_line(reason)}"
+    if ledger.rejected:
+        node, reason = next(iter(ledger.rejected.items()))
+        return f"the update of node {node} was rejected: {_reason_line(reason)}"
+    if not ledger.sampled:
+        return (f"no site was sampled (fewer than strategy.min_available_clients="
+                f"{cfg.strategy.min_available_clients} connected)")
+    if not ledger.accepted:
+        return (f"no reply from nodes {ledger.missing} within federation.round_timeout_s="
+                f"{cfg.federation.round_timeout_s:g}")
+    return (f"only {len(ledger.accepted)} usable updates (< federation.min_completed_clients="
+            f"{cfg.federation.min_completed_clients})")
+
+
+def failure_summary(cfg: RunConfig, strategy: LoraDeltaStrategy, failed_rounds: list[int], adapter_dir: Path,
+                    metrics_path: Path) -> str:
+    """One paragraph: which rounds aggregated nothing, the first cause, and what was kept."""
+    first = strategy.ledger(failed_rounds[0])
+    counts = (f"{len(first.failed)} failed, {len(first.rejected)} rejected and "
+              f"{len(set(first.missing) - set(first.failed) - set(first.rejected))} silent of "
+              f"{len(first.sampled)} sampled sites")
+    rounds = (f"round {failed_rounds[0]}" if len(failed_rounds) == 1
+              else f"rounds {failed_rounds[0]}-{failed_rounds[-1]}")
+    return (f"the federation stopped after round {failed_rounds[-1]}: {rounds} aggregated nothing "
+            f"(federation.max_failed_rounds={cfg.federation.max_failed_rounds}). First cause, round "
+            f"{failed_rounds[0]}: {round_failure_cause(cfg, first)} ({counts}). The global adapter is unchanged "
+            f"since round {failed_rounds[0] - 1} ({adapter_dir}); per-round details in {metrics_path}.")
 
 
 def make_server_app(cfg: RunConfig) -> ServerApp:
