@@ -34,9 +34,13 @@ from strategies.fedavg import UpdateRejected, validate_update
 
 log = logging.getLogger("fedtune.server")
 
-# Flower wraps a ClientApp's exception as "<class '...'>:<'...'>" (plus its own preamble); the cause is inside.
+# Flower wraps a ClientApp's exception as "<class '...'>:<'...'>" (Ray adds its traceback, Flower a preamble).
 _FLOWER_REASON = re.compile(r"^<class '[^']*'>:<'(.*)'>$", re.DOTALL)
 _FLOWER_PREAMBLE = re.compile(r"Exception \w+ occurred\. Message:\s*")
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+# "SomeError: message" at the start of a line: the raised exception in a formatted traceback.
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*): (\S.*)$", re.MULTILINE)
+_WRAPPER_EXCEPTIONS = ("ClientAppException", "RayTaskError")
 
 
 class FederationFailed(RuntimeError):
@@ -236,11 +240,16 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
 
 
 def _reason_line(reason: str) -> str:
-    """The readable first line of a site's error reply (Flower's wrapping and tracebacks removed)."""
-    text = str(reason or "").strip()
+    """One line of a site's error reply: the site's own exception (Flower's and Ray's wrapping removed)."""
+    text = _ANSI_ESCAPE.sub("", str(reason or "")).strip()
     match = _FLOWER_REASON.match(text)
     if match:
-        text = _FLOWER_PREAMBLE.sub("", match.group(1)).strip()
+        text = match.group(1)
+    # In a chained traceback the site's own exception comes first, the runtime's wrappers after it.
+    for name, message in _EXCEPTION_LINE.findall(text):
+        if not name.startswith(_WRAPPER_EXCEPTIONS) and "Traceback" not in message:
+            return f"{name}: {message.strip()}"
+    text = _FLOWER_PREAMBLE.sub("", text)
     return next((line.strip() for line in text.splitlines() if line.strip()), "no reason given")
 
 
