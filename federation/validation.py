@@ -242,9 +242,6 @@ def _check_data(cfg: RunConfig) -> None:
     _check_choice("data.partition", d.partition, PARTITIONS, "partitioner")
     if not d.label_field:
         raise ConfigError("data.label_field", "data.label_field is empty: the record field that names its source")
-    if not cfg.lora.target_modules or not all(cfg.lora.target_modules):
-        raise ConfigError("lora.target_modules", f"lora.target_modules must name modules (or [all-linear]), "
-                          f"got {list(cfg.lora.target_modules)}")
     if d.prompt_template == CHAT_TEMPLATE_NAME:
         return
     try:
@@ -435,6 +432,9 @@ def _check_privacy(cfg: RunConfig) -> None:
 
 def _check_adapter_fits_model(cfg: RunConfig) -> None:
     """lora.target_modules exist in a preset model (built on the meta device; hub models are checked at run start)."""
+    if not cfg.lora.target_modules or not all(cfg.lora.target_modules):
+        raise ConfigError("lora.target_modules", f"lora.target_modules must name modules (or [all-linear]), "
+                          f"got {list(cfg.lora.target_modules)}")
     if cfg.model.name != "preset":
         return
     from federation.model import lora_shapes
@@ -467,14 +467,17 @@ def check_jsonl_files(files: Sequence[str | Path], key: str) -> dict[str, int]:
 
 def validate_simulation_data(cfg: RunConfig) -> None:
     """Every line of the data the simulation will read is valid, and every simulated site gets examples."""
-    from federation.data import _load_pools, _partition_pools
+    from federation.data import DataFormatError, _load_pools, _partition_pools
 
-    if cfg.data.source != "demo":
-        check_jsonl_files([cfg.data.source], "data.source")
-        if cfg.data.eval_path:
-            check_jsonl_files([cfg.data.eval_path], "data.eval_path")
     try:
+        # What every simulated site loads (federation.data.load_site_split), read once here.
         train, held_out = _load_pools(cfg.data)
+    except DataFormatError as exc:  # its message starts with the file's path
+        in_eval = cfg.data.eval_path and str(exc).startswith(f"{cfg.data.eval_path}:")
+        key = "data.eval_path" if in_eval else "data.source"
+        raise ConfigError(key, f"{key}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError("data.source", f"data.source: {exc.filename}: {exc.strerror}") from None
     except ValueError as exc:  # the demo task's own checks (skills, counts)
         raise ConfigError("data.demo", f"data.demo: {exc}") from None
     try:

@@ -19,10 +19,9 @@ EXIT_CONFIG_ERROR = 2
 def _simulate(overrides: list[str], engine: str = "ray") -> int:
     from federation.config import compose_config
     from federation.validation import validate_simulation_data
-    from simulations.simulate import check_engine, simulate
+    from simulations.simulate import simulate
 
     cfg = compose_config(overrides)
-    check_engine(cfg, engine)
     validate_simulation_data(cfg)
     simulate(cfg, engine=engine)
     return 0
