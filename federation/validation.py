@@ -244,15 +244,16 @@ def _check_data(cfg: RunConfig) -> None:
         raise ConfigError("data.label_field", "data.label_field is empty: the record field that names its source")
     if d.prompt_template == CHAT_TEMPLATE_NAME:
         return
+    valid = ", ".join("{" + name + "}" for name in PROMPT_FIELDS) + f" (or the value '{CHAT_TEMPLATE_NAME}')"
     try:
         fields = [name for _, name, _, _ in string.Formatter().parse(d.prompt_template) if name is not None]
     except ValueError as exc:
         raise ConfigError("data.prompt_template", f"data.prompt_template is not a str.format template ({exc}); "
-                          f"use '{CHAT_TEMPLATE_NAME}' or fields {{{'}, {'.join(PROMPT_FIELDS)}}}") from None
+                          f"valid fields: {valid}") from None
     unknown = [name for name in fields if name not in PROMPT_FIELDS]
     if unknown:
         raise ConfigError("data.prompt_template", f"data.prompt_template field {{{unknown[0]}}} unknown; valid: "
-                          f"{', '.join('{' + f + '}' for f in PROMPT_FIELDS)} (or the value '{CHAT_TEMPLATE_NAME}')")
+                          f"{valid}")
 
 
 # ------------------------------------------------------------------------------------------- strategy

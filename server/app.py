@@ -35,7 +35,7 @@ from strategies.fedavg import UpdateRejected, validate_update
 log = logging.getLogger("fedtune.server")
 
 # Flower wraps a ClientApp's exception as "<class '...'>:<'...'>" (Ray adds its traceback, Flower a preamble).
-_FLOWER_REASON = re.compile(r"^<class '[^']*'>:<'(.*)'>$", re.DOTALL)
+_FLOWER_REASON = re.compile(r"^<class '(?:[\w.]*\.)?([^'.]*)'>:<'(.*)'>$", re.DOTALL)
 _FLOWER_PREAMBLE = re.compile(r"Exception \w+ occurred\. Message:\s*")
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 # "SomeError: message" at the start of a line: the raised exception in a formatted traceback.
@@ -243,14 +243,16 @@ def _reason_line(reason: str) -> str:
     """One line of a site's error reply: the site's own exception (Flower's and Ray's wrapping removed)."""
     text = _ANSI_ESCAPE.sub("", str(reason or "")).strip()
     match = _FLOWER_REASON.match(text)
+    raised = ""
     if match:
-        text = match.group(1)
+        raised, text = match.groups()
     # In a chained traceback the site's own exception comes first, the runtime's wrappers after it.
     for name, message in _EXCEPTION_LINE.findall(text):
         if not name.startswith(_WRAPPER_EXCEPTIONS) and "Traceback" not in message:
             return f"{name}: {message.strip()}"
     text = _FLOWER_PREAMBLE.sub("", text)
-    return next((line.strip() for line in text.splitlines() if line.strip()), "no reason given")
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "no reason given")
+    return f"{raised}: {line}" if raised and not raised.startswith(_WRAPPER_EXCEPTIONS) else line
 
 
 def round_failure_cause(cfg: RunConfig, ledger: RoundLedger) -> str:

@@ -64,5 +64,7 @@ def test_reason_line_unwraps_flower_and_ray_errors():
     flower_reason = ("<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException "
                      "occurred. Message: out of memory'>")
     assert _reason_line(flower_reason) == "out of memory"
+    deployment_reason = "<class 'federation.data.DataFormatError'>:<'site.jsonl:3: invalid JSON'>"
+    assert _reason_line(deployment_reason) == "DataFormatError: site.jsonl:3: invalid JSON"
     assert _reason_line("RuntimeError: boom\nTraceback (most recent call last):\nRuntimeError: boom") == \
         "RuntimeError: boom"
