@@ -60,6 +60,8 @@ def simulate(cfg: RunConfig, engine: str = "ray") -> list[dict[str, Any]]:
 
         from server.app import make_server_app
 
+        # Flower 1.41 re-raises the ServerApp's exception here once the engine has stopped
+        # (flwr/simulation/run_simulation.py _main_loop), so a FederationFailed reaches the caller as it does in-process.
         run_simulation(
             server_app=make_server_app(cfg),
             client_app=client_app,
