@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from federation.validation import ConfigError
+
 log = logging.getLogger("fedtune.site")
 
 DEFAULT_CLIENTAPPIO_PORT = 9094  # flower-supernode's own default for its local Runtime API
@@ -63,8 +65,11 @@ _NODE_CONFIG_FORBIDDEN = ("'", '"')
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class SiteConfigError(ValueError):
-    """The site configuration or a file it names is unusable; the message says which and why."""
+class SiteConfigError(ConfigError):
+    """The site configuration or a file it names is unusable; the message (one line) says which and why."""
+
+    def __init__(self, message: str, key: str = "site"):
+        super().__init__(key, message)
 
 
 # ----------------------------------------------------------------------------------------- processes
@@ -287,6 +292,19 @@ def load_site_config(path: str | Path) -> SiteConfig:
     def resolve(value) -> Path | None:
         return None if value in (None, "") else (base / Path(str(value)).expanduser()).resolve()
 
+    def number(key: str, kind: type, default, minimum: float):
+        value = raw.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)) \
+                or value < minimum:
+            raise SiteConfigError(f"{path}: {key} must be {'an integer' if kind is int else 'a number'} >= "
+                                  f"{minimum:g}, got {value!r}", key)
+        return kind(value)
+
+    extra = raw.get("extra_node_config") or {}
+    if not isinstance(extra, dict):
+        raise SiteConfigError(f"{path}: extra_node_config must be a mapping, got {extra!r}", "extra_node_config")
     return SiteConfig(
         name=str(raw["name"]),
         coordinator=str(raw["coordinator"]),
@@ -294,37 +312,34 @@ def load_site_config(path: str | Path) -> SiteConfig:
         private_key=resolve(raw.get("private_key")),
         data_path=resolve(raw["data_path"]),
         device=str(raw.get("device", "auto")),
-        clientappio_port=int(raw.get("clientappio_port", DEFAULT_CLIENTAPPIO_PORT)),
+        clientappio_port=number("clientappio_port", int, DEFAULT_CLIENTAPPIO_PORT, 1),
         state_dir=resolve(raw.get("state_dir")),
-        max_retries=None if raw.get("max_retries") is None else int(raw["max_retries"]),
-        max_wait_time_s=None if raw.get("max_wait_time_s") is None else float(raw["max_wait_time_s"]),
-        rejoin_timeout_s=float(raw.get("rejoin_timeout_s", DEFAULT_REJOIN_TIMEOUT_S)),
+        max_retries=number("max_retries", int, None, 0),
+        max_wait_time_s=number("max_wait_time_s", float, None, 0),
+        rejoin_timeout_s=number("rejoin_timeout_s", float, DEFAULT_REJOIN_TIMEOUT_S, 0),
         insecure=bool(raw.get("insecure", False)),
-        extra_node_config=dict(raw.get("extra_node_config") or {}),
+        extra_node_config=dict(extra),
     )
 
 
 def validate_site_data(data_path: Path) -> dict[str, int]:
     """Parse the site's JSONL (a file, or a dir with train.jsonl [+ eval.jsonl]); returns examples per file.
 
-    Raises SiteConfigError naming the file and line of the first problem (federation.data's DataFormatError).
+    Raises SiteConfigError naming the file and line of the first problem (the simulation's check of its data,
+    federation.validation.check_jsonl_files).
     """
-    from federation.data import EVAL_FILE, TRAIN_FILE, DataFormatError, read_jsonl_records
+    from federation.data import EVAL_FILE, TRAIN_FILE
+    from federation.validation import check_jsonl_files
 
     if not data_path.exists():
-        raise SiteConfigError(f"data_path {data_path}: not found")
+        raise SiteConfigError(f"data_path {data_path}: not found", "data_path")
     files = [data_path / TRAIN_FILE] if data_path.is_dir() else [data_path]
     if data_path.is_dir() and (data_path / EVAL_FILE).exists():
         files.append(data_path / EVAL_FILE)
-    counts = {}
-    for file in files:
-        try:
-            counts[str(file)] = len(read_jsonl_records(file))
-        except DataFormatError as exc:
-            raise SiteConfigError(f"site data is not usable: {exc}") from None
-        except OSError as exc:
-            raise SiteConfigError(f"site data is not usable: {file}: {exc.strerror}") from None
-    return counts
+    try:
+        return check_jsonl_files(files, "data_path")
+    except ConfigError as exc:
+        raise SiteConfigError(f"site data is not usable: {exc}", "data_path") from None
 
 
 def _read_file(path: Path | None, what: str) -> bytes:
@@ -370,6 +385,13 @@ def validate_site(cfg: SiteConfig) -> dict[str, int]:
                        *cfg.extra_node_config.items()]:
         if any(ch in str(value) for ch in _NODE_CONFIG_FORBIDDEN):
             raise SiteConfigError(f"{key} {value!r}: must not contain quotes")
+    from client.hetero import NODE_LOCAL_STEPS_KEY, NODE_RANK_KEY  # this site's LoRA rank / local steps
+
+    for key in (NODE_RANK_KEY, NODE_LOCAL_STEPS_KEY):
+        value = cfg.extra_node_config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise SiteConfigError(f"extra_node_config.{key} must be an integer >= 1, got {value!r}",
+                                  f"extra_node_config.{key}")
     if cfg.insecure:
         log.warning("INSECURE site: plaintext connection and no node authentication; only against a coordinator "
                     "started with --insecure, never across a network")
@@ -537,6 +559,9 @@ def site_main(args: argparse.Namespace) -> int:
             return 0
         return run_site(cfg)
     except SiteConfigError as exc:
-        log.error("site config error: %s", exc)
-        print(f"error: {exc}", file=sys.stderr)
+        if getattr(args, "debug", False):
+            import traceback
+
+            traceback.print_exc()
+        print(f"config error: {exc}", file=sys.stderr)  # one line (the CLI's form for every config mistake)
         return 2

@@ -48,22 +48,20 @@ import client.scaffold as scaffold_client
 from client.app import RUN_CONFIG_KEY
 from client.fedsa import with_run_config
 from federation.adapter import from_array_record, to_array_record
-from federation.config import RunConfig
+from federation.config import FEDEX_STRATEGY, HETERO_STRATEGIES, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS, RunConfig
 from strategies.aggregators import MixedRanksError
 from strategies.lora_exact import lora_pairs, lora_ranks
 
 log = logging.getLogger("fedtune.client")
 
-HETERO_STRATEGIES = ("flora", "flexlora")
-# One rank everywhere, but the exact global keeps a frozen part: FedEx-LoRA's accumulated residuals.
-FEDEX_STRATEGY = "fedex_lora"
-# Strategies whose sites train and evaluate under a frozen update (frozen_lora_update).
+# HETERO_STRATEGIES train their own rank; FEDEX_STRATEGY one rank everywhere, but the exact global keeps a frozen
+# part: FedEx-LoRA's accumulated residuals. Strategies whose sites train and evaluate under a frozen update
+# (frozen_lora_update):
 FROZEN_UPDATE_STRATEGIES = (*HETERO_STRATEGIES, FEDEX_STRATEGY)
-# Node config keys (deployment) and strategy.params keys (simulation, one entry per partition).
+# Node config keys (deployment); the strategy.params keys (simulation, one entry per partition) are
+# federation.config's PARAM_SITE_RANKS / PARAM_SITE_LOCAL_STEPS.
 NODE_RANK_KEY = "lora-r"
 NODE_LOCAL_STEPS_KEY = "local-steps"
-PARAM_SITE_RANKS = "site_ranks"
-PARAM_SITE_LOCAL_STEPS = "site_local_steps"
 # Frozen global update in a message: stacked factors (ArrayRecord) and where they fit in the site's state.
 FROZEN_RECORD = "fedtune.frozen-update"
 FROZEN_MODE_KEY = "fedtune.frozen-mode"

@@ -26,6 +26,7 @@ import client.app as plain_client
 from client.app import RUN_CONFIG_KEY
 from client.site_state import SiteState, server_round_of, site_state
 from federation.adapter import from_array_record, get_adapter_arrays, lora_parameters, to_array_record
+from federation.config import CONTROL_VARIATE_PARAM, CONTROL_VARIATES  # noqa: F401 (re-exported)
 from strategies.scaffold import client_control_update, correct_gradient, zero_control
 
 # Message records (server -> site: c; site -> server: delta_c) and the site's own c_i (site round state).
@@ -34,8 +35,6 @@ DELTA_C_RECORD = "fedtune.scaffold.delta-c"
 C_LOCAL_STATE = "fedtune.scaffold.c-local"
 # Controls travel and are stored in float64: they are differences of near-equal adapters divided by K * lr.
 CONTROL_DTYPE = "float64"
-CONTROL_VARIATE_PARAM = "control_variate"
-CONTROL_VARIATES = ("gradient", "displacement")
 
 
 def _float64(record) -> dict[str, np.ndarray]:

@@ -129,6 +129,19 @@ class StrategyConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+# Strategies with their own coordinator and site logic (server/stateful.py, server/hetero.py, server/fedex.py,
+# client/hetero.py, client/scaffold.py) rather than a plain aggregator from strategies/aggregators.py.
+HETERO_STRATEGIES = ("flora", "flexlora")  # every site trains its own LoRA rank
+FEDEX_STRATEGY = "fedex_lora"
+LORA_METHOD_STRATEGIES = (*HETERO_STRATEGIES, FEDEX_STRATEGY, "scaffold", "fedsa_lora")
+# strategy.params the sites read (per simulation partition), not an aggregator.
+PARAM_SITE_RANKS = "site_ranks"
+PARAM_SITE_LOCAL_STEPS = "site_local_steps"
+CONTROL_VARIATE_PARAM = "control_variate"  # SCAFFOLD: how a site computes its control variate
+CONTROL_VARIATES = ("gradient", "displacement")
+SITE_PARAMS = (PARAM_SITE_RANKS, PARAM_SITE_LOCAL_STEPS, CONTROL_VARIATE_PARAM)
+
+
 @dataclass
 class CentralDPConfig:
     """Site-level DP-FedAvg on the coordinator: clip each site's delta to C, add N(0, (sigma*C)^2) to the sum."""
@@ -179,6 +192,14 @@ class SecAggConfig:
     timeout: float = 600.0
 
 
+# Flower quantizes SecAgg+ vectors into int32 (values reach Q inclusive), and sums them modulo at most 2**32.
+SECAGG_MAX_QUANTIZATION_RANGE = 2**31 - 1
+SECAGG_MAX_MODULUS_RANGE = 2**32
+# Aggregators that only need the weighted mean of the deltas (all SecAgg+ reveals). Robust methods,
+# FedEx-LoRA and anything per-site need individual updates and cannot run under SecAgg+.
+SECAGG_COMPATIBLE_AGGREGATORS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ffa_lora")
+
+
 @dataclass
 class PrivacyConfig:
     """Upload protection (see conf/privacy): central DP, local DP-SGD and SecAgg+, alone or together."""
@@ -215,6 +236,9 @@ class FederationConfig:
     # Simulation (inprocess engine): train up to N virtual clients of a round together, one forward/backward with
     # each row routed through its own client's LoRA factors (client/multi_adapter.py); 1 = one after another.
     clients_per_batch: int = 1
+    # Consecutive rounds that aggregate nothing (every site failed, was rejected or did not reply) before the run
+    # stops with a non-zero exit code and a summary naming the first cause.
+    max_failed_rounds: int = 1
 
 
 @dataclass
@@ -233,10 +257,12 @@ class RunConfig:
 
 
 def to_run_config(cfg: DictConfig | dict[str, Any] | None) -> RunConfig:
-    """Validate a (hydra) config against the schema; unknown keys are an error."""
-    schema = OmegaConf.structured(RunConfig)
-    merged = OmegaConf.merge(schema, cfg or {})
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    """Check a (hydra) config against the schema and validate it (federation.validation); raises ConfigError."""
+    from federation.validation import check_schema, validate_run_config
+
+    run_config = check_schema(cfg or {}, RunConfig)
+    validate_run_config(run_config)
+    return run_config
 
 
 def run_config_to_json(cfg: RunConfig) -> str:
@@ -245,7 +271,7 @@ def run_config_to_json(cfg: RunConfig) -> str:
 
 
 def run_config_from_json(text: str) -> RunConfig:
-    """Inverse of run_config_to_json."""
+    """Inverse of run_config_to_json (validated like every composed config)."""
     return to_run_config(json.loads(text))
 
 
@@ -262,23 +288,44 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-CONFIG_GROUPS = ("model", "data", "strategy", "privacy", "federation")
+CONFIG_GROUPS = ("model", "lora", "data", "train", "strategy", "privacy", "federation")
+
+
+def group_options(group: str, config_dir: str | Path = CONF_DIR) -> list[str]:
+    """The options of a hydra config group: the YAML files in conf/<group>/ (e.g. the strategy names)."""
+    return sorted(path.stem for path in (Path(config_dir) / group).glob("*.yaml"))
 
 
 def compose_config(overrides: list[str] | None = None, config_dir: str | Path = CONF_DIR) -> RunConfig:
-    """Compose conf/config.yaml with hydra overrides (``strategy=fedavg federation.rounds=3``) into a RunConfig."""
+    """Compose conf/config.yaml with hydra overrides (``strategy=fedavg federation.rounds=3``) into a RunConfig.
+
+    Every mistake (hydra's own: unknown group option or key, wrong type, unparsable override; and
+    federation.validation's) is a ConfigError naming the key.
+    """
     from hydra import compose, initialize_config_dir
     from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
+
+    from federation.validation import config_error_from_hydra
 
     # The schema is the base of conf/config.yaml, so every field can be overridden without '+'.
     ConfigStore.instance().store(name="fedtune_schema", node=RunConfig)
 
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
+    overrides = list(overrides or [])
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides or []))
-    return to_run_config(cfg)
+        try:
+            cfg = compose(config_name="config", overrides=overrides)
+        except Exception as exc:  # hydra/omegaconf raise assorted types; each becomes one ConfigError line
+            raise config_error_from_hydra(exc, overrides, config_dir) from exc
+        return to_run_config(cfg)
+
+
+def sites_per_round(cfg: RunConfig) -> int:
+    """How many sites Flower's FedAvg sampling picks per round when all cfg.federation.num_clients are up."""
+    n = cfg.federation.num_clients
+    return min(n, max(int(n * cfg.strategy.fraction_train), cfg.strategy.min_train_clients))
 
 
 def overrides_from_flat(flat: dict[str, Any]) -> list[str]:

@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 CHAT_TEMPLATE_NAME = "chat_template"
+# The fields a str.format data.prompt_template may use (format_example fills them).
+PROMPT_FIELDS = ("instruction", "input")
 CHAT_ROLES = ("system", "user", "assistant")
 # Joins alpaca's instruction and input, and the non-final chat contents under a str.format template.
 PART_SEPARATOR = "\n\n"
@@ -326,6 +328,9 @@ def partition_by_source(labels: Sequence[str], num_sites: int) -> list[list[int]
     return _check_non_empty(parts, f"source partition of {len(labels)} items over {num_sites} sites")
 
 
+PARTITIONS = ("iid", "dirichlet", "source")  # data.partition: how a simulation's pool is split over sites
+
+
 def partition_indices(labels: Sequence[str], num_sites: int, data_cfg: DataConfig) -> list[list[int]]:
     """Dispatch on data_cfg.partition: "iid" | "dirichlet" | "source"."""
     if data_cfg.partition == "iid":
@@ -334,7 +339,7 @@ def partition_indices(labels: Sequence[str], num_sites: int, data_cfg: DataConfi
         return partition_dirichlet(labels, num_sites, data_cfg.dirichlet_alpha, data_cfg.seed)
     if data_cfg.partition == "source":
         return partition_by_source(labels, num_sites)
-    raise ValueError(f"unknown data.partition {data_cfg.partition!r}; expected 'iid', 'dirichlet' or 'source'")
+    raise ValueError(f"unknown data.partition {data_cfg.partition!r}; expected one of {PARTITIONS}")
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -29,6 +29,10 @@ PRESET_SHAPES: dict[str, dict[str, int | float]] = {
                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, rope_theta=500000.0),
 }
 
+PRESET_NAMES = ("tiny", *PRESET_SHAPES)  # "tiny" takes its shape from ModelConfig.preset
+QUANTIZATION_MODES = ("auto", "4bit", "none")
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")  # model.compute_dtype, model.preset.dtype (torch names)
+
 
 @dataclass
 class LoadInfo:
@@ -69,7 +73,7 @@ def wants_qlora(cfg: ModelConfig, device: torch.device) -> bool:
             raise RuntimeError("model.quantization=4bit needs a CUDA device with bitsandbytes")
         return True
     if cfg.quantization != "auto":
-        raise ValueError(f"model.quantization must be auto|4bit|none, got {cfg.quantization!r}")
+        raise ValueError(f"model.quantization must be one of {QUANTIZATION_MODES}, got {cfg.quantization!r}")
     return device.type == "cuda" and bitsandbytes_usable()
 
 
@@ -83,7 +87,7 @@ def preset_llama_config(cfg: ModelConfig, vocab_size: int):
     elif cfg.preset_name in PRESET_SHAPES:
         shape = dict(PRESET_SHAPES[cfg.preset_name])
     else:
-        raise ValueError(f"unknown model.preset_name {cfg.preset_name!r}; known: tiny, {', '.join(PRESET_SHAPES)}")
+        raise ValueError(f"unknown model.preset_name {cfg.preset_name!r}; known: {', '.join(PRESET_NAMES)}")
     return LlamaConfig(**shape, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from client.app import RUN_CONFIG_KEY
 from federation.adapter import from_array_record, num_elements, to_array_record
-from federation.config import RunConfig, compose_config, overrides_from_flat, run_config_to_json
+from federation.config import RunConfig, compose_config, overrides_from_flat, run_config_to_json, sites_per_round
 from federation.model import initial_adapter, lora_shapes, peft_lora_config
 from federation.store import (FEDERATION_RUN_ID_KEY, FEDERATION_RUN_ID_STATE, SERVER_STATE, GlobalAdapterStore,
                               MetricsLog, new_federation_run_id, read_peft_adapter)
@@ -28,12 +29,24 @@ from server.privacy import CentralDP
 from server.replies import DP_SGD_EPSILON, EVAL_LOSS, TOKENS_PER_SECOND, TRAIN_LOSS, TRAIN_TOKENS, metric_or_none
 from server.secagg import secagg_params_for_run, secure_train_round
 from server.report import plot_losses, summary_table
-from server.stateful import LORA_METHOD_STRATEGIES, build_lora_method_strategy, check_rank_plan, check_site_ranks
-from server.strategy import LoraDeltaStrategy
+from server.stateful import LORA_METHOD_STRATEGIES, build_lora_method_strategy, check_site_ranks
+from server.strategy import LoraDeltaStrategy, RoundLedger
 from strategies.aggregators import build_aggregator
 from strategies.fedavg import UpdateRejected, validate_update
 
 log = logging.getLogger("fedtune.server")
+
+# Flower wraps a ClientApp's exception as "<class '...'>:<'...'>" (Ray adds its traceback, Flower a preamble).
+_FLOWER_REASON = re.compile(r"^<class '(?:[\w.]*\.)?([^'.]*)'>:<'(.*)'>$", re.DOTALL)
+_FLOWER_PREAMBLE = re.compile(r"Exception \w+ occurred\. Message:\s*")
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+# "SomeError: message" at the start of a line: the raised exception in a formatted traceback.
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*): (\S.*)$", re.MULTILINE)
+_WRAPPER_EXCEPTIONS = ("ClientAppException", "RayTaskError")
+
+
+class FederationFailed(RuntimeError):
+    """The run stopped because federation.max_failed_rounds rounds in a row aggregated nothing; str() is the summary."""
 
 
 def starting_adapter(cfg: RunConfig) -> dict:
@@ -61,18 +74,12 @@ class _Shape:
         self.shape = tuple(shape)
 
 
-def sites_per_round(cfg: RunConfig) -> int:
-    """How many sites Flower's FedAvg sampling picks per round when all cfg.federation.num_clients are up."""
-    n = cfg.federation.num_clients
-    return min(n, max(int(n * cfg.strategy.fraction_train), cfg.strategy.min_train_clients))
-
-
 def build_strategy(cfg: RunConfig) -> LoraDeltaStrategy:
-    """The Flower strategy for cfg.strategy (+ central DP when cfg.privacy.central.enabled)."""
+    """The Flower strategy for cfg.strategy (+ central DP when cfg.privacy.central.enabled).
+
+    cfg was validated when it was composed (federation.validation): names, params, ranks and combinations.
+    """
     s = cfg.strategy
-    if s.name != "fedex_lora" and "fedex_lora" in (s.aggregator, str((s.params or {}).get("inner", ""))):
-        raise ValueError("aggregator 'fedex_lora' runs only as strategy=fedex_lora (its residual is applied there)")
-    check_rank_plan(cfg)  # strategy.params.site_ranks mixing ranks under a one-rank strategy: MixedRanksError
     if s.name in LORA_METHOD_STRATEGIES:  # flora, flexlora, scaffold, fedsa_lora: per-site messages and state
         return build_lora_method_strategy(cfg)
     central_dp = None
@@ -133,7 +140,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
     peft_config = peft_lora_config(cfg.lora, cfg.model.name if cfg.model.name != "preset"
                                    else f"preset:{cfg.model.preset_name}")
     strategy = build_strategy(cfg)
-    secagg = secagg_params_for_run(cfg, strategy)  # None unless privacy.secagg.enabled; refuses bad combos
+    secagg = secagg_params_for_run(cfg)  # None unless privacy.secagg.enabled
     # The sites key the state that rounds advance (error feedback, SCAFFOLD c_i, ...) by this id and the round
     # (client/site_state.py): a resumed run reuses the checkpointed id, so its sites continue where they were.
     run_id = (store.federation_run_id() if cfg.federation.resume else None) or new_federation_run_id()
@@ -181,6 +188,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
         rows.append(row)
         console.print(f"round 0/{cfg.federation.rounds}: union eval loss {eval_loss}")
 
+    failed_rounds: list[int] = []  # the current streak of rounds that aggregated nothing
     for server_round in range(first_round + 1, cfg.federation.rounds + 1):
         start = time.perf_counter()
         start_digest = digest
@@ -235,11 +243,64 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
                       f"{row['bytes_up'] / 1e6:.2f} MB up, {row['seconds']:.1f}s"
                       + (f", missing nodes {row['missing']}" if row["missing"] else "")
                       + (f", epsilon {row['epsilon']:.3f}" if row["epsilon"] is not None else ""))
+        failed_rounds = failed_rounds + [server_round] if new_arrays is None else []
+        if len(failed_rounds) >= cfg.federation.max_failed_rounds:
+            raise FederationFailed(failure_summary(cfg, strategy, failed_rounds, store.global_adapter_dir,
+                                                   metrics_log.path))
 
     plot_losses(rows, run_dir / "loss.png", title=f"{cfg.strategy.name}, {cfg.federation.num_clients} sites")
     console.print(summary_table(rows))
     console.print(f"global adapter: {store.global_adapter_dir} (PEFT directory), metrics: {metrics_log.path}")
     return rows
+
+
+def _reason_line(reason: str) -> str:
+    """One line of a site's error reply: the site's own exception (Flower's and Ray's wrapping removed)."""
+    text = _ANSI_ESCAPE.sub("", str(reason or "")).strip()
+    match = _FLOWER_REASON.match(text)
+    raised = ""
+    if match:
+        raised, text = match.groups()
+    # In a chained traceback the site's own exception comes first, the runtime's wrappers after it.
+    for name, message in _EXCEPTION_LINE.findall(text):
+        if not name.startswith(_WRAPPER_EXCEPTIONS) and "Traceback" not in message:
+            return f"{name}: {message.strip()}"
+    text = _FLOWER_PREAMBLE.sub("", text)
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "no reason given")
+    return f"{raised}: {line}" if raised and not raised.startswith(_WRAPPER_EXCEPTIONS) else line
+
+
+def round_failure_cause(cfg: RunConfig, ledger: RoundLedger) -> str:
+    """Why a round aggregated nothing, from its ledger: the first site error or rejection, else silence or too few."""
+    if ledger.failed:
+        node, reason = next(iter(ledger.failed.items()))
+        return f"node {node} failed: {_reason_line(reason)}"
+    if ledger.rejected:
+        node, reason = next(iter(ledger.rejected.items()))
+        return f"the update of node {node} was rejected: {_reason_line(reason)}"
+    if not ledger.sampled:
+        return (f"no site was sampled (fewer than strategy.min_available_clients="
+                f"{cfg.strategy.min_available_clients} connected)")
+    if not ledger.accepted:
+        return (f"no reply from nodes {ledger.missing} within federation.round_timeout_s="
+                f"{cfg.federation.round_timeout_s:g}")
+    return (f"only {len(ledger.accepted)} usable updates (< federation.min_completed_clients="
+            f"{cfg.federation.min_completed_clients})")
+
+
+def failure_summary(cfg: RunConfig, strategy: LoraDeltaStrategy, failed_rounds: list[int], adapter_dir: Path,
+                    metrics_path: Path) -> str:
+    """One paragraph: which rounds aggregated nothing, the first cause, and what was kept."""
+    first = strategy.ledger(failed_rounds[0])
+    counts = (f"{len(first.failed)} failed, {len(first.rejected)} rejected and "
+              f"{len(set(first.missing) - set(first.failed) - set(first.rejected))} silent of "
+              f"{len(first.sampled)} sampled sites")
+    rounds = (f"round {failed_rounds[0]}" if len(failed_rounds) == 1
+              else f"rounds {failed_rounds[0]}-{failed_rounds[-1]}")
+    return (f"the federation stopped after round {failed_rounds[-1]}: {rounds} aggregated nothing "
+            f"(federation.max_failed_rounds={cfg.federation.max_failed_rounds}). First cause, round "
+            f"{failed_rounds[0]}: {round_failure_cause(cfg, first)} ({counts}). The global adapter is unchanged "
+            f"since round {failed_rounds[0] - 1} ({adapter_dir}); per-round details in {metrics_path}.")
 
 
 def make_server_app(cfg: RunConfig) -> ServerApp:

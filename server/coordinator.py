@@ -440,15 +440,32 @@ def run_config_pairs(overrides: Sequence[str]) -> dict[str, str]:
     Values stay strings: server/app.py turns each pair back into 'key=value' for hydra, so hydra
     (not TOML) parses them, exactly as `fedtune simulate` would.
     """
+    from federation.validation import ConfigError
+
     pairs: dict[str, str] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key):
-            raise ValueError(f"override {item!r}: expected key=value (hydra's +key / ~key are not supported)")
+            raise ConfigError(item, f"override {item!r}: expected key=value (hydra's +key / ~key are not supported "
+                              "by fedtune launch)")
         if '"' in value and "'" in value:
-            raise ValueError(f"override {item!r}: a value cannot hold both quote characters")
+            raise ConfigError(key, f"override {item!r}: a value cannot hold both quote characters")
         pairs[key] = value
     return pairs
+
+
+def app_run_config(app_dir: str | Path = REPO_ROOT) -> dict[str, object]:
+    """The app's declared run config ([tool.flwr.app.config] of its pyproject.toml), flat."""
+    text = (Path(app_dir) / "pyproject.toml").read_text()
+    return _flatten(tomllib.loads(text).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
+
+
+def launch_config(overrides: Sequence[str], app_dir: str | Path = REPO_ROOT):
+    """The RunConfig the ServerApp (server/app.py main) will compose for this launch: the app's declared run
+    config plus the overrides; raises ConfigError for any mistake, before anything is submitted."""
+    from federation.config import compose_config, overrides_from_flat
+
+    return compose_config(overrides_from_flat({**app_run_config(app_dir), **run_config_pairs(overrides)}))
 
 
 def _toml_string(value: str) -> str:
@@ -477,8 +494,7 @@ def copy_app(dest: Path, repo: Path = REPO_ROOT, declare: dict[str, str] | None 
             shutil.copy2(src, dest / name)
     pyproject = dest / "pyproject.toml"
     text = pyproject.read_text()
-    declared = tomllib.loads(text).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
-    flat_declared = set(_flatten(declared))
+    flat_declared = set(app_run_config(dest))
     missing = {k: v for k, v in (declare or {}).items() if k not in flat_declared}
     if missing:
         header = "[tool.flwr.app.config]"
@@ -511,8 +527,10 @@ def launch(overrides: Sequence[str], connection: str | None = None, address: str
 
     With `address` (+ `ca_cert`) a throwaway FLWR_HOME holds the connection; otherwise `connection`
     names one in `flwr_home`/config.toml (default $FLWR_HOME or ~/.flwr). With `stream` it follows the
-    run's logs and the exit code says whether the run finished successfully.
+    run's logs and the exit code says whether the run finished successfully. The run config is validated
+    here first (launch_config: ConfigError), so a mistake is never submitted.
     """
+    launch_config(overrides, app_dir)
     pairs = run_config_pairs(overrides)
     with tempfile.TemporaryDirectory(prefix="fedtune-launch-") as tmp:
         tmp = Path(tmp)
@@ -547,17 +565,24 @@ def launch(overrides: Sequence[str], connection: str | None = None, address: str
                 proc.wait()
         if code != 0 or run_id is None or not stream:
             return (code or (0 if run_id else 1)), run_id
-        status = run_status(run_id, connection, flwr_home)
-        log.info("run %s: %s", run_id, status)
-        return (0 if status == RUN_FINISHED_OK else 1), run_id
+        status, details = run_status(run_id, connection, flwr_home)
+        if status == RUN_FINISHED_OK:
+            log.info("run %s: %s", run_id, status)
+            return 0, run_id
+        # e.g. "ServerApp failed with exception: the federation stopped after round 2: ..." (FederationFailed)
+        print(f"run {run_id} did not complete ({status}): {details or 'no details'}", file=sys.stderr)
+        return 1, run_id
 
 
-def run_status(run_id: str, connection: str | None, flwr_home: str | Path | None) -> str:
-    """'finished:completed', 'running', ... of a run, from `flwr ls --run-id`."""
+def run_status(run_id: str, connection: str | None, flwr_home: str | Path | None) -> tuple[str, str]:
+    """('finished:completed' / 'finished:failed' / 'running' / ..., Flower's status details) of a run (`flwr ls`)."""
     result = run_flwr(["ls"] + ([connection] if connection else []) + ["--run-id", run_id, "--format", "json"],
                       flwr_home)
-    match = re.search(r'"status"\s*:\s*"([^"]+)"', result.stdout)
-    return match.group(1) if match else f"unknown ({(result.stdout + result.stderr).strip()[-200:]})"
+    try:
+        run = json.loads(result.stdout)["runs"][0]
+        return str(run["status"]), str(run.get("status-details") or "")
+    except (ValueError, KeyError, IndexError, TypeError):
+        return f"unknown ({(result.stdout + result.stderr).strip()[-200:]})", ""
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -577,9 +602,13 @@ def launch_main(args: argparse.Namespace) -> int:
     if args.connection and args.address:
         print("error: give --connection or --address, not both", file=sys.stderr)
         return 2
+    from federation.validation import ConfigError
+
     try:
         code, run_id = launch(args.overrides, connection=args.connection, address=args.address, ca_cert=args.ca,
                               insecure=args.insecure, stream=args.stream, flwr_home=args.flwr_home)
+    except ConfigError:
+        raise  # one `config error:` line and exit 2 (simulations/cli.py)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

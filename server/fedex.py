@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from client.hetero import FEDEX_STRATEGY, PARAM_SITE_LOCAL_STEPS
+from client.hetero import FEDEX_STRATEGY
 from server.hetero import HeteroLoraStrategy
 from strategies.fedavg import AdapterArrays, weighted_mean
 from strategies.lora_exact import lora_pairs, stack_lora_updates
@@ -76,17 +76,11 @@ class FedExLoraStrategy(HeteroLoraStrategy):
 
 
 def build_fedex_strategy(cfg: Any) -> FedExLoraStrategy:
-    """FedExLoraStrategy for cfg.strategy.name == "fedex_lora" (one LoRA rank, lora.r, at every site)."""
+    """FedExLoraStrategy for cfg.strategy.name == "fedex_lora" (one LoRA rank, lora.r, at every site).
+
+    cfg was validated when it was composed (federation.validation: privacy, aggregator, params).
+    """
     s = cfg.strategy
-    if cfg.privacy.secagg.enabled or cfg.privacy.central.enabled:
-        raise ValueError("strategy 'fedex_lora' needs each site's own factors: privacy.secagg and privacy.central "
-                         "are not supported with it")
-    if s.aggregator not in ("", FEDEX_STRATEGY):
-        raise ValueError(f"strategy 'fedex_lora' aggregates with FedEx-LoRA itself; strategy.aggregator must be "
-                         f"empty or 'fedex_lora', got {s.aggregator!r}")
-    unknown = sorted(set(s.params or {}) - {PARAM_SITE_LOCAL_STEPS})
-    if unknown:
-        raise ValueError(f"strategy 'fedex_lora' takes params {[PARAM_SITE_LOCAL_STEPS]}; unknown {unknown}")
     return FedExLoraStrategy(
         lora_alpha=cfg.lora.alpha, rank=cfg.lora.r, init_seed=cfg.lora.init_seed,
         min_completed_clients=cfg.federation.min_completed_clients, query_timeout=cfg.federation.round_timeout_s,

@@ -32,8 +32,9 @@ from flwr.serverapp.strategy import FedAvg
 from client.app import RUN_CONFIG_KEY
 from client.hetero import (FROZEN_ACCUMULATE, FROZEN_FROM_KEY, FROZEN_MODE_KEY, FROZEN_RECORD, FROZEN_TO_KEY,
                            FROZEN_TRANSIENT, FROZEN_UPDATE_STRATEGIES, HETERO_STRATEGIES, METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS,
-                           METRIC_RANK, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS)
+                           METRIC_RANK)
 from federation.adapter import from_array_record, to_array_record
+from federation.validation import check_rank_plan, mixed_ranks_message  # noqa: F401 (check_rank_plan re-exported)
 from server.replies import COUNT, EVAL_REPLY, POSITIVE_COUNT, TRAIN_REPLY, MetricSchema, reply_node, sent_to
 from server.strategy import LoraDeltaStrategy, weighted_metrics
 from strategies.aggregators import MixedRanksError
@@ -86,26 +87,6 @@ def query_site_profiles(grid: Grid, node_ids: Sequence[int], config: ConfigRecor
     return profiles, errors
 
 
-def _mixed_ranks_message(strategy_name: str, rank: int, asked: Mapping[str, int]) -> str:
-    listing = ", ".join(f"{site} r={r}" for site, r in asked.items())
-    return (f"strategy {strategy_name!r} needs the same LoRA rank (lora.r={rank}) at every site, but {listing}; "
-            "use strategy=flora (stacking) or strategy=flexlora (SVD redistribution) for mixed ranks, "
-            "or give every site the same rank")
-
-
-def check_rank_plan(cfg: Any) -> None:
-    """Before anything is sent: MixedRanksError if strategy.params.site_ranks mixes ranks under a one-rank strategy."""
-    params = cfg.strategy.params or {}
-    ranks = [int(r) for r in params.get(PARAM_SITE_RANKS) or []]
-    steps = [int(k) for k in params.get(PARAM_SITE_LOCAL_STEPS) or []]
-    if any(r < 1 for r in ranks) or any(k < 1 for k in steps):
-        raise ValueError(f"strategy.params.{PARAM_SITE_RANKS} and {PARAM_SITE_LOCAL_STEPS} must be >= 1, "
-                         f"got {ranks} and {steps}")
-    if cfg.strategy.name not in HETERO_STRATEGIES and any(r != cfg.lora.r for r in ranks):
-        raise MixedRanksError(_mixed_ranks_message(
-            cfg.strategy.name, cfg.lora.r, {f"partition {i}": r for i, r in enumerate(ranks)}))
-
-
 def check_site_ranks(grid: Grid, cfg: Any, config: ConfigRecord, timeout: float | None) -> dict[int, SiteProfile]:
     """Query the connected sites; raise MixedRanksError if any asks for a rank the strategy cannot train.
 
@@ -118,7 +99,7 @@ def check_site_ranks(grid: Grid, cfg: Any, config: ConfigRecord, timeout: float 
     if cfg.strategy.name not in HETERO_STRATEGIES:
         asked = {f"node {node}": p.rank for node, p in sorted(profiles.items()) if p.rank != cfg.lora.r}
         if asked:
-            raise MixedRanksError(_mixed_ranks_message(cfg.strategy.name, cfg.lora.r, asked))
+            raise MixedRanksError(mixed_ranks_message(cfg.strategy.name, cfg.lora.r, asked))
     return profiles
 
 
@@ -407,15 +388,8 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
 
 
 def build_hetero_strategy(cfg: Any) -> HeteroLoraStrategy:
-    """HeteroLoraStrategy for cfg.strategy.name in ("flora", "flexlora")."""
+    """HeteroLoraStrategy for cfg.strategy.name in ("flora", "flexlora") (cfg validated: federation.validation)."""
     s = cfg.strategy
-    if cfg.privacy.secagg.enabled or cfg.privacy.central.enabled:
-        raise ValueError(f"strategy {s.name!r} needs each site's own factors: privacy.secagg and privacy.central "
-                         "are not supported with it")
-    unknown = sorted(set(s.params or {}) - {PARAM_SITE_RANKS, PARAM_SITE_LOCAL_STEPS})
-    if unknown:
-        raise ValueError(f"strategy {s.name!r} takes params {[PARAM_SITE_RANKS, PARAM_SITE_LOCAL_STEPS]}; "
-                         f"unknown {unknown}")
     return HeteroLoraStrategy(
         s.name, lora_alpha=cfg.lora.alpha, export_rank=cfg.lora.r, init_seed=cfg.lora.init_seed,
         min_completed_clients=cfg.federation.min_completed_clients, query_timeout=cfg.federation.round_timeout_s,

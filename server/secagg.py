@@ -52,9 +52,11 @@ from client.app import RUN_CONFIG_KEY
 from client.secagg import (ADAPTER_KEYS_KEY, CLIPPING_RANGE_KEY, DP_CLIP_NORM_KEY, MAX_WEIGHT_KEY,
                            SERVER_ROUND_KEY)
 from federation.adapter import to_array_record
+from federation.config import SECAGG_MAX_MODULUS_RANGE as DEFAULT_MODULUS_RANGE
 from federation.privacy import add_gaussian_noise
 from federation.secagg_masks import MASK_SCHEME, MASK_SCHEME_KEY, narrow_dtype, use_cryptographic_masks
 from federation.store import FEDERATION_RUN_ID_KEY
+from federation.validation import check_secagg_aggregator, check_secagg_params  # noqa: F401 (the first re-exported)
 from server.replies import NUM_EXAMPLES, POSITIVE_COUNT, TRAIN_REPLY, reply_node, sent_to
 from strategies.fedavg import UpdateRejected, validate_update
 
@@ -65,12 +67,6 @@ use_cryptographic_masks("coordinator")
 SCALAR_BYTES = 8  # int / float / bool config values on the wire (at most 64 bits)
 STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
 COLLECT_STAGE = "collect_masked_vectors"  # the stage whose replies carry the masked vector and plaintext FitRes
-DEFAULT_MODULUS_RANGE = 2**32
-# Flower's _stochastic_round casts to int32; values reach Q inclusive.
-MAX_QUANTIZATION_RANGE = 2**31 - 1
-# Aggregators that only need the weighted mean of the deltas (all SecAgg+ reveals). Robust methods,
-# FedEx-LoRA and anything per-site need individual updates and cannot run under SecAgg+.
-SECAGG_COMPATIBLE_AGGREGATORS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ffa_lora")
 # float64 steps (multiply/add, client and server) on values of up to Q quantization units, each
 # rounding by at most eps * Q units; covered by the (1 + FLOAT64_STEPS * eps * Q) factor of the bound.
 FLOAT64_STEPS = 8
@@ -99,35 +95,7 @@ class SecAggParams:
     timeout: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.num_shares > 0:
-            raise ValueError(f"secagg num_shares must be positive, got {self.num_shares}")
-        if self.num_shares > 1 and (self.num_shares != int(self.num_shares) or self.num_shares < 3
-                                    or int(self.num_shares) % 2 == 0):
-            # Flower bumps an even count after it has already sent it to the sites (1.41): keep it odd.
-            raise ValueError(f"secagg num_shares as a count must be an odd integer >= 3, got {self.num_shares}")
-        if not self.reconstruction_threshold > 0:
-            raise ValueError(f"secagg reconstruction_threshold must be positive, got {self.reconstruction_threshold}")
-        if self.reconstruction_threshold > 1 and self.reconstruction_threshold != int(self.reconstruction_threshold):
-            raise ValueError(f"secagg reconstruction_threshold as a count must be an integer, "
-                             f"got {self.reconstruction_threshold}")
-        if self.num_shares > 1 and self.reconstruction_threshold > 1 \
-                and self.reconstruction_threshold >= self.num_shares:
-            raise ValueError(f"secagg reconstruction_threshold ({self.reconstruction_threshold}) must be below "
-                             f"num_shares ({self.num_shares})")
-        if not self.clipping_range > 0:
-            raise ValueError(f"secagg clipping_range must be positive, got {self.clipping_range}")
-        if int(self.quantization_range) != self.quantization_range \
-                or not 1 < self.quantization_range <= MAX_QUANTIZATION_RANGE:
-            raise ValueError(f"secagg quantization_range must be an integer in (1, {MAX_QUANTIZATION_RANGE}], "
-                             f"got {self.quantization_range}")
-        if not self.max_weight > 0:
-            raise ValueError(f"secagg max_weight must be positive, got {self.max_weight}")
-        if bin(int(self.modulus_range)).count("1") != 1 or not self.quantization_range < self.modulus_range \
-                or self.modulus_range > DEFAULT_MODULUS_RANGE:
-            raise ValueError(f"secagg modulus_range must be a power of two in (quantization_range, 2**32], "
-                             f"got {self.modulus_range}")
-        if self.timeout < 0:
-            raise ValueError(f"secagg timeout must be >= 0, got {self.timeout}")
+        check_secagg_params(self)  # the same range checks as the run config's privacy.secagg (ConfigError)
 
     @classmethod
     def from_config(cls, cfg: Any) -> SecAggParams:
@@ -187,13 +155,6 @@ def secagg_error_bound(weights: Sequence[float], clipping_range: float, quantiza
         largest = c * q / min(rounded) if max_abs_update is None else float(max_abs_update)
         bound += n / total * largest
     return bound
-
-
-def check_secagg_aggregator(aggregator_name: str) -> None:
-    """Raise ValueError unless the aggregator needs only the weighted mean of the deltas."""
-    if aggregator_name not in SECAGG_COMPATIBLE_AGGREGATORS:
-        raise ValueError(f"aggregator {aggregator_name!r} needs individual site updates, which SecAgg+ hides; "
-                         f"with privacy.secagg use one of {list(SECAGG_COMPATIBLE_AGGREGATORS)}")
 
 
 @dataclass
@@ -606,22 +567,12 @@ def secure_train_round(strategy: Any, grid: Grid, server_round: int, arrays: Arr
     return to_array_record(new_global, strategy.transport_dtype), weighted_metrics(rows, site_weights)
 
 
-def secagg_params_for_run(cfg: Any, strategy: Any) -> SecAggParams | None:
-    """SecAggParams for a RunConfig with privacy.secagg.enabled (None otherwise); refuses setups SecAgg+ cannot serve."""
+def secagg_params_for_run(cfg: Any) -> SecAggParams | None:
+    """SecAggParams for a RunConfig with privacy.secagg.enabled (None otherwise).
+
+    The setups SecAgg+ cannot serve (aggregator, adaptive clipping, clip ranges, wrap-around, sites per round)
+    were refused when cfg was composed (federation.validation).
+    """
     if not cfg.privacy.secagg.enabled:
         return None
-    params = SecAggParams.from_config(cfg.privacy.secagg)
-    check_secagg_aggregator(strategy.aggregator.name)
-    if strategy.central_dp is not None:
-        if strategy.central_dp.adaptive is not None:
-            raise ValueError("privacy.central.adaptive_clipping needs each site's clipped/unclipped bit, which "
-                             "SecAgg+ hides; use a fixed clip norm with privacy.secagg")
-        if params.clipping_range < strategy.central_dp.clip_norm:
-            raise ValueError(f"privacy.secagg.clipping_range ({params.clipping_range}) must be >= "
-                             f"privacy.central.clip_norm ({strategy.central_dp.clip_norm})")
-    if cfg.federation.num_clients * params.quantization_range >= params.modulus_range:
-        raise ValueError(f"{cfg.federation.num_clients} sites x privacy.secagg.quantization_range "
-                         f"{params.quantization_range} would wrap around 2**32; lower quantization_range")
-    if cfg.strategy.min_train_clients < 2:
-        raise ValueError("SecAgg+ needs at least 2 sites per round: set strategy.min_train_clients >= 2")
-    return params
+    return SecAggParams.from_config(cfg.privacy.secagg)

@@ -28,9 +28,9 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from client.hetero import FEDEX_STRATEGY, HETERO_STRATEGIES, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS
-from client.scaffold import C_GLOBAL_RECORD, CONTROL_DTYPE, CONTROL_VARIATE_PARAM, DELTA_C_RECORD
+from client.scaffold import C_GLOBAL_RECORD, CONTROL_DTYPE, DELTA_C_RECORD
 from federation.adapter import to_array_record
+from federation.config import FEDEX_STRATEGY, HETERO_STRATEGIES, LORA_METHOD_STRATEGIES, SITE_PARAMS
 from server.fedex import build_fedex_strategy
 from server.hetero import build_hetero_strategy, check_rank_plan, check_site_ranks  # noqa: F401 (re-exported)
 from server.replies import decode_arrays
@@ -42,9 +42,6 @@ from strategies.scaffold import server_control_update, zero_control
 
 log = logging.getLogger("fedtune.server")
 
-LORA_METHOD_STRATEGIES = (*HETERO_STRATEGIES, FEDEX_STRATEGY, "scaffold", "fedsa_lora")
-# strategy.params read by the sites, not by the inner aggregator
-SITE_PARAMS = (PARAM_SITE_RANKS, PARAM_SITE_LOCAL_STEPS, CONTROL_VARIATE_PARAM)
 C_STATE_PREFIX = "scaffold.c."
 INNER_STATE_PREFIX = "inner."
 
@@ -161,24 +158,20 @@ def _strategy_kwargs(cfg: Any) -> dict[str, Any]:
 
 
 def build_lora_method_strategy(cfg: Any) -> LoraDeltaStrategy:
-    """The strategy for cfg.strategy.name in LORA_METHOD_STRATEGIES (flora, flexlora, fedex_lora, scaffold, fedsa_lora)."""
+    """The strategy for cfg.strategy.name in LORA_METHOD_STRATEGIES (flora, flexlora, fedex_lora, scaffold, fedsa_lora).
+
+    cfg was validated when it was composed (federation.validation: privacy combinations, params, ranks).
+    """
     s = cfg.strategy
     if s.name not in LORA_METHOD_STRATEGIES:
         raise ValueError(f"{s.name!r} is not one of {list(LORA_METHOD_STRATEGIES)}")
-    check_rank_plan(cfg)
     if s.name in HETERO_STRATEGIES:
         return build_hetero_strategy(cfg)
     if s.name == FEDEX_STRATEGY:
         return build_fedex_strategy(cfg)
-    if cfg.privacy.secagg.enabled or cfg.privacy.central.enabled:
-        raise ValueError(f"strategy {s.name!r} needs per-site extras (SCAFFOLD: delta_c; FedSA-LoRA: B-free "
-                         "uploads): privacy.secagg and privacy.central are not supported with it")
     inner_name = s.aggregator if s.aggregator and s.aggregator != s.name else "fedavg"
     inner = build_aggregator(inner_name, {k: v for k, v in (s.params or {}).items() if k not in SITE_PARAMS})
     if s.name == "scaffold":
-        if cfg.privacy.local_dp_sgd.enabled:
-            raise ValueError("strategy 'scaffold' cannot run with privacy.local_dp_sgd: the DP-SGD step does not "
-                             "apply the control-variate correction")
         return ScaffoldStrategy(ScaffoldAggregator(inner), num_sites_total=cfg.federation.num_clients,
                                 min_completed_clients=cfg.federation.min_completed_clients, **_strategy_kwargs(cfg))
     return FedSALoraStrategy(inner, **_strategy_kwargs(cfg))

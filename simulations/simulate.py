@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from federation.config import RunConfig
+from federation.validation import ConfigError
 
 log = logging.getLogger("fedtune.simulate")
 
@@ -21,6 +22,19 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+ENGINES = ("ray", "inprocess")
+
+
+def check_engine(cfg: RunConfig, engine: str) -> None:
+    """ConfigError unless `engine` is known and can run cfg (the rest of cfg was validated when it was composed)."""
+    if engine not in ENGINES:
+        raise ConfigError("engine", f"engine {engine!r} unknown; valid: {', '.join(ENGINES)}")
+    if cfg.federation.clients_per_batch > 1 and engine != "inprocess":
+        raise ConfigError("federation.clients_per_batch", "federation.clients_per_batch > 1 trains virtual clients "
+                          "together in one process: run it with --engine inprocess (Flower's Ray engine runs every "
+                          "virtual client on its own)")
+
+
 def simulate(cfg: RunConfig, engine: str = "ray") -> list[dict[str, Any]]:
     """Run cfg as a local simulation; returns the rows of the run's metrics.jsonl.
 
@@ -29,15 +43,11 @@ def simulate(cfg: RunConfig, engine: str = "ray") -> list[dict[str, Any]]:
     process (no Ray: for machines without it, debugging and benchmarks), or federation.clients_per_batch
     of them together (multi-adapter batched training, client/multi_adapter.py).
     """
+    check_engine(cfg, engine)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # secagg_app answers plain train/evaluate messages exactly like client.app.app, plus SecAgg+ stages.
     from client.secagg import secagg_app as client_app
 
-    if cfg.federation.clients_per_batch < 1:
-        raise ValueError(f"federation.clients_per_batch must be >= 1, got {cfg.federation.clients_per_batch}")
-    if cfg.federation.clients_per_batch > 1 and engine != "inprocess":
-        raise ValueError("federation.clients_per_batch > 1 trains virtual clients together in one process: run it "
-                         "with --engine inprocess (Flower's Ray engine runs every virtual client on its own)")
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if engine == "inprocess":
@@ -45,19 +55,19 @@ def simulate(cfg: RunConfig, engine: str = "ray") -> list[dict[str, Any]]:
         from simulations.inprocess import InProcessGrid
 
         run_federation(InProcessGrid(client_app, cfg.federation.num_clients), cfg)
-    elif engine == "ray":
+    else:
         from flwr.simulation import run_simulation
 
         from server.app import make_server_app
 
+        # Flower 1.41 re-raises the ServerApp's exception here once the engine has stopped
+        # (flwr/simulation/run_simulation.py _main_loop), so a FederationFailed reaches the caller as it does in-process.
         run_simulation(
             server_app=make_server_app(cfg),
             client_app=client_app,
             num_supernodes=cfg.federation.num_clients,
             backend_config=backend_config(cfg),
         )
-    else:
-        raise ValueError(f"engine must be ray or inprocess, got {engine!r}")
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         raise RuntimeError(f"simulation finished without writing {metrics}; see the log above")

@@ -227,6 +227,22 @@ def test_three_sites_finish_two_rounds_over_tls_with_node_auth(deployment, two_r
         assert deployment.procs.log(site).count("Receiving: train message") >= 2
 
 
+@pytest.mark.timeout(RUN_TIMEOUT_S + 30)
+def test_a_run_where_every_site_fails_makes_launch_exit_1_naming_the_cause(deployment):
+    run_dir = deployment.root / "run-failing"
+    # The sites run on the CPU (device: cpu), where 4-bit loading is refused: every site fails round 1.
+    proc = deployment.procs.start("launch-failing", deployment.launch_argv(
+        "federation.rounds=2", "model.quantization=4bit", f"output_dir={run_dir}"))
+    code = proc.wait(timeout=RUN_TIMEOUT_S)
+    output = deployment.procs.log("launch-failing")
+    assert code == 1, tail(output, 80)
+    assert "did not complete (finished:failed)" in output, tail(output, 80)
+    assert "round 1 aggregated nothing" in output and \
+        "RuntimeError: model.quantization=4bit needs a CUDA device with bitsandbytes" in output, tail(output, 80)
+    rows = _metrics(run_dir)
+    assert [r["round"] for r in rows] == [1] and not rows[0]["aggregated"]
+
+
 @pytest.mark.timeout(30)
 def test_site_daemon_output_shows_round_examples_and_upload_bytes(deployment):
     if "Receiving: train message" not in deployment.procs.log("site-a"):

@@ -82,7 +82,8 @@ def test_site_cli_exits_2_with_the_error_on_stderr(tmp_path, creds, capsys):
     config.write_text(f"name: site-a\ncoordinator: 127.0.0.1:8000\nca_cert: {creds / 'ca.crt'}\n"
                       f"private_key: {creds / 'sites' / 'site-a.key'}\ndata_path: site.jsonl\n")
     assert site_main(argparse.Namespace(config=str(config), check=False)) == 2
-    assert f"error: site data is not usable: {data}:2: expected a JSON object, got list" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"config error: site data is not usable: data_path: {data}:2: expected a JSON "
+                                       "object, got list\n")
 
 
 def test_site_yaml_paths_are_relative_to_the_yaml_and_unknown_keys_fail(tmp_path):
