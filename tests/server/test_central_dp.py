@@ -15,7 +15,7 @@ from federation.privacy import clip_update
 from federation.store import read_peft_adapter
 from server.app import build_strategy, run_federation
 from server.privacy import CentralDP
-from server.strategy import decode_update
+from server.replies import TRAIN_REPLY, decode_train_reply
 from simulations.inprocess import InProcessGrid
 from simulations.simulate import simulate
 
@@ -204,7 +204,7 @@ def _noise_removed_with_seed(grid: RecordingGrid, run_dir: Path, seed: int, sigm
     returns what is left minus the sites' true clipped sum, per coordinate."""
     before = read_peft_adapter(run_dir / "checkpoints" / "round-0000")
     after = read_peft_adapter(run_dir / "checkpoints" / "round-0001")
-    deltas = [decode_update(m)[0] for m in grid.received if m.metadata.message_type == MessageType.TRAIN]
+    deltas = [decode_train_reply(m, TRAIN_REPLY, "site")[0] for m in grid.received if m.metadata.message_type == MessageType.TRAIN]
     clipped_sum = {key: sum(clip_update(d, clip)[0][key] for d in deltas) for key in deltas[0]}
     regenerated = np.random.default_rng(seed)  # drawn in the order the coordinator drew them
     errors = [((after[key].astype(np.float64) - before[key]) * expected_sites
