@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import time
@@ -149,10 +150,17 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
     # A site whose node config asks for another LoRA rank than a one-rank strategy trains: fail before round 0.
     check_site_ranks(grid, cfg, config, timeout)
 
+    if strategy.central_dp is not None:
+        # Site-level DP's amplification by sampling assumes nobody can predict which sites a round samples.
+        # Flower samples with the `random` module: under central DP it is seeded from OS entropy and its state
+        # is never checkpointed (a resumed DP run samples afresh: not reproducible, by design).
+        random.seed(os.urandom(32))
+
     def checkpoint(server_round: int, adapter: dict) -> str:
-        state = {"strategy": cfg.strategy.name, "python_random_state": list(random.getstate()),
-                 FEDERATION_RUN_ID_STATE: run_id}
-        if strategy.central_dp is not None:
+        state = {"strategy": cfg.strategy.name, FEDERATION_RUN_ID_STATE: run_id}
+        if strategy.central_dp is None:
+            state["python_random_state"] = list(random.getstate())
+        else:
             state["privacy_state"] = strategy.central_dp.state_dict()
         path = store.save(server_round, adapter, peft_config, state, strategy.aggregator.state_dict())
         return json.loads((path / SERVER_STATE).read_text())["adapter_digest"]

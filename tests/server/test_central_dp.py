@@ -163,7 +163,7 @@ def test_dp_runs_with_identical_configs_differ_while_runs_without_dp_are_bit_ide
     assert dp[0][-1]["adapter_digest"] != dp[1][-1]["adapter_digest"]
 
 
-_GENERATOR_STATE = re.compile(r'(?i)"rng"|bit_generator|pcg64|has_uint32|"inc"|"uinteger"')
+_GENERATOR_STATE = re.compile(r'(?i)"rng"|bit_generator|pcg64|has_uint32|"inc"|"uinteger"|python_random_state')
 
 
 def _generator_state_in(text: str) -> bool:
