@@ -48,6 +48,7 @@ class Deployment:
     port: int
     state_dir: Path
     site_configs: dict[str, Path]
+    control_port: int = 0  # the SuperLink's loopback port (Control API); 0 would mean --port + 1
     node_ids: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -57,7 +58,8 @@ class Deployment:
 
     def coordinator_argv(self) -> list[str]:
         return [sys.executable, "-m", "simulations.cli", "coordinator", "--certs", str(self.creds),
-                "--host", "127.0.0.1", "--port", str(self.port), "--state-dir", str(self.state_dir)]
+                "--host", "127.0.0.1", "--port", str(self.port), "--control-port", str(self.control_port),
+                "--state-dir", str(self.state_dir)]
 
     def start_coordinator(self, name: str = "coordinator") -> None:
         self.procs.start(name, self.coordinator_argv())
@@ -127,7 +129,8 @@ def deployment(tmp_path_factory):
                          device="cpu", clientappio_port=free_port(), state_dir=str(root / f"home-{site}"))
         for site in SITES
     }
-    dep = Deployment(root=root, procs=procs, creds=creds, port=port, state_dir=root / "coordinator",
+    dep = Deployment(root=root, procs=procs, creds=creds, port=port, control_port=free_port(),
+                     state_dir=root / "coordinator",
                      site_configs=site_configs)
     try:
         dep.start_coordinator()
