@@ -21,9 +21,9 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 # Must match pyproject.toml's [tool.flwr.app] (tests/client/test_approval.py checks that they do).
 FEDTUNE_PUBLISHER = "fedtune"
@@ -48,6 +48,18 @@ def installed_root() -> Path:
     return Path(client.__file__).resolve().parent.parent
 
 
+def installed_file_hashes(root: Path | None = None) -> dict[str, str]:
+    """sha256 of every Python file of the installed fedtune packages, by path relative to `root` ('client/app.py').
+
+    The worker takes this snapshot once at start, so it describes the code that worker imported; a site
+    upgraded on disk while a worker runs is compared as the worker runs it, until the worker restarts.
+    """
+    root = installed_root() if root is None else root
+    return {path.relative_to(root).as_posix(): _sha256(path.read_bytes())
+            for package in FEDTUNE_PACKAGES if (root / package).is_dir()
+            for path in sorted((root / package).rglob("*.py")) if "__pycache__" not in path.parts}
+
+
 def _clientapp_module_path() -> str:
     module = FEDTUNE_CLIENTAPP.split(":", 1)[0]
     return module.replace(".", "/") + ".py"
@@ -58,8 +70,11 @@ def _sha256(data: bytes) -> str:
 
 
 def check_fab(fab_content: bytes, approved_fab_hashes: Collection[str] = (),
-              root: Path | None = None) -> Approval:
-    """Whether this site serves a run with this FAB (see the module docstring); never runs or imports FAB code."""
+              installed: Mapping[str, str] | None = None) -> Approval:
+    """Whether this site serves a run with this FAB (see the module docstring); never runs or imports FAB code.
+
+    `installed`: installed_file_hashes() (computed here if not given).
+    """
     from flwr.common.config import get_fab_config
 
     digest = _sha256(fab_content)
@@ -83,14 +98,10 @@ def check_fab(fab_content: bytes, approved_fab_hashes: Collection[str] = (),
         return Approval(True, "its sha256 is on this site's approved_fab_hashes", digest)
     if _clientapp_module_path() not in files:
         return refuse(f"it does not contain the ClientApp module {_clientapp_module_path()}")
-    root = installed_root() if root is None else root
+    installed = installed_file_hashes() if installed is None else installed
     for name, content in sorted(files.items()):
-        parts = PurePosixPath(name).parts
-        if parts[0] not in FEDTUNE_PACKAGES or ".." in parts or name.startswith("/"):
+        if name not in installed:
             return refuse(f"{name} is not part of the installed fedtune")
-        installed = root / name
-        if not installed.is_file():
-            return refuse(f"{name} is not part of the installed fedtune ({installed} does not exist)")
-        if _sha256(installed.read_bytes()) != _sha256(content):
-            return refuse(f"{name} differs from the installed fedtune's {installed}")
+        if installed[name] != _sha256(content):
+            return refuse(f"{name} differs from the installed fedtune's")
     return Approval(True, f"its {len(files)} Python files are identical to the installed fedtune's", digest)

@@ -410,9 +410,13 @@ def device_env(device: str) -> dict[str, str]:
     return {}
 
 
-def supernode_command(cfg: SiteConfig) -> list[str]:
-    """Argv of flower-supernode for this site: `--isolation process`, so it starts no ClientApp processes itself."""
-    argv = [flower_executable("flower-supernode"), "--superlink", cfg.coordinator, "--isolation", "process",
+def supernode_command(cfg: SiteConfig, isolation: str = "process") -> list[str]:
+    """Argv of flower-supernode for this site; `process` isolation: it starts no ClientApp processes itself.
+
+    (isolation="subprocess", Flower's process per message running the FAB's own ClientApp, is only for
+    simulations/bench/transfer.py, whose throwaway app a fedtune site would refuse.)
+    """
+    argv = [flower_executable("flower-supernode"), "--superlink", cfg.coordinator, "--isolation", isolation,
             "--host", "127.0.0.1", "--port", str(cfg.clientappio_port),
             "--node-config", node_config(cfg)]
     if cfg.insecure:

@@ -27,7 +27,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 from flwr.app import Context, Message
 from flwr.app.error import Error
@@ -40,13 +40,14 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from client.approval import check_fab
+from client.approval import check_fab, installed_file_hashes
 from client.secagg import secagg_app
 
 log = logging.getLogger("fedtune.site.worker")
 
 # How often an idle worker asks the SuperNode for a task (Flower's SuperExec polls every 1 s).
 DEFAULT_POLL_INTERVAL_S = 0.5
+RETRY_AFTER_ERROR_S = 2.0
 
 
 class TaskAborted(Exception):
@@ -63,10 +64,13 @@ def _runtime_client(address: str, component: str, token: str | None = None) -> R
                                                  retry_invoker=make_simple_http_retry_invoker())
 
 
-def handle_message(message: Message, context: Context, fab_content: bytes,
-                   approved_fab_hashes: Collection[str]) -> tuple[Message, str, str]:
-    """(reply, Flower sub-status, details) for one message: refused unless its FAB is approved, else secagg_app's reply."""
-    approval = check_fab(fab_content, approved_fab_hashes)
+def handle_message(message: Message, context: Context, fab_content: bytes, approved_fab_hashes: Collection[str],
+                   installed: Mapping[str, str] | None = None) -> tuple[Message, str, str]:
+    """(reply, Flower sub-status, details) for one message: refused unless its FAB is approved, else secagg_app's reply.
+
+    `installed`: the worker's snapshot of the installed files (client.approval.installed_file_hashes).
+    """
+    approval = check_fab(fab_content, approved_fab_hashes, installed)
     if not approval.approved:
         reason = (f"REFUSED run {message.metadata.run_id}: FAB {approval.fab_sha256} is not approved by this "
                   f"site: {approval.reason}. Only the installed fedtune ClientApp runs here; add the hash to "
@@ -84,7 +88,7 @@ def handle_message(message: Message, context: Context, fab_content: bytes,
                 SubStatus.FAILED, reason)
 
 
-def run_task(address: str, token: str, approved_fab_hashes: Collection[str]) -> None:
+def run_task(address: str, token: str, approved_fab_hashes: Collection[str], installed: Mapping[str, str]) -> None:
     """Serve one claimed task: pull its input, answer it, push the reply and the context back."""
     client = _runtime_client(address, "flwr-clientapp", token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
@@ -94,9 +98,10 @@ def run_task(address: str, token: str, approved_fab_hashes: Collection[str]) -> 
         heartbeat.start()
         message, context, run, fab = pull_task_input(client)
         started = time.perf_counter()
-        reply, sub_status, details = handle_message(message, context, fab.content, approved_fab_hashes)
+        reply, sub_status, details = handle_message(message, context, fab.content, approved_fab_hashes, installed)
         push_message(client, reply, context)
-        log.info("run %d: answered %s message in %.2f s", run.run_id, message.metadata.message_type,
+        log.info("run %d: %s %s message in %.2f s", run.run_id,
+                 "answered" if sub_status == SubStatus.COMPLETED else "error reply to", message.metadata.message_type,
                  time.perf_counter() - started)
     finally:
         push_task_output(client=client, context=context, sub_status=sub_status, details=details)
@@ -108,6 +113,8 @@ def run_task(address: str, token: str, approved_fab_hashes: Collection[str]) -> 
 def serve(address: str, approved_fab_hashes: Collection[str], stop: threading.Event,
           poll_interval_s: float = DEFAULT_POLL_INTERVAL_S) -> None:
     """Claim and serve ClientApp tasks of the SuperNode at `address` until `stop` is set."""
+    # The installed code as this process imported it (hashed now, not per message: see installed_file_hashes).
+    installed = installed_file_hashes()
     acquirer = _runtime_client(address, "SuperExec")
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     try:
@@ -117,10 +124,14 @@ def serve(address: str, approved_fab_hashes: Collection[str], stop: threading.Ev
                 stop.wait(poll_interval_s)
                 continue
             try:
-                run_task(address, response.token, approved_fab_hashes)
+                run_task(address, response.token, approved_fab_hashes, installed)
             except TaskAborted:
                 log.warning("task %d of run %d was ended by the SuperNode; waiting for the next one",
                             response.task.task_id, response.task.run_id)
+            except Exception:  # pylint: disable=broad-exception-caught
+                # E.g. the run was stopped while its message waited: that task is lost, the worker is not.
+                log.exception("task %d of run %d failed outside the ClientApp; waiting for the next one",
+                              response.task.task_id, response.task.run_id)
     finally:
         acquirer.close()
 
@@ -153,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             serve(args.runtime_api_address, args.approved_fab_hash, stop)
         except TaskAborted:
             continue  # a SIGINT between tasks
+        except Exception:  # pylint: disable=broad-exception-caught
+            # The Runtime API refused or failed the task request itself; keep the resident model and ask again.
+            log.exception("asking the SuperNode for the next task failed; retrying in %.0f s", RETRY_AFTER_ERROR_S)
+            stop.wait(RETRY_AFTER_ERROR_S)
     return 0
 
 

@@ -3,7 +3,8 @@
 Fast in-process checks of the daemon's side first; then one coordinator and two `fedtune site` daemons on 127.0.0.1
 (TLS + node auth, real processes) serve, in order: an honest 3-round run (with evaluation), a run whose FAB
 carries a modified ClientApp that would send the site's training data to the coordinator, and a second honest
-run. Every process is started in its own session and killed with its whole tree at the end, pass or fail.
+run; then one site's worker is killed and the daemon starts a new one. Every process is started in its own
+session and killed with its whole tree at the end, pass or fail.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 SITES = ("site-a", "site-b")
 SKILLS = {"site-a": "reverse", "site-b": "uppercase"}
 BASE_MODEL_LOADED = "base model loaded"
+WORKER_READY = "resident ClientApp worker ready"
 STARTUP_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 300
 OVERRIDES = ["model=tiny", "train.local_steps=2", "train.batch_size=4", "federation.evaluate_before_training=false",
@@ -214,9 +216,20 @@ def test_resident_worker_loads_base_once_and_refuses_a_modified_clientapp(tmp_pa
             assert output.count("Receiving: train message") >= 6, tail(output, 60)
             assert output.count("Receiving: evaluate message") >= 5, tail(output, 60)
             assert output.count(BASE_MODEL_LOADED) == 1, tail(output, 60)
-            assert "resident ClientApp worker exited" not in output
+            assert "resident ClientApp worker exited" not in output and output.count(WORKER_READY) == 1
         for canary in canaries.values():
             assert canary not in procs.log("coordinator")
+
+        # 4. A worker that dies is replaced by the daemon.
+        import psutil
+
+        daemon = psutil.Process(procs.procs["site-a"].pid)
+        workers = [p for p in daemon.children(recursive=True) if "client.worker" in " ".join(p.cmdline())]
+        assert len(workers) == 1, [p.cmdline() for p in daemon.children(recursive=True)]
+        workers[0].kill()
+        wait_for(lambda: procs.log("site-a").count(WORKER_READY) == 2, STARTUP_TIMEOUT_S,
+                 "site-a's daemon to start a new worker", lambda: tail(procs.log("site-a")))
+        assert "the resident ClientApp worker exited (code -9); restarting it" in procs.log("site-a")
     finally:
         procs.stop_all()
 
