@@ -81,6 +81,8 @@ def get_runtime(cfg: RunConfig) -> SiteRuntime:
     if _RUNTIME is None or _RUNTIME.model_key != key:
         model, tokenizer, info = build_lora_model(cfg.model, cfg.lora)
         _RUNTIME = SiteRuntime(key, model, tokenizer, info)
+        # One line per load: the deployment tests count them (one per site daemon).
+        log.info("base model loaded (%s, pid %d)", cfg.model.name, os.getpid())
     return _RUNTIME
 
 

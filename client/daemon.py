@@ -3,10 +3,12 @@
 A site runs ``fedtune site --config site.yaml``. The daemon validates everything the site controls
 (data, CA certificate, the site's private key) before it dials the coordinator, because a SuperNode
 started with bad data would only fail inside the first round, on the coordinator's clock. It then
-runs ``flower-supernode`` in the foreground over TLS with SuperNode authentication; the ClientApp
-(``client.app:app``) arrives with each run and reads its data from the node config ``data-path``; it keeps
-the state that rounds advance (client/site_state.py) under ``<state_dir>/round-state`` (node config
-``round-state-dir``), so a resumed run continues from it.
+runs ``flower-supernode --isolation process`` in the foreground over TLS with SuperNode authentication,
+plus one resident worker (client/worker.py) that serves every message of every run with the installed
+ClientApp (``client.secagg:secagg_app``, base model loaded once), refuses runs whose FAB is not the
+installed app (client/approval.py), and is restarted if it dies. The ClientApp reads its data from the
+node config ``data-path``; it keeps the state that rounds advance (client/site_state.py) under
+``<state_dir>/round-state`` (node config ``round-state-dir``), so a resumed run continues from it.
 
 ``FlowerProcess`` (supervise a Flower CLI process and everything it spawns) is shared with the
 coordinator (server/coordinator.py).
@@ -63,6 +65,9 @@ ROUND_STATE_SUBDIR = "round-state"
 # Node-config values are written as '...' strings inside --node-config, so they cannot hold a quote.
 _NODE_CONFIG_FORBIDDEN = ("'", '"')
 DEVICES = ("auto", "cpu", "cuda")
+# How often the daemon checks that its resident ClientApp worker is alive (and restarts it if not).
+WORKER_CHECK_INTERVAL_S = 2.0
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class SiteConfigError(ConfigError):
@@ -263,6 +268,9 @@ class SiteConfig:
     # Only against a coordinator started with --insecure: plaintext and no node authentication.
     insecure: bool = False
     extra_node_config: dict[str, str | int | float | bool] = field(default_factory=dict)
+    # sha256 of Flower app bundles this site serves even if their Python files differ from the installed
+    # fedtune (client/approval.py); the ClientApp that runs is always the installed one.
+    approved_fab_hashes: list[str] = field(default_factory=list)
 
 
 _SITE_KEYS = {f.name for f in SiteConfig.__dataclass_fields__.values()}
@@ -288,6 +296,10 @@ def load_site_config(path: str | Path) -> SiteConfig:
     if missing and not (raw.get("insecure") and set(missing) <= {"ca_cert", "private_key"}):
         raise SiteConfigError(f"{path}: missing required settings {missing}")
     base = path.resolve().parent
+    approved = raw.get("approved_fab_hashes") or []
+    if not isinstance(approved, list) or not all(isinstance(h, str) and SHA256_HEX.fullmatch(h) for h in approved):
+        raise SiteConfigError(f"{path}: approved_fab_hashes must be a list of sha256 hex digests (64 hex characters), "
+                              f"got {approved!r}")
 
     def resolve(value) -> Path | None:
         return None if value in (None, "") else (base / Path(str(value)).expanduser()).resolve()
@@ -319,6 +331,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         rejoin_timeout_s=number("rejoin_timeout_s", float, DEFAULT_REJOIN_TIMEOUT_S, 0),
         insecure=bool(raw.get("insecure", False)),
         extra_node_config=dict(extra),
+        approved_fab_hashes=[h.lower() for h in approved],
     )
 
 
@@ -429,9 +442,13 @@ def device_env(device: str) -> dict[str, str]:
     return {}
 
 
-def supernode_command(cfg: SiteConfig) -> list[str]:
-    """Argv of flower-supernode for this site."""
-    argv = [flower_executable("flower-supernode"), "--superlink", cfg.coordinator,
+def supernode_command(cfg: SiteConfig, isolation: str = "process") -> list[str]:
+    """Argv of flower-supernode for this site; `process` isolation: it starts no ClientApp processes itself.
+
+    (isolation="subprocess", Flower's process per message running the FAB's own ClientApp, is only for
+    simulations/bench/transfer.py, whose throwaway app a fedtune site would refuse.)
+    """
+    argv = [flower_executable("flower-supernode"), "--superlink", cfg.coordinator, "--isolation", isolation,
             "--host", "127.0.0.1", "--port", str(cfg.clientappio_port),
             "--node-config", node_config(cfg)]
     if cfg.insecure:
@@ -445,8 +462,47 @@ def supernode_command(cfg: SiteConfig) -> list[str]:
     return argv
 
 
+def worker_command(cfg: SiteConfig) -> list[str]:
+    """Argv of the site's resident ClientApp worker (client/worker.py), polling this site's SuperNode."""
+    argv = [sys.executable, "-m", "client.worker", "--runtime-api-address", f"127.0.0.1:{cfg.clientappio_port}"]
+    for digest in cfg.approved_fab_hashes:
+        argv += ["--approved-fab-hash", digest]
+    return argv
+
+
+class ResidentWorker:
+    """The site's one ClientApp worker process, restarted whenever it has died (checked by `keep_alive`)."""
+
+    def __init__(self, cfg: SiteConfig, stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S):
+        self.cfg = cfg
+        self.stop_timeout_s = stop_timeout_s
+        self.process: FlowerProcess | None = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        """Start the worker process; its output goes to the daemon's output."""
+        self.process = FlowerProcess(worker_command(self.cfg), env=supernode_env(self.cfg),
+                                     stop_timeout_s=self.stop_timeout_s)
+        self.process.start()
+
+    def keep_alive(self) -> bool:
+        """Restart the worker if it exited (a health check for FlowerProcess.run_in_foreground: always True)."""
+        code = None if self.process is None else self.process.poll()
+        if self.process is None or code is not None:
+            self.restarts += 1
+            log.warning("site %s: the resident ClientApp worker exited (code %s); restarting it (restart %d)",
+                        self.cfg.name, code, self.restarts)
+            self.start()
+        return True
+
+    def stop(self) -> None:
+        """Stop the worker (SIGTERM, then SIGKILL after stop_timeout_s)."""
+        if self.process is not None and self.process.process is not None:
+            self.process.stop()
+
+
 def supernode_env(cfg: SiteConfig) -> dict[str, str]:
-    """Environment of the SuperNode and (inherited) of every ClientApp process it starts."""
+    """Environment of the SuperNode and of the resident ClientApp worker."""
     extra = {
         **device_env(cfg.device),
         # The ClientApp logs per round (round, examples, bytes uploaded) at INFO under "fedtune";
@@ -512,6 +568,17 @@ def run_site(cfg: SiteConfig, stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
              "INSECURE" if cfg.insecure else f"TLS, CA {cfg.ca_cert}, node key {cfg.private_key}")
     deadline = time.monotonic() + cfg.rejoin_timeout_s
     node_id_file = None if cfg.state_dir is None else cfg.state_dir / NODE_ID_FILE
+    # One worker for the daemon's lifetime (it outlives SuperNode restarts), so the base model loads once.
+    worker = ResidentWorker(cfg, stop_timeout_s=stop_timeout_s)
+    worker.start()
+    try:
+        return _run_supernode(cfg, worker, deadline, node_id_file, stop_timeout_s, rejoin_retry_s)
+    finally:
+        worker.stop()
+
+
+def _run_supernode(cfg: SiteConfig, worker: ResidentWorker, deadline: float, node_id_file: Path | None,
+                   stop_timeout_s: float, rejoin_retry_s: float) -> int:
     while True:
         if node_id_file is not None and node_id_file.exists() and not cfg.insecure:
             node_id = int(node_id_file.read_text())
@@ -520,7 +587,7 @@ def run_site(cfg: SiteConfig, stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
                             "of this site did not shut down cleanly)", cfg.name, node_id)
         supernode = FlowerProcess(supernode_command(cfg), env=supernode_env(cfg), stop_timeout_s=stop_timeout_s,
                                   keep_output_tail=True, on_line=_node_id_recorder(cfg))
-        code = supernode.run_in_foreground()
+        code = supernode.run_in_foreground(health_check=worker.keep_alive, health_interval_s=WORKER_CHECK_INTERVAL_S)
         if supernode.stop_requested:
             return 0
         refused = supernode.output_contains(ACTIVATION_REFUSED)

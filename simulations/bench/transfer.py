@@ -1,4 +1,4 @@
-"""LoRA-delta transfer through a real TLS + node-auth SuperLink on loopback: `fedtune coordinator` + `fedtune site`.
+"""LoRA-delta transfer through a real TLS + node-auth SuperLink on loopback: `fedtune coordinator` + SuperNodes.
 
     python -m simulations.bench.transfer [--preset llama-8b] [--ranks 8 64] [--sites 2] [--packed] [--out result.json]
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import psutil
 
-    from client.daemon import flower_env
+    from client.daemon import flower_env, load_site_config, supernode_command
     from federation.pki import generate_federation_credentials
     from server.coordinator import run_flwr
 
@@ -226,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
             config.write_text(f"name: {site}\ncoordinator: 127.0.0.1:{port}\nca_cert: creds/ca.crt\n"
                               f"private_key: creds/sites/{site}.key\ndata_path: site.jsonl\ndevice: cpu\n"
                               f"clientappio_port: {_free_port()}\nstate_dir: home-{site}\n")
-            procs.start(site, [sys.executable, "-m", "simulations.cli", "site", "--config", str(config)])
+            # Plain flower-supernode, as `fedtune site` starts it but with Flower's process per message, which
+            # runs the FAB's own ClientApp: `fedtune site` serves only the installed fedtune app.
+            procs.start(site, supernode_command(load_site_config(config), isolation="subprocess"))
         procs.wait_for_log("coordinator", "Activated node_id=", count=len(sites))
 
         def superlink_pids() -> dict:
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         row["bytes_moved"] = moved
         row["mb_per_second"] = moved / 1e6 / row["transfer_seconds"] if row["transfer_seconds"] > 0 else None
     report = {
-        "benchmark": "LoRA delta through flower-superlink (HTTPS, node auth) on 127.0.0.1, fedtune site daemons",
+        "benchmark": "LoRA delta through flower-superlink (HTTPS, node auth) on 127.0.0.1, flower-supernode sites",
         "machine": machine_info(),
         "settings": {"preset": args.preset, "ranks": args.ranks, "sites": args.sites, "dtype": "float32",
                      "superlink_database": "memory" if args.in_memory else "sqlite file",

@@ -4,9 +4,8 @@ processes, over TLS with SuperNode authentication.
 One coordinator and three sites serve the whole module (starting them costs ~10 s); the tests run in file order
 and the last one kills and restarts the coordinator. One uninterrupted two-round run (fixture ``two_round_run``)
 is both the happy path and the reference that the resumed run must reproduce bit for bit. Evaluation is switched
-off (strategy.fraction_evaluate=0, federation.evaluate_before_training=false): in Flower 1.41 every message starts
-a fresh ClientApp process that imports torch/transformers/peft (~10 s of CPU), so each extra wave of messages costs
-~30 s on 2 CPUs.
+off (strategy.fraction_evaluate=0, federation.evaluate_before_training=false) to keep the module short; the
+resident worker that answers each site's messages, with evaluation on, is tested in test_resident_worker.py.
 Every process is started in its own session and killed with its whole tree at the end, pass or fail.
 """
 
