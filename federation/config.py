@@ -214,9 +214,24 @@ class PrivacyConfig:
 class FederationConfig:
     """Shape of the federation and the round loop."""
 
+    def evaluate_timeout(self) -> float:
+        """Seconds a federated evaluation waits for replies."""
+        return self.evaluate_timeout_s or self.round_timeout_s
+
+    def query_timeout(self) -> float:
+        """Seconds the sites' profile query waits for replies."""
+        return self.query_timeout_s or self.round_timeout_s
+
     num_clients: int = 3
     rounds: int = 3
+    # Seconds a training round waits for replies: the slowest site's local training plus both transfers (a site's
+    # resident worker adds well under a second; its very first message also loads the base model).
     round_timeout_s: float = 600.0
+    # Seconds a federated evaluation waits (0: round_timeout_s); it has no training, so it can be far shorter.
+    evaluate_timeout_s: float = 0.0
+    # Seconds the sites' profile query (rank, local steps; FLoRA/FlexLoRA and mixed-rank checks) waits
+    # (0: round_timeout_s); it is a site's first message when a run starts, so it may include loading the base.
+    query_timeout_s: float = 0.0
     client_num_cpus: float = 1.0
     client_num_gpus: float = 0.0
     # Resume from this PEFT adapter directory instead of a fresh seeded adapter.

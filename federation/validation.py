@@ -126,6 +126,8 @@ RUN_RANGES: dict[str, Rule] = {
     "federation.num_clients": AT_LEAST_1,
     "federation.rounds": AT_LEAST_1,
     "federation.round_timeout_s": POSITIVE,
+    "federation.evaluate_timeout_s": (">= 0 (0: round_timeout_s)", lambda v: v >= 0),
+    "federation.query_timeout_s": (">= 0 (0: round_timeout_s)", lambda v: v >= 0),
     "federation.client_num_cpus": POSITIVE,
     "federation.client_num_gpus": NON_NEGATIVE,
     "federation.keep_last_checkpoints": (">= 0 (0: keep all)", lambda v: v >= 0),

@@ -148,7 +148,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
     config = ConfigRecord({RUN_CONFIG_KEY: run_config_to_json(cfg), FEDERATION_RUN_ID_KEY: run_id})
     timeout = cfg.federation.round_timeout_s
     # A site whose node config asks for another LoRA rank than a one-rank strategy trains: fail before round 0.
-    check_site_ranks(grid, cfg, config, timeout)
+    check_site_ranks(grid, cfg, config, cfg.federation.query_timeout())
 
     if strategy.central_dp is not None:
         # Site-level DP's amplification by sampling assumes nobody can predict which sites a round samples.
@@ -186,7 +186,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
 
     if first_round == 0 and cfg.federation.evaluate_before_training:
         start = time.perf_counter()
-        eval_loss = _evaluate(strategy, grid, 0, arrays, config, timeout)
+        eval_loss = _evaluate(strategy, grid, 0, arrays, config, cfg.federation.evaluate_timeout())
         ledger = strategy.ledger(0)
         row = {"round": 0, "eval_loss": eval_loss, "train_loss": None, "seconds": time.perf_counter() - start,
                "eval_failed": {str(k): v for k, v in ledger.eval_failed.items()},
@@ -215,7 +215,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
             new_arrays = None
         if new_arrays is not None:
             arrays = new_arrays
-        eval_loss = _evaluate(strategy, grid, server_round, arrays, config, timeout)
+        eval_loss = _evaluate(strategy, grid, server_round, arrays, config, cfg.federation.evaluate_timeout())
         digest = checkpoint(server_round, from_array_record(arrays))
         row = {
             "round": server_round,

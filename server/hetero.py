@@ -392,6 +392,6 @@ def build_hetero_strategy(cfg: Any) -> HeteroLoraStrategy:
     s = cfg.strategy
     return HeteroLoraStrategy(
         s.name, lora_alpha=cfg.lora.alpha, export_rank=cfg.lora.r, init_seed=cfg.lora.init_seed,
-        min_completed_clients=cfg.federation.min_completed_clients, query_timeout=cfg.federation.round_timeout_s,
+        min_completed_clients=cfg.federation.min_completed_clients, query_timeout=cfg.federation.query_timeout(),
         fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate, min_train_nodes=s.min_train_clients,
         min_evaluate_nodes=s.min_evaluate_clients, min_available_nodes=s.min_available_clients)

@@ -181,3 +181,15 @@ def test_simulation_data_names_file_and_line(tmp_path):
                                                  "federation.num_clients=20"]))
     with pytest.raises(ConfigError, match="data.demo: unknown demo skill"):
         validate_simulation_data(compose_config(["data.demo.skills=[reverse,spell]"]))
+
+
+def test_evaluate_and_query_timeouts_default_to_the_round_timeout_and_can_be_shorter():
+    from federation.config import compose_config
+
+    cfg = compose_config(["federation.round_timeout_s=300"])
+    assert cfg.federation.evaluate_timeout() == 300 and cfg.federation.query_timeout() == 300
+    cfg = compose_config(["federation.round_timeout_s=300", "federation.evaluate_timeout_s=30",
+                          "federation.query_timeout_s=45"])
+    assert cfg.federation.evaluate_timeout() == 30 and cfg.federation.query_timeout() == 45
+    with pytest.raises(ConfigError, match="federation.evaluate_timeout_s"):
+        compose_config(["federation.evaluate_timeout_s=-1"])
