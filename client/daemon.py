@@ -513,8 +513,9 @@ def supernode_env(cfg: SiteConfig) -> dict[str, str]:
     return flower_env(cfg.state_dir, extra)
 
 
-def release_stale_session(cfg: SiteConfig, node_id: int) -> bool:
-    """End this site's previous SuperNode session on the coordinator (after a crash); True if there was one.
+def release_stale_session(cfg: SiteConfig, node_id: int) -> bool | None:
+    """End this site's previous SuperNode session on the coordinator (after a crash): True if there was one,
+    False if there was none, None if the coordinator could not be asked (unreachable).
 
     Flower's SuperLink refuses to activate a node it still counts online, i.e. for up to two missed
     heartbeats (60 s) after a crash, and a refused SuperNode exits. A clean SuperNode shutdown sends
@@ -537,7 +538,7 @@ def release_stale_session(cfg: SiteConfig, node_id: int) -> bool:
         return False  # not online (clean shutdown before, or timed out already): nothing to release
     except httpx.TransportError as exc:
         log.info("site %s: coordinator not reachable yet (%s)", cfg.name, exc)
-        return False
+        return None
     finally:
         client.close()
     return True
@@ -580,18 +581,23 @@ def run_site(cfg: SiteConfig, stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
 def _run_supernode(cfg: SiteConfig, worker: ResidentWorker, deadline: float, node_id_file: Path | None,
                    stop_timeout_s: float, rejoin_retry_s: float) -> int:
     while True:
+        # A refusal means "not registered" unless a session of ours may still be open on the coordinator: only then
+        # is it worth retrying (no state_dir: unknown; a recorded node id whose session could not be ended).
+        stale_session_possible = node_id_file is None
         if node_id_file is not None and node_id_file.exists() and not cfg.insecure:
             node_id = int(node_id_file.read_text())
-            if release_stale_session(cfg, node_id):
+            released = release_stale_session(cfg, node_id)
+            if released:
                 log.warning("site %s: ended the coordinator's stale session of node %d (the previous SuperNode "
                             "of this site did not shut down cleanly)", cfg.name, node_id)
+            stale_session_possible = released is None
         supernode = FlowerProcess(supernode_command(cfg), env=supernode_env(cfg), stop_timeout_s=stop_timeout_s,
                                   keep_output_tail=True, on_line=_node_id_recorder(cfg))
         code = supernode.run_in_foreground(health_check=worker.keep_alive, health_interval_s=WORKER_CHECK_INTERVAL_S)
         if supernode.stop_requested:
             return 0
         refused = supernode.output_contains(ACTIVATION_REFUSED)
-        if refused and time.monotonic() + rejoin_retry_s < deadline:
+        if refused and stale_session_possible and time.monotonic() + rejoin_retry_s < deadline:
             log.warning("site %s: the coordinator refused to activate this site: either its public key is not "
                         "registered there, or the coordinator still counts it online after a crash (up to ~60 s); "
                         "retrying in %.0f s (gives up %.0f s after start)", cfg.name, rejoin_retry_s,

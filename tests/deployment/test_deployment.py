@@ -166,8 +166,8 @@ def test_site_whose_key_is_not_on_the_allow_list_is_refused(deployment):
     config = _site_yaml(deployment.root / "rogue.yaml", name="rogue", coordinator=f"127.0.0.1:{deployment.port}",
                         ca_cert=str(deployment.creds / "ca.crt"), private_key=str(rogue.private_key_path),
                         data_path=str(deployment.root / "data" / "site-a"),
-                        clientappio_port=free_port(), state_dir=str(deployment.root / "home-rogue"),
-                        rejoin_timeout_s=0)
+                        clientappio_port=free_port(), state_dir=str(deployment.root / "home-rogue"))
+    # Default rejoin_timeout_s (90 s): a site with a state_dir and no earlier session of its own is refused at once.
     proc = deployment.procs.start("rogue", [sys.executable, "-m", "simulations.cli", "site", "--config", str(config)])
     code = proc.wait(timeout=60)
     output = deployment.procs.log("rogue")
