@@ -344,7 +344,7 @@ def test_coordinator_killed_mid_round_resumes_bit_identically(deployment, two_ro
     deployment.start_coordinator("coordinator-restarted")
     # The abandoned Flower run is no longer listed as running.
     assert f"run {interrupted} was still running" in deployment.procs.log("coordinator-restarted")
-    status = run_status(interrupted, "fedtune", deployment.flwr_home)
+    status, _ = run_status(interrupted, "fedtune", deployment.flwr_home)
     assert status.startswith("finished:") and status != RUN_RUNNING, status
 
     # The sites reconnect by themselves, but one that was mid-transfer when the SuperLink died backs off for up
