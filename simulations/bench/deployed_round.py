@@ -13,7 +13,8 @@ another, every process real and separate, as in a deployment. Per round and site
   outside_s    handler_s - train_s: what the site spends on a round outside the training loop
   round_s      the coordinator's whole round (send, train, receive, aggregate, evaluate, checkpoint)
 
-and, per site, how often the base model was loaded ("base model loaded" in its log: 1 across all runs is the
+(a site's first message of all is the round-0 evaluation or the profile query: that one imports the stack and loads
+the base model, so no train message above includes it) and, per site, how often the base model was loaded ("base model loaded" in its log: 1 across all runs is the
 point of the resident worker) and the GPU memory its processes hold after each round (nvidia-smi), to show it stays
 flat across rounds and runs. Prints a table and one JSON document with the machine.
 """
@@ -189,13 +190,12 @@ def site_rounds(result: dict) -> list[dict]:
         handlers = [s for _, kind, s in result["handler_seconds"][name] if kind == "train"]
         rounds = [(run_index, row) for run_index, run in enumerate(result["runs"]) for row in run["rows"]
                   if row["round"] >= 1]
-        for index, ((run_index, row), handler_s) in enumerate(zip(rounds, handlers)):
+        for (run_index, row), handler_s in zip(rounds, handlers):
             site = row.get("per_site", {}).get(str(node), {})
             train_s = float(site.get("train-seconds", float("nan")))
             out.append({"site": name, "run": run_index, "round": row["round"], "round_s": row["seconds"],
                         "handler_s": handler_s, "train_s": train_s, "outside_s": handler_s - train_s,
-                        "peak_gib": float(site.get("peak-memory-bytes", 0)) / 2**30,
-                        "first_message": index == 0})
+                        "peak_gib": float(site.get("peak-memory-bytes", 0)) / 2**30})
     return out
 
 
@@ -207,10 +207,9 @@ def _report(result: dict) -> None:
     print(f"{'site':>7} {'run':>3} {'round':>5} {'round_s':>8} {'handler_s':>9} {'train_s':>8} {'outside_s':>9} "
           f"{'outside/train':>13} {'peak_GiB':>8}")
     for entry in site_rounds(result):
-        note = "  (first message: imports + base load)" if entry["first_message"] else ""
         print(f"{entry['site']:>7} {entry['run']:>3} {entry['round']:>5} {entry['round_s']:>8.2f} "
               f"{entry['handler_s']:>9.3f} {entry['train_s']:>8.3f} {entry['outside_s']:>9.3f} "
-              f"{entry['outside_s'] / entry['train_s']:>13.1%} {entry['peak_gib']:>8.2f}{note}")
+              f"{entry['outside_s'] / entry['train_s']:>13.1%} {entry['peak_gib']:>8.2f}")
     for run_index, run in enumerate(result["runs"]):
         print(f"GPU MiB held by each site's processes after run {run_index}: {run['gpu_mib_after_run']}")
 
