@@ -55,6 +55,10 @@ def _wait(predicate, timeout_s: float, what: str) -> None:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def _progress(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
 def _gpu_memory_by_pid() -> dict[int, int]:
     """pid -> MiB of GPU memory, from nvidia-smi ({} without a GPU)."""
     try:
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--keep", type=Path, help="keep the logs and run directories here")
+    parser.add_argument("--workdir", type=Path, help="work here instead of a fresh temporary directory")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     overrides = args.overrides or DEFAULT_OVERRIDES
@@ -112,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     from federation.pki import generate_federation_credentials
     from simulations.bench import machine_info
 
-    root = Path(tempfile.mkdtemp(prefix="fedtune-deployed-"))
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="fedtune-deployed-"))
+    root.mkdir(parents=True, exist_ok=True)
     names = [f"site-{i}" for i in range(args.sites)]
     creds = root / "creds"
     generate_federation_credentials(creds, ["127.0.0.1"], names)
@@ -137,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         start("coordinator", cli + ["coordinator", "--certs", str(creds), "--host", "127.0.0.1", "--port", str(port),
                                     "--control-port", str(control), "--state-dir", str(root / "coordinator")])
         _wait(lambda: "coordinator ready" in log_of("coordinator"), READY_TIMEOUT_S, "the coordinator")
+        _progress("coordinator ready")
         for name, path in zip(names, data):
             site_yaml = root / f"{name}.yaml"
             site_yaml.write_text(json.dumps({
@@ -145,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 "clientappio_port": _free_port(), "state_dir": str(root / f"state-{name}")}))
             start(name, cli + ["site", "--config", str(site_yaml)])
         _wait(lambda: log_of("coordinator").count("Activated node_id=") >= args.sites, READY_TIMEOUT_S, "the sites")
+        _progress(f"{args.sites} sites activated")
         for run in range(args.runs):
             run_dir = root / f"run-{run}"
             launch = subprocess.run(cli + ["launch", "--connection", "fedtune", "--flwr-home",
@@ -154,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                                     env=env, capture_output=True, text=True, timeout=3600)
             if launch.returncode != 0:
                 raise RuntimeError(f"run {run} failed:\n{launch.stdout[-3000:]}")
+            _progress(f"run {run} finished")
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             memory = _gpu_memory_by_pid()
             result["runs"].append({"rows": rows, "gpu_mib_after_run": {
