@@ -225,13 +225,30 @@ def _train_dp_sgd(trainer: LocalTrainer, train_ds: SiteDataset, cfg: RunConfig, 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received global adapter on this site's held-out data."""
+    """Evaluate the received global adapter on this site's held-out data: loss, perplexity, and in generation
+    rounds (eval.every_n_rounds) exact match / token F1 / ROUGE-L of greedy answers; only aggregates leave."""
+    from client.evaluation import evaluate_generation, generation_due
+    from federation.text_metrics import perplexity
+
     cfg, runtime, _, _, eval_ds = _prepare(msg, context)
     result = make_trainer(runtime, cfg).evaluate(eval_ds)
-    metrics = MetricRecord({
+    metrics = {
         "num-examples": result.num_examples,
         "eval-loss": result.loss,
+        "eval-perplexity": perplexity(result.loss),
         "eval-tokens": result.num_tokens,
         "partition-id": _site_label(context),
-    })
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    }
+    server_round = server_round_of(msg)
+    if generation_due(cfg.eval, server_round, cfg.federation.rounds):
+        generation = evaluate_generation(runtime.model, runtime.tokenizer, eval_ds, cfg.eval)
+        if generation.scores.count:
+            means = generation.scores.means()
+            metrics.update({"eval-generated": generation.scores.count, "eval-exact-match": means["exact_match"],
+                            "eval-token-f1": means["token_f1"], "eval-rouge-l": means["rouge_l"],
+                            "eval-generated-tokens": generation.generated_tokens,
+                            "eval-generation-seconds": generation.seconds})
+            log.info("round %d: generated %d answers (%d tokens, %.0f tok/s): exact match %.3f, token F1 %.3f, "
+                     "ROUGE-L %.3f", server_round, generation.scores.count, generation.generated_tokens,
+                     generation.tokens_per_second, means["exact_match"], means["token_f1"], means["rouge_l"])
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
