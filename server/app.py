@@ -30,7 +30,7 @@ from server.privacy import CentralDP
 from server.replies import (DP_SGD_EPSILON, EVAL_EXACT_MATCH, EVAL_GENERATED, EVAL_LOSS, EVAL_PERPLEXITY,
                             EVAL_ROUGE_L, EVAL_TOKEN_F1, TOKENS_PER_SECOND, TRAIN_LOSS, TRAIN_TOKENS, metric_or_none)
 from server.secagg import secagg_params_for_run, secure_train_round
-from server.report import plot_losses, summary_table
+from server.report import plot_eval_metrics, plot_losses, summary_table
 from server.stateful import LORA_METHOD_STRATEGIES, build_lora_method_strategy, check_site_ranks
 from server.strategy import LoraDeltaStrategy, RoundLedger
 from strategies.aggregators import build_aggregator
@@ -276,6 +276,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
                                                    metrics_log.path))
 
     plot_losses(rows, run_dir / "loss.png", title=f"{cfg.strategy.name}, {cfg.federation.num_clients} sites")
+    plot_eval_metrics(rows, run_dir / "eval_metrics.png",
+                      title=f"{cfg.strategy.name}, {cfg.federation.num_clients} sites: union evaluation")
     console.print(summary_table(rows))
     console.print(f"global adapter: {store.global_adapter_dir} (PEFT directory), metrics: {metrics_log.path}")
     return rows
