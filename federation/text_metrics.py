@@ -47,7 +47,11 @@ def token_f1(prediction: str, reference: str) -> float:
 
 @lru_cache(maxsize=1)
 def _rouge_l_scorer():
+    import logging
+
     from rouge_score import rouge_scorer
+
+    logging.getLogger("absl").setLevel(logging.WARNING)  # its "Using default tokenizer." on every scorer
 
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 

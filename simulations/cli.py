@@ -44,6 +44,10 @@ def _run(args: argparse.Namespace) -> int:
         return site_main(args)
     if args.command == "launch":
         return launch_main(args)
+    if args.command == "eval":
+        from simulations.evaluate import eval_main
+
+        return eval_main(args)
     return EXIT_CONFIG_ERROR
 
 
@@ -77,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         "site", help="run a partner site (Flower SuperNode + fedtune ClientApp)")))
     add_launch_arguments(_add_debug_argument(sub.add_parser(
         "launch", help="start a federation run on a running coordinator")))
+    from simulations.evaluate import add_eval_arguments
+
+    add_eval_arguments(_add_debug_argument(sub.add_parser(
+        "eval", help="score a saved PEFT adapter (or --base-only) on a JSONL file: loss, perplexity, exact match, "
+                     "token F1, ROUGE-L")))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Flower's logger has its own console handler; propagating too would print every line twice.

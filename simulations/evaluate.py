@@ -1,0 +1,122 @@
+"""`fedtune eval`: score a saved PEFT adapter (or the base model alone) on a JSONL file.
+
+The same numbers a site reports in a federated evaluate round (client/evaluation.py): loss and perplexity over
+the response tokens, and exact match / token F1 / ROUGE-L of greedy answers to the prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from federation.config import RunConfig
+
+
+@dataclass
+class AdapterScores:
+    """What `fedtune eval` prints for one model on one file."""
+
+    model: str
+    examples: int
+    loss: float
+    perplexity: float
+    answers: int
+    exact_match: float | None
+    token_f1: float | None
+    rouge_l: float | None
+    generated_tokens: int
+    tokens_per_second: float
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `fedtune eval` options."""
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--adapter", help="a PEFT adapter directory, e.g. runs/<run>/global_adapter")
+    which.add_argument("--base-only", action="store_true", help="score the base model without any adapter")
+    parser.add_argument("--data", required=True, help="a JSONL file of examples (alpaca, chat or plain records)")
+    parser.add_argument("--json", dest="json_out", help="also write the scores to this JSON file")
+    parser.add_argument("--show", type=int, default=0, help="print the first N prompts' answers and references")
+    parser.add_argument("overrides", nargs="*",
+                        help="hydra overrides for the base model and decoding, e.g. model=hub model.name=DIR "
+                             "eval.max_examples=0 eval.max_new_tokens=64 data.prompt_template=...")
+    return parser
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    from federation.store import ADAPTER_WEIGHTS
+    from federation.validation import ConfigError, check_jsonl_files
+
+    check_jsonl_files([args.data], "--data")
+    if args.adapter and not (Path(args.adapter) / ADAPTER_WEIGHTS).is_file():
+        raise ConfigError("--adapter", f"--adapter {args.adapter}: no {ADAPTER_WEIGHTS} here (expected a PEFT "
+                          "adapter directory, e.g. runs/<run>/global_adapter)")
+
+
+def load_scored_model(cfg: RunConfig, adapter: str | None):
+    """(model, tokenizer): the base model of cfg.model, with the PEFT adapter directory loaded on top if given."""
+    from federation.model import load_base_model, load_tokenizer
+
+    base, _, _ = load_base_model(cfg.model)
+    if adapter:
+        from peft import PeftModel
+
+        base = PeftModel.from_pretrained(base, adapter)
+    return base, load_tokenizer(cfg.model)
+
+
+def score_model(model, tokenizer, cfg: RunConfig, data_path: str, name: str, keep_texts: bool = False):
+    """(AdapterScores, GenerationResult) of `model` on the JSONL file: loss, perplexity and generation scores."""
+    from client.evaluation import evaluate_generation
+    from client.trainer import LocalTrainer
+    from federation.data import SiteDataset
+    from federation.text_metrics import perplexity
+
+    dataset = SiteDataset.from_jsonl(data_path, tokenizer, cfg.data)
+    loss = LocalTrainer(model, tokenizer.pad_token_id, cfg.train).evaluate(dataset)
+    generation = evaluate_generation(model, tokenizer, dataset, cfg.eval, keep_texts=keep_texts)
+    means = generation.scores.means()
+    scores = AdapterScores(name, len(dataset), loss.loss, perplexity(loss.loss), generation.scores.count,
+                           means.get("exact_match"), means.get("token_f1"), means.get("rouge_l"),
+                           generation.generated_tokens, generation.tokens_per_second)
+    return scores, generation
+
+
+def scores_table(scores: AdapterScores, title: str):
+    """A rich Table of one model's scores."""
+    from rich.table import Table
+
+    table = Table(title=f"{title}\n{scores.model}")
+    for column in ("examples", "loss", "perplexity", "answers", "exact match", "token F1", "ROUGE-L",
+                   "gen tok/s"):
+        table.add_column(column, justify="right")
+
+    def fmt(value, spec="{:.4f}"):
+        return "-" if value is None else spec.format(value)
+
+    table.add_row(str(scores.examples), fmt(scores.loss), fmt(scores.perplexity, "{:.2f}"),
+                  str(scores.answers), fmt(scores.exact_match, "{:.3f}"), fmt(scores.token_f1, "{:.3f}"),
+                  fmt(scores.rouge_l, "{:.3f}"), fmt(scores.tokens_per_second, "{:.0f}"))
+    return table
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    """`fedtune eval`: compose the config from the overrides, check the inputs, score, print a table (exit 0)."""
+    from rich.console import Console
+
+    from federation.config import compose_config
+
+    cfg = compose_config(list(args.overrides))
+    _check_inputs(args)
+    name = "base model" if args.base_only else str(args.adapter)
+    model, tokenizer = load_scored_model(cfg, None if args.base_only else args.adapter)
+    scores, generation = score_model(model, tokenizer, cfg, args.data, name, keep_texts=args.show > 0)
+    console = Console()
+    console.print(scores_table(scores, f"fedtune eval: {args.data}"))
+    for prediction, reference in list(zip(generation.predictions, generation.references))[:args.show]:
+        console.print(f"answer {prediction!r}  reference {reference!r}", markup=False)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(dataclasses.asdict(scores), indent=1))
+    return 0

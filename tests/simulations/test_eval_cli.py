@@ -1,0 +1,73 @@
+"""`fedtune eval`: scores a saved PEFT adapter or the base model on a JSONL file; mistakes are one line, exit 2."""
+
+import json
+
+import pytest
+import torch
+
+from federation.config import compose_config
+from simulations.cli import main
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A JSONL file, a zero-B adapter (= the base model) and a random-B one, saved as PEFT directories."""
+    from federation.model import build_lora_model
+
+    root = tmp_path_factory.mktemp("eval-cli")
+    overrides = [f"model.cache_dir={root / 'models'}", "eval.max_new_tokens=6"]
+    cfg = compose_config(overrides)
+    data = root / "eval.jsonl"
+    records = [{"instruction": f"Reverse: {w}", "output": w[::-1]} for w in ("abc", "hello", "tiny", "model")]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records + [{"text": "no prompt here"}]))
+    model, _, _ = build_lora_model(cfg.model, cfg.lora)
+    model.save_pretrained(root / "zero")
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    model.save_pretrained(root / "trained")
+    return root, overrides, data
+
+
+def _scores(setup, *which):
+    root, overrides, data = setup
+    out = root / f"scores-{len(list(root.iterdir()))}.json"
+    assert main(["eval", *which, "--data", str(data), "--json", str(out), *overrides]) == 0
+    return json.loads(out.read_text())
+
+
+def test_scores_match_a_direct_evaluation_and_base_only_equals_a_zero_adapter(setup, capsys):
+    from peft import PeftModel
+
+    from client.evaluation import evaluate_generation
+    from client.trainer import LocalTrainer
+    from federation.data import SiteDataset
+    from federation.model import load_base_model, load_tokenizer
+
+    root, overrides, data = setup
+    trained = _scores(setup, "--adapter", str(root / "trained"))
+    assert "exact" in capsys.readouterr().out
+    cfg = compose_config(overrides)
+    base, _, _ = load_base_model(cfg.model)
+    model, tokenizer = PeftModel.from_pretrained(base, str(root / "trained")), load_tokenizer(cfg.model)
+    dataset = SiteDataset.from_jsonl(data, tokenizer, cfg.data)
+    assert trained["examples"] == 5 and trained["answers"] == 4  # the plain record has no prompt to answer
+    assert trained["loss"] == pytest.approx(LocalTrainer(model, tokenizer.pad_token_id, cfg.train).evaluate(dataset).loss)
+    direct = evaluate_generation(model, tokenizer, dataset, cfg.eval).scores.means()
+    assert trained["exact_match"] == direct["exact_match"] and trained["rouge_l"] == direct["rouge_l"]
+    base_only, zero = _scores(setup, "--base-only"), _scores(setup, "--adapter", str(root / "zero"))
+    assert base_only["loss"] == pytest.approx(zero["loss"]) and base_only["exact_match"] == zero["exact_match"]
+    assert trained["loss"] != pytest.approx(base_only["loss"])
+
+
+def test_mistakes_are_one_line_and_exit_2(setup, tmp_path, capsys):
+    root, overrides, data = setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x", "output": "y"}\n{oops\n')
+    assert main(["eval", "--base-only", "--data", str(bad), *overrides]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"config error: --data: {bad}:2: invalid JSON")
+    assert main(["eval", "--adapter", str(tmp_path), "--data", str(data), *overrides]) == 2
+    assert "no adapter_model.safetensors" in capsys.readouterr().err
+    assert main(["eval", "--base-only", "--data", str(data), *overrides, "eval.max_new_tokens=0"]) == 2
+    assert "eval.max_new_tokens must be >= 1" in capsys.readouterr().err
