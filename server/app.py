@@ -26,11 +26,13 @@ from federation.config import RunConfig, compose_config, overrides_from_flat, ru
 from federation.model import initial_adapter, lora_shapes, peft_lora_config
 from federation.store import (FEDERATION_RUN_ID_KEY, FEDERATION_RUN_ID_STATE, SERVER_STATE, GlobalAdapterStore,
                               MetricsLog, new_federation_run_id, read_peft_adapter)
+from federation.validation import validate_coordinator_setup
 from server.privacy import CentralDP
 from server.replies import (DP_SGD_EPSILON, EVAL_EXACT_MATCH, EVAL_GENERATED, EVAL_LOSS, EVAL_PERPLEXITY,
                             EVAL_ROUGE_L, EVAL_TOKEN_F1, TOKENS_PER_SECOND, TRAIN_LOSS, TRAIN_TOKENS, metric_or_none)
 from server.secagg import secagg_params_for_run, secure_train_round
 from server.report import plot_eval_metrics, plot_losses, summary_table
+from server import tracking
 from server.stateful import LORA_METHOD_STRATEGIES, build_lora_method_strategy, check_site_ranks
 from server.strategy import LoraDeltaStrategy, RoundLedger
 from strategies.aggregators import build_aggregator
@@ -146,6 +148,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
     """Run cfg.federation.rounds rounds against the nodes behind `grid`; returns the metrics rows."""
     from rich.console import Console
 
+    validate_coordinator_setup(cfg)  # the tracker's package, a readable eval.gold_set: before any work
     console = Console()
     if not cfg.output_dir:
         cfg.output_dir = f"runs/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
@@ -155,6 +158,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
                               "or choose another output_dir (nothing was changed)")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, sort_keys=True))
+    tracker = tracking.start(cfg)
     store = GlobalAdapterStore(run_dir, keep_last=cfg.federation.keep_last_checkpoints)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     peft_config = peft_lora_config(cfg.lora, cfg.model.name if cfg.model.name != "preset"
@@ -213,6 +217,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
                "adapter_params": n_params, "adapter_digest": digest}
         metrics_log.append(row)
         rows.append(row)
+        tracker.log_round(row)
         console.print(f"round 0/{cfg.federation.rounds}: {_eval_line(eval_columns)}")
 
     failed_rounds: list[int] = []  # the current streak of rounds that aggregated nothing
@@ -265,6 +270,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
         }
         metrics_log.append(row)
         rows.append(row)
+        tracker.log_round(row)
         console.print(f"round {server_round}/{cfg.federation.rounds}: clients {row['clients_ok']}/"
                       f"{row['clients_sampled']}, train loss {row['train_loss']}, {_eval_line(eval_columns)}, "
                       f"{row['bytes_up'] / 1e6:.2f} MB up, {row['seconds']:.1f}s"
@@ -272,6 +278,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
                       + (f", epsilon {row['epsilon']:.3f}" if row["epsilon"] is not None else ""))
         failed_rounds = failed_rounds + [server_round] if new_arrays is None else []
         if len(failed_rounds) >= cfg.federation.max_failed_rounds:
+            tracker.finish(store.global_adapter_dir, failed=True)
             raise FederationFailed(failure_summary(cfg, strategy, failed_rounds, store.global_adapter_dir,
                                                    metrics_log.path))
 
@@ -279,6 +286,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
     plot_eval_metrics(rows, run_dir / "eval_metrics.png",
                       title=f"{cfg.strategy.name}, {cfg.federation.num_clients} sites: union evaluation")
     console.print(summary_table(rows))
+    tracker.finish(store.global_adapter_dir)
     console.print(f"global adapter: {store.global_adapter_dir} (PEFT directory), metrics: {metrics_log.path}")
     return rows
 

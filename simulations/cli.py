@@ -18,11 +18,12 @@ EXIT_CONFIG_ERROR = 2
 
 def _simulate(overrides: list[str], engine: str = "ray") -> int:
     from federation.config import compose_config
-    from federation.validation import validate_simulation_data
+    from federation.validation import validate_coordinator_setup, validate_simulation_data
     from simulations.simulate import simulate
 
     cfg = compose_config(overrides)
     validate_simulation_data(cfg)
+    validate_coordinator_setup(cfg)
     simulate(cfg, engine=engine)
     return 0
 
