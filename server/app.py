@@ -259,6 +259,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
             "tokens_per_second": metric_or_none(train_metrics, TOKENS_PER_SECOND),
             "adapter_params": n_params,
             "per_site": {str(k): v for k, v in ledger.per_site.items()},
+            "data_fingerprints": {str(k): v for k, v in ledger.data_fingerprints.items()},
             "aggregated": new_arrays is not None,
             "privacy": strategy.privacy_reports.get(server_round),
             "epsilon": strategy.privacy_reports.get(server_round, {}).get("epsilon"),

@@ -196,6 +196,30 @@ def decode_eval_reply(msg: Message, schema: MetricSchema, where: str) -> dict[st
     return schema.check(next(iter(content.metric_records.values())), where)
 
 
+# The train reply's optional ConfigRecord of the site's data fingerprint (client/app.py data_fingerprint).
+DATA_FINGERPRINT_RECORD = "data-fingerprint"
+_SHA256_HEX = frozenset("0123456789abcdef")
+
+
+def decode_data_fingerprint(msg: Message, where: str) -> dict[str, str | int] | None:
+    """{"sha256", "examples"} from a train reply, or None when it has none or a malformed one (logged, not fatal:
+    provenance is reported, the update itself was checked on its own)."""
+    record = msg.content.config_records.get(DATA_FINGERPRINT_RECORD) if not msg.has_error() else None
+    if record is None:
+        return None
+    digest, examples = record.get("sha256"), record.get("examples")
+    try:
+        examples = COUNT(examples)
+    except ValueError as exc:
+        log.warning("%s: ignoring data fingerprint: examples %s", where, exc)
+        return None
+    if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= _SHA256_HEX):
+        log.warning("%s: ignoring data fingerprint: sha256 must be 64 lowercase hex digits, got %s", where,
+                    _short(digest))
+        return None
+    return {"sha256": digest, "examples": examples}
+
+
 def metric_or_none(metrics: Mapping[str, object] | None, name: str, kind: type = float) -> int | float | None:
     """metrics[name] as `kind`, or None when there are no metrics or no such metric (for the metrics row)."""
     if metrics is None or name not in metrics:

@@ -22,7 +22,7 @@ from federation.text_metrics import perplexity
 from server.replies import (EVAL_GENERATED, EVAL_LOSS, EVAL_PERPLEXITY, EVAL_REPLY, EVAL_TOKENS, GENERATION_SCORES,
                             INPUT_TOKENS, NUM_EXAMPLES, PARTITION_ID,
                             PEAK_MEMORY_BYTES, TRAIN_REPLY, TRAIN_SECONDS, TRAIN_STEPS, TRAIN_TOKENS, MetricSchema,
-                            decode_eval_reply, decode_train_reply, reply_node, sent_to)
+                            decode_data_fingerprint, decode_eval_reply, decode_train_reply, reply_node, sent_to)
 from strategies.fedavg import UpdateRejected, validate_update
 from strategies.streaming import StreamingWeightedMean
 
@@ -47,6 +47,8 @@ class RoundLedger:
     aggregation_error: str | None = None
     # node id -> that site's train metrics and upload size, for per-site reporting
     per_site: dict[int, dict] = field(default_factory=dict)
+    # node id -> {"sha256", "examples"} of the training data behind that site's accepted update (provenance)
+    data_fingerprints: dict[int, dict] = field(default_factory=dict)
     # node id -> that site's checked evaluate metrics (loss, perplexity, generation scores and counts)
     eval_per_site: dict[int, dict] = field(default_factory=dict)
 
@@ -150,6 +152,9 @@ class LoraDeltaStrategy(FedAvg):
                 continue
             ledger.accepted.append(node)
             ledger.per_site[node] = {**metrics, "bytes_up": upload}
+            fingerprint = decode_data_fingerprint(msg, f"node {node}")
+            if fingerprint is not None:
+                ledger.data_fingerprints[node] = fingerprint
             self.note_reply(node, metrics)
             yield node, arrays, num_examples, metrics
 

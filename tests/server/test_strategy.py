@@ -195,3 +195,18 @@ def test_generation_scores_are_weighted_by_answers_and_kept_per_site():
     per_site = s.ledger(1).eval_per_site
     assert sorted(per_site) == [1, 2, 3] and "eval-rouge-l" not in per_site[3]
     assert per_site[1]["eval-exact-match"] == 0.5
+
+
+def test_data_fingerprints_of_accepted_updates_are_recorded_and_malformed_ones_ignored():
+    good = {KA: np.array([[1.0, 0.0]], np.float32), KB: np.array([[2.0], [0.0]], np.float32)}
+    replies = []
+    for node, fingerprint in [(1, {"sha256": "ab" * 32, "examples": 7}), (2, {"sha256": "xyz", "examples": 7}),
+                              (3, {"sha256": "cd" * 32, "examples": -1}), (4, None)]:
+        msg = _train_reply(node, good)
+        if fingerprint is not None:
+            msg.content["data-fingerprint"] = ConfigRecord(fingerprint)
+        replies.append(msg)
+    s = _strategy()
+    arrays, _ = s.aggregate_train(1, replies)
+    assert arrays is not None and s.ledger(1).accepted == [1, 2, 3, 4]  # provenance never rejects an update
+    assert s.ledger(1).data_fingerprints == {1: {"sha256": "ab" * 32, "examples": 7}}

@@ -35,6 +35,10 @@ def test_mlflow_run_has_config_params_round_metrics_and_the_adapter(tmp_path):
     exact = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval_exact_match")}
     assert exact == {r["round"]: pytest.approx(r["eval_exact_match"]) for r in rows}
     assert "site/0/eval-loss" in run.data.metrics
+    fingerprints = {k: v for k, v in run.data.tags.items() if k.startswith("data_fingerprint.")}
+    assert sorted(fingerprints.values()) == sorted(f"{fp['sha256']} ({fp['examples']} examples)"
+                                                   for fp in rows[-1]["data_fingerprints"].values())
+    assert len(fingerprints) == 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "global_adapter")}
     assert {"global_adapter/adapter_model.safetensors", "global_adapter/adapter_config.json"} <= artifacts
 

@@ -97,3 +97,13 @@ def test_rows_carry_generation_scores_per_site_and_the_plots_exist(three_site_ru
             weighted = sum(s[metric] * s["eval-generated"] for s in sites) / row["eval_generated"]
             assert row[column] == pytest.approx(weighted)
     assert (Path(cfg.output_dir) / "eval_metrics.png").stat().st_size > 0
+
+
+def test_every_train_round_records_each_sites_data_fingerprint(three_site_run):
+    """sha256 and example count of each site's training data (never content), the same every round."""
+    cfg, rows = three_site_run
+    first = rows[1]["data_fingerprints"]
+    assert len(first) == 3 and len({fp["sha256"] for fp in first.values()}) == 3
+    assert all(len(fp["sha256"]) == 64 and fp["examples"] > 0 for fp in first.values())
+    assert sum(fp["examples"] for fp in first.values()) == 4 * 32  # data.demo.examples_per_skill=32, 4 skills
+    assert rows[2]["data_fingerprints"] == first
