@@ -264,7 +264,7 @@ def _train_dp_sgd(trainer: LocalTrainer, train_ds: SiteDataset, cfg: RunConfig, 
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global adapter on this site's held-out data: loss, perplexity, and in generation
     rounds (eval.every_n_rounds) exact match / token F1 / ROUGE-L of greedy answers; only aggregates leave."""
-    from client.evaluation import evaluate_generation, generation_due
+    from federation.evaluation import evaluate_generation, generation_due
     from federation.text_metrics import perplexity
 
     cfg, runtime, _, _, eval_ds = _prepare(msg, context)

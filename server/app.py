@@ -33,6 +33,7 @@ from server.replies import (DP_SGD_EPSILON, EVAL_EXACT_MATCH, EVAL_GENERATED, EV
 from server.secagg import secagg_params_for_run, secure_train_round
 from server.report import plot_eval_metrics, plot_losses, summary_table
 from server import tracking
+from server.gold_set import GoldSetScorer
 from server.stateful import LORA_METHOD_STRATEGIES, build_lora_method_strategy, check_site_ranks
 from server.strategy import LoraDeltaStrategy, RoundLedger
 from strategies.aggregators import build_aggregator
@@ -121,6 +122,10 @@ def _eval_line(columns: dict[str, Any]) -> str:
     if columns.get("eval_exact_match") is not None:
         text += (f" (exact match {columns['eval_exact_match']:.3f}, token F1 {columns['eval_token_f1']:.3f}, "
                  f"ROUGE-L {columns['eval_rouge_l']:.3f} on {columns['eval_generated']} answers)")
+    if columns.get("gold_loss") is not None:
+        text += f", gold set loss {columns['gold_loss']:.4f}"
+        if columns.get("gold_exact_match") is not None:
+            text += f" (exact match {columns['gold_exact_match']:.3f})"
     return text
 
 
@@ -159,6 +164,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, sort_keys=True))
     tracker = tracking.start(cfg)
+    gold_set = GoldSetScorer(cfg) if cfg.eval.gold_set else None  # loads the base model only when given
     store = GlobalAdapterStore(run_dir, keep_last=cfg.federation.keep_last_checkpoints)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     peft_config = peft_lora_config(cfg.lora, cfg.model.name if cfg.model.name != "preset"
@@ -210,6 +216,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
     if first_round == 0 and cfg.federation.evaluate_before_training:
         start = time.perf_counter()
         eval_columns = _evaluate(strategy, grid, 0, arrays, config, timeout)
+        if gold_set is not None:
+            eval_columns.update(gold_set.score(start_arrays, 0))
         ledger = strategy.ledger(0)
         row = {"round": 0, **eval_columns, "train_loss": None, "seconds": time.perf_counter() - start,
                "eval_failed": {str(k): v for k, v in ledger.eval_failed.items()},
@@ -240,7 +248,10 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
         if new_arrays is not None:
             arrays = new_arrays
         eval_columns = _evaluate(strategy, grid, server_round, arrays, config, timeout)
-        digest = checkpoint(server_round, from_array_record(arrays))
+        adapter = from_array_record(arrays)
+        if gold_set is not None:
+            eval_columns.update(gold_set.score(adapter, server_round))
+        digest = checkpoint(server_round, adapter)
         row = {
             "round": server_round,
             "train_loss": metric_or_none(train_metrics, TRAIN_LOSS),

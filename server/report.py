@@ -73,6 +73,8 @@ def summary_table(rows: list[dict[str, Any]], title: str = "federation summary")
     with_scores = any(r.get("eval_exact_match") is not None for r in rows)
     cols = ["round", "clients", "missing", "train loss", "eval loss", "eval ppl"]
     cols += list(SCORE_COLUMNS.values()) if with_scores else []
+    with_gold = any(r.get("gold_loss") is not None for r in rows)
+    cols += ["gold loss", "gold EM"] if with_gold else []
     cols += ["MB up", "MB down", "seconds"]
     for col in cols + (["epsilon"] if with_eps else []):
         table.add_column(col, justify="right")
@@ -85,6 +87,7 @@ def summary_table(rows: list[dict[str, Any]], title: str = "federation summary")
                       ",".join(str(x) for x in r.get("missing", [])) or "-",
                       fmt(r.get("train_loss")), fmt(r.get("eval_loss")), fmt(r.get("eval_perplexity"), "{:.2f}"),
                       *([fmt(r.get(key), "{:.3f}") for key in SCORE_COLUMNS] if with_scores else []),
+                      *([fmt(r.get("gold_loss")), fmt(r.get("gold_exact_match"), "{:.3f}")] if with_gold else []),
                       fmt(r.get("bytes_up", 0) / 1e6, "{:.3f}"), fmt(r.get("bytes_down", 0) / 1e6, "{:.3f}"),
                       fmt(r.get("seconds"), "{:.1f}"),
                       *([fmt(r.get("epsilon") if r.get("epsilon") is not None else r.get("local_dp_epsilon"), "{:.3f}")]

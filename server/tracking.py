@@ -21,7 +21,8 @@ from federation.config import RunConfig
 # metrics.jsonl columns that are tracked as metrics (when numeric): the round's headline numbers.
 ROUND_METRICS = ("train_loss", "eval_loss", "eval_perplexity", "eval_exact_match", "eval_token_f1", "eval_rouge_l",
                  "eval_generated", "clients_sampled", "clients_ok", "bytes_up", "bytes_down", "train_tokens",
-                 "tokens_per_second", "epsilon", "local_dp_epsilon", "seconds")
+                 "tokens_per_second", "epsilon", "local_dp_epsilon", "seconds", "gold_loss", "gold_perplexity",
+                 "gold_exact_match", "gold_token_f1", "gold_rouge_l")
 # Per-site evaluate metrics tracked as site/<partition id or node id>/<metric>.
 SITE_METRICS = ("eval-loss", "eval-exact-match", "eval-token-f1", "eval-rouge-l")
 MLFLOW_BATCH = 100  # MLflow's limit of params / metrics per log_batch call

@@ -69,7 +69,7 @@ def load_scored_model(cfg: RunConfig, adapter: str | None):
 
 def score_model(model, tokenizer, cfg: RunConfig, data_path: str, name: str, keep_texts: bool = False):
     """(AdapterScores, GenerationResult) of `model` on the JSONL file: loss, perplexity and generation scores."""
-    from client.evaluation import evaluate_generation
+    from federation.evaluation import evaluate_generation
     from client.trainer import LocalTrainer
     from federation.data import SiteDataset
     from federation.text_metrics import perplexity

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from client.evaluation import evaluate_generation
+from federation.evaluation import evaluate_generation
 from client.trainer import LocalTrainer
 from federation.adapter import set_adapter_arrays
 from federation.config import RunConfig

@@ -40,7 +40,7 @@ def _scores(setup, *which):
 def test_scores_match_a_direct_evaluation_and_base_only_equals_a_zero_adapter(setup, capsys):
     from peft import PeftModel
 
-    from client.evaluation import evaluate_generation
+    from federation.evaluation import evaluate_generation
     from client.trainer import LocalTrainer
     from federation.data import SiteDataset
     from federation.model import load_base_model, load_tokenizer

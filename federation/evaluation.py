@@ -1,7 +1,7 @@
 """Generation-based evaluation: greedy answers to held-out prompts, scored against the reference responses.
 
-Used by the ClientApp's evaluate handler (on the resident model, with the round's global adapter) and by
-`fedtune eval`. The prompt of an example is its tokens with label -100 (federation/data.py masks the prompt),
+Shared core: used by the ClientApp's evaluate handler (on the resident model, with the round's global adapter),
+by `fedtune eval` and by the coordinator's gold set (server/gold_set.py). The prompt of an example is its tokens with label -100 (federation/data.py masks the prompt),
 the reference is the decoded response tokens; only the scores' sums and counts leave a site.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from federation.config import EvalConfig
-from federation.data import IGNORE_INDEX, SiteDataset
+from federation.data import IGNORE_INDEX, SiteDataset, collate_batch
 from federation.text_metrics import GenerationScores, score_answers
 
 
@@ -32,6 +32,23 @@ class GenerationResult:
     def tokens_per_second(self) -> float:
         """New tokens (up to and including eos) generated per wall-clock second."""
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@torch.no_grad()
+def mean_token_loss(model, dataset: SiteDataset, pad_token_id: int, batch_size: int) -> tuple[float, int]:
+    """(mean next-token cross-entropy over the target tokens, their number), as client/trainer.py's evaluate."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum, token_sum = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collate_batch([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
+                              pad_token_id)
+        batch = {key: value.to(device) for key, value in batch.items()}
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        loss_sum += float(out.loss.float()) * tokens  # HF's loss is the mean over the shifted targets
+        token_sum += tokens
+    return loss_sum / max(token_sum, 1), token_sum
 
 
 def generation_due(eval_cfg: EvalConfig, server_round: int, total_rounds: int) -> bool:

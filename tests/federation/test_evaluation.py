@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from client.evaluation import (evaluate_generation, generate_answers, generation_due, prompt_and_reference,
+from federation.evaluation import (evaluate_generation, generate_answers, generation_due, prompt_and_reference,
                                sample_indices)
 from federation.config import EvalConfig, compose_config
 from federation.data import SiteDataset
@@ -73,3 +73,14 @@ def test_generation_rounds():
     cfg = EvalConfig(every_n_rounds=3)
     assert [r for r in range(8) if generation_due(cfg, r, 7)] == [0, 3, 6, 7]
     assert not generation_due(EvalConfig(generate=False), 0, 7)
+
+
+def test_mean_token_loss_is_the_trainers_eval_loss(tiny):
+    from client.trainer import LocalTrainer
+    from federation.evaluation import mean_token_loss
+
+    cfg, model, tokenizer = tiny
+    dataset = SiteDataset(RECORDS, tokenizer, 96)
+    loss, tokens = mean_token_loss(model, dataset, tokenizer.pad_token_id, batch_size=3)
+    expected = LocalTrainer(model, tokenizer.pad_token_id, cfg.train).evaluate(dataset)
+    assert loss == pytest.approx(expected.loss, rel=1e-6) and tokens == expected.num_tokens
