@@ -9,11 +9,32 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 
 EXIT_RUN_FAILED = 1
 EXIT_CONFIG_ERROR = 2
+
+
+# Library noise kept out of a simulation's console (also of its Ray actors, which inherit the environment):
+# transformers' weight-loading/saving progress bars and its FutureWarnings about its own deprecated names
+# (peft calls `is_gradient_checkpointing`). Set only where the user has not set these variables.
+QUIET_ENVIRONMENT = {"HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                     "PYTHONWARNINGS": "ignore::FutureWarning:transformers.modeling_utils"}
+
+
+def quiet_libraries() -> None:
+    """Apply QUIET_ENVIRONMENT to this process and the processes it starts."""
+    import warnings
+
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers.modeling_utils")
+    # Flower's state database runs alembic migrations, which log every plugin at INFO.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # Ray's note on how a future version will treat num_gpus=0 (nothing to act on here).
+    warnings.filterwarnings("ignore", category=FutureWarning, module="ray._private.worker")
 
 
 def _simulate(overrides: list[str], engine: str = "ray") -> int:
@@ -24,6 +45,7 @@ def _simulate(overrides: list[str], engine: str = "ray") -> int:
     cfg = compose_config(overrides)
     validate_simulation_data(cfg)
     validate_coordinator_setup(cfg)
+    quiet_libraries()
     simulate(cfg, engine=engine)
     return 0
 

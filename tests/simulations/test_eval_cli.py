@@ -71,3 +71,19 @@ def test_mistakes_are_one_line_and_exit_2(setup, tmp_path, capsys):
     assert "no adapter_model.safetensors" in capsys.readouterr().err
     assert main(["eval", "--base-only", "--data", str(data), *overrides, "eval.max_new_tokens=0"]) == 2
     assert "eval.max_new_tokens must be >= 1" in capsys.readouterr().err
+
+
+def test_quiet_libraries_keeps_user_settings_and_silences_transformers_notes(monkeypatch):
+    import os
+    import warnings
+
+    from simulations.cli import QUIET_ENVIRONMENT, quiet_libraries
+
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # the user's own choice stays
+    monkeypatch.delenv("PYTHONWARNINGS", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        quiet_libraries()
+        warnings.warn_explicit("deprecated", FutureWarning, "modeling_utils.py", 1, module="transformers.modeling_utils")
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"
+    assert os.environ["PYTHONWARNINGS"] == QUIET_ENVIRONMENT["PYTHONWARNINGS"]
+    assert caught == []
