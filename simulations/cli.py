@@ -70,6 +70,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from simulations.evaluate import eval_main
 
+        quiet_libraries()
         return eval_main(args)
     return EXIT_CONFIG_ERROR
 

@@ -39,6 +39,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--data", required=True, help="a JSONL file of examples (alpaca, chat or plain records)")
     parser.add_argument("--json", dest="json_out", help="also write the scores to this JSON file")
     parser.add_argument("--show", type=int, default=0, help="print the first N prompts' answers and references")
+    parser.add_argument("--harness", metavar="TASKS",
+                        help="also run EleutherAI lm-evaluation-harness tasks (comma-separated; needs lm_eval)")
+    parser.add_argument("--harness-include", metavar="DIR", help="a directory of your own lm_eval task YAMLs")
+    parser.add_argument("--harness-limit", type=int, help="at most this many documents per harness task")
     parser.add_argument("overrides", nargs="*",
                         help="hydra overrides for the base model and decoding, e.g. model=hub model.name=DIR "
                              "eval.max_examples=0 eval.max_new_tokens=64 data.prompt_template=...")
@@ -102,6 +106,34 @@ def scores_table(scores: AdapterScores, title: str):
     return table
 
 
+def _check_harness_available() -> None:
+    import importlib.util
+
+    from federation.validation import ConfigError
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("--harness", "--harness needs EleutherAI's lm-evaluation-harness, which is not installed: "
+                          "pip install lm_eval")
+
+
+def run_harness(model, tokenizer, tasks: list[str], include: str | None, limit: int | None,
+                batch_size: int) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} from lm-evaluation-harness on the model (a PEFT adapter merged into its base)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if hasattr(model, "merge_and_unload"):  # the harness takes a plain transformers model
+        model = model.merge_and_unload()
+    harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                         device=str(next(model.parameters()).device))
+    results = simple_evaluate(model=harness_model, tasks=tasks, limit=limit,
+                              task_manager=TaskManager(include_path=include) if include else TaskManager())
+    return {task: {metric: float(value) for metric, value in values.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric}
+            for task, values in results["results"].items()}
+
+
 def eval_main(args: argparse.Namespace) -> int:
     """`fedtune eval`: compose the config from the overrides, check the inputs, score, print a table (exit 0)."""
     from rich.console import Console
@@ -110,6 +142,8 @@ def eval_main(args: argparse.Namespace) -> int:
 
     cfg = compose_config(list(args.overrides))
     _check_inputs(args)
+    if args.harness:
+        _check_harness_available()
     name = "base model" if args.base_only else str(args.adapter)
     model, tokenizer = load_scored_model(cfg, None if args.base_only else args.adapter)
     scores, generation = score_model(model, tokenizer, cfg, args.data, name, keep_texts=args.show > 0)
@@ -117,6 +151,19 @@ def eval_main(args: argparse.Namespace) -> int:
     console.print(scores_table(scores, f"fedtune eval: {args.data}"))
     for prediction, reference in list(zip(generation.predictions, generation.references))[:args.show]:
         console.print(f"answer {prediction!r}  reference {reference!r}", markup=False)
+    out = dataclasses.asdict(scores)
+    if args.harness:
+        out["harness"] = run_harness(model, tokenizer, args.harness.split(","), args.harness_include,
+                                     args.harness_limit, cfg.eval.batch_size)
+        from rich.table import Table
+
+        table = Table(title="lm-evaluation-harness")
+        for column in ("task", "metric", "value"):
+            table.add_column(column)
+        for task, values in out["harness"].items():
+            for metric, value in values.items():
+                table.add_row(task, metric, f"{value:.4f}")
+        console.print(table)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(dataclasses.asdict(scores), indent=1))
+        Path(args.json_out).write_text(json.dumps(out, indent=1))
     return 0

@@ -87,3 +87,57 @@ def test_quiet_libraries_keeps_user_settings_and_silences_transformers_notes(mon
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"
     assert os.environ["PYTHONWARNINGS"] == QUIET_ENVIRONMENT["PYTHONWARNINGS"]
     assert caught == []
+
+
+def test_harness_runs_a_locally_defined_task_on_the_adapter(setup, tmp_path):
+    """Targets are the adapter's own greedy answers, so the harness scores 1.0 only if it runs the adapter."""
+    pytest.importorskip("lm_eval")  # optional (pip install -e ".[harness]"); not in the test extra: it is heavy
+    from federation.evaluation import generate_answers
+    from simulations.evaluate import load_scored_model
+
+    root, overrides, _ = setup
+    cfg = compose_config(overrides)
+    model, tokenizer = load_scored_model(cfg, str(root / "trained"))
+    instructions = ["Reverse: abc", "Add: 2+3", "Uppercase: cat", "Count vowels: tree"]
+    prompts = [tokenizer(text + "\n", add_special_tokens=False)["input_ids"] for text in instructions]
+    answers, _ = generate_answers(model, tokenizer, prompts, max_new_tokens=4, batch_size=4)
+    base_answers, _ = generate_answers(load_scored_model(cfg, None)[0], tokenizer, prompts, 4, 4)
+    assert answers != base_answers  # otherwise the test could not tell the adapter from the base
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(json.dumps({"instruction": i, "output": a.split("\n")[0]}) + "\n"
+                            for i, a in zip(instructions, answers)))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "local.yaml").write_text(f"""task: fedtune_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{instruction}}}}\\n"
+doc_to_target: "{{{{output}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 4
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+""")
+    out = tmp_path / "scores.json"
+    assert main(["eval", "--adapter", str(root / "trained"), "--data", str(data), "--harness", "fedtune_local",
+                 "--harness-include", str(tasks), "--json", str(out), *overrides]) == 0
+    assert json.loads(out.read_text())["harness"]["fedtune_local"]["exact_match,none"] == 1.0
+
+
+def test_harness_without_lm_eval_is_one_config_line(setup, monkeypatch, capsys):
+    import importlib.util
+
+    root, overrides, data = setup
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    assert main(["eval", "--base-only", "--data", str(data), "--harness", "x", *overrides]) == 2
+    assert capsys.readouterr().err.strip() == ("config error: --harness needs EleutherAI's lm-evaluation-harness, "
+                                               "which is not installed: pip install lm_eval")
