@@ -15,9 +15,10 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.fast_train import FastLocalTrainer, FastPathSettings
@@ -27,7 +28,7 @@ from federation.adapter import (adapter_delta, from_array_record, get_adapter_ar
                                 set_adapter_arrays)
 from federation.compression import ErrorFeedback, UploadCodec
 from federation.config import RunConfig, run_config_from_json
-from federation.data import SiteDataset, load_site_files, load_site_split
+from federation.data import EVAL_FILE, TRAIN_FILE, SiteDataset, load_site_files, load_site_split
 from federation.model import LoadInfo, build_lora_model
 
 log = logging.getLogger("fedtune.client")
@@ -64,6 +65,7 @@ class SiteRuntime:
     tokenizer: object
     info: LoadInfo
     datasets: dict[str, tuple[SiteDataset, SiteDataset]] = field(default_factory=dict)
+    fingerprints: dict[str, dict] = field(default_factory=dict)
 
 
 _RUNTIME: SiteRuntime | None = None
@@ -86,19 +88,52 @@ def get_runtime(cfg: RunConfig) -> SiteRuntime:
     return _RUNTIME
 
 
+def _dataset_key(cfg: RunConfig, context: Context) -> str:
+    node = context.node_config
+    if "data-path" in node:
+        return f"path:{node['data-path']}"
+    pid, n = int(node["partition-id"]), int(node["num-partitions"])
+    return f"partition:{pid}/{n}:{hashlib.sha256(json.dumps(asdict(cfg.data), sort_keys=True).encode()).hexdigest()}"
+
+
 def site_datasets(runtime: SiteRuntime, cfg: RunConfig, context: Context) -> tuple[SiteDataset, SiteDataset]:
     """(train, eval) for this node: node config `data-path` in deployment, partition id in simulation."""
     node = context.node_config
-    if "data-path" in node:
-        key = f"path:{node['data-path']}"
-        if key not in runtime.datasets:
+    key = _dataset_key(cfg, context)
+    if key not in runtime.datasets:
+        if "data-path" in node:
             runtime.datasets[key] = load_site_files(str(node["data-path"]), cfg.data, runtime.tokenizer)
-    else:
-        pid, n = int(node["partition-id"]), int(node["num-partitions"])
-        key = f"partition:{pid}/{n}:{hashlib.sha256(json.dumps(asdict(cfg.data), sort_keys=True).encode()).hexdigest()}"
-        if key not in runtime.datasets:
-            runtime.datasets[key] = load_site_split(cfg.data, runtime.tokenizer, pid, n)
+        else:
+            runtime.datasets[key] = load_site_split(cfg.data, runtime.tokenizer, int(node["partition-id"]),
+                                                    int(node["num-partitions"]))
     return runtime.datasets[key]
+
+
+# The train reply's ConfigRecord with the site's data fingerprint (provenance; never content).
+DATA_FINGERPRINT_RECORD = "data-fingerprint"
+
+
+def data_fingerprint(runtime: SiteRuntime, cfg: RunConfig, context: Context) -> dict[str, str | int]:
+    """{"sha256", "examples"} of this site's training data, computed once per dataset.
+
+    Deployment: sha256 over the data files' bytes (train.jsonl [+ eval.jsonl], or the one file, names included);
+    simulation (no file per site): over the site's tokenized training examples. `examples` counts training examples.
+    """
+    key = _dataset_key(cfg, context)
+    if key not in runtime.fingerprints:
+        train_ds, _ = site_datasets(runtime, cfg, context)
+        digest = hashlib.sha256()
+        if "data-path" in context.node_config:
+            path = Path(str(context.node_config["data-path"])).expanduser()
+            files = sorted(p for p in path.glob("*.jsonl") if p.name in (TRAIN_FILE, EVAL_FILE)) if path.is_dir() \
+                else [path]
+            for file in files:
+                digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+        else:
+            for example in train_ds.examples:
+                digest.update(example["input_ids"].numpy().tobytes() + example["labels"].numpy().tobytes())
+        runtime.fingerprints[key] = {"sha256": digest.hexdigest(), "examples": len(train_ds)}
+    return runtime.fingerprints[key]
 
 
 def make_trainer(runtime: SiteRuntime, cfg: RunConfig) -> LocalTrainer:
@@ -193,7 +228,9 @@ def build_train_reply(msg: Message, context: Context, cfg: RunConfig, result, de
         "partition-id": _site_label(context),
         **(extra_metrics or {}),
     })
-    return Message(content=RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)
+    fingerprint = ConfigRecord(data_fingerprint(get_runtime(cfg), cfg, context))
+    return Message(content=RecordDict({"arrays": record, "metrics": metrics, DATA_FINGERPRINT_RECORD: fingerprint}),
+                   reply_to=msg)
 
 
 def encode_delta(delta: dict, cfg: RunConfig, msg: Message, context: Context) -> ArrayRecord:
@@ -227,13 +264,30 @@ def _train_dp_sgd(trainer: LocalTrainer, train_ds: SiteDataset, cfg: RunConfig, 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received global adapter on this site's held-out data."""
+    """Evaluate the received global adapter on this site's held-out data: loss, perplexity, and in generation
+    rounds (eval.every_n_rounds) exact match / token F1 / ROUGE-L of greedy answers; only aggregates leave."""
+    from federation.evaluation import evaluate_generation, generation_due
+    from federation.text_metrics import perplexity
+
     cfg, runtime, _, _, eval_ds = _prepare(msg, context)
     result = make_trainer(runtime, cfg).evaluate(eval_ds)
-    metrics = MetricRecord({
+    metrics = {
         "num-examples": result.num_examples,
         "eval-loss": result.loss,
+        "eval-perplexity": perplexity(result.loss),
         "eval-tokens": result.num_tokens,
         "partition-id": _site_label(context),
-    })
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    }
+    server_round = server_round_of(msg)
+    if generation_due(cfg.eval, server_round, cfg.federation.rounds):
+        generation = evaluate_generation(runtime.model, runtime.tokenizer, eval_ds, cfg.eval)
+        if generation.scores.count:
+            means = generation.scores.means()
+            metrics.update({"eval-generated": generation.scores.count, "eval-exact-match": means["exact_match"],
+                            "eval-token-f1": means["token_f1"], "eval-rouge-l": means["rouge_l"],
+                            "eval-generated-tokens": generation.generated_tokens,
+                            "eval-generation-seconds": generation.seconds})
+            log.info("round %d: generated %d answers (%d tokens, %.0f tok/s): exact match %.3f, token F1 %.3f, "
+                     "ROUGE-L %.3f", server_round, generation.scores.count, generation.generated_tokens,
+                     generation.tokens_per_second, means["exact_match"], means["token_f1"], means["rouge_l"])
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

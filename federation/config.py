@@ -257,6 +257,37 @@ class FederationConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Federated evaluation beyond the loss: sites generate answers to held-out prompts and score them."""
+
+    # Generate and score answers (exact match, token F1, ROUGE-L); the eval loss and perplexity come every round.
+    generate: bool = True
+    # Generate in rounds divisible by this (round 0 included) and in the last round.
+    every_n_rounds: int = 1
+    # Held-out examples per site that get an answer generated (a seeded sample, the same every round; 0: all).
+    max_examples: int = 32
+    # Greedy decoding stops at eos or after this many new tokens.
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    sample_seed: int = 0
+    # A JSONL file the coordinator holds: each round's global adapter is also scored on it (coordinator-side).
+    gold_set: str = ""
+
+
+TRACKERS = ("none", "mlflow", "tensorboard")
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking of a run: none | mlflow | tensorboard (conf/tracking)."""
+
+    name: str = "none"
+    # MLflow tracking URI; empty: a local file store at <output_dir>/mlruns.
+    uri: str = ""
+    experiment: str = "fedtune"
+
+
+@dataclass
 class RunConfig:
     """Everything one federation run needs."""
 
@@ -267,6 +298,8 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "runs/latest"
     seed: int = 0
 
@@ -303,7 +336,7 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-CONFIG_GROUPS = ("model", "lora", "data", "train", "strategy", "privacy", "federation")
+CONFIG_GROUPS = ("model", "lora", "data", "train", "strategy", "privacy", "federation", "eval", "tracking")
 
 
 def group_options(group: str, config_dir: str | Path = CONF_DIR) -> list[str]:

@@ -27,7 +27,7 @@ from typing import Any
 from federation.config import (CONF_DIR, CONTROL_VARIATE_PARAM, CONTROL_VARIATES, FEDEX_STRATEGY, HETERO_STRATEGIES,
                                LORA_METHOD_STRATEGIES, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS,
                                SECAGG_COMPATIBLE_AGGREGATORS, SECAGG_MAX_MODULUS_RANGE, SECAGG_MAX_QUANTIZATION_RANGE,
-                               SITE_PARAMS, RunConfig, group_options, sites_per_round)
+                               SITE_PARAMS, TRACKERS, RunConfig, group_options, sites_per_round)
 from strategies.aggregators import MixedRanksError
 
 
@@ -134,6 +134,10 @@ RUN_RANGES: dict[str, Rule] = {
     "federation.min_completed_clients": AT_LEAST_1,
     "federation.clients_per_batch": AT_LEAST_1,
     "federation.max_failed_rounds": AT_LEAST_1,
+    "eval.every_n_rounds": AT_LEAST_1,
+    "eval.max_examples": (">= 0 (0: all held-out examples)", lambda v: v >= 0),
+    "eval.max_new_tokens": AT_LEAST_1,
+    "eval.batch_size": AT_LEAST_1,
 }
 TINY_PRESET_RANGES: dict[str, Rule] = {
     "hidden_size": AT_LEAST_1, "intermediate_size": AT_LEAST_1, "num_hidden_layers": AT_LEAST_1,
@@ -173,7 +177,25 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
     _check_strategy(cfg)
     _check_privacy(cfg)
     _check_adapter_fits_model(cfg)
+    _check_choice("tracking.name", cfg.tracking.name, TRACKERS, "tracker")
     return cfg
+
+
+# The package each tracker needs (optional dependencies: pip install -e ".[tracking]").
+TRACKER_PACKAGES = {"mlflow": ("mlflow", "mlflow-skinny"), "tensorboard": ("tensorboard", "tensorboard")}
+
+
+def validate_coordinator_setup(cfg: RunConfig) -> None:
+    """What only the coordinator needs (sites never check it): the tracker's package and a readable eval.gold_set."""
+    import importlib.util
+
+    if cfg.tracking.name in TRACKER_PACKAGES:
+        module, package = TRACKER_PACKAGES[cfg.tracking.name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError("tracking.name", f"tracking={cfg.tracking.name} needs the {package} package, which is "
+                              f"not installed: pip install {package} (or pip install -e \".[tracking]\")")
+    if cfg.eval.gold_set:
+        check_jsonl_files([cfg.eval.gold_set], "eval.gold_set")
 
 
 def _check_federation(cfg: RunConfig) -> None:

@@ -26,10 +26,14 @@ from federation.config import RunConfig, compose_config, overrides_from_flat, ru
 from federation.model import initial_adapter, lora_shapes, peft_lora_config
 from federation.store import (FEDERATION_RUN_ID_KEY, FEDERATION_RUN_ID_STATE, SERVER_STATE, GlobalAdapterStore,
                               MetricsLog, new_federation_run_id, read_peft_adapter)
+from federation.validation import validate_coordinator_setup
 from server.privacy import CentralDP
-from server.replies import DP_SGD_EPSILON, EVAL_LOSS, TOKENS_PER_SECOND, TRAIN_LOSS, TRAIN_TOKENS, metric_or_none
+from server.replies import (DP_SGD_EPSILON, EVAL_EXACT_MATCH, EVAL_GENERATED, EVAL_LOSS, EVAL_PERPLEXITY,
+                            EVAL_ROUGE_L, EVAL_TOKEN_F1, TOKENS_PER_SECOND, TRAIN_LOSS, TRAIN_TOKENS, metric_or_none)
 from server.secagg import secagg_params_for_run, secure_train_round
-from server.report import plot_losses, summary_table
+from server.report import plot_eval_metrics, plot_losses, summary_table
+from server import tracking
+from server.gold_set import GoldSetScorer
 from server.stateful import LORA_METHOD_STRATEGIES, build_lora_method_strategy, check_site_ranks
 from server.strategy import LoraDeltaStrategy, RoundLedger
 from strategies.aggregators import build_aggregator
@@ -95,12 +99,34 @@ def build_strategy(cfg: RunConfig) -> LoraDeltaStrategy:
     )
 
 
+# metrics.jsonl column <- aggregated evaluate metric (server/strategy.py aggregate_evaluate; None when absent).
+EVAL_COLUMNS = {"eval_loss": EVAL_LOSS, "eval_perplexity": EVAL_PERPLEXITY, "eval_exact_match": EVAL_EXACT_MATCH,
+                "eval_token_f1": EVAL_TOKEN_F1, "eval_rouge_l": EVAL_ROUGE_L}
+
+
 def _evaluate(strategy: LoraDeltaStrategy, grid: Grid, server_round: int, arrays: ArrayRecord,
-              config: ConfigRecord, timeout: float) -> float | None:
+              config: ConfigRecord, timeout: float) -> dict[str, Any]:
+    """The round's evaluation columns: union loss, perplexity, generation scores, and the per-site breakdown."""
     messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), grid)
     replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
     metrics = strategy.aggregate_evaluate(server_round, replies)
-    return metric_or_none(metrics, EVAL_LOSS)
+    columns: dict[str, Any] = {column: metric_or_none(metrics, name) for column, name in EVAL_COLUMNS.items()}
+    columns["eval_generated"] = metric_or_none(metrics, EVAL_GENERATED, int)
+    columns["eval_per_site"] = {str(node): site for node, site in strategy.ledger(server_round).eval_per_site.items()}
+    return columns
+
+
+def _eval_line(columns: dict[str, Any]) -> str:
+    """The console's words for a round's evaluation."""
+    text = f"union eval loss {columns['eval_loss']}"
+    if columns.get("eval_exact_match") is not None:
+        text += (f" (exact match {columns['eval_exact_match']:.3f}, token F1 {columns['eval_token_f1']:.3f}, "
+                 f"ROUGE-L {columns['eval_rouge_l']:.3f} on {columns['eval_generated']} answers)")
+    if columns.get("gold_loss") is not None:
+        text += f", gold set loss {columns['gold_loss']:.4f}"
+        if columns.get("gold_exact_match") is not None:
+            text += f" (exact match {columns['gold_exact_match']:.3f})"
+    return text
 
 
 def _restore(store: GlobalAdapterStore, metrics_log: MetricsLog, strategy: LoraDeltaStrategy, cfg: RunConfig):
@@ -127,6 +153,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
     """Run cfg.federation.rounds rounds against the nodes behind `grid`; returns the metrics rows."""
     from rich.console import Console
 
+    validate_coordinator_setup(cfg)  # the tracker's package, a readable eval.gold_set: before any work
     console = Console()
     if not cfg.output_dir:
         cfg.output_dir = f"runs/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
@@ -136,6 +163,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
                               "or choose another output_dir (nothing was changed)")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, sort_keys=True))
+    tracker = tracking.start(cfg)
+    gold_set = GoldSetScorer(cfg) if cfg.eval.gold_set else None  # loads the base model only when given
     store = GlobalAdapterStore(run_dir, keep_last=cfg.federation.keep_last_checkpoints)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     peft_config = peft_lora_config(cfg.lora, cfg.model.name if cfg.model.name != "preset"
@@ -186,15 +215,18 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
 
     if first_round == 0 and cfg.federation.evaluate_before_training:
         start = time.perf_counter()
-        eval_loss = _evaluate(strategy, grid, 0, arrays, config, cfg.federation.evaluate_timeout())
+        eval_columns = _evaluate(strategy, grid, 0, arrays, config, cfg.federation.evaluate_timeout())
+        if gold_set is not None:
+            eval_columns.update(gold_set.score(start_arrays, 0))
         ledger = strategy.ledger(0)
-        row = {"round": 0, "eval_loss": eval_loss, "train_loss": None, "seconds": time.perf_counter() - start,
+        row = {"round": 0, **eval_columns, "train_loss": None, "seconds": time.perf_counter() - start,
                "eval_failed": {str(k): v for k, v in ledger.eval_failed.items()},
                "eval_rejected": {str(k): v for k, v in ledger.eval_rejected.items()},
                "adapter_params": n_params, "adapter_digest": digest}
         metrics_log.append(row)
         rows.append(row)
-        console.print(f"round 0/{cfg.federation.rounds}: union eval loss {eval_loss}")
+        tracker.log_round(row)
+        console.print(f"round 0/{cfg.federation.rounds}: {_eval_line(eval_columns)}")
 
     failed_rounds: list[int] = []  # the current streak of rounds that aggregated nothing
     for server_round in range(first_round + 1, cfg.federation.rounds + 1):
@@ -215,12 +247,15 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
             new_arrays = None
         if new_arrays is not None:
             arrays = new_arrays
-        eval_loss = _evaluate(strategy, grid, server_round, arrays, config, cfg.federation.evaluate_timeout())
-        digest = checkpoint(server_round, from_array_record(arrays))
+        eval_columns = _evaluate(strategy, grid, server_round, arrays, config, cfg.federation.evaluate_timeout())
+        adapter = from_array_record(arrays)
+        if gold_set is not None:
+            eval_columns.update(gold_set.score(adapter, server_round))
+        digest = checkpoint(server_round, adapter)
         row = {
             "round": server_round,
             "train_loss": metric_or_none(train_metrics, TRAIN_LOSS),
-            "eval_loss": eval_loss,
+            **eval_columns,
             "clients_sampled": len(ledger.sampled),
             "clients_ok": len(ledger.accepted),
             "missing": ledger.missing,
@@ -235,6 +270,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
             "tokens_per_second": metric_or_none(train_metrics, TOKENS_PER_SECOND),
             "adapter_params": n_params,
             "per_site": {str(k): v for k, v in ledger.per_site.items()},
+            "data_fingerprints": {str(k): v for k, v in ledger.data_fingerprints.items()},
             "aggregated": new_arrays is not None,
             "privacy": strategy.privacy_reports.get(server_round),
             "epsilon": strategy.privacy_reports.get(server_round, {}).get("epsilon"),
@@ -246,18 +282,23 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
         }
         metrics_log.append(row)
         rows.append(row)
+        tracker.log_round(row)
         console.print(f"round {server_round}/{cfg.federation.rounds}: clients {row['clients_ok']}/"
-                      f"{row['clients_sampled']}, train loss {row['train_loss']}, union eval loss {eval_loss}, "
+                      f"{row['clients_sampled']}, train loss {row['train_loss']}, {_eval_line(eval_columns)}, "
                       f"{row['bytes_up'] / 1e6:.2f} MB up, {row['seconds']:.1f}s"
                       + (f", missing nodes {row['missing']}" if row["missing"] else "")
                       + (f", epsilon {row['epsilon']:.3f}" if row["epsilon"] is not None else ""))
         failed_rounds = failed_rounds + [server_round] if new_arrays is None else []
         if len(failed_rounds) >= cfg.federation.max_failed_rounds:
+            tracker.finish(store.global_adapter_dir, failed=True)
             raise FederationFailed(failure_summary(cfg, strategy, failed_rounds, store.global_adapter_dir,
                                                    metrics_log.path))
 
     plot_losses(rows, run_dir / "loss.png", title=f"{cfg.strategy.name}, {cfg.federation.num_clients} sites")
+    plot_eval_metrics(rows, run_dir / "eval_metrics.png",
+                      title=f"{cfg.strategy.name}, {cfg.federation.num_clients} sites: union evaluation")
     console.print(summary_table(rows))
+    tracker.finish(store.global_adapter_dir)
     console.print(f"global adapter: {store.global_adapter_dir} (PEFT directory), metrics: {metrics_log.path}")
     return rows
 

@@ -33,6 +33,16 @@ PARTITION_ID = "partition-id"
 DP_SGD_EPSILON = "dp-sgd-epsilon"
 EVAL_LOSS = "eval-loss"
 EVAL_TOKENS = "eval-tokens"
+# Optional evaluate metrics: perplexity every round; in generation rounds the mean scores of the greedy answers
+# (federation/text_metrics.py), over EVAL_GENERATED answers, and what generating them cost.
+EVAL_PERPLEXITY = "eval-perplexity"
+EVAL_GENERATED = "eval-generated"
+EVAL_EXACT_MATCH = "eval-exact-match"
+EVAL_TOKEN_F1 = "eval-token-f1"
+EVAL_ROUGE_L = "eval-rouge-l"
+EVAL_GENERATED_TOKENS = "eval-generated-tokens"
+EVAL_GENERATION_SECONDS = "eval-generation-seconds"
+GENERATION_SCORES = (EVAL_EXACT_MATCH, EVAL_TOKEN_F1, EVAL_ROUGE_L)
 
 # Counts are summed and used as weights in float64, which represents whole numbers exactly up to 2**53;
 # a larger claimed count could also overflow the weighted sums.
@@ -46,11 +56,15 @@ class Number:
 
     whole: bool = False
     minimum: float | None = None
+    maximum: float | None = None
     allow_inf: bool = False  # +inf is a valid value (e.g. a privacy budget that is spent)
 
     def __str__(self) -> str:
         text = "a whole number" if self.whole else ("a number" if self.allow_inf else "a finite number")
-        return text + ("" if self.minimum is None else f" >= {self.minimum:g}")
+        if self.minimum is not None and self.maximum is not None:
+            return text + f" in [{self.minimum:g}, {self.maximum:g}]"
+        return (text + ("" if self.minimum is None else f" >= {self.minimum:g}")
+                + ("" if self.maximum is None else f" <= {self.maximum:g}"))
 
     def __call__(self, value: object) -> int | float:
         """The value as a Python int (whole) or float; ValueError saying what was expected otherwise."""
@@ -66,7 +80,7 @@ class Number:
             raise ValueError(f"must be {self}, got {_short(value)}")
         if self.whole and abs(number) > MAX_COUNT:
             raise ValueError(f"must be {self} of at most 2**53, got {_short(value)}")
-        if self.minimum is not None and number < self.minimum:
+        if (self.minimum is not None and number < self.minimum) or (self.maximum is not None and number > self.maximum):
             raise ValueError(f"must be {self}, got {_short(value)}")
         return int(number) if self.whole else number
 
@@ -76,6 +90,7 @@ POSITIVE_COUNT = Number(whole=True, minimum=1)
 FINITE = Number()
 NON_NEGATIVE = Number(minimum=0.0)
 LABEL = Number(whole=True)
+UNIT_INTERVAL = Number(minimum=0.0, maximum=1.0)
 
 
 @dataclass(frozen=True)
@@ -116,8 +131,12 @@ TRAIN_REPLY = MetricSchema(
     optional={TRAIN_TOKENS: COUNT, INPUT_TOKENS: COUNT, TRAIN_STEPS: COUNT, TRAIN_SECONDS: NON_NEGATIVE,
               TOKENS_PER_SECOND: NON_NEGATIVE, PEAK_MEMORY_BYTES: COUNT, PARTITION_ID: LABEL,
               DP_SGD_EPSILON: Number(minimum=0.0, allow_inf=True)})
+# exp(loss) >= 1; a perplexity past float64 would be inf, which sites cap (federation.text_metrics.perplexity).
 EVAL_REPLY = MetricSchema(required={NUM_EXAMPLES: POSITIVE_COUNT, EVAL_LOSS: NON_NEGATIVE, EVAL_TOKENS: POSITIVE_COUNT},
-                          optional={PARTITION_ID: LABEL})
+                          optional={PARTITION_ID: LABEL, EVAL_PERPLEXITY: Number(minimum=1.0),
+                                    EVAL_GENERATED: POSITIVE_COUNT, EVAL_EXACT_MATCH: UNIT_INTERVAL,
+                                    EVAL_TOKEN_F1: UNIT_INTERVAL, EVAL_ROUGE_L: UNIT_INTERVAL,
+                                    EVAL_GENERATED_TOKENS: COUNT, EVAL_GENERATION_SECONDS: NON_NEGATIVE})
 
 
 def _short(value: object) -> str:
@@ -175,6 +194,30 @@ def decode_eval_reply(msg: Message, schema: MetricSchema, where: str) -> dict[st
         raise UpdateRejected(f"evaluate reply must carry exactly one MetricRecord and no ArrayRecord, got "
                              f"{len(content.metric_records)} and {len(content.array_records)}")
     return schema.check(next(iter(content.metric_records.values())), where)
+
+
+# The train reply's optional ConfigRecord of the site's data fingerprint (client/app.py data_fingerprint).
+DATA_FINGERPRINT_RECORD = "data-fingerprint"
+_SHA256_HEX = frozenset("0123456789abcdef")
+
+
+def decode_data_fingerprint(msg: Message, where: str) -> dict[str, str | int] | None:
+    """{"sha256", "examples"} from a train reply, or None when it has none or a malformed one (logged, not fatal:
+    provenance is reported, the update itself was checked on its own)."""
+    record = msg.content.config_records.get(DATA_FINGERPRINT_RECORD) if not msg.has_error() else None
+    if record is None:
+        return None
+    digest, examples = record.get("sha256"), record.get("examples")
+    try:
+        examples = COUNT(examples)
+    except ValueError as exc:
+        log.warning("%s: ignoring data fingerprint: examples %s", where, exc)
+        return None
+    if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= _SHA256_HEX):
+        log.warning("%s: ignoring data fingerprint: sha256 must be 64 lowercase hex digits, got %s", where,
+                    _short(digest))
+        return None
+    return {"sha256": digest, "examples": examples}
 
 
 def metric_or_none(metrics: Mapping[str, object] | None, name: str, kind: type = float) -> int | float | None:

@@ -18,9 +18,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from federation.adapter import from_array_record, to_array_record
-from server.replies import (EVAL_LOSS, EVAL_REPLY, EVAL_TOKENS, INPUT_TOKENS, NUM_EXAMPLES, PARTITION_ID,
+from federation.text_metrics import perplexity
+from server.replies import (EVAL_GENERATED, EVAL_LOSS, EVAL_PERPLEXITY, EVAL_REPLY, EVAL_TOKENS, GENERATION_SCORES,
+                            INPUT_TOKENS, NUM_EXAMPLES, PARTITION_ID,
                             PEAK_MEMORY_BYTES, TRAIN_REPLY, TRAIN_SECONDS, TRAIN_STEPS, TRAIN_TOKENS, MetricSchema,
-                            decode_eval_reply, decode_train_reply, reply_node, sent_to)
+                            decode_data_fingerprint, decode_eval_reply, decode_train_reply, reply_node, sent_to)
 from strategies.fedavg import UpdateRejected, validate_update
 from strategies.streaming import StreamingWeightedMean
 
@@ -45,6 +47,10 @@ class RoundLedger:
     aggregation_error: str | None = None
     # node id -> that site's train metrics and upload size, for per-site reporting
     per_site: dict[int, dict] = field(default_factory=dict)
+    # node id -> {"sha256", "examples"} of the training data behind that site's accepted update (provenance)
+    data_fingerprints: dict[int, dict] = field(default_factory=dict)
+    # node id -> that site's checked evaluate metrics (loss, perplexity, generation scores and counts)
+    eval_per_site: dict[int, dict] = field(default_factory=dict)
 
     @property
     def missing(self) -> list[int]:
@@ -146,6 +152,9 @@ class LoraDeltaStrategy(FedAvg):
                 continue
             ledger.accepted.append(node)
             ledger.per_site[node] = {**metrics, "bytes_up": upload}
+            fingerprint = decode_data_fingerprint(msg, f"node {node}")
+            if fingerprint is not None:
+                ledger.data_fingerprints[node] = fingerprint
             self.note_reply(node, metrics)
             yield node, arrays, num_examples, metrics
 
@@ -209,10 +218,12 @@ class LoraDeltaStrategy(FedAvg):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Union eval loss: every site's summed token loss over all sites' target tokens (checked replies only)."""
+        """Union eval loss (every site's summed token loss over all sites' target tokens) and its perplexity, and
+        the generation scores weighted by each site's number of generated answers (checked replies only)."""
         ledger = self.ledger(server_round)
         destinations = sent_to(self._sent_eval)
         loss_sum, tokens, examples = 0.0, 0, 0
+        generated, score_sums = 0, dict.fromkeys(GENERATION_SCORES, 0.0)
         for msg in replies:
             node = reply_node(msg, destinations)
             if msg.has_error():
@@ -230,11 +241,22 @@ class LoraDeltaStrategy(FedAvg):
             loss_sum += metrics[EVAL_LOSS] * metrics[EVAL_TOKENS]
             tokens += metrics[EVAL_TOKENS]
             examples += metrics[NUM_EXAMPLES]
+            # A site's scores count only with their answer count (each was checked on its own, so one may be gone).
+            if EVAL_GENERATED in metrics and all(name in metrics for name in GENERATION_SCORES):
+                generated += metrics[EVAL_GENERATED]
+                for name in GENERATION_SCORES:
+                    score_sums[name] += metrics[name] * metrics[EVAL_GENERATED]
             ledger.eval_ok.append(node)
+            ledger.eval_per_site[node] = dict(metrics)
             self.note_reply(node, metrics)
         if tokens == 0:
             return None
-        return MetricRecord({EVAL_LOSS: loss_sum / tokens, EVAL_TOKENS: tokens, NUM_EXAMPLES: examples})
+        out = {EVAL_LOSS: loss_sum / tokens, EVAL_PERPLEXITY: perplexity(loss_sum / tokens), EVAL_TOKENS: tokens,
+               NUM_EXAMPLES: examples}
+        if generated:
+            out[EVAL_GENERATED] = generated
+            out.update({name: total / generated for name, total in score_sums.items()})
+        return MetricRecord(out)
 
 
 def reply_order(msg: Message, destinations: Mapping[str, int]) -> tuple[int, int]:

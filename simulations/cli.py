@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 
@@ -16,13 +17,35 @@ EXIT_RUN_FAILED = 1
 EXIT_CONFIG_ERROR = 2
 
 
+# Library noise kept out of a simulation's console (also of its Ray actors, which inherit the environment):
+# transformers' weight-loading/saving progress bars and its FutureWarnings about its own deprecated names
+# (peft calls `is_gradient_checkpointing`). Set only where the user has not set these variables.
+QUIET_ENVIRONMENT = {"HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                     "PYTHONWARNINGS": "ignore::FutureWarning:transformers.modeling_utils"}
+
+
+def quiet_libraries() -> None:
+    """Apply QUIET_ENVIRONMENT to this process and the processes it starts."""
+    import warnings
+
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers.modeling_utils")
+    # Flower's state database runs alembic migrations, which log every plugin at INFO.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # Ray's note on how a future version will treat num_gpus=0 (nothing to act on here).
+    warnings.filterwarnings("ignore", category=FutureWarning, module="ray._private.worker")
+
+
 def _simulate(overrides: list[str], engine: str = "ray") -> int:
     from federation.config import compose_config
-    from federation.validation import validate_simulation_data
+    from federation.validation import validate_coordinator_setup, validate_simulation_data
     from simulations.simulate import simulate
 
     cfg = compose_config(overrides)
     validate_simulation_data(cfg)
+    validate_coordinator_setup(cfg)
+    quiet_libraries()
     simulate(cfg, engine=engine)
     return 0
 
@@ -44,6 +67,11 @@ def _run(args: argparse.Namespace) -> int:
         return site_main(args)
     if args.command == "launch":
         return launch_main(args)
+    if args.command == "eval":
+        from simulations.evaluate import eval_main
+
+        quiet_libraries()
+        return eval_main(args)
     return EXIT_CONFIG_ERROR
 
 
@@ -77,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         "site", help="run a partner site (Flower SuperNode + fedtune ClientApp)")))
     add_launch_arguments(_add_debug_argument(sub.add_parser(
         "launch", help="start a federation run on a running coordinator")))
+    from simulations.evaluate import add_eval_arguments
+
+    add_eval_arguments(_add_debug_argument(sub.add_parser(
+        "eval", help="score a saved PEFT adapter (or --base-only) on a JSONL file: loss, perplexity, exact match, "
+                     "token F1, ROUGE-L")))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Flower's logger has its own console handler; propagating too would print every line twice.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from federation.evaluation import evaluate_generation
 from client.trainer import LocalTrainer
 from federation.adapter import set_adapter_arrays
 from federation.config import RunConfig
@@ -18,6 +20,8 @@ class IsolationResult:
     partition_id: int
     steps: int
     union_eval_loss: float
+    # exact_match, token_f1, rouge_l of greedy answers to every union eval prompt (empty when eval.generate is off)
+    union_scores: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def train_site_alone(cfg: RunConfig, partition_id: int) -> IsolationResult:
@@ -31,4 +35,9 @@ def train_site_alone(cfg: RunConfig, partition_id: int) -> IsolationResult:
     for server_round in range(1, cfg.federation.rounds + 1):
         steps += trainer.train(train_ds, seed=cfg.train.seed * 1_000_003 + server_round * 1009 + partition_id).steps
     union = load_union_eval(cfg.data, tokenizer, cfg.federation.num_clients)
-    return IsolationResult(partition_id, steps, trainer.evaluate(union).loss)
+    loss = trainer.evaluate(union).loss
+    scores = {}
+    if cfg.eval.generate:  # every union prompt, as the federation's sites answer all of theirs at max_examples=0
+        scores = evaluate_generation(model, tokenizer, union, dataclasses.replace(cfg.eval, max_examples=0)).scores
+        scores = scores.means()
+    return IsolationResult(partition_id, steps, loss, scores)

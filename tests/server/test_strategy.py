@@ -173,3 +173,40 @@ def test_topk_upload_declaring_a_huge_shape_is_rejected_before_allocation():
     strategy.current_global = GLOBAL
     with pytest.raises(UpdateRejected, match="exceeds the largest expected tensor"):
         strategy.decode_reply(3, _train_reply(3, encoded), lambda node: GLOBAL)
+
+
+def test_generation_scores_are_weighted_by_answers_and_kept_per_site():
+    s = _strategy()
+    msgs = []
+    sites = [(1, 10, 0.5, 0.6, 0.7, {}), (2, 30, 0.1, 0.2, 0.3, {}),
+             # a malformed score is dropped (optional metric), so that site's scores do not count at all
+             (3, 1000, 0.9, 0.9, 1.5, {})]
+    for node, answers, em, f1, rouge, _ in sites:
+        ins = instruction(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="evaluate")
+        msgs.append(reply(ins, RecordDict({"metrics": MetricRecord(
+            {"eval-loss": 1.0, "eval-tokens": 10, "num-examples": answers, "eval-generated": answers,
+             "eval-exact-match": em, "eval-token-f1": f1, "eval-rouge-l": rouge, "eval-perplexity": 2.718})})))
+    out = s.aggregate_evaluate(1, msgs)
+    assert out["eval-generated"] == 40
+    assert out["eval-exact-match"] == pytest.approx((0.5 * 10 + 0.1 * 30) / 40)
+    assert out["eval-token-f1"] == pytest.approx((0.6 * 10 + 0.2 * 30) / 40)
+    assert out["eval-rouge-l"] == pytest.approx((0.7 * 10 + 0.3 * 30) / 40)
+    assert out["eval-perplexity"] == pytest.approx(np.exp(1.0))
+    per_site = s.ledger(1).eval_per_site
+    assert sorted(per_site) == [1, 2, 3] and "eval-rouge-l" not in per_site[3]
+    assert per_site[1]["eval-exact-match"] == 0.5
+
+
+def test_data_fingerprints_of_accepted_updates_are_recorded_and_malformed_ones_ignored():
+    good = {KA: np.array([[1.0, 0.0]], np.float32), KB: np.array([[2.0], [0.0]], np.float32)}
+    replies = []
+    for node, fingerprint in [(1, {"sha256": "ab" * 32, "examples": 7}), (2, {"sha256": "xyz", "examples": 7}),
+                              (3, {"sha256": "cd" * 32, "examples": -1}), (4, None)]:
+        msg = _train_reply(node, good)
+        if fingerprint is not None:
+            msg.content["data-fingerprint"] = ConfigRecord(fingerprint)
+        replies.append(msg)
+    s = _strategy()
+    arrays, _ = s.aggregate_train(1, replies)
+    assert arrays is not None and s.ledger(1).accepted == [1, 2, 3, 4]  # provenance never rejects an update
+    assert s.ledger(1).data_fingerprints == {1: {"sha256": "ab" * 32, "examples": 7}}

@@ -57,14 +57,53 @@ def test_saved_adapter_loads_with_peft_and_reproduces_server_eval_loss(three_sit
 
 
 def test_federation_beats_isolation_on_demo_task(tmp_path_factory):
-    """Each site holds one skill; the federated adapter must beat a site trained alone for as many steps."""
+    """Each site holds one skill; the federated adapter must beat every site trained alone for as many steps on the
+    union eval loss, and its greedy answers must get better over rounds and beat a site training alone on average.
+
+    Exact match, token F1 and ROUGE-L coincide here (every demo answer is one word). On the tiny model the only
+    answers it ever gets exactly right are vowel counts (one digit), so the site that holds that skill, alone,
+    matches more of the union than the federation does (measured 0.156 vs 0.125): the exact-match comparison is
+    against the isolated sites' mean, not each one.
+    """
     from simulations.isolation import train_site_alone
     from simulations.simulate import simulate
 
     cfg = _cfg(tmp_path_factory, "fed-vs-iso", "federation.num_clients=4", "federation.rounds=3",
                "train.local_steps=10")
     rows = simulate(cfg)
+    alone = [train_site_alone(cfg, partition_id=site) for site in range(cfg.federation.num_clients)]
+    assert all(a.steps == cfg.federation.rounds * cfg.train.local_steps for a in alone)
     federated = rows[-1]["eval_loss"]
-    alone = train_site_alone(cfg, partition_id=0)
-    assert alone.steps == cfg.federation.rounds * cfg.train.local_steps
-    assert federated < alone.union_eval_loss, (federated, alone)
+    assert all(federated < a.union_eval_loss for a in alone), (federated, alone)
+    exact = [r["eval_exact_match"] for r in rows]
+    assert exact[0] == 0.0 and exact[-1] > exact[0], exact  # the fresh adapter answers nothing right
+    alone_mean = sum(a.union_scores["exact_match"] for a in alone) / len(alone)
+    assert exact[-1] > alone_mean, (exact, [a.union_scores for a in alone])
+    assert rows[-1]["eval_generated"] == sum(site["eval-generated"] for site in rows[-1]["eval_per_site"].values())
+
+
+def test_rows_carry_generation_scores_per_site_and_the_plots_exist(three_site_run):
+    """Every row: union eval loss, perplexity and scores in [0, 1], the per-site breakdown they are weighted from."""
+    from pathlib import Path
+
+    cfg, rows = three_site_run
+    for row in rows:
+        assert row["eval_perplexity"] == pytest.approx(np.exp(row["eval_loss"]))
+        sites = row["eval_per_site"].values()
+        assert len(sites) == 3 and row["eval_generated"] == sum(s["eval-generated"] for s in sites)
+        for column, metric in (("eval_exact_match", "eval-exact-match"), ("eval_token_f1", "eval-token-f1"),
+                               ("eval_rouge_l", "eval-rouge-l")):
+            assert 0.0 <= row[column] <= 1.0
+            weighted = sum(s[metric] * s["eval-generated"] for s in sites) / row["eval_generated"]
+            assert row[column] == pytest.approx(weighted)
+    assert (Path(cfg.output_dir) / "eval_metrics.png").stat().st_size > 0
+
+
+def test_every_train_round_records_each_sites_data_fingerprint(three_site_run):
+    """sha256 and example count of each site's training data (never content), the same every round."""
+    cfg, rows = three_site_run
+    first = rows[1]["data_fingerprints"]
+    assert len(first) == 3 and len({fp["sha256"] for fp in first.values()}) == 3
+    assert all(len(fp["sha256"]) == 64 and fp["examples"] > 0 for fp in first.values())
+    assert sum(fp["examples"] for fp in first.values()) == 4 * 32  # data.demo.examples_per_skill=32, 4 skills
+    assert rows[2]["data_fingerprints"] == first
