@@ -26,9 +26,11 @@ from client.trainer import LocalTrainer
 from federation.adapter import (adapter_delta, from_array_record, get_adapter_arrays, lora_parameters,
                                 set_adapter_arrays)
 from federation.compression import ErrorFeedback, UploadCodec
-from federation.config import RunConfig, run_config_from_json
+from federation.config import RunConfig
+from federation.compose import run_config_from_json
 from federation.data import SiteDataset, load_site_files, load_site_split
 from federation.model import LoadInfo, build_lora_model
+from federation.protocol import RUN_CONFIG_KEY  # noqa: F401 (re-exported)
 
 log = logging.getLogger("fedtune.client")
 
@@ -47,7 +49,6 @@ def _log_in_deployment() -> None:
 
 _log_in_deployment()
 
-RUN_CONFIG_KEY = "fedtune.run-config"
 # Site state that rounds advance (client/site_state.py, per federation run and round): the site's DP-SGD
 # accountant history ...
 DP_STATE_KEY = "fedtune.dp-sgd"

@@ -24,7 +24,7 @@ own LoRA is the FedAvg of the factors (not re-initialised). FlexLoRA (``strategy
 truncation of the global update as the trainable LoRA; for evaluation it sends the exact global
 update as a transient frozen part (nothing is stored).
 
-This module also holds the one dispatching ClientApp (``make_lora_methods_app``): it answers plain,
+client.secagg holds the one dispatching ClientApp (``make_lora_methods_app``): it answers plain,
 SecAgg+, FLoRA, FlexLoRA, FedEx-LoRA, SCAFFOLD and FedSA-LoRA messages, picking the handler by the run config's
 ``strategy.name`` that every message carries, plus the site-profile query.
 """
@@ -48,34 +48,18 @@ import client.scaffold as scaffold_client
 from client.app import RUN_CONFIG_KEY
 from client.fedsa import with_run_config
 from federation.adapter import from_array_record, to_array_record
-from federation.config import FEDEX_STRATEGY, HETERO_STRATEGIES, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS, RunConfig
+from federation.protocol import (FROZEN_ACCUMULATE, FROZEN_FROM_KEY, FROZEN_MODE_KEY, FROZEN_RECORD,  # noqa: F401
+                                 FROZEN_TO_KEY, FROZEN_TRANSIENT, METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS, METRIC_RANK,
+                                 NODE_LOCAL_STEPS_KEY, NODE_RANK_KEY)
+from federation.config import FEDEX_STRATEGY, FROZEN_UPDATE_STRATEGIES, HETERO_STRATEGIES, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS, RunConfig
 from strategies.aggregators import MixedRanksError
 from strategies.lora_exact import lora_pairs, lora_ranks
 
 log = logging.getLogger("fedtune.client")
 
-# HETERO_STRATEGIES train their own rank; FEDEX_STRATEGY one rank everywhere, but the exact global keeps a frozen
-# part: FedEx-LoRA's accumulated residuals. Strategies whose sites train and evaluate under a frozen update
-# (frozen_lora_update):
-FROZEN_UPDATE_STRATEGIES = (*HETERO_STRATEGIES, FEDEX_STRATEGY)
-# Node config keys (deployment); the strategy.params keys (simulation, one entry per partition) are
-# federation.config's PARAM_SITE_RANKS / PARAM_SITE_LOCAL_STEPS.
-NODE_RANK_KEY = "lora-r"
-NODE_LOCAL_STEPS_KEY = "local-steps"
-# Frozen global update in a message: stacked factors (ArrayRecord) and where they fit in the site's state.
-FROZEN_RECORD = "fedtune.frozen-update"
-FROZEN_MODE_KEY = "fedtune.frozen-mode"
-FROZEN_ACCUMULATE = "accumulate"  # FLoRA: append to the site's stored update (from 0: replace it)
-FROZEN_TRANSIENT = "transient"  # FlexLoRA evaluation: use for this message only
-FROZEN_FROM_KEY = "fedtune.frozen-from"
-FROZEN_TO_KEY = "fedtune.frozen-to"
 # Site state (FLoRA): the merged global update and how many aggregated rounds it holds.
 FROZEN_STATE = "fedtune.flora.frozen-update"
 FROZEN_COUNT_STATE = "fedtune.flora.frozen-count"
-# Reply metrics: the site's profile and its merged-rounds count after handling the message.
-METRIC_RANK = "lora-r"
-METRIC_LOCAL_STEPS = "local-steps"
-METRIC_FROZEN_COUNT = "frozen-updates"
 
 
 @dataclass(frozen=True)
@@ -266,13 +250,3 @@ def dispatch_evaluate(msg: Message, context: Context) -> Message:
     if name == "fedsa_lora":
         return fedsa_client.evaluate(msg, context)
     return plain_client.evaluate(msg, context)
-
-
-def make_lora_methods_app():
-    """One ClientApp for every strategy: plain and SecAgg+ train, evaluate, and the site-profile query."""
-    from client.secagg import make_secagg_app  # client.secagg may import this module's handlers
-
-    app = make_secagg_app(dispatch_train, dispatch_evaluate)
-    app.query()(site_profile)
-    return app
-

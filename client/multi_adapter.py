@@ -201,7 +201,7 @@ class MultiAdapterTrainer:
         """
         from transformers import get_cosine_schedule_with_warmup
 
-        from strategies.fedprox import proximal_term
+        from client.proximal import proximal_term
 
         if len(datasets) != len(seeds) or not datasets:
             raise ValueError(f"need one seed per dataset, got {len(datasets)} datasets and {len(seeds)} seeds")

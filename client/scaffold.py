@@ -27,14 +27,11 @@ from client.app import RUN_CONFIG_KEY
 from client.site_state import SiteState, server_round_of, site_state
 from federation.adapter import from_array_record, get_adapter_arrays, lora_parameters, to_array_record
 from federation.config import CONTROL_VARIATE_PARAM, CONTROL_VARIATES  # noqa: F401 (re-exported)
+from federation.protocol import C_GLOBAL_RECORD, CONTROL_DTYPE, DELTA_C_RECORD
 from strategies.scaffold import client_control_update, correct_gradient, zero_control
 
-# Message records (server -> site: c; site -> server: delta_c) and the site's own c_i (site round state).
-C_GLOBAL_RECORD = "fedtune.scaffold.c-global"
-DELTA_C_RECORD = "fedtune.scaffold.delta-c"
+# The site's own c_i (site round state).
 C_LOCAL_STATE = "fedtune.scaffold.c-local"
-# Controls travel and are stored in float64: they are differences of near-equal adapters divided by K * lr.
-CONTROL_DTYPE = "float64"
 
 
 def _float64(record) -> dict[str, np.ndarray]:

@@ -36,29 +36,19 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 import client.app as plain_client
-from client.app import RUN_CONFIG_KEY
 from client.hetero import dispatch_evaluate, dispatch_train, site_profile
 from federation.compression import decode_upload
 from federation.adapter import to_array_record
 from federation.privacy import clip_update
-from federation.secagg_masks import MASK_SCHEME, MASK_SCHEME_KEY, use_cryptographic_masks
-from federation.store import FEDERATION_RUN_ID_KEY
+from federation.protocol import RUN_CONFIG_KEY
+from federation.protocol import (ADAPTER_KEYS_KEY, CLIPPED_VALUES_METRIC, CLIPPING_RANGE_KEY, DP_CLIP_NORM_KEY,
+                                 FEDERATION_RUN_ID_KEY, LEGACY_FIT_PARAMETERS, MASK_SCHEME, MASK_SCHEME_KEY,
+                                 MAX_WEIGHT_KEY, REQUIRE_SECAGG_NODE_KEY, SERVER_ROUND_KEY)
+from federation.secagg_masks import use_cryptographic_masks
 
 log = logging.getLogger("fedtune.client")
 # Flower's own SecAgg+ masks come from a 32-bit seed (federation/secagg_masks.py): replaced before any round.
 use_cryptographic_masks("site")
-
-# FitIns config keys set by server.secagg.secagg_train_round. Legacy Parameters have no names, so
-# the adapter's key order travels as JSON next to them.
-ADAPTER_KEYS_KEY = "fedtune.adapter-keys"
-SERVER_ROUND_KEY = "server-round"
-MAX_WEIGHT_KEY = "fedtune.secagg.max-weight"
-CLIPPING_RANGE_KEY = "fedtune.secagg.clipping-range"
-DP_CLIP_NORM_KEY = "fedtune.secagg.dp-clip-norm"  # 0.0: no DP clipping
-LEGACY_FIT_PARAMETERS = "fitins.parameters"
-# Node config flag (flower-supernode --node-config "require-secagg=true"): refuse plain uploads.
-REQUIRE_SECAGG_NODE_KEY = "require-secagg"
-CLIPPED_VALUES_METRIC = "secagg-clipped-values"
 
 TrainFn = Callable[[Message, Context], Message]
 
@@ -163,5 +153,11 @@ def make_secagg_app(train_fn: TrainFn = plain_client.train, evaluate_fn: TrainFn
 
 # The one ClientApp (pyproject's clientapp, simulations): plain and SecAgg+ train messages, evaluation,
 # FLoRA/FlexLoRA/SCAFFOLD/FedSA-LoRA (picked by the run config's strategy.name) and the site-profile query.
-secagg_app = make_secagg_app(dispatch_train, dispatch_evaluate)
-secagg_app.query()(site_profile)
+def make_lora_methods_app() -> ClientApp:
+    """One ClientApp for every strategy: plain and SecAgg+ train, evaluate, and the site-profile query."""
+    app = make_secagg_app(dispatch_train, dispatch_evaluate)
+    app.query()(site_profile)
+    return app
+
+
+secagg_app = make_lora_methods_app()

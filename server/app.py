@@ -20,10 +20,11 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from client.app import RUN_CONFIG_KEY
 from federation.adapter import from_array_record, num_elements, to_array_record
-from federation.config import RunConfig, compose_config, overrides_from_flat, run_config_to_json, sites_per_round
+from federation.config import RunConfig, overrides_from_flat, run_config_to_json, sites_per_round
+from federation.compose import compose_config
 from federation.model import initial_adapter, lora_shapes, peft_lora_config
+from federation.protocol import RUN_CONFIG_KEY
 from federation.store import (FEDERATION_RUN_ID_KEY, FEDERATION_RUN_ID_STATE, SERVER_STATE, GlobalAdapterStore,
                               MetricsLog, new_federation_run_id, read_peft_adapter)
 from server.privacy import CentralDP

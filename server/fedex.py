@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from client.hetero import FEDEX_STRATEGY
+from federation.config import FEDEX_STRATEGY
 from server.hetero import HeteroLoraStrategy
 from strategies.fedavg import AdapterArrays, weighted_mean
 from strategies.lora_exact import lora_pairs, stack_lora_updates

@@ -29,11 +29,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from client.app import RUN_CONFIG_KEY
-from client.hetero import (FROZEN_ACCUMULATE, FROZEN_FROM_KEY, FROZEN_MODE_KEY, FROZEN_RECORD, FROZEN_TO_KEY,
-                           FROZEN_TRANSIENT, FROZEN_UPDATE_STRATEGIES, HETERO_STRATEGIES, METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS,
-                           METRIC_RANK)
 from federation.adapter import from_array_record, to_array_record
+from federation.config import FROZEN_UPDATE_STRATEGIES, HETERO_STRATEGIES
+from federation.protocol import (FROZEN_ACCUMULATE, FROZEN_FROM_KEY, FROZEN_MODE_KEY, FROZEN_RECORD, FROZEN_TO_KEY,
+                                 FROZEN_TRANSIENT, METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS, METRIC_RANK, RUN_CONFIG_KEY)
 from federation.validation import check_rank_plan, mixed_ranks_message  # noqa: F401 (check_rank_plan re-exported)
 from server.replies import COUNT, EVAL_REPLY, POSITIVE_COUNT, TRAIN_REPLY, MetricSchema, reply_node, sent_to
 from server.strategy import LoraDeltaStrategy, weighted_metrics

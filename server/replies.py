@@ -20,19 +20,10 @@ from strategies.fedavg import UpdateRejected
 
 log = logging.getLogger("fedtune.server")
 
-# Metric names of the site protocol, as client/app.py writes them (one place on the coordinator's side).
-NUM_EXAMPLES = "num-examples"
-TRAIN_LOSS = "train-loss"
-TRAIN_TOKENS = "train-tokens"
-INPUT_TOKENS = "input-tokens"
-TRAIN_STEPS = "train-steps"
-TRAIN_SECONDS = "train-seconds"
-TOKENS_PER_SECOND = "tokens-per-second"
-PEAK_MEMORY_BYTES = "peak-memory-bytes"
-PARTITION_ID = "partition-id"
-DP_SGD_EPSILON = "dp-sgd-epsilon"
-EVAL_LOSS = "eval-loss"
-EVAL_TOKENS = "eval-tokens"
+# Metric names of the site protocol (federation/protocol.py, the one place both sides read them from).
+from federation.protocol import (DP_SGD_EPSILON, EVAL_LOSS, EVAL_TOKENS, INPUT_TOKENS, NUM_EXAMPLES,  # noqa: E402,F401
+                                 PARTITION_ID, PEAK_MEMORY_BYTES, TOKENS_PER_SECOND, TRAIN_LOSS, TRAIN_SECONDS,
+                                 TRAIN_STEPS, TRAIN_TOKENS)
 
 # Counts are summed and used as weights in float64, which represents whole numbers exactly up to 2**53;
 # a larger claimed count could also overflow the weighted sums.

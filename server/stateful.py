@@ -28,9 +28,9 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from client.scaffold import C_GLOBAL_RECORD, CONTROL_DTYPE, DELTA_C_RECORD
 from federation.adapter import to_array_record
 from federation.config import FEDEX_STRATEGY, HETERO_STRATEGIES, LORA_METHOD_STRATEGIES, SITE_PARAMS
+from federation.protocol import C_GLOBAL_RECORD, CONTROL_DTYPE, DELTA_C_RECORD
 from server.fedex import build_fedex_strategy
 from server.hetero import build_hetero_strategy, check_rank_plan, check_site_ranks  # noqa: F401 (re-exported)
 from server.replies import decode_arrays

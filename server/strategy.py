@@ -22,7 +22,7 @@ from server.replies import (EVAL_LOSS, EVAL_REPLY, EVAL_TOKENS, INPUT_TOKENS, NU
                             PEAK_MEMORY_BYTES, TRAIN_REPLY, TRAIN_SECONDS, TRAIN_STEPS, TRAIN_TOKENS, MetricSchema,
                             decode_eval_reply, decode_train_reply, reply_node, sent_to)
 from strategies.fedavg import UpdateRejected, validate_update
-from strategies.streaming import StreamingWeightedMean
+from server.streaming import StreamingWeightedMean
 
 log = logging.getLogger("fedtune.server")
 

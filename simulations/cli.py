@@ -17,7 +17,7 @@ EXIT_CONFIG_ERROR = 2
 
 
 def _simulate(overrides: list[str], engine: str = "ray") -> int:
-    from federation.config import compose_config
+    from federation.compose import compose_config
     from federation.validation import validate_simulation_data
     from simulations.simulate import simulate
 

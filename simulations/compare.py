@@ -24,7 +24,7 @@ DEFAULT_STRATEGIES = ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fed
 def run_all(strategies: list[str], out: Path, overrides: list[str]) -> dict[str, list[float]]:
     """Union eval loss per round for each strategy (in-process engine: identical data order per strategy)."""
     from client.secagg import secagg_app
-    from federation.config import compose_config
+    from federation.compose import compose_config
     from server.app import run_federation
     from simulations.inprocess import InProcessGrid
 

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from client.fast_train import FastLocalTrainer, FastPathSettings
     from client.multi_adapter import MultiAdapterTrainer
     from federation.adapter import adapter_delta, get_adapter_arrays, set_adapter_arrays
-    from federation.config import compose_config
+    from federation.compose import compose_config
     from federation.model import initial_adapter
     from simulations.bench.sim_round import write_char_pool
 

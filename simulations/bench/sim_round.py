@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import client.app as client_app
-    from federation.config import compose_config
+    from federation.compose import compose_config
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,8 @@ def _train_message(overrides: list[str]):
 
     from client.app import RUN_CONFIG_KEY
     from federation.adapter import to_array_record
-    from federation.config import compose_config, run_config_to_json
+    from federation.config import run_config_to_json
+    from federation.compose import compose_config
     from federation.model import initial_adapter
 
     cfg = compose_config(overrides)

@@ -10,7 +10,8 @@ from flwr.app import MessageType
 import client.app as plain_client
 import server.app
 import server.fedex
-from client.hetero import FROZEN_COUNT_STATE, FROZEN_RECORD, FROZEN_STATE, frozen_lora_update, make_lora_methods_app
+from client.secagg import make_lora_methods_app
+from client.hetero import FROZEN_COUNT_STATE, FROZEN_RECORD, FROZEN_STATE, frozen_lora_update
 from federation.adapter import from_array_record, set_adapter_arrays
 from server.fedex import FedExLoraStrategy, fedex_residual_factors
 from server.stateful import build_lora_method_strategy

@@ -12,10 +12,11 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 import server.app
 import server.hetero
 from client.app import RUN_CONFIG_KEY
+from client.secagg import make_lora_methods_app
 from client.hetero import (FROZEN_ACCUMULATE, FROZEN_COUNT_STATE, FROZEN_FROM_KEY, FROZEN_MODE_KEY, FROZEN_RECORD,
                            FROZEN_STATE, FROZEN_TO_KEY, METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS, METRIC_RANK,
                            dispatch_train, frozen_lora_update, frozen_update_for,
-                           make_lora_methods_app, site_settings)
+                           site_settings)
 from federation.adapter import from_array_record, to_array_record
 from federation.config import run_config_to_json
 from federation.model import initial_adapter

@@ -8,7 +8,8 @@ import pytest
 
 from client.app import app as client_app
 from client.app import ERROR_FEEDBACK_KEY
-from client.hetero import HETERO_STRATEGIES, make_lora_methods_app
+from client.secagg import make_lora_methods_app
+from client.hetero import HETERO_STRATEGIES
 from client.site_state import SiteStateStore
 from federation.store import GlobalAdapterStore, sha256_file
 from server.app import run_federation

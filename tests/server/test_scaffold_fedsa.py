@@ -11,12 +11,12 @@ from flwr.app import MessageType
 import client.app as client_app
 import server.app
 from client.fedsa import LORA_B_STATE
-from client.hetero import make_lora_methods_app
+from client.secagg import make_lora_methods_app
 from client.scaffold import C_GLOBAL_RECORD, C_LOCAL_STATE, DELTA_C_RECORD
 from client.site_state import SiteStateStore
 from federation.adapter import from_array_record, get_adapter_arrays
 from federation.compression import decode_upload
-from federation.config import run_config_from_json
+from federation.compose import run_config_from_json
 from federation.store import GlobalAdapterStore
 from server.stateful import ScaffoldAggregator, build_lora_method_strategy
 from strategies.aggregators import FedAvgAggregator
