@@ -5,7 +5,7 @@ A site runs ``fedtune site --config site.yaml``. The daemon validates everything
 started with bad data would only fail inside the first round, on the coordinator's clock. It then
 runs ``flower-supernode --isolation process`` in the foreground over TLS with SuperNode authentication,
 plus one resident worker (client/worker.py) that serves every message of every run with the installed
-ClientApp (``client.secagg:secagg_app``, base model loaded once), refuses runs whose FAB is not the
+ClientApp (``client.app:app``, base model loaded once), refuses runs whose FAB is not the
 installed app (client/approval.py), and is restarted if it dies. The ClientApp reads its data from the
 node config ``data-path``; it keeps the state that rounds advance (client/site_state.py) under
 ``<state_dir>/round-state`` (node config ``round-state-dir``), so a resumed run continues from it.
@@ -226,7 +226,7 @@ def validate_site(cfg: SiteConfig) -> dict[str, int]:
                        *cfg.extra_node_config.items()]:
         if any(ch in str(value) for ch in _NODE_CONFIG_FORBIDDEN):
             raise SiteConfigError(f"{key} {value!r}: must not contain quotes")
-    from client.hetero import NODE_LOCAL_STEPS_KEY, NODE_RANK_KEY  # this site's LoRA rank / local steps
+    from federation.protocol import NODE_LOCAL_STEPS_KEY, NODE_RANK_KEY  # this site's LoRA rank / local steps
 
     for key in (NODE_RANK_KEY, NODE_LOCAL_STEPS_KEY):
         value = cfg.extra_node_config.get(key)

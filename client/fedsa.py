@@ -10,16 +10,14 @@ initial value. Evaluation uses the site's own B (a personalised model).
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message
 
-import client.app as plain_client
-from client.app import RUN_CONFIG_KEY
+from client import task
 from client.site_state import server_round_of, site_state
 from federation.adapter import from_array_record, get_adapter_arrays, to_array_record
 from federation.compression import SEPARATOR
+from federation.protocol import RUN_CONFIG_KEY
 from strategies.lora_exact import LORA_B_SUFFIX
 
 LORA_B_STATE = "fedtune.fedsa.lora-b"
@@ -30,22 +28,9 @@ def is_lora_b_part(upload_key: str) -> bool:
     return upload_key.split(SEPARATOR)[0].endswith(LORA_B_SUFFIX)
 
 
-def message_with(msg: Message, **records) -> Message:
-    """A copy of `msg` (same metadata, so replies still answer it) with `records` replaced or added."""
-    content = RecordDict(dict(msg.content.items()))
-    for key, record in records.items():
-        content[key] = record
-    return Message(metadata=copy.copy(msg.metadata), content=content)
-
-
-def with_run_config(msg: Message, run_config_json: str) -> Message:
-    """A copy of `msg` whose config record carries another run config (site-specific rank / local steps)."""
-    return message_with(msg, config=ConfigRecord({**dict(msg.content["config"]), RUN_CONFIG_KEY: run_config_json}))
-
-
 def own_lora_b(msg: Message, context: Context, server_round: int) -> dict[str, np.ndarray] | None:
     """This site's lora_B tensors ({key: (out, r)}) as it enters `server_round`, None before it trained once."""
-    cfg = plain_client.parse_run_config(str(msg.content["config"][RUN_CONFIG_KEY]))
+    cfg = task.parse_run_config(str(msg.content["config"][RUN_CONFIG_KEY]))
     return site_state(msg, context, cfg.output_dir).load_arrays(LORA_B_STATE, server_round)
 
 
@@ -59,17 +44,18 @@ def with_own_lora_b(msg: Message, context: Context, server_round: int) -> Messag
     if set(own) != b_keys or any(own[k].shape != arrays[k].shape for k in b_keys):
         raise ValueError("FedSA-LoRA: this site's stored lora_B does not fit the received adapter "
                          "(different model or LoRA config than in earlier rounds of this run)")
-    return message_with(msg, arrays=to_array_record({**arrays, **own}))
+    return task.message_with(msg, arrays=to_array_record({**arrays, **own}))
 
 
 def train(msg: Message, context: Context) -> Message:
-    """Train from (global A, own B); keep the trained B for the next round; reply with the A (and non-LoRA) delta."""
-    cfg = plain_client.parse_run_config(str(msg.content["config"][RUN_CONFIG_KEY]))
+    """Handler of ``train.fedsa_lora``: train from (global A, own B); keep the trained B; reply with the A delta."""
+    msg = task.for_this_site(msg, context)
+    cfg = task.parse_run_config(str(msg.content["config"][RUN_CONFIG_KEY]))
     server_round = server_round_of(msg)
-    reply = plain_client.train_reply(with_own_lora_b(msg, context, server_round), context)
+    reply = task.train_reply(with_own_lora_b(msg, context, server_round), context)
     if reply.has_error():
         return reply
-    trained = get_adapter_arrays(plain_client.get_runtime(cfg).model)
+    trained = get_adapter_arrays(task.get_runtime(cfg).model)
     site_state(msg, context, cfg.output_dir).save_arrays(
         LORA_B_STATE, server_round + 1, {k: v for k, v in trained.items() if k.endswith(LORA_B_SUFFIX)})
     delta = reply.content["arrays"]
@@ -78,5 +64,6 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global A with this site's own B (personalised): the B it trained in this round (or before)."""
-    return plain_client.evaluate(with_own_lora_b(msg, context, server_round_of(msg) + 1), context)
+    """Handler of ``evaluate.fedsa_lora``: the global A with this site's own B (the B it trained in this round)."""
+    msg = task.for_this_site(msg, context)
+    return task.evaluate_reply(with_own_lora_b(msg, context, server_round_of(msg) + 1), context)

@@ -129,11 +129,11 @@ class StrategyConfig:
 
 
 # Strategies with their own coordinator and site logic (server/stateful.py, server/hetero.py, server/fedex.py,
-# client/hetero.py, client/scaffold.py) rather than a plain aggregator from strategies/aggregators.py.
+# client/flora.py, client/fedex.py, client/scaffold.py, client/fedsa.py) rather than a plain aggregator from strategies/aggregators.py.
 HETERO_STRATEGIES = ("flora", "flexlora")  # every site trains its own LoRA rank
 FEDEX_STRATEGY = "fedex_lora"
 LORA_METHOD_STRATEGIES = (*HETERO_STRATEGIES, FEDEX_STRATEGY, "scaffold", "fedsa_lora")
-# Strategies whose sites train and evaluate under a frozen global update (client.hetero.frozen_lora_update).
+# Strategies whose sites train and evaluate under a frozen global update (client.flora.frozen_lora_update).
 FROZEN_UPDATE_STRATEGIES = (*HETERO_STRATEGIES, FEDEX_STRATEGY)
 # strategy.params the sites read (per simulation partition), not an aggregator.
 PARAM_SITE_RANKS = "site_ranks"

@@ -35,6 +35,7 @@ from server.stateful import LORA_METHOD_STRATEGIES, build_lora_method_strategy, 
 from server.strategy import LoraDeltaStrategy, RoundLedger
 from strategies.aggregators import build_aggregator
 from strategies.fedavg import UpdateRejected, validate_update
+from strategies.registry import strategy_spec
 
 log = logging.getLogger("fedtune.server")
 
@@ -81,6 +82,13 @@ def build_strategy(cfg: RunConfig) -> LoraDeltaStrategy:
 
     cfg was validated when it was composed (federation.validation): names, params, ranks and combinations.
     """
+    strategy = _build_strategy(cfg)
+    spec = strategy_spec(cfg.strategy.name)
+    strategy.client_train_action, strategy.client_evaluate_action = spec.client_train_action, spec.client_evaluate_action
+    return strategy
+
+
+def _build_strategy(cfg: RunConfig) -> LoraDeltaStrategy:
     s = cfg.strategy
     if s.name in LORA_METHOD_STRATEGIES:  # flora, flexlora, scaffold, fedsa_lora: per-site messages and state
         return build_lora_method_strategy(cfg)

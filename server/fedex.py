@@ -8,7 +8,7 @@ the difference (the residual) to the frozen weight. The residual of a round is i
 
 so the coordinator keeps the accumulated residuals as stacked factors (scaling 1) in the same
 ``HeteroLoraState`` that holds FLoRA's global update, and sites add them through the same frozen
-forward hook (client.hetero.frozen_lora_update; never merged into a 4-bit weight, see there), receiving
+forward hook (client.flora.frozen_lora_update; never merged into a 4-bit weight, see there), receiving
 only the rounds they have not merged yet. The trainable adapter is the FedAvg (B̄', Ā') and keeps
 training from there (FLoRA re-initialises it). Every round, for every layer:
 

@@ -1,6 +1,6 @@
 """Coordinator side of heterogeneous LoRA ranks: FLoRA stacking (Wang et al. 2024) and FlexLoRA (Bai et al. 2024).
 
-Each site trains a LoRA of its own rank r_i (client.hetero.site_settings says where it comes from);
+Each site trains a LoRA of its own rank r_i (client.task.site_settings says where it comes from);
 the coordinator learns the ranks with a site-profile query (once per node, and again after a node
 failed) and keeps the EXACT global update as stacked factors B_g (out, R), A_g (R, in) with scaling 1
 (``HeteroLoraState``, checkpointed as the strategy state).
@@ -31,8 +31,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from federation.adapter import from_array_record, to_array_record
 from federation.config import FROZEN_UPDATE_STRATEGIES, HETERO_STRATEGIES
-from federation.protocol import (FROZEN_ACCUMULATE, FROZEN_FROM_KEY, FROZEN_MODE_KEY, FROZEN_RECORD, FROZEN_TO_KEY,
-                                 FROZEN_TRANSIENT, METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS, METRIC_RANK, RUN_CONFIG_KEY)
+from federation.protocol import (EVALUATE, TRAIN, FROZEN_ACCUMULATE, FROZEN_FROM_KEY, FROZEN_MODE_KEY, FROZEN_RECORD, FROZEN_TO_KEY,
+                                 FROZEN_TRANSIENT, METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS, METRIC_RANK, RUN_CONFIG_KEY,
+                                 message_type as wire_message_type)
 from federation.validation import check_rank_plan, mixed_ranks_message  # noqa: F401 (check_rank_plan re-exported)
 from server.replies import COUNT, EVAL_REPLY, POSITIVE_COUNT, TRAIN_REPLY, MetricSchema, reply_node, sent_to
 from server.strategy import LoraDeltaStrategy, weighted_metrics
@@ -45,7 +46,7 @@ log = logging.getLogger("fedtune.server")
 
 STATE_PREFIX = "hetero."
 STATE_OFFSETS = "hetero.offsets"
-# A site-profile reply (client.hetero.site_profile); train and evaluate replies may add the merged-updates count.
+# A site-profile reply (client.flora.site_profile); train and evaluate replies may add the merged-updates count.
 SITE_PROFILE_REPLY = MetricSchema(required={METRIC_RANK: POSITIVE_COUNT, METRIC_LOCAL_STEPS: POSITIVE_COUNT,
                                             METRIC_FROZEN_COUNT: COUNT})
 
@@ -61,7 +62,7 @@ class SiteProfile:
 
 def query_site_profiles(grid: Grid, node_ids: Sequence[int], config: ConfigRecord,
                         timeout: float | None) -> tuple[dict[int, SiteProfile], dict[int, str]]:
-    """({node: profile}, {node: why no profile}) from one query message per node (client.hetero.site_profile)."""
+    """({node: profile}, {node: why no profile}) from one query message per node (client.flora.site_profile)."""
     content = RecordDict({"config": ConfigRecord({RUN_CONFIG_KEY: str(config[RUN_CONFIG_KEY])})})
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=node) for node in node_ids]
     replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
@@ -304,6 +305,7 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
     def _messages(self, server_round: int, nodes: Sequence[int], config: ConfigRecord, message_type: str,
                   ledger) -> list[Message]:
         dims = _layer_dims(self.current_global)
+        action = self.client_train_action if message_type == TRAIN else self.client_evaluate_action
         messages = []
         for node in nodes:
             rank = self.profiles[node].rank
@@ -315,7 +317,8 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
             content = RecordDict({"arrays": to_array_record(adapter, self.transport_dtype),
                                   "config": ConfigRecord({**dict(config), **frozen_config}), **frozen_records})
             ledger.bytes_down += sum(record.count_bytes() for record in content.array_records.values())
-            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
+            messages.append(Message(content=content, message_type=wire_message_type(message_type, action),
+                                    dst_node_id=node))
         return messages
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -327,7 +330,7 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
         ledger.sampled = sampled
         self.sent = {}
         nodes = self._profiles_for(grid, sampled, config, ledger.failed)
-        self._sent = self._messages(server_round, nodes, config, MessageType.TRAIN, ledger)
+        self._sent = self._messages(server_round, nodes, config, TRAIN, ledger)
         return self._sent
 
     def _sent_adapter(self, node: int) -> AdapterArrays:
@@ -382,7 +385,7 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
         ledger = self.ledger(server_round)
         ledger.eval_sampled = sampled
         nodes = self._profiles_for(grid, sampled, config, ledger.eval_failed)
-        self._sent_eval = self._messages(server_round, nodes, config, MessageType.EVALUATE, ledger)
+        self._sent_eval = self._messages(server_round, nodes, config, EVALUATE, ledger)
         return self._sent_eval
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from flwr.app import MessageType
 
-import client.app as plain_client
+import client.task as plain_client
+from client.app import app as client_app
 import server.app
 import server.fedex
-from client.secagg import make_lora_methods_app
-from client.hetero import FROZEN_COUNT_STATE, FROZEN_RECORD, FROZEN_STATE, frozen_lora_update
+from client.flora import FROZEN_COUNT_STATE, FROZEN_RECORD, FROZEN_STATE, frozen_lora_update
 from federation.adapter import from_array_record, set_adapter_arrays
 from server.fedex import FedExLoraStrategy, fedex_residual_factors
 from server.stateful import build_lora_method_strategy
@@ -68,7 +68,7 @@ def test_residual_factors_make_the_merge_the_exact_weighted_mean():
 def test_three_sites_two_rounds_merge_exactly_at_the_server_and_at_the_sites(
         make_cfg, lora_methods_loop, residual_rounds):  # noqa: F811 (fixture)
     cfg = make_cfg(f"federation.num_clients={SITES}", f"federation.rounds={ROUNDS}", "strategy=fedex_lora")
-    grid = RecordingGrid(make_lora_methods_app(), SITES)
+    grid = RecordingGrid(client_app, SITES)
     rows = server.app.run_federation(grid, cfg)
     assert all(r["clients_ok"] == SITES and not r["rejected"] and not r["failed"] for r in rows[1:])
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
@@ -114,7 +114,7 @@ def test_three_sites_two_rounds_merge_exactly_at_the_server_and_at_the_sites(
                     expected = x.double() @ (base + torch.from_numpy(update)).T
                     torch.testing.assert_close(layer(x).double(), expected, atol=1e-5, rtol=1e-5)
     # Round 2 sent no frozen record: every site merged round 1's residual at the round-1 evaluation.
-    round2_train = [m for m, _ in grid.exchanges if m.metadata.message_type == MessageType.TRAIN
+    round2_train = [m for m, _ in grid.exchanges if m.metadata.message_type.startswith(MessageType.TRAIN)
                     and m.content["config"]["server-round"] == 2]
     assert len(round2_train) == SITES and all(FROZEN_RECORD not in m.content.array_records for m in round2_train)
 

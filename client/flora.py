@@ -1,9 +1,8 @@
-"""Sites with their own LoRA rank (and local step count): FLoRA stacking and FlexLoRA SVD redistribution.
+"""The site's side of FLoRA stacking and FlexLoRA SVD redistribution (sites with their own LoRA rank), and the
+frozen global update that FedEx-LoRA (client/fedex.py) shares.
 
-Where a site's rank and local steps come from (first match wins):
-  node config ``lora-r`` / ``local-steps`` (deployment: ``flower-supernode --node-config "lora-r=4"``),
-  then ``strategy.params.site_ranks`` / ``site_local_steps`` indexed by ``partition-id % len`` (simulation),
-  then the run's ``lora.r`` / ``train.local_steps``. ``lora.alpha`` is shared, so scaling = alpha / r_i.
+Where a site's rank and local steps come from: client.task.site_settings. ``lora.alpha`` is shared, so
+scaling = alpha / r_i.
 
 The site trains a LoRA of ITS rank on top of a frozen global update that the coordinator keeps as
 stacked factors (B_f (out, R), A_f (R, in), scaling 1): every LoRA layer's output gets + x A_f^T B_f^T
@@ -24,34 +23,25 @@ own LoRA is the FedAvg of the factors (not re-initialised). FlexLoRA (``strategy
 truncation of the global update as the trainable LoRA; for evaluation it sends the exact global
 update as a transient frozen part (nothing is stored).
 
-client.secagg holds the one dispatching ClientApp (``make_lora_methods_app``): it answers plain,
-SecAgg+, FLoRA, FlexLoRA, FedEx-LoRA, SCAFFOLD and FedSA-LoRA messages, picking the handler by the run config's
-``strategy.name`` that every message carries, plus the site-profile query.
+Handlers (registered in client/app.py): ``train`` / ``evaluate`` for message types ``train.flora`` /
+``evaluate.flora`` (FLoRA and FlexLoRA), and ``site_profile`` for ``query``.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-import client.app as plain_client
-import client.fedsa as fedsa_client
-import client.scaffold as scaffold_client
-from client.app import RUN_CONFIG_KEY
-from client.fedsa import with_run_config
+from client import task
 from federation.adapter import from_array_record, to_array_record
-from federation.protocol import (FROZEN_ACCUMULATE, FROZEN_FROM_KEY, FROZEN_MODE_KEY, FROZEN_RECORD,  # noqa: F401
-                                 FROZEN_TO_KEY, FROZEN_TRANSIENT, METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS, METRIC_RANK,
-                                 NODE_LOCAL_STEPS_KEY, NODE_RANK_KEY)
-from federation.config import FEDEX_STRATEGY, FROZEN_UPDATE_STRATEGIES, HETERO_STRATEGIES, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS, RunConfig
+from federation.protocol import (FROZEN_ACCUMULATE, FROZEN_FROM_KEY, FROZEN_MODE_KEY, FROZEN_RECORD, FROZEN_TO_KEY,
+                                 FROZEN_TRANSIENT, METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS, METRIC_RANK,
+                                 RUN_CONFIG_KEY)
 from strategies.aggregators import MixedRanksError
 from strategies.lora_exact import lora_pairs, lora_ranks
 
@@ -60,56 +50,6 @@ log = logging.getLogger("fedtune.client")
 # Site state (FLoRA): the merged global update and how many aggregated rounds it holds.
 FROZEN_STATE = "fedtune.flora.frozen-update"
 FROZEN_COUNT_STATE = "fedtune.flora.frozen-count"
-
-
-@dataclass(frozen=True)
-class SiteSettings:
-    """This site's LoRA rank and local optimizer steps per round."""
-
-    rank: int
-    local_steps: int
-
-
-def _per_partition(values, node_config: Mapping, what: str) -> int | None:
-    if not values:
-        return None
-    if "partition-id" not in node_config:
-        raise ValueError(f"strategy.params.{what} is given per simulation partition, but this node has no "
-                         f"partition-id; set node config '{NODE_RANK_KEY}' / '{NODE_LOCAL_STEPS_KEY}' instead")
-    return int(list(values)[int(node_config["partition-id"]) % len(values)])
-
-
-def site_settings(cfg: RunConfig, node_config: Mapping) -> SiteSettings:
-    """Rank and local steps of this site: node config, else params lists by partition id, else the run's."""
-    return _settings(cfg.strategy.params or {}, cfg.lora.r, cfg.train.local_steps, node_config)
-
-
-def _settings(params: Mapping, run_rank: int, run_local_steps: int, node_config: Mapping) -> SiteSettings:
-    rank = node_config.get(NODE_RANK_KEY)
-    if rank is None:
-        rank = _per_partition(params.get(PARAM_SITE_RANKS), node_config, PARAM_SITE_RANKS)
-    steps = node_config.get(NODE_LOCAL_STEPS_KEY)
-    if steps is None:
-        steps = _per_partition(params.get(PARAM_SITE_LOCAL_STEPS), node_config, PARAM_SITE_LOCAL_STEPS)
-    settings = SiteSettings(int(run_rank if rank is None else rank), int(run_local_steps if steps is None else steps))
-    if settings.rank < 1 or settings.local_steps < 1:
-        raise ValueError(f"site LoRA rank and local steps must be >= 1, got {settings}")
-    return settings
-
-
-def site_run_config(run_config: Mapping, settings: SiteSettings, own_rank: bool) -> dict:
-    """The run config (as the JSON dict on the wire) with this site's local steps and (own_rank) its LoRA rank.
-
-    With its own rank (FLoRA/FlexLoRA) the site's LoRA is re-initialised or replaced every round, so an
-    upload codec's error-feedback residual (in the coordinates of last round's factors) would add noise
-    to the next delta: the codec still compresses each upload, without feedback.
-    """
-    site = copy.deepcopy(dict(run_config))
-    site["train"]["local_steps"] = settings.local_steps
-    if own_rank:
-        site["lora"]["r"] = settings.rank
-        site["federation"]["upload_error_feedback"] = False
-    return site
 
 
 @contextmanager
@@ -174,7 +114,7 @@ def frozen_update_for(msg: Message, context: Context) -> tuple[dict[str, np.ndar
     return merged, end
 
 
-def _check_received_rank(msg: Message, settings: SiteSettings) -> None:
+def _check_received_rank(msg: Message, settings: task.SiteSettings) -> None:
     ranks = set(lora_ranks(from_array_record(msg.content["arrays"])).values())
     if ranks != {settings.rank}:
         raise MixedRanksError(f"the coordinator sent LoRA rank(s) {sorted(ranks)}, this site trains rank "
@@ -183,10 +123,10 @@ def _check_received_rank(msg: Message, settings: SiteSettings) -> None:
 
 def _on_frozen_update(msg: Message, context: Context, handler) -> Message:
     """Run handler(msg, context) with the frozen global update applied to the resident model; note its count."""
-    cfg = plain_client.parse_run_config(str(msg.content["config"][RUN_CONFIG_KEY]))
-    _check_received_rank(msg, site_settings(cfg, context.node_config))
+    cfg = task.parse_run_config(str(msg.content["config"][RUN_CONFIG_KEY]))
+    _check_received_rank(msg, task.site_settings(cfg, context.node_config))
     frozen, count = frozen_update_for(msg, context)
-    runtime = plain_client.get_runtime(cfg)
+    runtime = task.get_runtime(cfg)
     with frozen_lora_update(runtime.model, frozen):
         reply = handler(msg, context)
     if not reply.has_error():
@@ -196,57 +136,29 @@ def _on_frozen_update(msg: Message, context: Context, handler) -> Message:
 
 def hetero_train(msg: Message, context: Context) -> Message:
     """Train this site's LoRA (its own rank) on top of the frozen global update; reply with the delta."""
-    return _on_frozen_update(msg, context, plain_client.train_reply)
+    return _on_frozen_update(msg, context, task.train_reply)
 
 
 def hetero_evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global update (frozen part) with this site's LoRA as sent (zero for the global model)."""
-    return _on_frozen_update(msg, context, plain_client.evaluate)
+    return _on_frozen_update(msg, context, task.evaluate_reply)
 
 
 def site_profile(msg: Message, context: Context) -> Message:
     """Query handler: this site's rank, local steps and FLoRA merged-rounds count (no model is loaded)."""
-    cfg = plain_client.parse_run_config(str(msg.content["config"][RUN_CONFIG_KEY]))
-    settings = site_settings(cfg, context.node_config)
+    cfg = task.parse_run_config(str(msg.content["config"][RUN_CONFIG_KEY]))
+    settings = task.site_settings(cfg, context.node_config)
     _, count = _stored_frozen(context)
     return Message(RecordDict({"metrics": MetricRecord({
         METRIC_RANK: settings.rank, METRIC_LOCAL_STEPS: settings.local_steps, METRIC_FROZEN_COUNT: count,
     })}), reply_to=msg)
 
 
-def _routed(msg: Message, context: Context) -> tuple[str, Message]:
-    """(strategy name, msg with this site's run config) — refuses a site rank the strategy cannot use."""
-    # Plain JSON, not run_config_from_json: the schema validation (~70 ms) runs once, in the handler.
-    run_config = json.loads(str(msg.content["config"][RUN_CONFIG_KEY]))
-    name, run_rank = run_config["strategy"]["name"], int(run_config["lora"]["r"])
-    settings = _settings(run_config["strategy"].get("params") or {}, run_rank,
-                         int(run_config["train"]["local_steps"]), context.node_config)
-    if name not in HETERO_STRATEGIES and settings.rank != run_rank:
-        raise MixedRanksError(f"this site is configured for LoRA rank {settings.rank}, but strategy {name!r} "
-                              f"trains rank {run_rank} at every site; use strategy=flora or strategy=flexlora")
-    if name not in (*FROZEN_UPDATE_STRATEGIES, "scaffold", "fedsa_lora"):
-        return name, msg  # plain strategies run exactly as before
-    site_config = site_run_config(run_config, settings, own_rank=name in HETERO_STRATEGIES)
-    return name, with_run_config(msg, json.dumps(site_config, sort_keys=True))
+def train(msg: Message, context: Context) -> Message:
+    """Handler of ``train.flora`` (FLoRA, FlexLoRA): train this site's own-rank LoRA on the frozen global update."""
+    return hetero_train(task.for_this_site(msg, context, own_rank=True), context)
 
 
-def dispatch_train(msg: Message, context: Context) -> Message:
-    """Train handler for every strategy: FLoRA/FlexLoRA/FedEx-LoRA, SCAFFOLD, FedSA-LoRA, else client.app.train."""
-    name, msg = _routed(msg, context)
-    if name in FROZEN_UPDATE_STRATEGIES:
-        return hetero_train(msg, context)
-    if name == "scaffold":
-        return scaffold_client.train(msg, context)
-    if name == "fedsa_lora":
-        return fedsa_client.train(msg, context)
-    return plain_client.train(msg, context)
-
-
-def dispatch_evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate handler for every strategy (FedSA-LoRA: the site's own B; FLoRA/FlexLoRA/FedEx: the frozen global)."""
-    name, msg = _routed(msg, context)
-    if name in FROZEN_UPDATE_STRATEGIES:
-        return hetero_evaluate(msg, context)
-    if name == "fedsa_lora":
-        return fedsa_client.evaluate(msg, context)
-    return plain_client.evaluate(msg, context)
+def evaluate(msg: Message, context: Context) -> Message:
+    """Handler of ``evaluate.flora``: the global update (frozen part) with the LoRA as sent."""
+    return hetero_evaluate(task.for_this_site(msg, context, own_rank=True), context)
