@@ -196,9 +196,6 @@ class SecAggConfig:
 # Flower quantizes SecAgg+ vectors into int32 (values reach Q inclusive), and sums them modulo at most 2**32.
 SECAGG_MAX_QUANTIZATION_RANGE = 2**31 - 1
 SECAGG_MAX_MODULUS_RANGE = 2**32
-# Aggregators that only need the weighted mean of the deltas (all SecAgg+ reveals). Robust methods,
-# FedEx-LoRA and anything per-site need individual updates and cannot run under SecAgg+.
-SECAGG_COMPATIBLE_AGGREGATORS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ffa_lora")
 
 
 @dataclass
