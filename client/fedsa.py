@@ -18,14 +18,14 @@ from client.site_state import server_round_of, site_state
 from federation.adapter import from_array_record, get_adapter_arrays, to_array_record
 from federation.compression import SEPARATOR
 from federation.protocol import RUN_CONFIG_KEY
-from strategies.lora_exact import LORA_B_SUFFIX
+from strategies.lora_exact import fedsa_keeps_local, fedsa_split
 
 LORA_B_STATE = "fedtune.fedsa.lora-b"
 
 
 def is_lora_b_part(upload_key: str) -> bool:
     """Whether an upload array (plain ``key`` or a codec part ``key::...``) belongs to a lora_B tensor."""
-    return upload_key.split(SEPARATOR)[0].endswith(LORA_B_SUFFIX)
+    return fedsa_keeps_local(upload_key.split(SEPARATOR)[0])
 
 
 def own_lora_b(msg: Message, context: Context, server_round: int) -> dict[str, np.ndarray] | None:
@@ -40,7 +40,7 @@ def with_own_lora_b(msg: Message, context: Context, server_round: int) -> Messag
     if own is None:
         return msg
     arrays = from_array_record(msg.content["arrays"])
-    b_keys = {key for key in arrays if key.endswith(LORA_B_SUFFIX)}
+    b_keys = set(fedsa_split(arrays)[1])
     if set(own) != b_keys or any(own[k].shape != arrays[k].shape for k in b_keys):
         raise ValueError("FedSA-LoRA: this site's stored lora_B does not fit the received adapter "
                          "(different model or LoRA config than in earlier rounds of this run)")
@@ -57,7 +57,7 @@ def train(msg: Message, context: Context) -> Message:
         return reply
     trained = get_adapter_arrays(task.get_runtime(cfg).model)
     site_state(msg, context, cfg.output_dir).save_arrays(
-        LORA_B_STATE, server_round + 1, {k: v for k, v in trained.items() if k.endswith(LORA_B_SUFFIX)})
+        LORA_B_STATE, server_round + 1, fedsa_split(trained)[1])
     delta = reply.content["arrays"]
     reply.content["arrays"] = ArrayRecord({k: v for k, v in delta.items() if not is_lora_b_part(k)})
     return reply

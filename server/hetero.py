@@ -39,8 +39,8 @@ from server.replies import COUNT, EVAL_REPLY, POSITIVE_COUNT, TRAIN_REPLY, Metri
 from server.strategy import LoraDeltaStrategy, weighted_metrics
 from strategies.aggregators import MixedRanksError
 from strategies.fedavg import AdapterArrays, UpdateRejected
-from strategies.lora_exact import LORA_A_SUFFIX, LORA_B_SUFFIX, lora_pairs, lora_ranks, non_lora_keys, \
-    stack_lora_updates
+from strategies.lora_exact import (LORA_A_SUFFIX, LORA_B_SUFFIX, lora_pairs, lora_ranks, non_lora_keys,
+                                   stack_lora_updates, truncate_factors)
 
 log = logging.getLogger("fedtune.server")
 
@@ -101,29 +101,6 @@ def check_site_ranks(grid: Grid, cfg: Any, config: ConfigRecord, timeout: float 
         if asked:
             raise MixedRanksError(mixed_ranks_message(cfg.strategy.name, cfg.lora.r, asked))
     return profiles
-
-
-def truncate_factors(b: np.ndarray, a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Best rank-`rank` factors of B @ A without forming it: (B_r (out, rank), A_r (rank, in), singular values (rank,)).
-
-    Same result as strategies.lora_exact.svd_redistribute(B @ A, rank) (B_r = U sqrt(S), A_r = sqrt(S) V^T),
-    via QR of both factors and an SVD of the small (R, R) core: O((out + in) R^2) instead of O(out in min(out, in)).
-    Missing components (rank > rank of B @ A) are zero.
-    """
-    b, a = np.asarray(b, dtype=np.float64), np.asarray(a, dtype=np.float64)
-    out_dim, in_dim = b.shape[0], a.shape[1]
-    b_r, a_r, values = np.zeros((out_dim, rank)), np.zeros((rank, in_dim)), np.zeros(rank)
-    if b.shape[1] == 0:
-        return b_r, a_r, values
-    q_b, r_b = np.linalg.qr(b)
-    q_a, r_a = np.linalg.qr(a.T)
-    u, singular_values, vt = np.linalg.svd(r_b @ r_a.T)
-    kept = min(rank, singular_values.size)
-    root = np.sqrt(singular_values[:kept])
-    b_r[:, :kept] = (q_b @ u[:, :kept]) * root
-    a_r[:kept] = root[:, None] * (vt[:kept] @ q_a.T)
-    values[:kept] = singular_values[:kept]
-    return b_r, a_r, values
 
 
 def fresh_lora_a(rank: int, in_features: int, rng: np.random.Generator) -> np.ndarray:

@@ -37,7 +37,7 @@ from server.replies import decode_arrays
 from server.strategy import LoraDeltaStrategy
 from strategies.aggregators import build_aggregator
 from strategies.fedavg import AdapterArrays, UpdateRejected, validate_update
-from strategies.lora_exact import LORA_B_SUFFIX
+from strategies.lora_exact import fedsa_split
 from strategies.scaffold import server_control_update, zero_control
 
 log = logging.getLogger("fedtune.server")
@@ -142,11 +142,10 @@ class FedSALoraStrategy(LoraDeltaStrategy):
 
     def complete_update(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Refuse an upload that carries lora_B; fill every lora_B delta with zeros (the global B never moves)."""
-        leaked = [key for key in arrays if key.endswith(LORA_B_SUFFIX)]
+        leaked = list(fedsa_split(arrays)[1])
         if leaked:
             raise UpdateRejected(f"FedSA-LoRA keeps lora_B at the site, but the upload has lora_B parts {leaked[:2]}")
-        zeros = {key: np.zeros(np.shape(value), np.float32) for key, value in self.current_global.items()
-                 if key.endswith(LORA_B_SUFFIX)}
+        zeros = {key: np.zeros(np.shape(value), np.float32) for key, value in fedsa_split(self.current_global)[1].items()}
         return {**arrays, **zeros}
 
 

@@ -13,7 +13,9 @@ import server.app
 import server.fedex
 from client.flora import FROZEN_COUNT_STATE, FROZEN_RECORD, FROZEN_STATE, frozen_lora_update
 from federation.adapter import from_array_record, set_adapter_arrays
-from server.fedex import FedExLoraStrategy, fedex_residual_factors
+from server.fedex import FedExLoraStrategy
+from strategies.fedavg import weighted_mean
+from strategies.lora_exact import fedex_residual_factors
 from server.stateful import build_lora_method_strategy
 from strategies.aggregators import MixedRanksError
 from strategies.lora_exact import fedex_residual, lora_pairs, weighted_dense_mean
@@ -81,7 +83,7 @@ def test_three_sites_two_rounds_merge_exactly_at_the_server_and_at_the_sites(
     # Per round: that round's frozen residual + s B̄ Ā is the weighted mean of the sites' s B_i A_i.
     for index, (adapters, weights, round_scaling) in enumerate(residual_rounds):
         assert round_scaling == scaling
-        averaged = server.fedex.weighted_mean(adapters, weights)
+        averaged = weighted_mean(adapters, weights)
         residual = {key: (value[state.offsets[index]:state.offsets[index + 1]] if ".lora_A." in key
                           else value[:, state.offsets[index]:state.offsets[index + 1]])
                     for key, value in state.factors_since(0).items()}
@@ -91,7 +93,7 @@ def test_three_sites_two_rounds_merge_exactly_at_the_server_and_at_the_sites(
         # ... and plain factor averaging would not be: the residual matters.
         assert max(np.abs(update).max() for update in _dense(residual).values()) > 1e-4
     # The trainable global adapter is the FedAvg of the last round's factors (not re-initialised).
-    final_global = server.fedex.weighted_mean(*residual_rounds[-1][:2])
+    final_global = weighted_mean(*residual_rounds[-1][:2])
     checkpoint_global = strategy.current_global  # what the last evaluation sent with the frozen part
     for key, value in final_global.items():
         np.testing.assert_allclose(checkpoint_global[key], value, atol=1e-6)

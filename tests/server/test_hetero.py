@@ -20,7 +20,8 @@ from client.flora import (FROZEN_ACCUMULATE, FROZEN_COUNT_STATE, FROZEN_FROM_KEY
 from federation.adapter import from_array_record, to_array_record
 from federation.config import run_config_to_json
 from federation.model import initial_adapter
-from server.hetero import HeteroLoraState, SiteProfile, check_site_ranks, query_site_profiles, truncate_factors
+from server.hetero import HeteroLoraState, SiteProfile, check_site_ranks, query_site_profiles
+from strategies.lora_exact import truncate_factors
 from server.stateful import LORA_METHOD_STRATEGIES, build_lora_method_strategy, check_rank_plan
 from simulations.inprocess import InProcessGrid
 from strategies.aggregators import MixedRanksError
