@@ -165,8 +165,9 @@ class FedAdamAggregator(_ServerOptAggregator):
 
     name = "fedadam"
 
-    def __init__(self, eta: float = 1e-1, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3) -> None:
-        super().__init__(FedAdam(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau))
+    def __init__(self, eta: float = 1e-1, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3,
+                 variant: str = "flower") -> None:
+        super().__init__(FedAdam(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau, variant=variant))
 
 
 class FedYogiAggregator(_ServerOptAggregator):
@@ -174,8 +175,9 @@ class FedYogiAggregator(_ServerOptAggregator):
 
     name = "fedyogi"
 
-    def __init__(self, eta: float = 1e-2, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3) -> None:
-        super().__init__(FedYogi(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau))
+    def __init__(self, eta: float = 1e-2, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3,
+                 variant: str = "flower") -> None:
+        super().__init__(FedYogi(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau, variant=variant))
 
 
 class FedAdagradAggregator(_ServerOptAggregator):
@@ -183,8 +185,8 @@ class FedAdagradAggregator(_ServerOptAggregator):
 
     name = "fedadagrad"
 
-    def __init__(self, eta: float = 1e-1, tau: float = 1e-3) -> None:
-        super().__init__(FedAdagrad(eta=eta, tau=tau))
+    def __init__(self, eta: float = 1e-1, tau: float = 1e-3, variant: str = "flower") -> None:
+        super().__init__(FedAdagrad(eta=eta, tau=tau, variant=variant))
 
 
 class FFALoRAAggregator:

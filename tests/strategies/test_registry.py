@@ -38,3 +38,10 @@ def test_capability_flags_decide_the_privacy_combinations(name, tmp_path):
         else:
             with pytest.raises(ConfigError):
                 compose_config(base + overrides)
+
+
+def test_server_optimizer_variant_is_checked_with_the_config(tmp_path):
+    cfg = compose_config(["strategy=fedadam", "+strategy.params.variant=paper", f"output_dir={tmp_path}"])
+    assert cfg.strategy.params["variant"] == "paper"
+    with pytest.raises(ConfigError, match=r"variant must be one of \['flower', 'paper'\], got 'reddi'"):
+        compose_config(["strategy=fedyogi", "+strategy.params.variant=reddi", f"output_dir={tmp_path}"])
