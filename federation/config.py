@@ -128,8 +128,8 @@ class StrategyConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-# Strategies with their own coordinator and site logic (server/stateful.py, server/hetero.py, server/fedex.py,
-# client/flora.py, client/fedex.py, client/scaffold.py, client/fedsa.py) rather than a plain aggregator from strategies/aggregators.py.
+# Strategies with their own coordinator and site logic (server/strategies/<name>.py, client/<name>.py) rather than a
+# plain aggregator from strategies/aggregators.py; their capabilities are declared in strategies/registry.py.
 HETERO_STRATEGIES = ("flora", "flexlora")  # every site trains its own LoRA rank
 FEDEX_STRATEGY = "fedex_lora"
 LORA_METHOD_STRATEGIES = (*HETERO_STRATEGIES, FEDEX_STRATEGY, "scaffold", "fedsa_lora")

@@ -31,7 +31,9 @@ from server.privacy import CentralDP
 from server.replies import DP_SGD_EPSILON, EVAL_LOSS, TOKENS_PER_SECOND, TRAIN_LOSS, TRAIN_TOKENS, metric_or_none
 from server.secagg import secagg_params_for_run, secure_train_round
 from server.report import plot_losses, summary_table
-from server.stateful import LORA_METHOD_STRATEGIES, build_lora_method_strategy, check_site_ranks
+from federation.config import LORA_METHOD_STRATEGIES
+from server.strategies import build_lora_method_strategy
+from server.strategies.flora import check_site_ranks
 from server.strategy import LoraDeltaStrategy, RoundLedger
 from strategies.aggregators import build_aggregator
 from strategies.fedavg import UpdateRejected, validate_update

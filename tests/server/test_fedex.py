@@ -10,13 +10,13 @@ from flwr.app import MessageType
 import client.task as plain_client
 from client.app import app as client_app
 import server.app
-import server.fedex
+import server.strategies.fedex_lora
 from client.flora import FROZEN_COUNT_STATE, FROZEN_RECORD, FROZEN_STATE, frozen_lora_update
 from federation.adapter import from_array_record, set_adapter_arrays
-from server.fedex import FedExLoraStrategy
+from server.strategies.fedex_lora import FedExLoraStrategy
 from strategies.fedavg import weighted_mean
 from strategies.lora_exact import fedex_residual_factors
-from server.stateful import build_lora_method_strategy
+from server.strategies import build_lora_method_strategy
 from strategies.aggregators import MixedRanksError
 from strategies.lora_exact import fedex_residual, lora_pairs, weighted_dense_mean
 from tests.server.test_hetero import RecordingGrid, lora_methods_loop  # noqa: F401 (fixture)
@@ -41,13 +41,13 @@ def _random_adapter(rng, rank=3, shapes=((5, 4), (2, 6))):
 @pytest.fixture
 def residual_rounds(monkeypatch):
     """Every (local adapters, weights, scaling) FedExLoraStrategy aggregated, one entry per round."""
-    calls, real = [], server.fedex.fedex_residual_factors
+    calls, real = [], server.strategies.fedex_lora.fedex_residual_factors
 
     def recording(adapters, weights, scaling):
         calls.append(([dict(a) for a in adapters], list(weights), scaling))
         return real(adapters, weights, scaling)
 
-    monkeypatch.setattr(server.fedex, "fedex_residual_factors", recording)
+    monkeypatch.setattr(server.strategies.fedex_lora, "fedex_residual_factors", recording)
     return calls
 
 

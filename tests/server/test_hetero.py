@@ -10,7 +10,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 import server.app
-import server.hetero
+import server.strategies.flora
 from client.app import RUN_CONFIG_KEY
 from client.app import app as client_app, train as plain_train
 from client.task import site_settings
@@ -20,9 +20,11 @@ from client.flora import (FROZEN_ACCUMULATE, FROZEN_COUNT_STATE, FROZEN_FROM_KEY
 from federation.adapter import from_array_record, to_array_record
 from federation.config import run_config_to_json
 from federation.model import initial_adapter
-from server.hetero import HeteroLoraState, SiteProfile, check_site_ranks, query_site_profiles
+from server.strategies.flora import HeteroLoraState, SiteProfile, check_site_ranks, query_site_profiles
 from strategies.lora_exact import truncate_factors
-from server.stateful import LORA_METHOD_STRATEGIES, build_lora_method_strategy, check_rank_plan
+from federation.config import LORA_METHOD_STRATEGIES
+from server.strategies import build_lora_method_strategy
+from federation.validation import check_rank_plan
 from simulations.inprocess import InProcessGrid
 from strategies.aggregators import MixedRanksError
 from strategies.lora_exact import lora_pairs, lora_ranks, svd_redistribute, weighted_dense_mean
@@ -49,13 +51,13 @@ def lora_methods_loop(monkeypatch):
 @pytest.fixture
 def stacked_rounds(monkeypatch):
     """Every (local adapters, weights, scalings) that HeteroLoraStrategy stacked, one entry per round."""
-    calls, real = [], server.hetero.stack_lora_updates
+    calls, real = [], server.strategies.flora.stack_lora_updates
 
     def recording(adapters, weights, scalings=None, stacked_scaling=1.0):
         calls.append(([dict(a) for a in adapters], list(weights), list(scalings)))
         return real(adapters, weights, scalings, stacked_scaling)
 
-    monkeypatch.setattr(server.hetero, "stack_lora_updates", recording)
+    monkeypatch.setattr(server.strategies.flora, "stack_lora_updates", recording)
     return calls
 
 

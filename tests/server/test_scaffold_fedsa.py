@@ -18,7 +18,8 @@ from federation.adapter import from_array_record, get_adapter_arrays
 from federation.compression import decode_upload
 from federation.compose import run_config_from_json
 from federation.store import GlobalAdapterStore
-from server.stateful import ScaffoldAggregator, build_lora_method_strategy
+from server.strategies import build_lora_method_strategy
+from server.strategies.scaffold import ScaffoldAggregator
 from strategies.aggregators import FedAvgAggregator
 from tests.server.test_hetero import RecordingGrid, lora_methods_loop  # noqa: F401 (a fixture)
 

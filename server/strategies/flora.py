@@ -114,7 +114,7 @@ class HeteroLoraState:
 
     ``offsets[k]`` is the stacked rank after k merged updates (flora, fedex_lora: aggregated rounds), so
     the rows ``offsets[k]:`` of A (columns of B) are exactly the updates after the k-th. fedex_lora
-    (server.fedex) keeps its accumulated residuals here the same way.
+    (server/strategies/fedex_lora.py) keeps its accumulated residuals here the same way.
     """
 
     supports_mixed_ranks = True

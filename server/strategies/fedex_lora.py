@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from federation.config import FEDEX_STRATEGY
-from server.hetero import HeteroLoraStrategy
+from server.strategies.flora import HeteroLoraStrategy
 from strategies.fedavg import AdapterArrays
 from strategies.lora_exact import fedex_residual_factors
 
