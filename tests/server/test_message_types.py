@@ -31,3 +31,10 @@ def test_sent_message_types(make_cfg, name, train_type, evaluate_type):
     sent = {m.metadata.message_type for m, _ in grid.exchanges}
     assert sent == {"query", train_type, evaluate_type}  # query: the site-rank check before round 1
     assert all(t.split(".")[0] in (MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY) for t in sent)
+
+
+def test_every_registry_action_has_a_site_handler():
+    from client.app import EVALUATE_HANDLERS, TRAIN_HANDLERS
+
+    assert {s.client_train_action for s in STRATEGIES.values()} - {None} == set(TRAIN_HANDLERS)
+    assert {s.client_evaluate_action for s in STRATEGIES.values()} - {None} == set(EVALUATE_HANDLERS)
