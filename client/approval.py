@@ -1,7 +1,7 @@
 """Which Flower app bundles (FABs) a site serves: only runs of the fedtune app it has installed.
 
 A site never runs code from a FAB: its resident worker (client/worker.py) runs the installed
-``client.secagg:secagg_app``. The FAB still says which app the coordinator thinks the sites run, so a
+``client.app:app``. The FAB still says which app the coordinator thinks the sites run, so a
 run is served only if its FAB is this app:
 
 1. the FAB's pyproject names the fedtune ClientApp (``[tool.flwr.app.components] clientapp``) and
@@ -27,7 +27,7 @@ from pathlib import Path
 
 # Must match pyproject.toml's [tool.flwr.app] (tests/client/test_approval.py checks that they do).
 FEDTUNE_PUBLISHER = "fedtune"
-FEDTUNE_CLIENTAPP = "client.secagg:secagg_app"
+FEDTUNE_CLIENTAPP = "client.app:app"
 # Top-level packages of the installed fedtune; a FAB's Python file elsewhere is not part of it.
 FEDTUNE_PACKAGES = ("client", "federation", "server", "strategies", "simulations")
 

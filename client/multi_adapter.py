@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from flwr.app import Context, Message, MessageType
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.fast_train import FastLocalTrainer, causal_lm_parts, linear_cross_entropy_per_token, shift_labels
 from client.trainer import LocalTrainer, TrainResult, elapsed_and_peak, planned_steps
@@ -201,7 +202,7 @@ class MultiAdapterTrainer:
         """
         from transformers import get_cosine_schedule_with_warmup
 
-        from strategies.fedprox import proximal_term
+        from client.proximal import proximal_term
 
         if len(datasets) != len(seeds) or not datasets:
             raise ValueError(f"need one seed per dataset, got {len(datasets)} datasets and {len(seeds)} seeds")
@@ -275,10 +276,12 @@ class MultiAdapterTrainer:
 
 def batchable(msg: Message, context: Context) -> bool:
     """True for a plain train message that multi-adapter training reproduces exactly (see the module docstring)."""
-    from client.app import RUN_CONFIG_KEY
-    from client.hetero import FROZEN_UPDATE_STRATEGIES, _routed
-    from client.secagg import LEGACY_FIT_PARAMETERS, RECORD_KEY_CONFIGS, _requires_secagg
+    from client.secagg import _requires_secagg
+    from client.task import for_this_site
+    from federation.protocol import LEGACY_FIT_PARAMETERS, RUN_CONFIG_KEY
+    from strategies.registry import strategy_spec
 
+    # Only the default train handler of strategies that allow it; train.<action> messages run their method's handler.
     if msg.metadata.message_type != MessageType.TRAIN or msg.has_error():
         return False
     content = msg.content
@@ -287,19 +290,20 @@ def batchable(msg: Message, context: Context) -> bool:
     if "config" not in content.config_records or RUN_CONFIG_KEY not in content["config"] or _requires_secagg(context):
         return False
     try:
-        name, _ = _routed(msg, context)
+        for_this_site(msg, context, site_steps=False)
     except ValueError:  # e.g. a site rank the strategy cannot use: the solo handler raises the clear error
         return False
     run = json.loads(str(content["config"][RUN_CONFIG_KEY]))
     return (int(run["federation"].get("clients_per_batch", 1)) > 1
-            and name not in (*FROZEN_UPDATE_STRATEGIES, "scaffold", "fedsa_lora")
+            and strategy_spec(run["strategy"]["name"]).batched_training
             and not run["privacy"]["local_dp_sgd"]["enabled"])
 
 
 def train_replies(messages: Sequence[Message], contexts: Sequence[Context]) -> list[Message]:
     """Replies to batchable train messages with one run config, trained together; each as client.app.train gives."""
-    from client.app import (RUN_CONFIG_KEY, build_train_reply, configure_trainable, get_runtime, make_trainer,
-                            parse_run_config, site_datasets, site_seed)
+    from client.task import (build_train_reply, configure_trainable, get_runtime, make_trainer, parse_run_config,
+                             site_datasets, site_seed)
+    from federation.protocol import RUN_CONFIG_KEY
     from federation.adapter import adapter_delta, from_array_record
 
     texts = {str(msg.content["config"][RUN_CONFIG_KEY]) for msg in messages}

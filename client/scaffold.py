@@ -22,19 +22,15 @@ import numpy as np
 import torch
 from flwr.app import Context, Message
 
-import client.app as plain_client
-from client.app import RUN_CONFIG_KEY
+from client import task
 from client.site_state import SiteState, server_round_of, site_state
 from federation.adapter import from_array_record, get_adapter_arrays, lora_parameters, to_array_record
 from federation.config import CONTROL_VARIATE_PARAM, CONTROL_VARIATES  # noqa: F401 (re-exported)
+from federation.protocol import C_GLOBAL_RECORD, CONTROL_DTYPE, DELTA_C_RECORD, RUN_CONFIG_KEY
 from strategies.scaffold import client_control_update, correct_gradient, zero_control
 
-# Message records (server -> site: c; site -> server: delta_c) and the site's own c_i (site round state).
-C_GLOBAL_RECORD = "fedtune.scaffold.c-global"
-DELTA_C_RECORD = "fedtune.scaffold.delta-c"
+# The site's own c_i (site round state).
 C_LOCAL_STATE = "fedtune.scaffold.c-local"
-# Controls travel and are stored in float64: they are differences of near-equal adapters divided by K * lr.
-CONTROL_DTYPE = "float64"
 
 
 def _float64(record) -> dict[str, np.ndarray]:
@@ -54,8 +50,9 @@ def local_control(site: SiteState, server_round: int, c_global: dict[str, np.nda
 
 
 def train(msg: Message, context: Context) -> Message:
-    """Train with SCAFFOLD-corrected gradients; reply with the LoRA delta and delta_c; keep c_i+ for the next round."""
-    cfg = plain_client.parse_run_config(str(msg.content["config"][RUN_CONFIG_KEY]))
+    """Handler of ``train.scaffold``: SCAFFOLD-corrected gradients; reply with the delta and delta_c; keep c_i+."""
+    msg = task.for_this_site(msg, context)
+    cfg = task.parse_run_config(str(msg.content["config"][RUN_CONFIG_KEY]))
     if cfg.privacy.local_dp_sgd.enabled:
         # The DP-SGD path (Opacus) does not call before_step, so the correction would be silently missing.
         raise ValueError("SCAFFOLD cannot run with privacy.local_dp_sgd (the Opacus step skips the gradient "
@@ -65,7 +62,7 @@ def train(msg: Message, context: Context) -> Message:
     c_global = _float64(msg.content[C_GLOBAL_RECORD])
     site, server_round = site_state(msg, context, cfg.output_dir), server_round_of(msg)
     c_local = local_control(site, server_round, c_global)
-    runtime = plain_client.get_runtime(cfg)
+    runtime = task.get_runtime(cfg)
     key_of = {id(param): key for key, param in lora_parameters(runtime.model).items()}
     device = next(iter(lora_parameters(runtime.model).values())).device
     # Converted once per round, not per step.
@@ -84,7 +81,7 @@ def train(msg: Message, context: Context) -> Message:
                 param.grad.copy_(correct_gradient(param.grad, c_local_t[key], c_global_t[key]))
                 corrected_sum[key] += param.grad
 
-    reply = plain_client.train_reply(msg, context, before_step=before_step)
+    reply = task.train_reply(msg, context, before_step=before_step)
     if reply.has_error():
         return reply
     global_arrays = from_array_record(msg.content["arrays"])
@@ -98,9 +95,4 @@ def train(msg: Message, context: Context) -> Message:
     site.save_arrays(C_LOCAL_STATE, server_round + 1, {k: np.asarray(v, CONTROL_DTYPE) for k, v in new_c_local.items()})
     reply.content[DELTA_C_RECORD] = to_array_record(delta_c, CONTROL_DTYPE)
     return reply
-
-
-def evaluate(msg: Message, context: Context) -> Message:
-    """SCAFFOLD evaluates the global adapter as FedAvg does (controls only steer training)."""
-    return plain_client.evaluate(msg, context)
 

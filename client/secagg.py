@@ -1,16 +1,17 @@
 """The site's side of SecAgg+: train as usual, hand the LoRA delta to Flower's secaggplus_mod to mask.
 
-One ClientApp (``secagg_app``) serves both kinds of train message, so simulation and ``flwr run``
-need no switch on the client: a SecAgg+ protocol message (it carries Flower's "secaggplus" config
-record) goes through ``secaggplus_mod``; a plain message-API train message goes straight to
-client.app.train (unless the node config sets ``require-secagg``, then it is refused). Evaluation is
-client.app.evaluate.
+The ClientApp's default train handler (client/app.py) serves both kinds of train message, so simulation and
+``flwr run`` need no switch on the client: a SecAgg+ protocol message (it carries Flower's "secaggplus" config
+record) goes through ``secaggplus_mod`` (``secaggplus_when_requested``, the handler's mod); a plain message-API
+train message goes straight to plain training (unless the node config sets ``require-secagg``, then it is
+refused).
 
 Flower's secaggplus_mod speaks the legacy layout: it calls the app with the legacy FitIns records
 (``fitins.parameters``, ``fitins.config``) and reads the reply as a legacy FitRes. ``secagg_fit``
-translates: it builds the plain train message client.app.train expects, runs the real training, and
-returns the delta as FitRes parameters (in the key order the coordinator sent) with the example
-count as FitRes.num_examples, which secaggplus_mod uses as the weight.
+translates: it builds the plain train message local training expects, runs it (``local_update``: the RAW
+float delta, never the lossy upload codec or its error feedback — masking hides the values anyway, and
+encoding then decoding would only add error), and returns the delta as FitRes parameters (in the key order
+the coordinator sent) with the example count as FitRes.num_examples, which secaggplus_mod uses as the weight.
 
 Central DP over SecAgg+ needs each site to clip its own delta (the coordinator only sees the sum).
 Flower's fixedclipping_mod is not used: it computes ``reply - received params`` and writes back
@@ -35,32 +36,46 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-import client.app as plain_client
-from client.app import RUN_CONFIG_KEY
-from client.hetero import dispatch_evaluate, dispatch_train, site_profile
+from client import task
+from client.site_state import server_round_of
 from federation.compression import decode_upload
 from federation.adapter import to_array_record
 from federation.privacy import clip_update
-from federation.secagg_masks import MASK_SCHEME, MASK_SCHEME_KEY, use_cryptographic_masks
-from federation.store import FEDERATION_RUN_ID_KEY
+from federation.protocol import RUN_CONFIG_KEY
+from federation.protocol import (ADAPTER_KEYS_KEY, CLIPPED_VALUES_METRIC, CLIPPING_RANGE_KEY, DP_CLIP_NORM_KEY,
+                                 FEDERATION_RUN_ID_KEY, LEGACY_FIT_PARAMETERS, MASK_SCHEME, MASK_SCHEME_KEY,
+                                 MAX_WEIGHT_KEY, REQUIRE_SECAGG_NODE_KEY, SERVER_ROUND_KEY)
+from federation.secagg_masks import use_cryptographic_masks
 
 log = logging.getLogger("fedtune.client")
 # Flower's own SecAgg+ masks come from a 32-bit seed (federation/secagg_masks.py): replaced before any round.
 use_cryptographic_masks("site")
 
-# FitIns config keys set by server.secagg.secagg_train_round. Legacy Parameters have no names, so
-# the adapter's key order travels as JSON next to them.
-ADAPTER_KEYS_KEY = "fedtune.adapter-keys"
-SERVER_ROUND_KEY = "server-round"
-MAX_WEIGHT_KEY = "fedtune.secagg.max-weight"
-CLIPPING_RANGE_KEY = "fedtune.secagg.clipping-range"
-DP_CLIP_NORM_KEY = "fedtune.secagg.dp-clip-norm"  # 0.0: no DP clipping
-LEGACY_FIT_PARAMETERS = "fitins.parameters"
-# Node config flag (flower-supernode --node-config "require-secagg=true"): refuse plain uploads.
-REQUIRE_SECAGG_NODE_KEY = "require-secagg"
-CLIPPED_VALUES_METRIC = "secagg-clipped-values"
-
 TrainFn = Callable[[Message, Context], Message]
+# (train message, context) -> (raw float delta, reply metrics)
+UpdateFn = Callable[[Message, Context], tuple[dict[str, np.ndarray], dict]]
+
+
+def local_update(msg: Message, context: Context) -> tuple[dict[str, np.ndarray], dict]:
+    """Plain local training for SecAgg+: (the raw float delta, the train metrics); no upload codec, no feedback."""
+    update = task.train_update(task.for_this_site(msg, context, site_steps=False), context)
+    result = update.result
+    log.info("round %d: trained on %d examples (%d steps, %d tokens, loss %.4f, %.0f tok/s); masking for SecAgg+",
+             server_round_of(msg), result.num_examples, result.steps, result.input_tokens, result.train_loss,
+             result.tokens_per_second)
+    return update.delta, dict(task.train_metrics(context, result, update.extra_metrics))
+
+
+def update_from_reply(train_fn: TrainFn) -> UpdateFn:
+    """An UpdateFn from a train handler that replies with a Message (stand-in sites: tests, attack simulations)."""
+    def update(msg: Message, context: Context) -> tuple[dict[str, np.ndarray], dict]:
+        reply = train_fn(msg, context)
+        if reply.has_error():
+            raise RuntimeError(f"local training failed: {reply.error.reason}")
+        delta = decode_upload({key: value.numpy() for key, value in reply.content["arrays"].items()})
+        return delta, dict(reply.content["metrics"])
+
+    return update
 
 
 def secagg_upload(delta: Mapping[str, np.ndarray], num_examples: int, max_weight: float, clipping_range: float,
@@ -91,8 +106,8 @@ def secagg_upload(delta: Mapping[str, np.ndarray], num_examples: int, max_weight
     return update, weight, clipped
 
 
-def secagg_fit(msg: Message, context: Context, train_fn: TrainFn = plain_client.train) -> Message:
-    """Legacy FitIns in (as secaggplus_mod passes it) -> local training -> legacy FitRes with the delta."""
+def secagg_fit(msg: Message, context: Context, update_fn: UpdateFn = local_update) -> Message:
+    """Legacy FitIns in (as secaggplus_mod passes it) -> local training -> legacy FitRes with the raw delta."""
     fit_ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = fit_ins.config
     if config.get(MASK_SCHEME_KEY) != MASK_SCHEME:
@@ -111,12 +126,7 @@ def secagg_fit(msg: Message, context: Context, train_fn: TrainFn = plain_client.
         metadata=copy.copy(msg.metadata),
         content=RecordDict({"arrays": to_array_record(global_arrays), "config": ConfigRecord(train_config)}),
     )
-    reply = train_fn(train_msg, context)
-    if reply.has_error():
-        raise RuntimeError(f"local training failed: {reply.error.reason}")
-    # The plain handler may have compressed its upload; SecAgg+ masks the decoded float delta.
-    delta = decode_upload({key: value.numpy() for key, value in reply.content["arrays"].items()})
-    metrics = dict(reply.content["metrics"])
+    delta, metrics = update_fn(train_msg, context)
     update, weight, clipped = secagg_upload(delta, int(metrics["num-examples"]), float(config[MAX_WEIGHT_KEY]),
                                             float(config[CLIPPING_RANGE_KEY]), float(config[DP_CLIP_NORM_KEY]))
     metrics[CLIPPED_VALUES_METRIC] = clipped
@@ -144,14 +154,17 @@ def secaggplus_when_requested(msg: Message, context: Context, call_next: TrainFn
     return call_next(msg, context)
 
 
-def make_secagg_app(train_fn: TrainFn = plain_client.train, evaluate_fn: TrainFn = plain_client.evaluate) -> ClientApp:
-    """A message-API ClientApp answering plain and SecAgg+ train messages with `train_fn`, evaluation with `evaluate_fn`."""
+def make_secagg_app(train_fn: TrainFn, evaluate_fn: TrainFn = task.evaluate_reply) -> ClientApp:
+    """A ClientApp around a stand-in train handler (tests, attack simulations): plain and SecAgg+ train, evaluate.
+
+    The real sites run client.app.app; this one masks whatever delta `train_fn`'s reply carries (decoded).
+    """
     app = ClientApp()
 
     @app.train(mods=[secaggplus_when_requested])
     def train(msg: Message, context: Context) -> Message:
         if LEGACY_FIT_PARAMETERS in msg.content.array_records:
-            return secagg_fit(msg, context, train_fn)
+            return secagg_fit(msg, context, update_from_reply(train_fn))
         return train_fn(msg, context)
 
     @app.evaluate()
@@ -159,9 +172,3 @@ def make_secagg_app(train_fn: TrainFn = plain_client.train, evaluate_fn: TrainFn
         return evaluate_fn(msg, context)
 
     return app
-
-
-# The one ClientApp (pyproject's clientapp, simulations): plain and SecAgg+ train messages, evaluation,
-# FLoRA/FlexLoRA/SCAFFOLD/FedSA-LoRA (picked by the run config's strategy.name) and the site-profile query.
-secagg_app = make_secagg_app(dispatch_train, dispatch_evaluate)
-secagg_app.query()(site_profile)

@@ -110,7 +110,7 @@ class LocalTrainer:
         """
         from transformers import get_cosine_schedule_with_warmup
 
-        from strategies.fedprox import proximal_term
+        from client.proximal import proximal_term
 
         cfg = self.cfg
         steps = planned_steps(cfg, len(dataset))

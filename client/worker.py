@@ -10,7 +10,7 @@ flower-superexec + flwr-clientapp do, in one process that stays:
     loop: AcquireTask (claim the next pending ClientApp task, get its token, start its heartbeat)
           -> pull_task_input (message, context, run, FAB) with the task's token, in a thread of its own
           -> in the main thread, one message at a time: the FAB is checked (client/approval.py); never installed, never imported
-          -> approved: run the INSTALLED client.secagg.secagg_app in this process, so client.app's
+          -> approved: run the INSTALLED client.app.app in this process, so client.app's
              process-wide runtime keeps the base model resident across messages and runs;
              refused: log "REFUSED run ..." and reply with an error
           -> push_message (the reply) and push_task_output (the updated context)
@@ -48,7 +48,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from client.approval import check_fab, installed_file_hashes
-from client.secagg import secagg_app
+from client.app import app as client_app
 
 log = logging.getLogger("fedtune.site.worker")
 
@@ -69,7 +69,7 @@ def _runtime_client(address: str, component: str, token: str | None = None) -> R
 
 def handle_message(message: Message, context: Context, fab_content: bytes, approved_fab_hashes: Collection[str],
                    installed: Mapping[str, str] | None = None) -> tuple[Message, str, str]:
-    """(reply, Flower sub-status, details) for one message: refused unless its FAB is approved, else secagg_app's reply.
+    """(reply, Flower sub-status, details) for one message: refused unless its FAB is approved, else client_app's reply.
 
     `installed`: the worker's snapshot of the installed files (client.approval.installed_file_hashes).
     """
@@ -81,7 +81,7 @@ def handle_message(message: Message, context: Context, fab_content: bytes, appro
         log.error("%s", reason)
         return Message(Error(code=ErrorCode.INVALID_FAB, reason=reason), reply_to=message), SubStatus.FAILED, reason
     try:
-        return secagg_app(message=message, context=context), SubStatus.COMPLETED, ""
+        return client_app(message=message, context=context), SubStatus.COMPLETED, ""
     except Exception as exc:  # pylint: disable=broad-exception-caught
         # As flwr-clientapp does: the coordinator gets an error reply, the worker goes on.
         log.exception("ClientApp raised an exception on %s message of run %d", message.metadata.message_type,

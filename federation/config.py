@@ -8,7 +8,6 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
 
 
 @dataclass
@@ -129,11 +128,13 @@ class StrategyConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-# Strategies with their own coordinator and site logic (server/stateful.py, server/hetero.py, server/fedex.py,
-# client/hetero.py, client/scaffold.py) rather than a plain aggregator from strategies/aggregators.py.
+# Strategies with their own coordinator and site logic (server/strategies/<name>.py, client/<name>.py) rather than a
+# plain aggregator from strategies/aggregators.py; their capabilities are declared in strategies/registry.py.
 HETERO_STRATEGIES = ("flora", "flexlora")  # every site trains its own LoRA rank
 FEDEX_STRATEGY = "fedex_lora"
 LORA_METHOD_STRATEGIES = (*HETERO_STRATEGIES, FEDEX_STRATEGY, "scaffold", "fedsa_lora")
+# Strategies whose sites train and evaluate under a frozen global update (client.flora.frozen_lora_update).
+FROZEN_UPDATE_STRATEGIES = (*HETERO_STRATEGIES, FEDEX_STRATEGY)
 # strategy.params the sites read (per simulation partition), not an aggregator.
 PARAM_SITE_RANKS = "site_ranks"
 PARAM_SITE_LOCAL_STEPS = "site_local_steps"
@@ -195,9 +196,6 @@ class SecAggConfig:
 # Flower quantizes SecAgg+ vectors into int32 (values reach Q inclusive), and sums them modulo at most 2**32.
 SECAGG_MAX_QUANTIZATION_RANGE = 2**31 - 1
 SECAGG_MAX_MODULUS_RANGE = 2**32
-# Aggregators that only need the weighted mean of the deltas (all SecAgg+ reveals). Robust methods,
-# FedEx-LoRA and anything per-site need individual updates and cannot run under SecAgg+.
-SECAGG_COMPATIBLE_AGGREGATORS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ffa_lora")
 
 
 @dataclass
@@ -304,23 +302,9 @@ class RunConfig:
     seed: int = 0
 
 
-def to_run_config(cfg: DictConfig | dict[str, Any] | None) -> RunConfig:
-    """Check a (hydra) config against the schema and validate it (federation.validation); raises ConfigError."""
-    from federation.validation import check_schema, validate_run_config
-
-    run_config = check_schema(cfg or {}, RunConfig)
-    validate_run_config(run_config)
-    return run_config
-
-
 def run_config_to_json(cfg: RunConfig) -> str:
     """Serialize for the wire (ConfigRecord values must be scalars)."""
     return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
-
-
-def run_config_from_json(text: str) -> RunConfig:
-    """Inverse of run_config_to_json (validated like every composed config)."""
-    return to_run_config(json.loads(text))
 
 
 def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
@@ -342,32 +326,6 @@ CONFIG_GROUPS = ("model", "lora", "data", "train", "strategy", "privacy", "feder
 def group_options(group: str, config_dir: str | Path = CONF_DIR) -> list[str]:
     """The options of a hydra config group: the YAML files in conf/<group>/ (e.g. the strategy names)."""
     return sorted(path.stem for path in (Path(config_dir) / group).glob("*.yaml"))
-
-
-def compose_config(overrides: list[str] | None = None, config_dir: str | Path = CONF_DIR) -> RunConfig:
-    """Compose conf/config.yaml with hydra overrides (``strategy=fedavg federation.rounds=3``) into a RunConfig.
-
-    Every mistake (hydra's own: unknown group option or key, wrong type, unparsable override; and
-    federation.validation's) is a ConfigError naming the key.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.global_hydra import GlobalHydra
-
-    from federation.validation import config_error_from_hydra
-
-    # The schema is the base of conf/config.yaml, so every field can be overridden without '+'.
-    ConfigStore.instance().store(name="fedtune_schema", node=RunConfig)
-
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
-    overrides = list(overrides or [])
-    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
-        try:
-            cfg = compose(config_name="config", overrides=overrides)
-        except Exception as exc:  # hydra/omegaconf raise assorted types; each becomes one ConfigError line
-            raise config_error_from_hydra(exc, overrides, config_dir) from exc
-        return to_run_config(cfg)
 
 
 def sites_per_round(cfg: RunConfig) -> int:

@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-# Announced by the coordinator in the SecAgg+ FitIns config; a site masks only under this scheme.
-MASK_SCHEME_KEY = "fedtune.secagg.mask-scheme"
-MASK_SCHEME = "chacha20-sha256-v1"
+# MASK_SCHEME is announced by the coordinator in the SecAgg+ FitIns config; a site masks only under this scheme.
+from federation.protocol import MASK_SCHEME, MASK_SCHEME_KEY  # noqa: F401 (re-exported)
+
 # Domain separation: a mask key is never equal to any other use of the same secret.
 _DOMAIN = b"fedtune secagg+ mask v1\x00"
 # ChaCha20's 16-byte nonce is a 4-byte block counter + 12-byte nonce; each key is used for one stream only.

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from federation.protocol import FEDERATION_RUN_ID_KEY  # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -25,7 +27,6 @@ STRATEGY_STATE = "strategy_state.npz"
 # resumed run reuses it) and sent to the sites with every message, which key their round state by it
 # (client/site_state.py).
 FEDERATION_RUN_ID_STATE = "federation_run_id"
-FEDERATION_RUN_ID_KEY = "fedtune.federation-run-id"
 
 
 def new_federation_run_id() -> str:

@@ -26,9 +26,10 @@ from typing import Any
 
 from federation.config import (CONF_DIR, CONTROL_VARIATE_PARAM, CONTROL_VARIATES, FEDEX_STRATEGY, HETERO_STRATEGIES,
                                LORA_METHOD_STRATEGIES, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS,
-                               SECAGG_COMPATIBLE_AGGREGATORS, SECAGG_MAX_MODULUS_RANGE, SECAGG_MAX_QUANTIZATION_RANGE,
+                               SECAGG_MAX_MODULUS_RANGE, SECAGG_MAX_QUANTIZATION_RANGE,
                                SITE_PARAMS, TRACKERS, RunConfig, group_options, sites_per_round)
 from strategies.aggregators import MixedRanksError
+from strategies.registry import STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -301,7 +302,7 @@ def check_rank_plan(cfg: RunConfig) -> None:
             raise ConfigError(f"strategy.params.{name}", f"strategy.params.{name} must be a list of integers >= 1 "
                               f"(one per simulation partition), got {values!r}")
     ranks = [int(r) for r in params.get(PARAM_SITE_RANKS) or []]
-    if cfg.strategy.name not in HETERO_STRATEGIES and any(r != cfg.lora.r for r in ranks):
+    if not STRATEGIES[cfg.strategy.name].mixed_ranks and any(r != cfg.lora.r for r in ranks):
         raise RankPlanError(f"strategy.params.{PARAM_SITE_RANKS}", mixed_ranks_message(
             cfg.strategy.name, cfg.lora.r, {f"partition {i}": r for i, r in enumerate(ranks)}))
 
@@ -309,13 +310,17 @@ def check_rank_plan(cfg: RunConfig) -> None:
 def _check_strategy(cfg: RunConfig) -> None:
     s, privacy = cfg.strategy, cfg.privacy
     _check_choice("strategy.name", s.name, group_options("strategy"), "strategy")
+    spec = STRATEGIES[s.name]  # tests/federation/test_validation.py: every conf/strategy YAML has an entry
     check_rank_plan(cfg)
     params = dict(s.params or {})
+    if (privacy.secagg.enabled and not spec.secagg) or (privacy.central.enabled and not spec.central_dp):
+        raise ConfigError("privacy", f"strategy {s.name!r} needs each site's own update (FLoRA/FlexLoRA/FedEx: "
+                          "factors; SCAFFOLD: delta_c; FedSA-LoRA: B-free uploads): privacy.secagg and "
+                          "privacy.central are not supported with it")
+    if privacy.local_dp_sgd.enabled and not spec.dp_sgd:
+        raise ConfigError("privacy.local_dp_sgd", f"strategy {s.name!r} cannot run with "
+                          "privacy.local_dp_sgd: the DP-SGD step does not apply the control-variate correction")
     if s.name in LORA_METHOD_STRATEGIES:
-        if privacy.secagg.enabled or privacy.central.enabled:
-            raise ConfigError("privacy", f"strategy {s.name!r} needs each site's own update (FLoRA/FlexLoRA/FedEx: "
-                              "factors; SCAFFOLD: delta_c; FedSA-LoRA: B-free uploads): privacy.secagg and "
-                              "privacy.central are not supported with it")
         if s.name in (*HETERO_STRATEGIES, FEDEX_STRATEGY):
             if s.aggregator not in ("", s.name):
                 raise ConfigError("strategy.aggregator", f"strategy {s.name!r} aggregates by itself; "
@@ -329,9 +334,6 @@ def _check_strategy(cfg: RunConfig) -> None:
         if s.name == "scaffold":
             _check_choice(f"strategy.params.{CONTROL_VARIATE_PARAM}",
                           params.get(CONTROL_VARIATE_PARAM, CONTROL_VARIATES[0]), CONTROL_VARIATES)
-            if privacy.local_dp_sgd.enabled:
-                raise ConfigError("privacy.local_dp_sgd", "strategy 'scaffold' cannot run with "
-                                  "privacy.local_dp_sgd: the DP-SGD step does not apply the control-variate correction")
         inner = s.aggregator if s.aggregator and s.aggregator != s.name else "fedavg"
         _check_aggregator(cfg, inner, {k: v for k, v in params.items() if k not in SITE_PARAMS}, "strategy.aggregator")
         return
@@ -380,9 +382,11 @@ def _check_aggregator(cfg: RunConfig, name: str, params: dict[str, Any], key: st
 
 def check_secagg_aggregator(aggregator_name: str) -> None:
     """ConfigError unless the aggregator needs only the weighted mean of the deltas (all SecAgg+ reveals)."""
-    if aggregator_name not in SECAGG_COMPATIBLE_AGGREGATORS:
+    from strategies.aggregators import sum_only_aggregator_names
+
+    if aggregator_name not in sum_only_aggregator_names():
         raise ConfigError("privacy.secagg", f"aggregator {aggregator_name!r} needs individual site updates, which "
-                          f"SecAgg+ hides; with privacy.secagg use one of {list(SECAGG_COMPATIBLE_AGGREGATORS)}")
+                          f"SecAgg+ hides; with privacy.secagg use one of {sum_only_aggregator_names()}")
 
 
 def check_secagg_params(params: Any, prefix: str = "privacy.secagg.") -> None:

@@ -20,10 +20,11 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from client.app import RUN_CONFIG_KEY
 from federation.adapter import from_array_record, num_elements, to_array_record
-from federation.config import RunConfig, compose_config, overrides_from_flat, run_config_to_json, sites_per_round
+from federation.config import RunConfig, overrides_from_flat, run_config_to_json, sites_per_round
+from federation.compose import compose_config
 from federation.model import initial_adapter, lora_shapes, peft_lora_config
+from federation.protocol import RUN_CONFIG_KEY
 from federation.store import (FEDERATION_RUN_ID_KEY, FEDERATION_RUN_ID_STATE, SERVER_STATE, GlobalAdapterStore,
                               MetricsLog, new_federation_run_id, read_peft_adapter)
 from federation.validation import validate_coordinator_setup
@@ -34,10 +35,13 @@ from server.secagg import secagg_params_for_run, secure_train_round
 from server.report import plot_eval_metrics, plot_losses, summary_table
 from server import tracking
 from server.gold_set import GoldSetScorer
-from server.stateful import LORA_METHOD_STRATEGIES, build_lora_method_strategy, check_site_ranks
+from federation.config import LORA_METHOD_STRATEGIES
+from server.strategies import build_lora_method_strategy
+from server.strategies.flora import check_site_ranks
 from server.strategy import LoraDeltaStrategy, RoundLedger
 from strategies.aggregators import build_aggregator
 from strategies.fedavg import UpdateRejected, validate_update
+from strategies.registry import strategy_spec
 
 log = logging.getLogger("fedtune.server")
 
@@ -84,6 +88,13 @@ def build_strategy(cfg: RunConfig) -> LoraDeltaStrategy:
 
     cfg was validated when it was composed (federation.validation): names, params, ranks and combinations.
     """
+    strategy = _build_strategy(cfg)
+    spec = strategy_spec(cfg.strategy.name)
+    strategy.client_train_action, strategy.client_evaluate_action = spec.client_train_action, spec.client_evaluate_action
+    return strategy
+
+
+def _build_strategy(cfg: RunConfig) -> LoraDeltaStrategy:
     s = cfg.strategy
     if s.name in LORA_METHOD_STRATEGIES:  # flora, flexlora, scaffold, fedsa_lora: per-site messages and state
         return build_lora_method_strategy(cfg)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from client.daemon import DEFAULT_STOP_TIMEOUT_S, FlowerProcess, flower_env, flower_executable
+from federation.flower_process import DEFAULT_STOP_TIMEOUT_S, FlowerProcess, flower_env, flower_executable
 
 log = logging.getLogger("fedtune.coordinator")
 
@@ -463,7 +463,8 @@ def app_run_config(app_dir: str | Path = REPO_ROOT) -> dict[str, object]:
 def launch_config(overrides: Sequence[str], app_dir: str | Path = REPO_ROOT):
     """The RunConfig the ServerApp (server/app.py main) will compose for this launch: the app's declared run
     config plus the overrides; raises ConfigError for any mistake, before anything is submitted."""
-    from federation.config import compose_config, overrides_from_flat
+    from federation.config import overrides_from_flat
+    from federation.compose import compose_config
 
     return compose_config(overrides_from_flat({**app_run_config(app_dir), **run_config_pairs(overrides)}))
 

@@ -20,29 +20,12 @@ from strategies.fedavg import UpdateRejected
 
 log = logging.getLogger("fedtune.server")
 
-# Metric names of the site protocol, as client/app.py writes them (one place on the coordinator's side).
-NUM_EXAMPLES = "num-examples"
-TRAIN_LOSS = "train-loss"
-TRAIN_TOKENS = "train-tokens"
-INPUT_TOKENS = "input-tokens"
-TRAIN_STEPS = "train-steps"
-TRAIN_SECONDS = "train-seconds"
-TOKENS_PER_SECOND = "tokens-per-second"
-PEAK_MEMORY_BYTES = "peak-memory-bytes"
-PARTITION_ID = "partition-id"
-DP_SGD_EPSILON = "dp-sgd-epsilon"
-EVAL_LOSS = "eval-loss"
-EVAL_TOKENS = "eval-tokens"
-# Optional evaluate metrics: perplexity every round; in generation rounds the mean scores of the greedy answers
-# (federation/text_metrics.py), over EVAL_GENERATED answers, and what generating them cost.
-EVAL_PERPLEXITY = "eval-perplexity"
-EVAL_GENERATED = "eval-generated"
-EVAL_EXACT_MATCH = "eval-exact-match"
-EVAL_TOKEN_F1 = "eval-token-f1"
-EVAL_ROUGE_L = "eval-rouge-l"
-EVAL_GENERATED_TOKENS = "eval-generated-tokens"
-EVAL_GENERATION_SECONDS = "eval-generation-seconds"
-GENERATION_SCORES = (EVAL_EXACT_MATCH, EVAL_TOKEN_F1, EVAL_ROUGE_L)
+# Metric names of the site protocol (federation/protocol.py, the one place both sides read them from).
+from federation.protocol import (DATA_FINGERPRINT_RECORD, DP_SGD_EPSILON, EVAL_EXACT_MATCH, EVAL_GENERATED, EVAL_GENERATED_TOKENS,  # noqa: E402,F401
+                                 EVAL_GENERATION_SECONDS, EVAL_LOSS, EVAL_PERPLEXITY, EVAL_ROUGE_L, EVAL_TOKEN_F1,
+                                 EVAL_TOKENS, GENERATION_SCORES, INPUT_TOKENS, NUM_EXAMPLES, PARTITION_ID,
+                                 PEAK_MEMORY_BYTES, TOKENS_PER_SECOND, TRAIN_LOSS, TRAIN_SECONDS, TRAIN_STEPS,
+                                 TRAIN_TOKENS)
 
 # Counts are summed and used as weights in float64, which represents whole numbers exactly up to 2**53;
 # a larger claimed count could also overflow the weighted sums.
@@ -196,8 +179,8 @@ def decode_eval_reply(msg: Message, schema: MetricSchema, where: str) -> dict[st
     return schema.check(next(iter(content.metric_records.values())), where)
 
 
-# The train reply's optional ConfigRecord of the site's data fingerprint (client/app.py data_fingerprint).
-DATA_FINGERPRINT_RECORD = "data-fingerprint"
+# The train reply's optional ConfigRecord of the site's data fingerprint (client/task.py data_fingerprint):
+# federation.protocol.DATA_FINGERPRINT_RECORD.
 _SHA256_HEX = frozenset("0123456789abcdef")
 
 

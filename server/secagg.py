@@ -48,14 +48,12 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
-from client.app import RUN_CONFIG_KEY
-from client.secagg import (ADAPTER_KEYS_KEY, CLIPPING_RANGE_KEY, DP_CLIP_NORM_KEY, MAX_WEIGHT_KEY,
-                           SERVER_ROUND_KEY)
 from federation.adapter import to_array_record
 from federation.config import SECAGG_MAX_MODULUS_RANGE as DEFAULT_MODULUS_RANGE
 from federation.privacy import add_gaussian_noise
-from federation.secagg_masks import MASK_SCHEME, MASK_SCHEME_KEY, narrow_dtype, use_cryptographic_masks
-from federation.store import FEDERATION_RUN_ID_KEY
+from federation.protocol import (ADAPTER_KEYS_KEY, CLIPPING_RANGE_KEY, DP_CLIP_NORM_KEY, FEDERATION_RUN_ID_KEY,
+                                 MASK_SCHEME, MASK_SCHEME_KEY, MAX_WEIGHT_KEY, RUN_CONFIG_KEY, SERVER_ROUND_KEY)
+from federation.secagg_masks import narrow_dtype, use_cryptographic_masks
 from federation.validation import check_secagg_aggregator, check_secagg_params  # noqa: F401 (the first re-exported)
 from server.replies import NUM_EXAMPLES, POSITIVE_COUNT, TRAIN_REPLY, reply_node, sent_to
 from strategies.fedavg import UpdateRejected, validate_update

@@ -18,13 +18,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from federation.adapter import from_array_record, to_array_record
+from federation.protocol import EVALUATE, TRAIN, message_type
 from federation.text_metrics import perplexity
 from server.replies import (EVAL_GENERATED, EVAL_LOSS, EVAL_PERPLEXITY, EVAL_REPLY, EVAL_TOKENS, GENERATION_SCORES,
                             INPUT_TOKENS, NUM_EXAMPLES, PARTITION_ID,
                             PEAK_MEMORY_BYTES, TRAIN_REPLY, TRAIN_SECONDS, TRAIN_STEPS, TRAIN_TOKENS, MetricSchema,
                             decode_data_fingerprint, decode_eval_reply, decode_train_reply, reply_node, sent_to)
 from strategies.fedavg import UpdateRejected, validate_update
-from strategies.streaming import StreamingWeightedMean
+from server.streaming import StreamingWeightedMean
 
 log = logging.getLogger("fedtune.server")
 
@@ -64,6 +65,11 @@ class LoraDeltaStrategy(FedAvg):
     # What a train / evaluate reply must carry (server.replies); a strategy with metrics of its own extends them.
     train_schema: MetricSchema = TRAIN_REPLY
     eval_schema: MetricSchema = EVAL_REPLY
+    # The ClientApp handler a site runs for this strategy's messages: None is the default handler, an action
+    # ("scaffold") sends message type "train.scaffold" (client/app.py lists the handlers). Set from the
+    # strategy's registry entry (strategies/registry.py) by server.app.build_strategy.
+    client_train_action: str | None = None
+    client_evaluate_action: str | None = None
 
     def __init__(self, aggregator, *, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
                  min_train_nodes: int = 2, min_evaluate_nodes: int = 2, min_available_nodes: int = 2,
@@ -92,6 +98,8 @@ class LoraDeltaStrategy(FedAvg):
         """Remember the global adapter the deltas will be relative to, then sample and send it."""
         self.current_global = from_array_record(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        for message in messages:
+            message.metadata.message_type = message_type(TRAIN, self.client_train_action)
         self._sent = messages
         ledger = self.ledger(server_round)
         ledger.sampled = [m.metadata.dst_node_id for m in messages]
@@ -211,6 +219,8 @@ class LoraDeltaStrategy(FedAvg):
                            grid: Grid) -> Iterable[Message]:
         """Sample sites to evaluate the global adapter on their held-out data."""
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        for message in messages:
+            message.metadata.message_type = message_type(EVALUATE, self.client_evaluate_action)
         self._sent_eval = messages
         ledger = self.ledger(server_round)
         ledger.eval_sampled = [m.metadata.dst_node_id for m in messages]

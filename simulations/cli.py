@@ -38,7 +38,7 @@ def quiet_libraries() -> None:
 
 
 def _simulate(overrides: list[str], engine: str = "ray") -> int:
-    from federation.config import compose_config
+    from federation.compose import compose_config
     from federation.validation import validate_coordinator_setup, validate_simulation_data
     from simulations.simulate import simulate
 

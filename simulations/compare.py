@@ -23,8 +23,8 @@ DEFAULT_STRATEGIES = ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fed
 
 def run_all(strategies: list[str], out: Path, overrides: list[str]) -> dict[str, list[float]]:
     """Union eval loss per round for each strategy (in-process engine: identical data order per strategy)."""
-    from client.secagg import secagg_app
-    from federation.config import compose_config
+    from client.app import app as client_app
+    from federation.compose import compose_config
     from server.app import run_federation
     from simulations.inprocess import InProcessGrid
 
@@ -33,7 +33,7 @@ def run_all(strategies: list[str], out: Path, overrides: list[str]) -> dict[str,
         cfg = compose_config([f"strategy={name}", f"output_dir={out / name}", *overrides])
         start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
-            rows = run_federation(InProcessGrid(secagg_app, cfg.federation.num_clients), cfg)
+            rows = run_federation(InProcessGrid(client_app, cfg.federation.num_clients), cfg)
         losses[name] = [r["eval_loss"] for r in rows]
         print(f"{name:>14}: {' '.join(f'{x:.4f}' for x in losses[name])}  ({time.perf_counter() - start:.1f}s)",
               flush=True)

@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from client.app import app as client_app
-    from client.app import get_runtime
-    from federation.config import compose_config
+    from client.task import get_runtime
+    from federation.compose import compose_config
     from server.app import run_federation
     from simulations.inprocess import InProcessGrid
 

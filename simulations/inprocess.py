@@ -89,7 +89,7 @@ class InProcessGrid(Grid):
 
     def _train_groups(self, messages: list[Message], solo: list[Message]) -> list[list[Message]]:
         """Batchable train messages in groups of <= federation.clients_per_batch with one run config; the rest to solo."""
-        from client.app import RUN_CONFIG_KEY
+        from federation.protocol import RUN_CONFIG_KEY
         from client.multi_adapter import batchable
 
         by_config: dict[str, list[Message]] = {}

@@ -45,8 +45,7 @@ def simulate(cfg: RunConfig, engine: str = "ray") -> list[dict[str, Any]]:
     """
     check_engine(cfg, engine)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    # secagg_app answers plain train/evaluate messages exactly like client.app.app, plus SecAgg+ stages.
-    from client.secagg import secagg_app as client_app
+    from client.app import app as client_app
 
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

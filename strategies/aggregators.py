@@ -104,6 +104,7 @@ class FedAvgAggregator:
 
     name = "fedavg"
     supports_mixed_ranks = False
+    needs_only_the_sum = True  # a weighted mean: SecAgg+ can hide the individual deltas
 
     def aggregate(self, global_adapter, updates, weights, site_ids) -> AdapterArrays:
         """New global adapter = global + sum_i w_i delta_i / sum_i w_i."""
@@ -127,6 +128,7 @@ class _ServerOptAggregator:
 
     name = ""
     supports_mixed_ranks = False
+    needs_only_the_sum = True  # a step on the weighted mean
 
     def __init__(self, optimizer: FedAvgM | FedAdam | FedYogi | FedAdagrad) -> None:
         self.optimizer = optimizer
@@ -163,8 +165,9 @@ class FedAdamAggregator(_ServerOptAggregator):
 
     name = "fedadam"
 
-    def __init__(self, eta: float = 1e-1, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3) -> None:
-        super().__init__(FedAdam(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau))
+    def __init__(self, eta: float = 1e-1, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3,
+                 variant: str = "flower") -> None:
+        super().__init__(FedAdam(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau, variant=variant))
 
 
 class FedYogiAggregator(_ServerOptAggregator):
@@ -172,8 +175,9 @@ class FedYogiAggregator(_ServerOptAggregator):
 
     name = "fedyogi"
 
-    def __init__(self, eta: float = 1e-2, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3) -> None:
-        super().__init__(FedYogi(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau))
+    def __init__(self, eta: float = 1e-2, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3,
+                 variant: str = "flower") -> None:
+        super().__init__(FedYogi(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau, variant=variant))
 
 
 class FedAdagradAggregator(_ServerOptAggregator):
@@ -181,12 +185,14 @@ class FedAdagradAggregator(_ServerOptAggregator):
 
     name = "fedadagrad"
 
-    def __init__(self, eta: float = 1e-1, tau: float = 1e-3) -> None:
-        super().__init__(FedAdagrad(eta=eta, tau=tau))
+    def __init__(self, eta: float = 1e-1, tau: float = 1e-3, variant: str = "flower") -> None:
+        super().__init__(FedAdagrad(eta=eta, tau=tau, variant=variant))
 
 
 class FFALoRAAggregator:
     """FFA-LoRA: lora_A frozen and identical at every site, B averaged; exact. Rejects sites whose A moved."""
+
+    needs_only_the_sum = True  # B is a weighted mean; each site's A is checked on its own upload
 
     name = "ffa_lora"
     supports_mixed_ranks = False
@@ -226,6 +232,7 @@ class FedExLoRAAggregator:
 
     name = "fedex_lora"
     supports_mixed_ranks = False
+    needs_only_the_sum = False  # the residual needs every site's own factors
 
     def __init__(self, scaling: float = 1.0) -> None:
         self.scaling = scaling
@@ -259,6 +266,8 @@ ROBUST_METHOD_PARAMS: dict[str, dict[str, Any]] = {
 
 class RobustAggregator:
     """Filter or transform the deltas with a robust method, then hand them to `inner`.
+
+    Needs every site's own delta (needs_only_the_sum = False), so not under SecAgg+.
 
     norm_bound: clip every delta, inner aggregates the clipped deltas.
     krum / multi_krum: inner aggregates only the selected sites (with their weights).
@@ -338,6 +347,11 @@ AGGREGATORS: dict[str, type] = {
     "ffa_lora": FFALoRAAggregator,
     "fedex_lora": FedExLoRAAggregator,
 }
+
+
+def sum_only_aggregator_names() -> list[str]:
+    """Aggregators that need only the weighted sum of the deltas (what SecAgg+ reveals), in registry order."""
+    return [name for name, cls in AGGREGATORS.items() if getattr(cls, "needs_only_the_sum", False)]
 
 
 def valid_aggregator_names() -> list[str]:

@@ -160,12 +160,23 @@ def fedsa_lora(
 
     Returns (global part: every A key and non-LoRA key, averaged; per-site B dicts, untouched copies).
     """
-    pairs = _same_layers(adapters)
-    a_keys = [a_key for a_key, _ in pairs.values()]
-    b_keys = [b_key for _, b_key in pairs.values()]
-    global_part = _mean_of_keys(adapters, weights, a_keys + non_lora_keys(adapters[0]))
-    local_parts = [{key: np.array(adapter[key], copy=True) for key in b_keys} for adapter in adapters]
+    _same_layers(adapters)
+    global_part = _mean_of_keys(adapters, weights, list(fedsa_split(adapters[0])[0]))
+    local_parts = [{key: np.array(value, copy=True) for key, value in fedsa_split(adapter)[1].items()}
+                   for adapter in adapters]
     return global_part, local_parts
+
+
+def fedsa_keeps_local(key: str) -> bool:
+    """FedSA-LoRA's split of the keys: lora_B stays at the site; lora_A and non-LoRA keys are shared."""
+    return key.endswith(LORA_B_SUFFIX)
+
+
+def fedsa_split(adapter: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(shared part, site-local part) of one adapter or delta under FedSA-LoRA (fedsa_keeps_local)."""
+    shared = {key: value for key, value in adapter.items() if not fedsa_keeps_local(key)}
+    local = {key: value for key, value in adapter.items() if fedsa_keeps_local(key)}
+    return shared, local
 
 
 def stack_lora_updates(
@@ -202,16 +213,39 @@ def svd_redistribute(dense_update: np.ndarray, rank: int) -> tuple[np.ndarray, n
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
-    matrix = np.asarray(dense_update, dtype=np.float64)
+    b, a, _ = _truncated_svd(np.asarray(dense_update, dtype=np.float64), rank)
+    return b, a
+
+
+def _truncated_svd(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(U_r sqrt(S_r) (out, rank), sqrt(S_r) V_r^T (rank, in), S_r (rank,)); components beyond the matrix's are zero."""
     # numpy's LAPACK SVD (gesdd) is the well-kept tool here; Eckart-Young makes its truncation optimal.
     u, singular_values, vt = np.linalg.svd(matrix, full_matrices=False)
     kept = min(rank, singular_values.size)
     root = np.sqrt(singular_values[:kept])
     b = np.zeros((matrix.shape[0], rank))
     a = np.zeros((rank, matrix.shape[1]))
+    values = np.zeros(rank)
     b[:, :kept] = u[:, :kept] * root
     a[:kept, :] = root[:, None] * vt[:kept, :]
-    return b, a
+    values[:kept] = singular_values[:kept]
+    return b, a, values
+
+
+def truncate_factors(b: np.ndarray, a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best rank-`rank` factors of B @ A without forming it: (B_r (out, rank), A_r (rank, in), singular values (rank,)).
+
+    svd_redistribute(B @ A, rank) up to rounding (B_r = U sqrt(S), A_r = sqrt(S) V^T): the SVD of the small (R, R)
+    core of the QR factors of B and A^T, O((out + in) R^2) instead of O(out in min(out, in)). Missing components
+    (rank > rank of B @ A) are zero. FlexLoRA's coordinator (server/strategies/flora.py) truncates the exact global with it.
+    """
+    b, a = np.asarray(b, dtype=np.float64), np.asarray(a, dtype=np.float64)
+    if b.shape[1] == 0:
+        return np.zeros((b.shape[0], rank)), np.zeros((rank, a.shape[1])), np.zeros(rank)
+    q_b, r_b = np.linalg.qr(b)
+    q_a, r_a = np.linalg.qr(a.T)
+    core_b, core_a, values = _truncated_svd(r_b @ r_a.T, rank)
+    return q_b @ core_b, core_a @ q_a.T, values
 
 
 def flexlora_aggregate(
@@ -250,9 +284,25 @@ def fedex_residual(
     W0 + residual + scaling * mean(B) @ mean(A) == W0 + scaling * mean(B_i @ A_i) exactly;
     the caller folds the residual into the frozen base weight.
     """
-    pairs = _same_layers(adapters)
+    averaged, factors = fedex_residual_factors(adapters, weights, scaling)
+    residual = {prefix: factors[b_key] @ factors[a_key] for prefix, (a_key, b_key) in lora_pairs(factors).items()}
+    return averaged, residual
+
+
+def fedex_residual_factors(adapters: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float],
+                           scaling: float = 1.0) -> tuple[AdapterArrays, AdapterArrays]:
+    """(FedAvg adapter, residual as stacked factors with scaling 1: A (k r + r, in), B (out, k r + r)).
+
+    B_res @ A_res == scaling * (sum_i w_i B_i A_i - mean(B) @ mean(A)) exactly (weights normalised): the residual
+    of a round is [w_1 s B_1 | ... | w_k s B_k | -s mean(B)] @ [A_1; ...; A_k; mean(A)], kept low rank so the
+    coordinator (server/strategies/fedex_lora.py) can send it to the sites as a frozen update.
+    """
+    _same_layers(adapters)  # one rank at every site
     averaged = weighted_mean(adapters, weights)
-    exact = weighted_dense_mean(adapters, weights, [scaling] * len(adapters))
-    factored = dense_updates(averaged, scaling)
-    residual = {prefix: exact[prefix] - factored[prefix] for prefix in pairs}
+    stacked = stack_lora_updates(adapters, weights, [scaling] * len(adapters), stacked_scaling=1.0)
+    residual: AdapterArrays = {}
+    for a_key, b_key in lora_pairs(averaged).values():
+        residual[a_key] = np.concatenate([stacked[a_key], np.asarray(averaged[a_key], np.float64)], axis=0)
+        residual[b_key] = np.concatenate([stacked[b_key], -scaling * np.asarray(averaged[b_key], np.float64)],
+                                         axis=1)
     return averaged, residual

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import torch
 
 from strategies.fedavg import AdapterArrays
 
@@ -53,12 +52,15 @@ def server_control_update(
     return new_c
 
 
-def correct_gradient(
-    grad: torch.Tensor | np.ndarray, c_local: torch.Tensor | np.ndarray, c_global: torch.Tensor | np.ndarray
-) -> torch.Tensor | np.ndarray:
+def correct_gradient(grad, c_local, c_global):
     """grad - c_local + c_global, elementwise; a torch grad keeps its dtype/device, numpy controls are converted."""
-    if isinstance(grad, torch.Tensor):
-        c_local = torch.as_tensor(c_local, dtype=grad.dtype, device=grad.device)
-        c_global = torch.as_tensor(c_global, dtype=grad.dtype, device=grad.device)
-        return grad - c_local + c_global
-    return np.asarray(grad) - np.asarray(c_local) + np.asarray(c_global)
+    if isinstance(grad, np.ndarray) or np.isscalar(grad):
+        return np.asarray(grad) - np.asarray(c_local) + np.asarray(c_global)
+    # A torch tensor, duck-typed (this module imports no torch): the controls in the gradient's dtype and device.
+    return grad - _like(c_local, grad) + _like(c_global, grad)
+
+
+def _like(value, grad):
+    if hasattr(value, "to"):
+        return value.to(dtype=grad.dtype, device=grad.device)
+    return grad.new_tensor(np.asarray(value))

@@ -1,9 +1,15 @@
 """Server optimizers applied to the aggregated adapter delta (Reddi et al. 2021, Hsu et al. 2019).
 
-Same formulas as Flower 1.41's ``flwr.serverapp.strategy`` FedAvgM / FedAdam / FedYogi / FedAdagrad,
-written against an explicit ``mean_delta`` (the weighted mean of local-minus-global deltas, which
-equals Flower's ``aggregated - current``) so the math is usable without a Flower Strategy object.
-The moments are kept in float64; the returned adapter keeps the global adapter's dtypes.
+FedAdam / FedYogi / FedAdagrad come in two variants (``variant``):
+
+- ``"flower"`` (default): Flower 1.41's ``flwr.serverapp.strategy`` formulas: v starts at 0, and FedAdam's step
+  size is bias-corrected, eta * sqrt(1 - b2^(t+1)) / (1 - b1^(t+1)) in server step t (Flower's exponent; FedYogi /
+  FedAdagrad: none);
+- ``"paper"``: Reddi et al. 2021, Algorithm 2: v_{-1} = tau^2 and no bias correction (step size eta).
+
+Both then take x + step_size * m_t / (sqrt(v_t) + tau). The math is written against an explicit
+``mean_delta`` (the weighted mean of local-minus-global deltas, which equals Flower's ``aggregated - current``)
+so the math is usable without a Flower Strategy object. The moments are kept in float64; the returned adapter keeps the global adapter's dtypes.
 
 ``state_dict()`` is flat: ``"step"`` (int) plus one float64 array per adapter key under
 ``"momentum/<key>"``, ``"m/<key>"`` or ``"v/<key>"``; it round-trips through ``np.savez``.
@@ -18,6 +24,7 @@ import numpy as np
 from strategies.fedavg import AdapterArrays
 
 StateDict = dict[str, np.ndarray | float | int]
+VARIANTS = ("flower", "paper")
 
 
 def _as_float64(arrays: Mapping[str, np.ndarray]) -> AdapterArrays:
@@ -87,7 +94,10 @@ class FedAvgM:
 class _FedOpt:
     """Shared m_t (first moment) and v_t (second moment) bookkeeping of FedAdam/FedYogi/FedAdagrad."""
 
-    def __init__(self, eta: float, beta_1: float, beta_2: float, tau: float) -> None:
+    def __init__(self, eta: float, beta_1: float, beta_2: float, tau: float, variant: str = "flower") -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
+        self.variant = variant
         self.eta = eta
         self.beta_1 = beta_1
         self.beta_2 = beta_2
@@ -109,12 +119,13 @@ class _FedOpt:
         delta = _as_float64(mean_delta)
         if self.m_t is None:
             self.m_t = {key: np.zeros_like(value) for key, value in delta.items()}
-        if self.v_t is None:
-            self.v_t = {key: np.zeros_like(value) for key, value in delta.items()}
+        if self.v_t is None:  # Flower: v_0 = 0; Reddi et al. (Algorithm 2): v_{-1} = tau^2
+            v_start = 0.0 if self.variant == "flower" else self.tau**2
+            self.v_t = {key: np.full_like(value, v_start) for key, value in delta.items()}
         self.m_t = {key: self.beta_1 * self.m_t[key] + (1.0 - self.beta_1) * delta[key] for key in delta}
         self.v_t = {key: self._update_v(self.v_t[key], delta[key]) for key in delta}
         self.step_count += 1
-        step_size = self._step_size()
+        step_size = self._step_size() if self.variant == "flower" else self.eta
         new = {key: current[key] + step_size * self.m_t[key] / (np.sqrt(self.v_t[key]) + self.tau) for key in current}
         return _in_dtypes_of(global_adapter, new)
 
@@ -130,10 +141,11 @@ class _FedOpt:
 
 
 class FedAdam(_FedOpt):
-    """FedAdam: v_t = b2 v + (1-b2) d^2, with Flower's bias correction of the step size."""
+    """FedAdam: v_t = b2 v + (1-b2) d^2; variant "flower" bias-corrects the step size, "paper" does not."""
 
-    def __init__(self, eta: float = 1e-1, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3) -> None:
-        super().__init__(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau)
+    def __init__(self, eta: float = 1e-1, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3,
+                 variant: str = "flower") -> None:
+        super().__init__(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau, variant=variant)
 
     def _update_v(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
         return self.beta_2 * v + (1.0 - self.beta_2) * delta**2
@@ -148,8 +160,9 @@ class FedAdam(_FedOpt):
 class FedYogi(_FedOpt):
     """FedYogi: v_t = v - (1-b2) d^2 sign(v - d^2); no bias correction (as in Flower)."""
 
-    def __init__(self, eta: float = 1e-2, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3) -> None:
-        super().__init__(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau)
+    def __init__(self, eta: float = 1e-2, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3,
+                 variant: str = "flower") -> None:
+        super().__init__(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau, variant=variant)
 
     def _update_v(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
         return v - (1.0 - self.beta_2) * delta**2 * np.sign(v - delta**2)
@@ -158,8 +171,8 @@ class FedYogi(_FedOpt):
 class FedAdagrad(_FedOpt):
     """FedAdagrad: m_t = d (beta_1 = 0), v_t = v + d^2."""
 
-    def __init__(self, eta: float = 1e-1, tau: float = 1e-3) -> None:
-        super().__init__(eta=eta, beta_1=0.0, beta_2=0.0, tau=tau)
+    def __init__(self, eta: float = 1e-1, tau: float = 1e-3, variant: str = "flower") -> None:
+        super().__init__(eta=eta, beta_1=0.0, beta_2=0.0, tau=tau, variant=variant)
 
     def _update_v(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
         return v + delta**2

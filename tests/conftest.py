@@ -25,7 +25,7 @@ def model_cache(tmp_path_factory) -> str:
 @pytest.fixture
 def make_cfg(model_cache, tmp_path):
     """Compose the real hydra config with tiny, fast overrides."""
-    from federation.config import compose_config
+    from federation.compose import compose_config
 
     def _make(*overrides: str):
         return compose_config([*TINY_OVERRIDES, f"model.cache_dir={model_cache}", f"output_dir={tmp_path / 'run'}",

@@ -7,7 +7,7 @@ Each site's update arrives as a Flower ArrayRecord (one .npy-serialised Array pe
 bytes per site, as the transport hands it over) in fp32 or bf16 (federation.compression).
 
 naive:      all N updates decoded and held, then strategies.fedavg.weighted_mean (float64).
-streaming:  each arriving update is decoded and added to strategies.streaming.StreamingWeightedMean,
+streaming:  each arriving update is decoded and added to server.streaming.StreamingWeightedMean,
             then dropped. "per-tensor" decodes one tensor at a time while adding it (bf16: handed over as
             a zero-copy torch bfloat16 view, converted inside the sum); "whole" decodes the full update
             first (what LoraDeltaStrategy does today).
@@ -32,7 +32,7 @@ import torch
 from federation.compression import decode_upload, encode_upload
 from simulations.bench import available_ram_bytes, machine_info, measure, write_result
 from strategies.fedavg import weighted_mean
-from strategies.streaming import StreamingWeightedMean
+from server.streaming import StreamingWeightedMean
 
 # Llama-2-7B: not a preset in federation.model (its presets are Llama 3.x shapes).
 LLAMA2_7B_SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from federation.adapter import to_array_record
-    from federation.config import compose_config
+    from federation.compose import compose_config
     from server.app import starting_adapter
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -69,11 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
-    from client.app import site_datasets, get_runtime, configure_trainable
+    from client.task import site_datasets, get_runtime, configure_trainable
     from client.fast_train import FastLocalTrainer, FastPathSettings
     from client.multi_adapter import MultiAdapterTrainer
     from federation.adapter import adapter_delta, get_adapter_arrays, set_adapter_arrays
-    from federation.config import compose_config
+    from federation.compose import compose_config
     from federation.model import initial_adapter
     from simulations.bench.sim_round import write_char_pool
 

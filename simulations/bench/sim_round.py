@@ -38,7 +38,7 @@ def _messages(cfg, k: int):
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from client.app import RUN_CONFIG_KEY
+    from federation.protocol import RUN_CONFIG_KEY
     from federation.adapter import to_array_record
     from federation.config import run_config_to_json
     from federation.model import initial_adapter
@@ -64,6 +64,7 @@ def _cuda(fn, *args, default=0):
 def _replies(pairs, mode: str, clients_per_batch: int):
     """Yield the replies of one round's (message, context) pairs under `mode`, a client or a group at a time."""
     import client.app as client_app
+    from client import task
     from client.multi_adapter import train_replies
 
     if mode == "resident+multi":
@@ -73,7 +74,7 @@ def _replies(pairs, mode: str, clients_per_batch: int):
         return
     for msg, ctx in pairs:
         if mode == "reload":
-            client_app._RUNTIME = None
+            task._RUNTIME = None
             gc.collect()
             _cuda("empty_cache")
         yield client_app.app(msg, ctx)
@@ -139,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
-    import client.app as client_app
-    from federation.config import compose_config
+    from client import task
+    from federation.compose import compose_config
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, solo_deltas = [], {}
     for mode in args.modes.split(","):
         fast = mode in ("resident+fast", "resident+multi")
-        client_app._RUNTIME = None
+        task._RUNTIME = None
         gc.collect()
         _cuda("empty_cache")
         ks = args.reload_ks if mode == "reload" else args.ks
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             load_seconds = None
             if mode != "reload":
                 start = time.perf_counter()
-                client_app.get_runtime(cfg)
+                task.get_runtime(cfg)
                 _cuda("synchronize")
                 load_seconds = time.perf_counter() - start
             if mode != "reload":  # a first round tokenizes the K partitions (cached for the run's later rounds)

@@ -2,7 +2,7 @@
 
     python -m simulations.bench.site_worker [--messages 5] [--out result.json] [hydra overrides, default model=tiny]
 
-Both modes run the installed ClientApp (client.secagg.secagg_app) on the same train message (demo data,
+Both modes run the installed ClientApp (client.app.app) on the same train message (demo data,
 partition 0 of 2); "outside the training loop" is the handler's wall time minus the trainer's own
 `train-seconds` metric (and minus the benchmark's own building of the message).
 
@@ -31,9 +31,10 @@ def _train_message(overrides: list[str]):
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from client.app import RUN_CONFIG_KEY
+    from federation.protocol import RUN_CONFIG_KEY
     from federation.adapter import to_array_record
-    from federation.config import compose_config, run_config_to_json
+    from federation.config import run_config_to_json
+    from federation.compose import compose_config
     from federation.model import initial_adapter
 
     cfg = compose_config(overrides)
@@ -48,13 +49,13 @@ def _train_message(overrides: list[str]):
 
 def _answer(overrides: list[str]) -> dict:
     """Build the message and answer it with the installed ClientApp; seconds of the handler and of its training."""
-    from client.secagg import secagg_app
+    from client.app import app as client_app
 
     start = time.perf_counter()
     message, context = _train_message(overrides)
     build = time.perf_counter() - start
     start = time.perf_counter()
-    reply = secagg_app(message, context)
+    reply = client_app(message, context)
     handler = time.perf_counter() - start
     if reply.has_error():
         raise RuntimeError(reply.error.reason)

@@ -34,7 +34,7 @@ rounds = 3
 """
 INSTALLED = {
     "client/__init__.py": b"",
-    "client/secagg.py": b"secagg_app = object()\n",
+    "client/app.py": b"app = object()\n",
     "server/app.py": b"app = object()\n",
 }
 
@@ -65,9 +65,9 @@ def test_fab_with_the_installed_files_is_approved(installed):
 
 
 def test_modified_clientapp_file_is_refused_and_named(installed):
-    decision = check_fab(fab({**INSTALLED, "client/secagg.py": b"secagg_app = 'steal the data'\n"}), installed=installed)
+    decision = check_fab(fab({**INSTALLED, "client/app.py": b"app = 'steal the data'\n"}), installed=installed)
     assert not decision.approved
-    assert "client/secagg.py differs" in decision.reason
+    assert "client/app.py differs" in decision.reason
 
 
 def test_one_changed_byte_in_any_python_file_is_refused(installed):
@@ -88,10 +88,10 @@ def test_python_file_the_installed_fedtune_does_not_have_is_refused(installed, e
 
 def test_fab_without_the_clientapp_module_is_refused(installed):
     decision = check_fab(fab({"server/app.py": INSTALLED["server/app.py"]}), installed=installed)
-    assert not decision.approved and "client/secagg.py" in decision.reason
+    assert not decision.approved and "client/app.py" in decision.reason
 
 
-@pytest.mark.parametrize("kwargs", [{"clientapp": "client.app:app"}, {"clientapp": "rogue.app:app"},
+@pytest.mark.parametrize("kwargs", [{"clientapp": "client.secagg:secagg_app"}, {"clientapp": "rogue.app:app"},
                                     {"publisher": "someone-else"}])
 def test_other_app_is_refused_even_if_its_hash_is_allow_listed(installed, kwargs):
     content = fab(**kwargs)
@@ -101,7 +101,7 @@ def test_other_app_is_refused_even_if_its_hash_is_allow_listed(installed, kwargs
 
 
 def test_allow_listed_hash_is_approved_and_only_that_hash(installed):
-    modified = fab({**INSTALLED, "client/secagg.py": b"secagg_app = 1\n"})
+    modified = fab({**INSTALLED, "client/app.py": b"app = 1\n"})
     digest = hashlib.sha256(modified).hexdigest()
     decision = check_fab(modified, approved_fab_hashes=[digest.upper()], installed=installed)
     assert decision.approved and "approved_fab_hashes" in decision.reason

@@ -5,6 +5,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 
 import client.app as client_app
+from client import task
 from federation.adapter import get_adapter_arrays, to_array_record
 from federation.compression import decode_upload
 from federation.config import run_config_to_json
@@ -38,7 +39,7 @@ def test_train_reply_carries_only_the_lora_delta(make_cfg):
     # Default transport is bf16 (16-bit words): half the bytes of the fp32 adapter.
     assert all(k.endswith("::bf16") and v.dtype == np.uint16 for k, v in wire.items())
     sent = decode_upload(wire)
-    runtime = client_app.get_runtime(cfg)
+    runtime = task.get_runtime(cfg)
     trainable = {n: p for n, p in runtime.model.named_parameters() if p.requires_grad}
     # Every key is a LoRA parameter, and the element count is exactly the adapter's trainable count.
     assert all(".lora_A." in k or ".lora_B." in k for k in sent)
@@ -60,15 +61,15 @@ def test_base_model_is_loaded_once_per_process(make_cfg, monkeypatch):
     cfg = make_cfg()
     adapter = initial_adapter(cfg.model, cfg.lora)
     client_app.train(_message(cfg, adapter), _context(0))
-    first = client_app.get_runtime(cfg).model
+    first = task.get_runtime(cfg).model
 
     def no_reload(*a, **k):
         raise AssertionError("base model reloaded")
 
-    monkeypatch.setattr(client_app, "build_lora_model", no_reload)
+    monkeypatch.setattr(task, "build_lora_model", no_reload)
     client_app.train(_message(cfg, adapter, server_round=2), _context(1))
     client_app.evaluate(_message(cfg, adapter, MessageType.EVALUATE), _context(2))
-    assert client_app.get_runtime(cfg).model is first
+    assert task.get_runtime(cfg).model is first
 
 
 def test_evaluate_reports_token_loss_of_the_received_adapter(make_cfg):

@@ -57,7 +57,7 @@ def test_batched_clients_match_solo_training(make_cfg, fast_path, variant):
                  "clipped+fedprox+accum": ["train.max_grad_norm=0.05", "train.grad_accum=2"],
                  "ffa": ["strategy=ffa_lora"]}[variant]
     cfg, model, tokenizer, datasets = _setup(make_cfg, f"train.fast_path={fast_path}", *overrides)
-    from client.app import configure_trainable
+    from client.task import configure_trainable
 
     configure_trainable(model, cfg)
     start = get_adapter_arrays(model)

@@ -17,9 +17,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _fab(modified: bool) -> bytes:
     files = {"pyproject.toml": (REPO / "pyproject.toml").read_bytes(),
-             "client/secagg.py": (REPO / "client" / "secagg.py").read_bytes()}
+             "client/app.py": (REPO / "client" / "app.py").read_bytes()}
     if modified:
-        files["client/secagg.py"] += b"\nimport os  # anything else\n"
+        files["client/app.py"] += b"\nimport os  # anything else\n"
     return build_fab_from_files(files)[0]
 
 
@@ -29,7 +29,7 @@ def _context() -> Context:
 
 def test_refused_fab_gets_an_error_reply_and_the_clientapp_never_runs(monkeypatch, caplog):
     calls = []
-    monkeypatch.setattr(worker, "secagg_app", lambda message, context: calls.append(message))
+    monkeypatch.setattr(worker, "client_app", lambda message, context: calls.append(message))
     message = instruction(RecordDict(), dst_node_id=7)
     fab = _fab(modified=True)
     with caplog.at_level("ERROR", logger="fedtune.site.worker"):
@@ -39,12 +39,12 @@ def test_refused_fab_gets_an_error_reply_and_the_clientapp_never_runs(monkeypatc
     assert answer.metadata.reply_to_message_id == message.metadata.message_id
     assert status == SubStatus.FAILED and details == answer.error.reason
     assert f"REFUSED run 1: FAB {hashlib.sha256(fab).hexdigest()} is not approved" in caplog.text
-    assert "client/secagg.py differs" in caplog.text
+    assert "client/app.py differs" in caplog.text
 
 
 def test_approved_fab_runs_the_installed_clientapp(monkeypatch):
     message = instruction(RecordDict(), dst_node_id=7)
-    monkeypatch.setattr(worker, "secagg_app", lambda message, context: reply(message, RecordDict()))
+    monkeypatch.setattr(worker, "client_app", lambda message, context: reply(message, RecordDict()))
     answer, status, _ = worker.handle_message(message, _context(), _fab(modified=False), approved_fab_hashes=())
     assert not answer.has_error() and status == SubStatus.COMPLETED
     # ... and so does an allow-listed one, whatever its files.
@@ -57,7 +57,7 @@ def test_clientapp_exception_becomes_an_error_reply_and_the_worker_goes_on(monke
     def broken(message: Message, context: Context) -> Message:
         raise ValueError("bad batch")
 
-    monkeypatch.setattr(worker, "secagg_app", broken)
+    monkeypatch.setattr(worker, "client_app", broken)
     answer, status, details = worker.handle_message(instruction(RecordDict(), dst_node_id=7), _context(),
                                                     _fab(modified=False), approved_fab_hashes=())
     assert answer.has_error() and answer.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION

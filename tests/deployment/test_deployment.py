@@ -308,7 +308,7 @@ def test_coordinator_killed_mid_round_resumes_bit_identically(deployment, two_ro
     restarted coordinator stops the abandoned Flower run, the resumed run re-runs round 2 from the state the sites
     entered it with (two of them had already saved the state after it), and ends with the uninterrupted run's
     adapter, byte for byte (default config: bf16 uploads with error feedback at the sites)."""
-    from client.app import ERROR_FEEDBACK_KEY
+    from client.task import ERROR_FEEDBACK_KEY
     from client.site_state import SiteStateStore
     from server.coordinator import RUN_RUNNING, run_status
 

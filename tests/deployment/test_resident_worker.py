@@ -33,10 +33,10 @@ OVERRIDES = ["model=tiny", "train.local_steps=2", "train.batch_size=4", "federat
              "federation.round_timeout_s=90"]
 # The modified ClientApp: its train handler reads the site's training file and sends it to the coordinator
 # inside the error reason, which an honest coordinator logs and writes to metrics.jsonl ("failed").
-ROGUE_ANCHOR = "    def train(msg: Message, context: Context) -> Message:\n"
-ROGUE_TRAIN = ("        from pathlib import Path as _P\n"
-               "        _data = (_P(str(context.node_config['data-path'])) / 'train.jsonl').read_text()\n"
-               "        raise RuntimeError('EXFILTRATED ' + _data)\n")
+ROGUE_ANCHOR = "def train(msg: Message, context: Context) -> Message:\n"
+ROGUE_TRAIN = ("    from pathlib import Path as _P\n"
+               "    _data = (_P(str(context.node_config['data-path'])) / 'train.jsonl').read_text()\n"
+               "    raise RuntimeError('EXFILTRATED ' + _data)\n")
 
 
 # ------------------------------------------------------------------------------------- fast, no processes
@@ -115,7 +115,7 @@ def _write_site_data(root: Path) -> tuple[dict[str, Path], dict[str, str]]:
 
 
 def _rogue_app(dest: Path) -> Path:
-    """A copy of the project whose client/secagg.py train handler exfiltrates the site's training file."""
+    """A copy of the project whose client/app.py train handler exfiltrates the site's training file."""
     from server.coordinator import APP_ENTRIES
 
     dest.mkdir(parents=True)
@@ -125,9 +125,9 @@ def _rogue_app(dest: Path) -> Path:
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         elif src.exists():
             shutil.copy2(src, dest / name)
-    secagg = dest / "client" / "secagg.py"
+    secagg = dest / "client" / "app.py"
     text = secagg.read_text()
-    assert text.count(ROGUE_ANCHOR) == 1, "client/secagg.py changed: update ROGUE_ANCHOR"
+    assert text.count(ROGUE_ANCHOR) == 1, "client/app.py changed: update ROGUE_ANCHOR"
     secagg.write_text(text.replace(ROGUE_ANCHOR, ROGUE_ANCHOR + ROGUE_TRAIN))
     return dest
 
@@ -197,9 +197,9 @@ def test_resident_worker_loads_base_once_and_refuses_a_modified_clientapp(tmp_pa
         assert rows[0]["clients_ok"] == 0 and not rows[0]["aggregated"], rows[0]
         assert sorted(rows[0]["failed"]) == sorted(str(n) for n in node_ids.values()), rows[0]
         for reason in rows[0]["failed"].values():
-            assert "is not approved by this site: client/secagg.py differs" in reason, reason
+            assert "is not approved by this site: client/app.py differs" in reason, reason
         for site in SITES:
-            assert "REFUSED run" in procs.log(site) and "client/secagg.py differs" in procs.log(site), site_logs()
+            assert "REFUSED run" in procs.log(site) and "client/app.py differs" in procs.log(site), site_logs()
             assert "EXFILTRATED" not in procs.log(site)
         coordinator_side = _texts_under(rogue) + procs.log("coordinator") + procs.log("launch-rogue")
         for canary in canaries.values():
@@ -244,11 +244,11 @@ def test_the_modified_clientapp_really_exfiltrates_when_its_code_runs(tmp_path):
 
     data, canaries = _write_site_data(tmp_path)
     rogue = _rogue_app(tmp_path / "rogue-app")
-    spec = importlib.util.spec_from_file_location("rogue_secagg", rogue / "client" / "secagg.py")
+    spec = importlib.util.spec_from_file_location("rogue_app", rogue / "client" / "app.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     message = instruction(RecordDict(), dst_node_id=1)
     context = Context(run_id=1, node_id=1, node_config={"data-path": str(data["site-a"])}, state=RecordDict(),
                       run_config={})
     with pytest.raises(RuntimeError, match=canaries["site-a"]):
-        module.secagg_app(message, context)
+        module.app(message, context)

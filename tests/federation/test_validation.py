@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from federation.config import compose_config, group_options, run_config_from_json, run_config_to_json
+from federation.config import group_options, run_config_to_json
+from federation.compose import compose_config, run_config_from_json
 from federation.validation import ConfigError, check_secagg_params, validate_simulation_data
 from strategies.aggregators import MixedRanksError, valid_aggregator_names
 

@@ -7,13 +7,16 @@ import pytest
 import torch
 from flwr.app import MessageType
 
-import client.app as plain_client
+import client.task as plain_client
+from client.app import app as client_app
 import server.app
-import server.fedex
-from client.hetero import FROZEN_COUNT_STATE, FROZEN_RECORD, FROZEN_STATE, frozen_lora_update, make_lora_methods_app
+import server.strategies.fedex_lora
+from client.flora import FROZEN_COUNT_STATE, FROZEN_RECORD, FROZEN_STATE, frozen_lora_update
 from federation.adapter import from_array_record, set_adapter_arrays
-from server.fedex import FedExLoraStrategy, fedex_residual_factors
-from server.stateful import build_lora_method_strategy
+from server.strategies.fedex_lora import FedExLoraStrategy
+from strategies.fedavg import weighted_mean
+from strategies.lora_exact import fedex_residual_factors
+from server.strategies import build_lora_method_strategy
 from strategies.aggregators import MixedRanksError
 from strategies.lora_exact import fedex_residual, lora_pairs, weighted_dense_mean
 from tests.server.test_hetero import RecordingGrid, lora_methods_loop  # noqa: F401 (fixture)
@@ -38,13 +41,13 @@ def _random_adapter(rng, rank=3, shapes=((5, 4), (2, 6))):
 @pytest.fixture
 def residual_rounds(monkeypatch):
     """Every (local adapters, weights, scaling) FedExLoraStrategy aggregated, one entry per round."""
-    calls, real = [], server.fedex.fedex_residual_factors
+    calls, real = [], server.strategies.fedex_lora.fedex_residual_factors
 
     def recording(adapters, weights, scaling):
         calls.append(([dict(a) for a in adapters], list(weights), scaling))
         return real(adapters, weights, scaling)
 
-    monkeypatch.setattr(server.fedex, "fedex_residual_factors", recording)
+    monkeypatch.setattr(server.strategies.fedex_lora, "fedex_residual_factors", recording)
     return calls
 
 
@@ -67,7 +70,7 @@ def test_residual_factors_make_the_merge_the_exact_weighted_mean():
 def test_three_sites_two_rounds_merge_exactly_at_the_server_and_at_the_sites(
         make_cfg, lora_methods_loop, residual_rounds):  # noqa: F811 (fixture)
     cfg = make_cfg(f"federation.num_clients={SITES}", f"federation.rounds={ROUNDS}", "strategy=fedex_lora")
-    grid = RecordingGrid(make_lora_methods_app(), SITES)
+    grid = RecordingGrid(client_app, SITES)
     rows = server.app.run_federation(grid, cfg)
     assert all(r["clients_ok"] == SITES and not r["rejected"] and not r["failed"] for r in rows[1:])
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
@@ -80,7 +83,7 @@ def test_three_sites_two_rounds_merge_exactly_at_the_server_and_at_the_sites(
     # Per round: that round's frozen residual + s B̄ Ā is the weighted mean of the sites' s B_i A_i.
     for index, (adapters, weights, round_scaling) in enumerate(residual_rounds):
         assert round_scaling == scaling
-        averaged = server.fedex.weighted_mean(adapters, weights)
+        averaged = weighted_mean(adapters, weights)
         residual = {key: (value[state.offsets[index]:state.offsets[index + 1]] if ".lora_A." in key
                           else value[:, state.offsets[index]:state.offsets[index + 1]])
                     for key, value in state.factors_since(0).items()}
@@ -90,7 +93,7 @@ def test_three_sites_two_rounds_merge_exactly_at_the_server_and_at_the_sites(
         # ... and plain factor averaging would not be: the residual matters.
         assert max(np.abs(update).max() for update in _dense(residual).values()) > 1e-4
     # The trainable global adapter is the FedAvg of the last round's factors (not re-initialised).
-    final_global = server.fedex.weighted_mean(*residual_rounds[-1][:2])
+    final_global = weighted_mean(*residual_rounds[-1][:2])
     checkpoint_global = strategy.current_global  # what the last evaluation sent with the frozen part
     for key, value in final_global.items():
         np.testing.assert_allclose(checkpoint_global[key], value, atol=1e-6)
@@ -113,7 +116,7 @@ def test_three_sites_two_rounds_merge_exactly_at_the_server_and_at_the_sites(
                     expected = x.double() @ (base + torch.from_numpy(update)).T
                     torch.testing.assert_close(layer(x).double(), expected, atol=1e-5, rtol=1e-5)
     # Round 2 sent no frozen record: every site merged round 1's residual at the round-1 evaluation.
-    round2_train = [m for m, _ in grid.exchanges if m.metadata.message_type == MessageType.TRAIN
+    round2_train = [m for m, _ in grid.exchanges if m.metadata.message_type.startswith(MessageType.TRAIN)
                     and m.content["config"]["server-round"] == 2]
     assert len(round2_train) == SITES and all(FROZEN_RECORD not in m.content.array_records for m in round2_train)
 

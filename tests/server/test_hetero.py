@@ -10,17 +10,21 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 import server.app
-import server.hetero
+import server.strategies.flora
 from client.app import RUN_CONFIG_KEY
-from client.hetero import (FROZEN_ACCUMULATE, FROZEN_COUNT_STATE, FROZEN_FROM_KEY, FROZEN_MODE_KEY, FROZEN_RECORD,
+from client.app import app as client_app, train as plain_train
+from client.task import site_settings
+from client.flora import (FROZEN_ACCUMULATE, FROZEN_COUNT_STATE, FROZEN_FROM_KEY, FROZEN_MODE_KEY, FROZEN_RECORD,
                            FROZEN_STATE, FROZEN_TO_KEY, METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS, METRIC_RANK,
-                           dispatch_train, frozen_lora_update, frozen_update_for,
-                           make_lora_methods_app, site_settings)
+                           frozen_lora_update, frozen_update_for)
 from federation.adapter import from_array_record, to_array_record
 from federation.config import run_config_to_json
 from federation.model import initial_adapter
-from server.hetero import HeteroLoraState, SiteProfile, check_site_ranks, query_site_profiles, truncate_factors
-from server.stateful import LORA_METHOD_STRATEGIES, build_lora_method_strategy, check_rank_plan
+from server.strategies.flora import HeteroLoraState, SiteProfile, check_site_ranks, query_site_profiles
+from strategies.lora_exact import truncate_factors
+from federation.config import LORA_METHOD_STRATEGIES
+from server.strategies import build_lora_method_strategy
+from federation.validation import check_rank_plan
 from simulations.inprocess import InProcessGrid
 from strategies.aggregators import MixedRanksError
 from strategies.lora_exact import lora_pairs, lora_ranks, svd_redistribute, weighted_dense_mean
@@ -47,13 +51,13 @@ def lora_methods_loop(monkeypatch):
 @pytest.fixture
 def stacked_rounds(monkeypatch):
     """Every (local adapters, weights, scalings) that HeteroLoraStrategy stacked, one entry per round."""
-    calls, real = [], server.hetero.stack_lora_updates
+    calls, real = [], server.strategies.flora.stack_lora_updates
 
     def recording(adapters, weights, scalings=None, stacked_scaling=1.0):
         calls.append(([dict(a) for a in adapters], list(weights), list(scalings)))
         return real(adapters, weights, scalings, stacked_scaling)
 
-    monkeypatch.setattr(server.hetero, "stack_lora_updates", recording)
+    monkeypatch.setattr(server.strategies.flora, "stack_lora_updates", recording)
     return calls
 
 
@@ -80,7 +84,7 @@ def _dense(factors):
 def _hetero_run(make_cfg, strategy, rounds=2):
     cfg = make_cfg("federation.num_clients=3", f"federation.rounds={rounds}", f"strategy={strategy}",
                    f"strategy.params.site_ranks=[{','.join(map(str, RANKS))}]")
-    grid = RecordingGrid(make_lora_methods_app(), 3)
+    grid = RecordingGrid(client_app, 3)
     return cfg, grid, server.app.run_federation(grid, cfg)
 
 
@@ -197,7 +201,7 @@ def test_flora_three_ranks_train_together_and_the_global_is_the_exact_stacked_su
         for prefix, update in expected.items():
             np.testing.assert_allclose(site[prefix], update, atol=1e-5)
     # Round 2 sent only what the sites lacked: nothing (they merged round 1's update at evaluation).
-    round2_train = [m for m, _ in grid.exchanges if m.metadata.message_type == MessageType.TRAIN
+    round2_train = [m for m, _ in grid.exchanges if m.metadata.message_type.startswith(MessageType.TRAIN)
                     and m.content["config"]["server-round"] == 2]
     assert len(round2_train) == 3 and all(FROZEN_RECORD not in m.content.array_records for m in round2_train)
     sent_ranks = sorted(next(iter(from_array_record(m.content["arrays"]).values())).shape[0] for m in round2_train)
@@ -210,7 +214,7 @@ def test_flexlora_sends_each_site_the_svd_truncation_at_its_rank(make_cfg, lora_
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
     adapters, weights, scalings = stacked_rounds[0]
     global_round1 = weighted_dense_mean(adapters, weights, scalings)
-    round2_train = [m for m, _ in grid.exchanges if m.metadata.message_type == MessageType.TRAIN
+    round2_train = [m for m, _ in grid.exchanges if m.metadata.message_type.startswith(MessageType.TRAIN)
                     and m.content["config"]["server-round"] == 2]
     assert len(round2_train) == 3
     for message in round2_train:
@@ -271,7 +275,7 @@ def test_malformed_site_profiles_become_per_node_errors(make_cfg, caplog):
 def test_site_ranks_from_node_configs_under_fedavg_are_refused_by_the_query_and_by_the_site(make_cfg):
     cfg = make_cfg("federation.num_clients=3")
     node_configs = [{"partition-id": i, "num-partitions": 3, "lora-r": r} for i, r in enumerate([8, 4, 8])]
-    grid = InProcessGrid(make_lora_methods_app(), 3, node_configs=node_configs)
+    grid = InProcessGrid(client_app, 3, node_configs=node_configs)
     config = ConfigRecord({RUN_CONFIG_KEY: run_config_to_json(cfg)})
     with pytest.raises(MixedRanksError, match=r"node 2 r=4"):
         check_site_ranks(grid, cfg, config, timeout=None)
@@ -279,7 +283,7 @@ def test_site_ranks_from_node_configs_under_fedavg_are_refused_by_the_query_and_
                                     "config": ConfigRecord({RUN_CONFIG_KEY: run_config_to_json(cfg),
                                                             "server-round": 1})}), dst_node_id=2)
     with pytest.raises(MixedRanksError, match="configured for LoRA rank 4"):
-        dispatch_train(train, grid.contexts[2])
+        plain_train(train, grid.contexts[2])
     flora_cfg = make_cfg("federation.num_clients=3", "strategy=flora")
     profiles = check_site_ranks(grid, flora_cfg, ConfigRecord({RUN_CONFIG_KEY: run_config_to_json(flora_cfg)}), None)
     assert {node: p.rank for node, p in profiles.items()} == {1: 8, 2: 4, 3: 8}

@@ -23,10 +23,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from client.app import RUN_CONFIG_KEY
-from client.hetero import METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS, METRIC_RANK
+from federation.protocol import METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS, METRIC_RANK
 from client.scaffold import DELTA_C_RECORD
 from federation.adapter import from_array_record, to_array_record
-from federation.config import compose_config
+from federation.compose import compose_config
 from server.app import build_strategy
 from server.replies import (EVAL_LOSS, EVAL_TOKENS, NUM_EXAMPLES, PARTITION_ID, TOKENS_PER_SECOND, TRAIN_LOSS,
                             TRAIN_TOKENS)

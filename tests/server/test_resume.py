@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from client.app import app as client_app
-from client.app import ERROR_FEEDBACK_KEY
-from client.hetero import HETERO_STRATEGIES, make_lora_methods_app
+from client.task import DP_STATE_KEY, ERROR_FEEDBACK_KEY
+from federation.config import HETERO_STRATEGIES
 from client.site_state import SiteStateStore
 from federation.store import GlobalAdapterStore, sha256_file
 from server.app import run_federation
@@ -103,7 +103,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(make_cfg, tmp_path, mon
 
     def run(cfg):
         # A fresh grid is a fresh Flower run: Context.state starts empty, as after a coordinator restart.
-        return run_federation(InProcessGrid(make_lora_methods_app(), 2), cfg)
+        return run_federation(InProcessGrid(client_app, 2), cfg)
 
     full = cfg_for("uninterrupted", rounds)
     assert full.federation.upload_codec == "bf16" and full.federation.upload_error_feedback
@@ -195,16 +195,23 @@ def test_dp_sgd_accountant_history_survives_a_restart(make_cfg, tmp_path):
     assert resumed[-1] == pytest.approx(full[1], rel=1e-12)
 
 
-def test_sites_keep_round_state_under_secagg_too(make_cfg, tmp_path):
+def test_sites_keep_round_state_under_secagg_too(make_cfg, tmp_path, monkeypatch):
     """SecAgg+ rounds carry the federation run id to the sites' training as well (not bit-identical: Flower's
-    quantization rounds stochastically, but the error feedback and a DP-SGD accountant survive a restart)."""
-    from client.secagg import secagg_app
+    quantization rounds stochastically, but a DP-SGD accountant survives a restart). SecAgg+ masks the raw
+    delta: no upload codec, so no error-feedback state either."""
+    from federation.compression import UploadCodec
 
-    cfg = make_cfg("privacy=secagg", "federation.num_clients=3", "federation.rounds=1",
+    def no_codec(*args, **kwargs):
+        raise AssertionError("SecAgg+ must mask the raw delta, not an encoded one")
+
+    monkeypatch.setattr(UploadCodec, "encode", no_codec)
+    cfg = make_cfg("privacy=secagg", "privacy.local_dp_sgd.enabled=true", "privacy.local_dp_sgd.noise_multiplier=1.0",
+                   "federation.num_clients=3", "federation.rounds=1",
                    "federation.evaluate_before_training=false", "strategy.fraction_evaluate=0.0")
-    rows = run_federation(InProcessGrid(secagg_app, 3), cfg)
+    rows = run_federation(InProcessGrid(client_app, 3), cfg)
     assert rows[-1]["clients_ok"] == 3
     run_id = GlobalAdapterStore(cfg.output_dir).federation_run_id()
     for partition in range(3):
         site = SiteStateStore(Path(cfg.output_dir) / "sites" / f"partition-{partition}", run_id)
-        assert site.rounds(ERROR_FEEDBACK_KEY) == [2]
+        assert site.rounds(DP_STATE_KEY) == [2]
+        assert site.rounds(ERROR_FEEDBACK_KEY) == []

@@ -11,14 +11,15 @@ from flwr.app import MessageType
 import client.app as client_app
 import server.app
 from client.fedsa import LORA_B_STATE
-from client.hetero import make_lora_methods_app
+from client import task
 from client.scaffold import C_GLOBAL_RECORD, C_LOCAL_STATE, DELTA_C_RECORD
 from client.site_state import SiteStateStore
 from federation.adapter import from_array_record, get_adapter_arrays
 from federation.compression import decode_upload
-from federation.config import run_config_from_json
+from federation.compose import run_config_from_json
 from federation.store import GlobalAdapterStore
-from server.stateful import ScaffoldAggregator, build_lora_method_strategy
+from server.strategies import build_lora_method_strategy
+from server.strategies.scaffold import ScaffoldAggregator
 from strategies.aggregators import FedAvgAggregator
 from tests.server.test_hetero import RecordingGrid, lora_methods_loop  # noqa: F401 (a fixture)
 
@@ -35,21 +36,21 @@ def _site_state(cfg, node) -> SiteStateStore:
 
 def _train_exchanges(grid, server_round):
     return {m.metadata.dst_node_id: (m, r) for m, r in grid.exchanges
-            if m.metadata.message_type == MessageType.TRAIN and m.content["config"]["server-round"] == server_round}
+            if m.metadata.message_type.startswith(MessageType.TRAIN) and m.content["config"]["server-round"] == server_round}
 
 
 def test_scaffold_two_rounds_controls_persist_at_sites_and_c_follows_the_formula(make_cfg, lora_methods_loop,
                                                                                  monkeypatch):
     cfg = make_cfg("federation.num_clients=2", "federation.rounds=2", "strategy=scaffold")
     site_controls = {}  # (node, round) -> c_i the site keeps right after that round's training
-    grid = RecordingGrid(make_lora_methods_app(), 2)
+    grid = RecordingGrid(client_app.app, 2)
     real_push = grid.push_messages
 
     def push_and_snapshot(messages):
         messages = list(messages)
         ids = real_push(messages)
         for m in messages:
-            if m.metadata.message_type == MessageType.TRAIN:
+            if m.metadata.message_type.startswith(MessageType.TRAIN):
                 node, rnd = m.metadata.dst_node_id, int(m.content["config"]["server-round"])
                 site_controls[(node, rnd)] = _site_state(cfg, node).load_arrays(C_LOCAL_STATE, rnd + 1)
         return ids
@@ -91,12 +92,12 @@ def test_fedsa_keeps_each_sites_b_and_averages_a(make_cfg, lora_methods_loop, mo
     cfg = make_cfg("federation.num_clients=3", "federation.rounds=2", "strategy=fedsa_lora")
     trained = {}  # (node, round) -> (adapter the trainer started from, adapter it ended with)
     evaluated = {}  # (node, round) -> adapter the site evaluated
-    real_train, real_evaluate = client_app.train_reply, client_app.evaluate
+    real_train, real_evaluate = task.train_reply, task.evaluate_reply
 
     def recording_train_reply(msg, context, before_step=None):
         start = from_array_record(msg.content["arrays"])
         reply = real_train(msg, context, before_step)
-        runtime = client_app.get_runtime(run_config_from_json(str(msg.content["config"][client_app.RUN_CONFIG_KEY])))
+        runtime = task.get_runtime(run_config_from_json(str(msg.content["config"][client_app.RUN_CONFIG_KEY])))
         server_round = int(msg.content["config"]["server-round"])
         trained[(context.node_id, server_round)] = (start, get_adapter_arrays(runtime.model))
         return reply
@@ -106,9 +107,9 @@ def test_fedsa_keeps_each_sites_b_and_averages_a(make_cfg, lora_methods_loop, mo
             msg.content["arrays"])
         return real_evaluate(msg, context)
 
-    monkeypatch.setattr(client_app, "train_reply", recording_train_reply)
-    monkeypatch.setattr(client_app, "evaluate", recording_evaluate)
-    grid = RecordingGrid(make_lora_methods_app(), 3)
+    monkeypatch.setattr(task, "train_reply", recording_train_reply)
+    monkeypatch.setattr(task, "evaluate_reply", recording_evaluate)
+    grid = RecordingGrid(client_app.app, 3)
     rows = server.app.run_federation(grid, cfg)
     assert [r["clients_ok"] for r in rows[1:]] == [3, 3] and all(not r["rejected"] for r in rows[1:])
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]

@@ -12,7 +12,8 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 import client.app as client_app
-from client.secagg import CLIPPED_VALUES_METRIC, make_secagg_app, secagg_app, secagg_upload
+from client.app import app as secagg_app
+from client.secagg import CLIPPED_VALUES_METRIC, make_secagg_app, secagg_upload
 from federation.adapter import from_array_record, to_array_record
 from federation.config import CentralDPConfig, run_config_to_json
 from federation.model import initial_adapter
@@ -292,7 +293,8 @@ def test_plain_train_passes_through_unless_the_site_requires_secagg():
 
 
 def test_real_training_under_secagg_matches_plain_fedavg_of_the_same_deltas(make_cfg):
-    cfg = make_cfg("federation.num_clients=3")
+    # SecAgg+ masks the raw float delta (no upload codec), so the plain run uploads it raw too (fp32).
+    cfg = make_cfg("federation.num_clients=3", "federation.upload_codec=fp32")
     start = initial_adapter(cfg.model, cfg.lora)
     run_config = run_config_to_json(cfg)
     plain = InProcessGrid(client_app.app, 3)

@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 import client.multi_adapter
 from client.app import RUN_CONFIG_KEY
 from client.multi_adapter import MultiAdapterTrainer, batchable
-from client.secagg import secagg_app
+from client.app import app as client_app
 from federation.adapter import to_array_record
 from federation.config import run_config_to_json
 from federation.model import initial_adapter
@@ -35,7 +35,7 @@ def batched_groups(monkeypatch):
 
 def _run(make_cfg, tmp_path, name, *overrides):
     cfg = make_cfg("federation.num_clients=3", "federation.rounds=2", f"output_dir={tmp_path / name}", *overrides)
-    rows = run_federation(InProcessGrid(secagg_app, 3), cfg)
+    rows = run_federation(InProcessGrid(client_app, 3), cfg)
     return rows, GlobalAdapterStore(tmp_path / name).load()
 
 

@@ -12,7 +12,7 @@ SITES = 5
 
 @pytest.fixture(scope="module")
 def run_loss(tmp_path_factory):
-    from federation.config import compose_config
+    from federation.compose import compose_config
 
     cache = tmp_path_factory.getbasetemp() / "robust-model-cache"
     done: dict = {}

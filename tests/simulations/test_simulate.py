@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from federation.config import compose_config
+from federation.compose import compose_config
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -170,3 +170,62 @@ def test_matches_flower_strategies_over_three_rounds(name, flower_task_identity)
         global_flower = {key: record[key].numpy() for key in global_flower}
         for key in global_ours:
             np.testing.assert_allclose(global_ours[key], global_flower[key], rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- variant: flower | paper, against hand-written formulas
+
+def _reference_run(kind, variant, deltas, x0, eta, beta_1, beta_2, tau):
+    """Hand-written, one coordinate-wise loop per formula: Flower 1.41 (v0 = 0, FedAdam bias-corrected) or
+    Reddi et al. 2021 Algorithm 2 (v_{-1} = tau^2, no bias correction)."""
+    x = np.array(x0, dtype=np.float64)
+    m = np.zeros_like(x)
+    v = np.zeros_like(x) if variant == "flower" else np.full_like(x, tau**2)
+    for t, d in enumerate(deltas, start=1):
+        d = np.asarray(d, dtype=np.float64)
+        m = beta_1 * m + (1.0 - beta_1) * d
+        if kind == "adam":
+            v = beta_2 * v + (1.0 - beta_2) * d**2
+        elif kind == "yogi":
+            v = v - (1.0 - beta_2) * d**2 * np.sign(v - d**2)
+        else:
+            v = v + d**2
+        step = eta
+        if kind == "adam" and variant == "flower":
+            # Flower 1.41 bias-corrects with exponent r + 1 in its 1-based server round r
+            step = eta * np.sqrt(1.0 - beta_2 ** float(t + 1)) / (1.0 - beta_1 ** float(t + 1))
+        x = x + step * m / (np.sqrt(v) + tau)
+    return x
+
+
+@pytest.mark.parametrize("variant", ["flower", "paper"])
+@pytest.mark.parametrize("kind", ["adam", "yogi", "adagrad"])
+def test_server_optimizer_variants_follow_their_formula_exactly(kind, variant):
+    from strategies.server_opt import FedAdagrad, FedAdam, FedYogi
+
+    rng = np.random.default_rng(7)
+    x0 = rng.normal(size=(3, 4))
+    deltas = [rng.normal(scale=0.1, size=(3, 4)) for _ in range(4)]
+    eta, beta_1, beta_2, tau = 0.05, 0.9, 0.99, 1e-3
+    if kind == "adam":
+        opt = FedAdam(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau, variant=variant)
+    elif kind == "yogi":
+        opt = FedYogi(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau, variant=variant)
+    else:
+        opt = FedAdagrad(eta=eta, tau=tau, variant=variant)
+        beta_1 = 0.0
+    x = {"w": x0.copy()}
+    for d in deltas:
+        x = opt.step(x, {"w": d})
+    expected = _reference_run(kind, variant, deltas, x0, eta, beta_1, beta_2, tau)
+    np.testing.assert_allclose(x["w"], expected, rtol=1e-13, atol=0)
+
+
+def test_the_two_variants_differ_and_flower_is_the_default():
+    from strategies.server_opt import FedAdam
+
+    x, d = {"w": np.zeros(2)}, {"w": np.array([0.1, -0.2])}
+    default, flower, paper = FedAdam(), FedAdam(variant="flower"), FedAdam(variant="paper")
+    np.testing.assert_array_equal(default.step(x, d)["w"], flower.step(x, d)["w"])
+    assert not np.allclose(flower.step(x, d)["w"], paper.step(x, d)["w"])
+    with pytest.raises(ValueError, match="variant must be one of"):
+        FedAdam(variant="reddi")

@@ -1,6 +1,4 @@
-"""Coordinator side of the LoRA methods that keep state beyond the global adapter: SCAFFOLD, FedSA-LoRA,
-and the entry point that builds any of them (plus FLoRA / FlexLoRA from server.hetero and FedEx-LoRA from
-server.fedex) by strategy name.
+"""Coordinator side of SCAFFOLD (the site side is client/scaffold.py).
 
 SCAFFOLD (Karimireddy et al. 2020): the server control variate c rides along with the global adapter
 in every train message; sites reply with their delta and delta_c; c <- c + (1/N) sum_i delta_c_i with
@@ -9,13 +7,8 @@ aggregator slot (``ScaffoldAggregator``), so the round checkpoint saves it and a
 The adapter itself is aggregated by the inner aggregator (``strategy.aggregator``, default fedavg:
 x + weighted mean of the deltas, i.e. SCAFFOLD with server lr 1; fedavgm gives another server lr).
 
-FedSA-LoRA (Guo et al. 2024): sites upload the lora_A (and non-LoRA) deltas only and keep lora_B
-(client.fedsa). The coordinator fills the missing B deltas with zeros, so the inner aggregator
-averages A and leaves the global B at its initial value; the checkpointed global adapter is the
-shared A with that initial B, the personal B's never leave the sites.
-
-Neither runs under SecAgg+ or central DP (they need per-site extras the sum would hide or that the
-DP guarantee would not cover); ``build_lora_method_strategy`` refuses those combinations.
+It does not run under SecAgg+ or central DP (delta_c is a per-site extra the sum would hide and the DP guarantee
+would not cover): strategies/registry.py declares it, federation/validation.py refuses those combinations.
 """
 
 from __future__ import annotations
@@ -28,16 +21,11 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from client.scaffold import C_GLOBAL_RECORD, CONTROL_DTYPE, DELTA_C_RECORD
 from federation.adapter import to_array_record
-from federation.config import FEDEX_STRATEGY, HETERO_STRATEGIES, LORA_METHOD_STRATEGIES, SITE_PARAMS
-from server.fedex import build_fedex_strategy
-from server.hetero import build_hetero_strategy, check_rank_plan, check_site_ranks  # noqa: F401 (re-exported)
+from federation.protocol import C_GLOBAL_RECORD, CONTROL_DTYPE, DELTA_C_RECORD
 from server.replies import decode_arrays
 from server.strategy import LoraDeltaStrategy
-from strategies.aggregators import build_aggregator
 from strategies.fedavg import AdapterArrays, UpdateRejected, validate_update
-from strategies.lora_exact import LORA_B_SUFFIX
 from strategies.scaffold import server_control_update, zero_control
 
 log = logging.getLogger("fedtune.server")
@@ -137,41 +125,8 @@ class ScaffoldStrategy(LoraDeltaStrategy):
         return new_arrays, metrics
 
 
-class FedSALoraStrategy(LoraDeltaStrategy):
-    """LoraDeltaStrategy for uploads without lora_B: missing B deltas count as zero, so only A is averaged."""
-
-    def complete_update(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Refuse an upload that carries lora_B; fill every lora_B delta with zeros (the global B never moves)."""
-        leaked = [key for key in arrays if key.endswith(LORA_B_SUFFIX)]
-        if leaked:
-            raise UpdateRejected(f"FedSA-LoRA keeps lora_B at the site, but the upload has lora_B parts {leaked[:2]}")
-        zeros = {key: np.zeros(np.shape(value), np.float32) for key, value in self.current_global.items()
-                 if key.endswith(LORA_B_SUFFIX)}
-        return {**arrays, **zeros}
-
-
 def _strategy_kwargs(cfg: Any) -> dict[str, Any]:
     s = cfg.strategy
     return dict(fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
                 min_train_nodes=s.min_train_clients, min_evaluate_nodes=s.min_evaluate_clients,
                 min_available_nodes=s.min_available_clients)
-
-
-def build_lora_method_strategy(cfg: Any) -> LoraDeltaStrategy:
-    """The strategy for cfg.strategy.name in LORA_METHOD_STRATEGIES (flora, flexlora, fedex_lora, scaffold, fedsa_lora).
-
-    cfg was validated when it was composed (federation.validation: privacy combinations, params, ranks).
-    """
-    s = cfg.strategy
-    if s.name not in LORA_METHOD_STRATEGIES:
-        raise ValueError(f"{s.name!r} is not one of {list(LORA_METHOD_STRATEGIES)}")
-    if s.name in HETERO_STRATEGIES:
-        return build_hetero_strategy(cfg)
-    if s.name == FEDEX_STRATEGY:
-        return build_fedex_strategy(cfg)
-    inner_name = s.aggregator if s.aggregator and s.aggregator != s.name else "fedavg"
-    inner = build_aggregator(inner_name, {k: v for k, v in (s.params or {}).items() if k not in SITE_PARAMS})
-    if s.name == "scaffold":
-        return ScaffoldStrategy(ScaffoldAggregator(inner), num_sites_total=cfg.federation.num_clients,
-                                min_completed_clients=cfg.federation.min_completed_clients, **_strategy_kwargs(cfg))
-    return FedSALoraStrategy(inner, **_strategy_kwargs(cfg))

@@ -1,6 +1,6 @@
 """Coordinator side of heterogeneous LoRA ranks: FLoRA stacking (Wang et al. 2024) and FlexLoRA (Bai et al. 2024).
 
-Each site trains a LoRA of its own rank r_i (client.hetero.site_settings says where it comes from);
+Each site trains a LoRA of its own rank r_i (client.task.site_settings says where it comes from);
 the coordinator learns the ranks with a site-profile query (once per node, and again after a node
 failed) and keeps the EXACT global update as stacked factors B_g (out, R), A_g (R, in) with scaling 1
 (``HeteroLoraState``, checkpointed as the strategy state).
@@ -29,24 +29,24 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from client.app import RUN_CONFIG_KEY
-from client.hetero import (FROZEN_ACCUMULATE, FROZEN_FROM_KEY, FROZEN_MODE_KEY, FROZEN_RECORD, FROZEN_TO_KEY,
-                           FROZEN_TRANSIENT, FROZEN_UPDATE_STRATEGIES, HETERO_STRATEGIES, METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS,
-                           METRIC_RANK)
 from federation.adapter import from_array_record, to_array_record
+from federation.config import FROZEN_UPDATE_STRATEGIES, HETERO_STRATEGIES
+from federation.protocol import (EVALUATE, TRAIN, FROZEN_ACCUMULATE, FROZEN_FROM_KEY, FROZEN_MODE_KEY, FROZEN_RECORD, FROZEN_TO_KEY,
+                                 FROZEN_TRANSIENT, METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS, METRIC_RANK, RUN_CONFIG_KEY,
+                                 message_type as wire_message_type)
 from federation.validation import check_rank_plan, mixed_ranks_message  # noqa: F401 (check_rank_plan re-exported)
 from server.replies import COUNT, EVAL_REPLY, POSITIVE_COUNT, TRAIN_REPLY, MetricSchema, reply_node, sent_to
 from server.strategy import LoraDeltaStrategy, weighted_metrics
 from strategies.aggregators import MixedRanksError
 from strategies.fedavg import AdapterArrays, UpdateRejected
-from strategies.lora_exact import LORA_A_SUFFIX, LORA_B_SUFFIX, lora_pairs, lora_ranks, non_lora_keys, \
-    stack_lora_updates
+from strategies.lora_exact import (LORA_A_SUFFIX, LORA_B_SUFFIX, lora_pairs, lora_ranks, non_lora_keys,
+                                   stack_lora_updates, truncate_factors)
 
 log = logging.getLogger("fedtune.server")
 
 STATE_PREFIX = "hetero."
 STATE_OFFSETS = "hetero.offsets"
-# A site-profile reply (client.hetero.site_profile); train and evaluate replies may add the merged-updates count.
+# A site-profile reply (client.flora.site_profile); train and evaluate replies may add the merged-updates count.
 SITE_PROFILE_REPLY = MetricSchema(required={METRIC_RANK: POSITIVE_COUNT, METRIC_LOCAL_STEPS: POSITIVE_COUNT,
                                             METRIC_FROZEN_COUNT: COUNT})
 
@@ -62,7 +62,7 @@ class SiteProfile:
 
 def query_site_profiles(grid: Grid, node_ids: Sequence[int], config: ConfigRecord,
                         timeout: float | None) -> tuple[dict[int, SiteProfile], dict[int, str]]:
-    """({node: profile}, {node: why no profile}) from one query message per node (client.hetero.site_profile)."""
+    """({node: profile}, {node: why no profile}) from one query message per node (client.flora.site_profile)."""
     content = RecordDict({"config": ConfigRecord({RUN_CONFIG_KEY: str(config[RUN_CONFIG_KEY])})})
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=node) for node in node_ids]
     replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
@@ -103,29 +103,6 @@ def check_site_ranks(grid: Grid, cfg: Any, config: ConfigRecord, timeout: float 
     return profiles
 
 
-def truncate_factors(b: np.ndarray, a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Best rank-`rank` factors of B @ A without forming it: (B_r (out, rank), A_r (rank, in), singular values (rank,)).
-
-    Same result as strategies.lora_exact.svd_redistribute(B @ A, rank) (B_r = U sqrt(S), A_r = sqrt(S) V^T),
-    via QR of both factors and an SVD of the small (R, R) core: O((out + in) R^2) instead of O(out in min(out, in)).
-    Missing components (rank > rank of B @ A) are zero.
-    """
-    b, a = np.asarray(b, dtype=np.float64), np.asarray(a, dtype=np.float64)
-    out_dim, in_dim = b.shape[0], a.shape[1]
-    b_r, a_r, values = np.zeros((out_dim, rank)), np.zeros((rank, in_dim)), np.zeros(rank)
-    if b.shape[1] == 0:
-        return b_r, a_r, values
-    q_b, r_b = np.linalg.qr(b)
-    q_a, r_a = np.linalg.qr(a.T)
-    u, singular_values, vt = np.linalg.svd(r_b @ r_a.T)
-    kept = min(rank, singular_values.size)
-    root = np.sqrt(singular_values[:kept])
-    b_r[:, :kept] = (q_b @ u[:, :kept]) * root
-    a_r[:kept] = root[:, None] * (vt[:kept] @ q_a.T)
-    values[:kept] = singular_values[:kept]
-    return b_r, a_r, values
-
-
 def fresh_lora_a(rank: int, in_features: int, rng: np.random.Generator) -> np.ndarray:
     """lora_A (rank, in) as PEFT initialises it: U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform, a=sqrt(5))."""
     bound = 1.0 / np.sqrt(in_features)
@@ -137,7 +114,7 @@ class HeteroLoraState:
 
     ``offsets[k]`` is the stacked rank after k merged updates (flora, fedex_lora: aggregated rounds), so
     the rows ``offsets[k]:`` of A (columns of B) are exactly the updates after the k-th. fedex_lora
-    (server.fedex) keeps its accumulated residuals here the same way.
+    (server/strategies/fedex_lora.py) keeps its accumulated residuals here the same way.
     """
 
     supports_mixed_ranks = True
@@ -305,6 +282,7 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
     def _messages(self, server_round: int, nodes: Sequence[int], config: ConfigRecord, message_type: str,
                   ledger) -> list[Message]:
         dims = _layer_dims(self.current_global)
+        action = self.client_train_action if message_type == TRAIN else self.client_evaluate_action
         messages = []
         for node in nodes:
             rank = self.profiles[node].rank
@@ -316,7 +294,8 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
             content = RecordDict({"arrays": to_array_record(adapter, self.transport_dtype),
                                   "config": ConfigRecord({**dict(config), **frozen_config}), **frozen_records})
             ledger.bytes_down += sum(record.count_bytes() for record in content.array_records.values())
-            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
+            messages.append(Message(content=content, message_type=wire_message_type(message_type, action),
+                                    dst_node_id=node))
         return messages
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -328,7 +307,7 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
         ledger.sampled = sampled
         self.sent = {}
         nodes = self._profiles_for(grid, sampled, config, ledger.failed)
-        self._sent = self._messages(server_round, nodes, config, MessageType.TRAIN, ledger)
+        self._sent = self._messages(server_round, nodes, config, TRAIN, ledger)
         return self._sent
 
     def _sent_adapter(self, node: int) -> AdapterArrays:
@@ -383,7 +362,7 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
         ledger = self.ledger(server_round)
         ledger.eval_sampled = sampled
         nodes = self._profiles_for(grid, sampled, config, ledger.eval_failed)
-        self._sent_eval = self._messages(server_round, nodes, config, MessageType.EVALUATE, ledger)
+        self._sent_eval = self._messages(server_round, nodes, config, EVALUATE, ledger)
         return self._sent_eval
 
 

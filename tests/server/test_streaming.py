@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from strategies.fedavg import UpdateRejected, weighted_mean
-from strategies.streaming import StreamingWeightedMean
+from server.streaming import StreamingWeightedMean
 
 KEY_A = "base_model.model.layer.q_proj.lora_A.weight"
 KEY_B = "base_model.model.layer.q_proj.lora_B.weight"

@@ -8,7 +8,7 @@ the difference (the residual) to the frozen weight. The residual of a round is i
 
 so the coordinator keeps the accumulated residuals as stacked factors (scaling 1) in the same
 ``HeteroLoraState`` that holds FLoRA's global update, and sites add them through the same frozen
-forward hook (client.hetero.frozen_lora_update; never merged into a 4-bit weight, see there), receiving
+forward hook (client.flora.frozen_lora_update; never merged into a 4-bit weight, see there), receiving
 only the rounds they have not merged yet. The trainable adapter is the FedAvg (B̄', Ā') and keeps
 training from there (FLoRA re-initialises it). Every round, for every layer:
 
@@ -27,28 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from client.hetero import FEDEX_STRATEGY
-from server.hetero import HeteroLoraStrategy
-from strategies.fedavg import AdapterArrays, weighted_mean
-from strategies.lora_exact import lora_pairs, stack_lora_updates
+from federation.config import FEDEX_STRATEGY
+from server.strategies.flora import HeteroLoraStrategy
+from strategies.fedavg import AdapterArrays
+from strategies.lora_exact import fedex_residual_factors
 
 log = logging.getLogger("fedtune.server")
-
-
-def fedex_residual_factors(adapters: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float],
-                           scaling: float) -> tuple[AdapterArrays, AdapterArrays]:
-    """(FedAvg adapter, residual as stacked factors with scaling 1: A (k r + r, in), B (out, k r + r)).
-
-    B_res @ A_res == scaling * (sum_i w_i B_i A_i - mean(B) @ mean(A)) exactly (weights normalised).
-    """
-    averaged = weighted_mean(adapters, weights)
-    stacked = stack_lora_updates(adapters, weights, [scaling] * len(adapters), stacked_scaling=1.0)
-    residual: AdapterArrays = {}
-    for a_key, b_key in lora_pairs(averaged).values():
-        residual[a_key] = np.concatenate([stacked[a_key], np.asarray(averaged[a_key], np.float64)], axis=0)
-        residual[b_key] = np.concatenate([stacked[b_key], -scaling * np.asarray(averaged[b_key], np.float64)],
-                                         axis=1)
-    return averaged, residual
 
 
 class FedExLoraStrategy(HeteroLoraStrategy):

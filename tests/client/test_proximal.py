@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from strategies.fedprox import proximal_term
+from client.proximal import proximal_term
 
 
 def test_hand_computed_value_and_gradient():

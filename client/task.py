@@ -1,0 +1,393 @@
+"""What a site does with a message, without Flower's routing: the shared pieces every ClientApp handler uses.
+
+client/app.py registers the handlers (one ClientApp); the method-specific ones (client/scaffold.py,
+client/fedsa.py, client/flora.py, client/fedex.py, client/secagg.py) build on the functions here:
+receive the global adapter, train locally, and reply with the LoRA delta (``train_reply``), or hand
+the raw float delta to SecAgg+ (``train_update``); evaluate (``evaluate_reply``); this site's rank and
+local steps (``site_settings``, ``for_this_site``).
+
+The base model is loaded once per process and stays resident; every round only the LoRA tensors
+are copied in (``set_adapter_arrays``). The run config travels from the coordinator inside the
+message, so every site trains the model and adapter shape the coordinator chose; the only
+site-local input is where the data is (``data-path`` in the node config, or the simulation's
+partition id).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from client.fast_train import FastLocalTrainer, FastPathSettings
+from client.site_state import server_round_of, site_state
+from client.trainer import LocalTrainer
+from federation.adapter import (adapter_delta, from_array_record, get_adapter_arrays, lora_parameters,
+                                set_adapter_arrays)
+from federation.compression import ErrorFeedback, UploadCodec
+from federation.config import PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS, RunConfig
+from federation.compose import run_config_from_json
+from federation.data import EVAL_FILE, TRAIN_FILE, SiteDataset, load_site_files, load_site_split
+from federation.model import LoadInfo, build_lora_model
+from federation.protocol import DATA_FINGERPRINT_RECORD, NODE_LOCAL_STEPS_KEY, NODE_RANK_KEY, RUN_CONFIG_KEY
+from strategies.aggregators import MixedRanksError
+
+log = logging.getLogger("fedtune.client")
+
+
+def _log_in_deployment() -> None:
+    """Show our INFO lines in a site daemon's output: Flower's ClientApp process sets up only the "flwr" logger."""
+    level = os.environ.get("FEDTUNE_LOG_LEVEL")  # set by client/daemon.py (fedtune site)
+    fedtune_log = logging.getLogger("fedtune")
+    if level and not fedtune_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fedtune_log.addHandler(handler)
+        fedtune_log.setLevel(level.upper())
+        fedtune_log.propagate = False
+
+
+_log_in_deployment()
+
+# Site state that rounds advance (client/site_state.py, per federation run and round): the site's DP-SGD
+# accountant history ...
+DP_STATE_KEY = "fedtune.dp-sgd"
+# ... and the upload codec's error-feedback residual (what lossy compression dropped so far).
+ERROR_FEEDBACK_KEY = "fedtune.error-feedback"
+
+
+@dataclass
+class SiteRuntime:
+    """Everything a site keeps between rounds: the resident model and its datasets."""
+
+    model_key: str
+    model: object
+    tokenizer: object
+    info: LoadInfo
+    datasets: dict[str, tuple[SiteDataset, SiteDataset]] = field(default_factory=dict)
+    fingerprints: dict[str, dict] = field(default_factory=dict)
+
+
+_RUNTIME: SiteRuntime | None = None
+
+
+def _model_key(cfg: RunConfig) -> str:
+    blob = json.dumps({"model": asdict(cfg.model), "lora": asdict(cfg.lora)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def get_runtime(cfg: RunConfig) -> SiteRuntime:
+    """The process-wide runtime; the base model is (re)loaded only if model/LoRA config changed."""
+    global _RUNTIME
+    key = _model_key(cfg)
+    if _RUNTIME is None or _RUNTIME.model_key != key:
+        model, tokenizer, info = build_lora_model(cfg.model, cfg.lora)
+        _RUNTIME = SiteRuntime(key, model, tokenizer, info)
+        # One line per load: the deployment tests count them (one per site daemon).
+        log.info("base model loaded (%s, pid %d)", cfg.model.name, os.getpid())
+    return _RUNTIME
+
+
+def _dataset_key(cfg: RunConfig, context: Context) -> str:
+    node = context.node_config
+    if "data-path" in node:
+        return f"path:{node['data-path']}"
+    pid, n = int(node["partition-id"]), int(node["num-partitions"])
+    return f"partition:{pid}/{n}:{hashlib.sha256(json.dumps(asdict(cfg.data), sort_keys=True).encode()).hexdigest()}"
+
+
+def site_datasets(runtime: SiteRuntime, cfg: RunConfig, context: Context) -> tuple[SiteDataset, SiteDataset]:
+    """(train, eval) for this node: node config `data-path` in deployment, partition id in simulation."""
+    node = context.node_config
+    key = _dataset_key(cfg, context)
+    if key not in runtime.datasets:
+        if "data-path" in node:
+            runtime.datasets[key] = load_site_files(str(node["data-path"]), cfg.data, runtime.tokenizer)
+        else:
+            runtime.datasets[key] = load_site_split(cfg.data, runtime.tokenizer, int(node["partition-id"]),
+                                                    int(node["num-partitions"]))
+    return runtime.datasets[key]
+
+
+def data_fingerprint(runtime: SiteRuntime, cfg: RunConfig, context: Context) -> dict[str, str | int]:
+    """{"sha256", "examples"} of this site's training data, computed once per dataset.
+
+    Deployment: sha256 over the data files' bytes (train.jsonl [+ eval.jsonl], or the one file, names included);
+    simulation (no file per site): over the site's tokenized training examples. `examples` counts training examples.
+    """
+    key = _dataset_key(cfg, context)
+    if key not in runtime.fingerprints:
+        train_ds, _ = site_datasets(runtime, cfg, context)
+        digest = hashlib.sha256()
+        if "data-path" in context.node_config:
+            path = Path(str(context.node_config["data-path"])).expanduser()
+            files = sorted(p for p in path.glob("*.jsonl") if p.name in (TRAIN_FILE, EVAL_FILE)) if path.is_dir() \
+                else [path]
+            for file in files:
+                digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+        else:
+            for example in train_ds.examples:
+                digest.update(example["input_ids"].numpy().tobytes() + example["labels"].numpy().tobytes())
+        runtime.fingerprints[key] = {"sha256": digest.hexdigest(), "examples": len(train_ds)}
+    return runtime.fingerprints[key]
+
+
+def make_trainer(runtime: SiteRuntime, cfg: RunConfig) -> LocalTrainer:
+    """The fast path (packing + chunked loss) when asked for; DP-SGD needs one example per row, so plain."""
+    if cfg.train.fast_path and not cfg.privacy.local_dp_sgd.enabled:
+        return FastLocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train,
+                                FastPathSettings(checkpoint_every=cfg.train.checkpoint_every))
+    return LocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train)
+
+
+def _site_label(context: Context) -> int:
+    return int(context.node_config.get("partition-id", -1))
+
+
+def configure_trainable(model, cfg: RunConfig) -> None:
+    """LoRA params train, except lora_A under FFA-LoRA; checkpointing off for DP-SGD (Opacus needs per-example grads)."""
+    for key, param in lora_parameters(model).items():
+        param.requires_grad_(not (cfg.strategy.freeze_lora_a and ".lora_A." in key))
+    base = model.get_base_model()
+    if cfg.privacy.local_dp_sgd.enabled and getattr(base, "is_gradient_checkpointing", False):
+        base.gradient_checkpointing_disable()
+
+
+_PARSED_RUN_CONFIGS: dict[str, RunConfig] = {}
+
+
+def parse_run_config(text: str) -> RunConfig:
+    """run_config_from_json, cached by text: its schema validation costs 20-60 ms and every message of a run repeats it."""
+    if text not in _PARSED_RUN_CONFIGS:
+        if len(_PARSED_RUN_CONFIGS) >= 8:  # a process serves one run at a time; keep the cache tiny
+            _PARSED_RUN_CONFIGS.clear()
+        _PARSED_RUN_CONFIGS[text] = run_config_from_json(text)
+    return copy.deepcopy(_PARSED_RUN_CONFIGS[text])  # callers may adjust their copy
+
+
+def _prepare(msg: Message, context: Context):
+    cfg = parse_run_config(str(msg.content["config"][RUN_CONFIG_KEY]))
+    runtime = get_runtime(cfg)
+    configure_trainable(runtime.model, cfg)
+    global_arrays = from_array_record(msg.content["arrays"])
+    set_adapter_arrays(runtime.model, global_arrays)
+    train_ds, eval_ds = site_datasets(runtime, cfg, context)
+    return cfg, runtime, global_arrays, train_ds, eval_ds
+
+
+def site_seed(cfg: RunConfig, server_round: int, context: Context) -> int:
+    """The seed of a site's data order in a round: a function of (seed, round, site) only, so reruns reproduce it."""
+    return cfg.train.seed * 1_000_003 + server_round * 1009 + _site_label(context)
+
+
+@dataclass
+class LocalUpdate:
+    """One round of local training: the run config it ran under, the trainer's result, the raw float delta."""
+
+    cfg: RunConfig
+    result: object  # client.trainer.TrainResult
+    delta: dict[str, np.ndarray]
+    extra_metrics: dict = field(default_factory=dict)
+
+
+def train_reply(msg: Message, context: Context, before_step=None) -> Message:
+    """The train reply: the encoded delta and metrics; `before_step(params)` runs before every optimizer step."""
+    update = train_update(msg, context, before_step)
+    return build_train_reply(msg, context, update.cfg, update.result, update.delta, update.extra_metrics)
+
+
+def train_update(msg: Message, context: Context, before_step=None) -> LocalUpdate:
+    """Train on local data from the global adapter; the raw float delta (SecAgg+ masks it without any codec)."""
+    cfg, runtime, global_arrays, train_ds, _ = _prepare(msg, context)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    trainer = make_trainer(runtime, cfg)
+    seed = site_seed(cfg, server_round, context)
+    extra_metrics = {}
+    if cfg.privacy.local_dp_sgd.enabled:
+        result, extra_metrics["dp-sgd-epsilon"] = _train_dp_sgd(trainer, train_ds, cfg, msg, context)
+    else:
+        result = trainer.train(train_ds, seed=seed, proximal_mu=cfg.strategy.proximal_mu, before_step=before_step)
+    delta = adapter_delta(get_adapter_arrays(runtime.model), global_arrays)
+    return LocalUpdate(cfg, result, delta, extra_metrics)
+
+
+def build_train_reply(msg: Message, context: Context, cfg: RunConfig, result, delta: dict,
+                      extra_metrics: dict | None = None) -> Message:
+    """The reply to a train message: the encoded delta and the round's metrics (logged on the site)."""
+    server_round = int(msg.content["config"].get("server-round", 0))
+    record = encode_delta(delta, cfg, msg, context)
+    log.info("round %d: trained on %d examples (%d steps, %d tokens, loss %.4f, %.0f tok/s); uploading %d bytes",
+             server_round, result.num_examples, result.steps, result.input_tokens, result.train_loss,
+             result.tokens_per_second, record.count_bytes())
+    metrics = train_metrics(context, result, extra_metrics)
+    fingerprint = ConfigRecord(data_fingerprint(get_runtime(cfg), cfg, context))
+    return Message(content=RecordDict({"arrays": record, "metrics": metrics, DATA_FINGERPRINT_RECORD: fingerprint}),
+                   reply_to=msg)
+
+
+def train_metrics(context: Context, result, extra_metrics: dict | None = None) -> MetricRecord:
+    """The metrics of a train reply (federation/protocol.py names them)."""
+    return MetricRecord({
+        "num-examples": result.num_examples,
+        "train-loss": result.train_loss,
+        "train-tokens": result.target_tokens,
+        "input-tokens": result.input_tokens,
+        "train-steps": result.steps,
+        "train-seconds": result.seconds,
+        "tokens-per-second": result.tokens_per_second,
+        "peak-memory-bytes": result.peak_memory_bytes,
+        "partition-id": _site_label(context),
+        **(extra_metrics or {}),
+    })
+
+
+def encode_delta(delta: dict, cfg: RunConfig, msg: Message, context: Context) -> ArrayRecord:
+    """The delta as federation.upload_codec encodes it; the error-feedback residual is round state of the site."""
+    codec = UploadCodec(cfg.federation.upload_codec, **dict(cfg.federation.upload_codec_params))
+    if codec.lossless or not cfg.federation.upload_error_feedback:
+        encoded = codec.encode(delta)
+    else:
+        site, server_round = site_state(msg, context, cfg.output_dir), server_round_of(msg)
+        feedback = ErrorFeedback()
+        stored = site.load_arrays(ERROR_FEEDBACK_KEY, server_round)
+        if stored is not None:
+            feedback.load_state_dict(stored)
+        encoded = feedback.encode(delta, codec)
+        site.save_arrays(ERROR_FEEDBACK_KEY, server_round + 1, feedback.state_dict())
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in encoded.items()})
+
+
+def _train_dp_sgd(trainer: LocalTrainer, train_ds: SiteDataset, cfg: RunConfig, msg: Message, context: Context):
+    """DP-SGD round whose accountant history is round state of the site, so epsilon accumulates across rounds.
+
+    No seed: the site's sampling and noise come from OS entropy, so the coordinator cannot replay them.
+    """
+    site, server_round = site_state(msg, context, cfg.output_dir), server_round_of(msg)
+    previous = site.load_json(DP_STATE_KEY, server_round)
+    result, state, epsilon = trainer.train_dp_sgd(train_ds, cfg.privacy.local_dp_sgd, cfg.federation.rounds, previous)
+    site.save_json(DP_STATE_KEY, server_round + 1, state)
+    log.info("DP-SGD: epsilon %.4f at delta %.1e after this round", epsilon, cfg.privacy.local_dp_sgd.delta)
+    return result, float(epsilon)
+
+
+def evaluate_reply(msg: Message, context: Context) -> Message:
+    """Evaluate the received global adapter on this site's held-out data: loss, perplexity, and in generation
+    rounds (eval.every_n_rounds) exact match / token F1 / ROUGE-L of greedy answers; only aggregates leave."""
+    from federation.evaluation import evaluate_generation, generation_due
+    from federation.text_metrics import perplexity
+
+    cfg, runtime, _, _, eval_ds = _prepare(msg, context)
+    result = make_trainer(runtime, cfg).evaluate(eval_ds)
+    metrics = {
+        "num-examples": result.num_examples,
+        "eval-loss": result.loss,
+        "eval-perplexity": perplexity(result.loss),
+        "eval-tokens": result.num_tokens,
+        "partition-id": _site_label(context),
+    }
+    server_round = server_round_of(msg)
+    if generation_due(cfg.eval, server_round, cfg.federation.rounds):
+        generation = evaluate_generation(runtime.model, runtime.tokenizer, eval_ds, cfg.eval)
+        if generation.scores.count:
+            means = generation.scores.means()
+            metrics.update({"eval-generated": generation.scores.count, "eval-exact-match": means["exact_match"],
+                            "eval-token-f1": means["token_f1"], "eval-rouge-l": means["rouge_l"],
+                            "eval-generated-tokens": generation.generated_tokens,
+                            "eval-generation-seconds": generation.seconds})
+            log.info("round %d: generated %d answers (%d tokens, %.0f tok/s): exact match %.3f, token F1 %.3f, "
+                     "ROUGE-L %.3f", server_round, generation.scores.count, generation.generated_tokens,
+                     generation.tokens_per_second, means["exact_match"], means["token_f1"], means["rouge_l"])
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+# ------------------------------------------------------------------ this site's rank and local steps
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """This site's LoRA rank and local optimizer steps per round."""
+
+    rank: int
+    local_steps: int
+
+
+def _per_partition(values, node_config: Mapping, what: str) -> int | None:
+    if not values:
+        return None
+    if "partition-id" not in node_config:
+        raise ValueError(f"strategy.params.{what} is given per simulation partition, but this node has no "
+                         f"partition-id; set node config '{NODE_RANK_KEY}' / '{NODE_LOCAL_STEPS_KEY}' instead")
+    return int(list(values)[int(node_config["partition-id"]) % len(values)])
+
+
+def site_settings(cfg: RunConfig, node_config: Mapping) -> SiteSettings:
+    """Rank and local steps of this site: node config, else params lists by partition id, else the run's."""
+    return _settings(cfg.strategy.params or {}, cfg.lora.r, cfg.train.local_steps, node_config)
+
+
+def _settings(params: Mapping, run_rank: int, run_local_steps: int, node_config: Mapping) -> SiteSettings:
+    rank = node_config.get(NODE_RANK_KEY)
+    if rank is None:
+        rank = _per_partition(params.get(PARAM_SITE_RANKS), node_config, PARAM_SITE_RANKS)
+    steps = node_config.get(NODE_LOCAL_STEPS_KEY)
+    if steps is None:
+        steps = _per_partition(params.get(PARAM_SITE_LOCAL_STEPS), node_config, PARAM_SITE_LOCAL_STEPS)
+    settings = SiteSettings(int(run_rank if rank is None else rank), int(run_local_steps if steps is None else steps))
+    if settings.rank < 1 or settings.local_steps < 1:
+        raise ValueError(f"site LoRA rank and local steps must be >= 1, got {settings}")
+    return settings
+
+
+def site_run_config(run_config: Mapping, settings: SiteSettings, own_rank: bool) -> dict:
+    """The run config (as the JSON dict on the wire) with this site's local steps and (own_rank) its LoRA rank.
+
+    With its own rank (FLoRA/FlexLoRA) the site's LoRA is re-initialised or replaced every round, so an
+    upload codec's error-feedback residual (in the coordinates of last round's factors) would add noise
+    to the next delta: the codec still compresses each upload, without feedback.
+    """
+    site = copy.deepcopy(dict(run_config))
+    site["train"]["local_steps"] = settings.local_steps
+    if own_rank:
+        site["lora"]["r"] = settings.rank
+        site["federation"]["upload_error_feedback"] = False
+    return site
+
+
+def for_this_site(msg: Message, context: Context, *, own_rank: bool = False, site_steps: bool = True) -> Message:
+    """`msg` with this site's run config: its local steps (site_steps) and, own_rank (FLoRA/FlexLoRA), its LoRA rank.
+
+    A site configured for another rank than the run's is refused unless the strategy trains own ranks.
+    """
+    # Plain JSON, not run_config_from_json: the schema validation (~70 ms) runs once, in the handler.
+    run_config = json.loads(str(msg.content["config"][RUN_CONFIG_KEY]))
+    name, run_rank = run_config["strategy"]["name"], int(run_config["lora"]["r"])
+    settings = _settings(run_config["strategy"].get("params") or {}, run_rank,
+                         int(run_config["train"]["local_steps"]), context.node_config)
+    if not own_rank and settings.rank != run_rank:
+        raise MixedRanksError(f"this site is configured for LoRA rank {settings.rank}, but strategy {name!r} "
+                              f"trains rank {run_rank} at every site; use strategy=flora or strategy=flexlora")
+    if not (own_rank or site_steps):
+        return msg  # plain strategies run exactly as configured
+    site_config = site_run_config(run_config, settings, own_rank=own_rank)
+    return with_run_config(msg, json.dumps(site_config, sort_keys=True))
+
+
+def message_with(msg: Message, **records) -> Message:
+    """A copy of `msg` (same metadata, so replies still answer it) with `records` replaced or added."""
+    content = RecordDict(dict(msg.content.items()))
+    for key, record in records.items():
+        content[key] = record
+    return Message(metadata=copy.copy(msg.metadata), content=content)
+
+
+def with_run_config(msg: Message, run_config_json: str) -> Message:
+    """A copy of `msg` whose config record carries another run config (site-specific rank / local steps)."""
+    return message_with(msg, config=ConfigRecord({**dict(msg.content["config"]), RUN_CONFIG_KEY: run_config_json}))
