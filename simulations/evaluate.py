@@ -138,7 +138,7 @@ def eval_main(args: argparse.Namespace) -> int:
     """`fedtune eval`: compose the config from the overrides, check the inputs, score, print a table (exit 0)."""
     from rich.console import Console
 
-    from federation.config import compose_config
+    from federation.compose import compose_config
 
     cfg = compose_config(list(args.overrides))
     _check_inputs(args)

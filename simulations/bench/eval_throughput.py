@@ -22,7 +22,7 @@ import torch
 def measure(overrides: list[str], batch_sizes: list[int], num_prompts: int, max_new_tokens: int,
             repeats: int) -> list[dict]:
     """One row per batch size: prompts, generated tokens, best-of-`repeats` seconds and tokens per second."""
-    from federation.config import compose_config
+    from federation.compose import compose_config
     from federation.data import load_union_eval
     from federation.evaluation import generate_answers, prompt_and_reference
     from federation.model import build_lora_model

@@ -5,7 +5,8 @@ import torch
 
 from federation.evaluation import (evaluate_generation, generate_answers, generation_due, prompt_and_reference,
                                sample_indices)
-from federation.config import EvalConfig, compose_config
+from federation.compose import compose_config
+from federation.config import EvalConfig
 from federation.data import SiteDataset
 from federation.model import build_lora_model
 

@@ -185,7 +185,7 @@ def test_simulation_data_names_file_and_line(tmp_path):
 
 
 def test_evaluate_and_query_timeouts_default_to_the_round_timeout_and_can_be_shorter():
-    from federation.config import compose_config
+    from federation.compose import compose_config
 
     cfg = compose_config(["federation.round_timeout_s=300"])
     assert cfg.federation.evaluate_timeout() == 300 and cfg.federation.query_timeout() == 300

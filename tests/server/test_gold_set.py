@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from federation.config import compose_config
+from federation.compose import compose_config
 
 pytestmark = pytest.mark.timeout(600)
 

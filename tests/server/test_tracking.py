@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from federation.config import compose_config
+from federation.compose import compose_config
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from federation.config import compose_config
+from federation.compose import compose_config
 from simulations.cli import main
 
 
