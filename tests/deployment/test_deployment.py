@@ -202,6 +202,59 @@ def test_plaintext_client_cannot_connect_to_the_tls_coordinator(deployment):
     assert "SuperNode ID:" not in output
 
 
+@pytest.mark.timeout(300)
+def test_outsider_on_the_public_port_cannot_list_register_launch_or_stop(deployment):
+    """The public port serves only the Fleet API (server/fleet_gateway.py); the Control API is loopback-only.
+
+    The outsider holds the federation's public ca.crt and tries what the Control API offers. (A stolen site key
+    would not help: the gateway refuses by path before any credential is looked at.)
+    """
+    import ssl
+
+    import httpx
+    from cryptography.hazmat.primitives import serialization
+
+    from federation.pki import generate_site_keys, openssh_public_key_line
+    from server.coordinator import run_flwr, write_flower_config
+
+    port, root = deployment.port, deployment.root
+    ca = ssl.create_default_context(cafile=str(deployment.creds / "ca.crt"))
+    runs_before = run_flwr(["ls", "fedtune", "--format", "json"], deployment.flwr_home)
+    assert runs_before.returncode == 0, runs_before.stdout + runs_before.stderr
+    # Raw HTTP: every Control API route is refused at the gateway, whatever the method.
+    for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/control/stop-run",
+                 "/v1/control/register-node", "/v1/control/list-nodes", "/health", "/docs"):
+        for method in ("GET", "POST"):
+            answer = httpx.request(method, f"https://127.0.0.1:{port}{path}", verify=ca, timeout=10)
+            assert answer.status_code == 404, (method, path, answer.status_code)
+    # A path that only looks like the Fleet API, and a non-POST Fleet call, are refused too.
+    assert httpx.post(f"https://127.0.0.1:{port}/v1/fleet/../control/list-runs", verify=ca).status_code == 404
+    assert httpx.get(f"https://127.0.0.1:{port}/v1/fleet/get-run", verify=ca).status_code == 404
+
+    # Flower's own CLI, as the outsider would use it.
+    outsider = root / "outsider-flwr"
+    write_flower_config(outsider, "target", f"127.0.0.1:{port}", deployment.creds / "ca.crt")
+    rogue = generate_site_keys(root / "outsider-keys", ["rogue"]).sites["rogue"]
+    rogue_key = serialization.load_ssh_private_key(rogue.private_key_path.read_bytes(), password=None)
+    pub = root / "outsider-rogue.pub"
+    pub.write_text(openssh_public_key_line(rogue_key.public_key(), comment="rogue") + "\n")
+    for argv in (["ls", "target"], ["supernode", "ls", "target"], ["supernode", "register", str(pub), "target"],
+                 ["stop", "1", "target"]):
+        result = run_flwr(argv, outsider, timeout_s=60)
+        assert result.returncode != 0, (argv, result.stdout + result.stderr)
+    launch = deployment.procs.start("outsider-launch", [
+        sys.executable, "-m", "simulations.cli", "launch", "--address", f"127.0.0.1:{port}", "--ca",
+        str(deployment.creds / "ca.crt"), *FAST_OVERRIDES, f"model.cache_dir={root / 'model-cache'}"])
+    assert launch.wait(timeout=120) != 0, tail(deployment.procs.log("outsider-launch"))
+
+    # Nothing of that reached the SuperLink: no run was added and the rogue key is not registered.
+    runs_after = run_flwr(["ls", "fedtune", "--format", "json"], deployment.flwr_home)
+    assert runs_after.returncode == 0 and runs_after.stdout.count('"run-id"') == runs_before.stdout.count('"run-id"')
+    supernodes = run_flwr(["supernode", "ls", "fedtune", "--format", "json"], deployment.flwr_home)
+    assert supernodes.returncode == 0 and "rogue" not in supernodes.stdout, supernodes.stdout
+    assert "refused" in deployment.procs.log("coordinator")
+
+
 @pytest.fixture(scope="module")
 def two_round_run(deployment) -> tuple[int, Path]:
     """(launch exit code, run dir) of an uninterrupted two-round run, default config (bf16 uploads, error feedback)."""
