@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from federation.config import TrainConfig
 from federation.data import SiteDataset, collate_batch
+from federation.evaluation import batch_loss_sum  # one loss for training, evaluation and the gold set
 
 
 @dataclass
@@ -47,16 +48,6 @@ class EvalResult:
 
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(p for p in model.parameters()).device
-
-
-def batch_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of next-token CE over target tokens, number of target tokens) for one batch."""
-    device = _model_device(model)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    num_tokens = int((batch["labels"][:, 1:] != -100).sum())
-    # HF's causal-LM loss is the mean over shifted target tokens; scale back to a sum.
-    return out.loss.float() * num_tokens, num_tokens
 
 
 def elapsed_and_peak(device: torch.device, start: float) -> tuple[float, int]:

@@ -34,19 +34,26 @@ class GenerationResult:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def batch_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of next-token CE over target tokens, number of target tokens) for one batch (the trainer's too)."""
+    device = next(p for p in model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    num_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    # HF's causal-LM loss is the mean over shifted target tokens; scale back to a sum.
+    return out.loss.float() * num_tokens, num_tokens
+
+
 @torch.no_grad()
 def mean_token_loss(model, dataset: SiteDataset, pad_token_id: int, batch_size: int) -> tuple[float, int]:
     """(mean next-token cross-entropy over the target tokens, their number), as client/trainer.py's evaluate."""
     model.eval()
-    device = next(model.parameters()).device
     loss_sum, token_sum = 0.0, 0
     for start in range(0, len(dataset), batch_size):
         batch = collate_batch([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
                               pad_token_id)
-        batch = {key: value.to(device) for key, value in batch.items()}
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        loss_sum += float(out.loss.float()) * tokens  # HF's loss is the mean over the shifted targets
+        summed, tokens = batch_loss_sum(model, batch)
+        loss_sum += float(summed)
         token_sum += tokens
     return loss_sum / max(token_sum, 1), token_sum
 
