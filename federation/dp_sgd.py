@@ -39,6 +39,7 @@ from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader
+from torch.utils.data.dataloader import default_collate
 
 from federation.privacy import DEFAULT_MAX_NOISE_MULTIPLIER, calibrate_noise_multiplier
 from federation.secure_random import os_entropy_torch_generator
@@ -56,6 +57,7 @@ class DPSGDSetup(NamedTuple):
     data_loader: DataLoader  # Poisson-sampled: batch sizes vary, a batch may be empty
     engine: PrivacyEngine
     hooks: Any  # opacus GradSampleHooks; close() removes them
+    collate_fn: Any  # the caller's collate (list of examples -> batch), used by dp_train_steps
 
     def epsilon(self, delta: float) -> float:
         """Record-level epsilon at `delta` spent by this site so far, all rounds included."""
@@ -153,7 +155,8 @@ def make_dp_sgd(
         hooks.cleanup()
         raise RuntimeError("Opacus did not take the OS-entropy generators for Poisson sampling and noise; refusing "
                            "to train replayably (check federation/dp_sgd.py against this Opacus version)")
-    return DPSGDSetup(model, dp_optimizer, dp_loader, engine, hooks)
+    collate_fn = data_loader.collate_fn or default_collate
+    return DPSGDSetup(model, dp_optimizer, dp_loader, engine, hooks, collate_fn)
 
 
 def _announce_os_entropy() -> None:
@@ -186,9 +189,17 @@ def per_sequence_causal_lm_loss(
     return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
-def _cycle(loader: DataLoader) -> Iterator[Any]:
+def _poisson_batches(setup: DPSGDSetup) -> Iterator[Any | None]:
+    """Collated Poisson batches, endlessly; None for an empty one.
+
+    We read the index lists from the DP loader's sampler and collate them ourselves rather than iterate the
+    loader: Opacus' empty-batch collate needs a non-empty batch before it to copy the structure from, and on
+    an empty *first* batch of dict examples it raises (Opacus 1.6, data_loader.CollateFnWithEmpty).
+    """
+    dataset = setup.data_loader.dataset
     while True:
-        yield from loader
+        for indices in setup.data_loader.batch_sampler:
+            yield setup.collate_fn([dataset[i] for i in indices]) if len(indices) else None
 
 
 def _noise_only_step(optimizer: DPOptimizer) -> None:
@@ -206,17 +217,18 @@ def dp_train_steps(setup: DPSGDSetup, num_steps: int) -> list[float]:
 
     Empty Poisson batches still take a (noise-only) step and report NaN as their loss.
     """
-    model, optimizer, loader = setup.model, setup.optimizer, setup.data_loader
+    model, optimizer = setup.model, setup.optimizer
     model.train()
     losses: list[float] = []
     device = next(p for p in model.parameters() if p.requires_grad).device
-    batches = _cycle(loader)
+    batches = _poisson_batches(setup)
     for _ in range(num_steps):
-        batch = {key: value.to(device) for key, value in next(batches).items()}
-        if len(batch["input_ids"]) == 0:
+        collated = next(batches)
+        if collated is None:
             _noise_only_step(optimizer)
             losses.append(math.nan)
             continue
+        batch = {key: value.to(device) for key, value in collated.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
         loss = per_sequence_causal_lm_loss(logits, batch["labels"]).mean()
         loss.backward()

@@ -231,3 +231,25 @@ def test_rejects_gradient_checkpointing_and_ambiguous_noise():
             setup_dp(model)
     with pytest.raises(ValueError, match="exactly one"):
         setup_dp(tiny_lora_model(), noise_multiplier=1.0, target_epsilon=1.0)
+
+
+def test_empty_first_poisson_batch_is_a_noise_only_step(monkeypatch):
+    """CI caught this one: when Poisson sampling draws an empty *first* batch, Opacus's collate has no batch to copy
+    the structure from and yields a list of zero-length tensors instead of our dict. The site must still take the
+    noise-only step, not fail the round."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    drawn = UniformWithReplacementSampler.__iter__
+
+    def empty_first(self):
+        yield []
+        yield from drawn(self)
+
+    monkeypatch.setattr(UniformWithReplacementSampler, "__iter__", empty_first)
+    torch.manual_seed(0)
+    model = tiny_lora_model()
+    setup = setup_dp(model)
+    losses = dp_train_steps(setup, 3)
+    assert math.isnan(losses[0]) and all(math.isfinite(loss) for loss in losses[1:])
+    assert setup.accountant_state()["history"] == [[1.0, SAMPLE_RATE, 3]]
+    setup.close()
