@@ -8,6 +8,7 @@ baseline measured in the same run, and writes DIR/<name>.json with the machine i
     sim_round         round wall time and GPU memory for K virtual clients: one by one vs multi-adapter batched
     residency         resident base vs reloading it per call, the issue's reference setting (16 x 512, 10 steps)
     agreement         batched vs solo adapters, against the bf16 noise floor
+    vs_unsloth        our site trainer vs Unsloth (optional; own process), llama-1b and llama-8b, two memory regimes
   CPU
     communication     upload bytes per codec and the demo task's final union eval loss
     aggregation       streaming vs naive FedAvg of 100 7B-shaped adapters: seconds and peak RAM
@@ -23,10 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-GPU_BENCHMARKS = ("train_throughput", "sim_round", "residency", "agreement")
+GPU_BENCHMARKS = ("train_throughput", "sim_round", "residency", "agreement", "vs_unsloth")
 CPU_BENCHMARKS = ("communication", "aggregation")
 # GPU benchmarks whose --quick form runs on a CPU (tiny model); the others need 4-bit CUDA kernels.
-QUICK_ON_CPU = ("sim_round", "agreement")
+QUICK_ON_CPU = ("sim_round", "agreement", "vs_unsloth")
 # The llama-3b simulation setting of BENCHMARKS.md (per-client batch 2 x 512; q/v LoRA r=32).
 SIM_3B = ["model.preset_name=llama-3b", "lora.r=32", "lora.target_modules=[q_proj,v_proj]", "train.local_steps=4",
           "data.eval_fraction=0.02"]
@@ -52,6 +53,13 @@ def _argv(name: str, out: Path, quick: bool) -> list[str]:
             return ["--out", str(out / name), "--seq", "64", "model.preset_name=tiny", "model.quantization=auto",
                     "train.batch_size=2", "train.local_steps=3"]
         return ["--out", str(out / name), "--seq", "512", *SIM_3B, "train.batch_size=2"]
+    if name == "vs_unsloth":
+        if quick:
+            import torch
+
+            return ["--out", str(out / name), "--shapes", "llama-1b" if torch.cuda.is_available() else "tiny",
+                    "--steps", "2", "--reps", "1"]
+        return ["--out", str(out / name)]
     if name == "communication":
         return ["--out", json_out, *(["--cases", "fp32,bf16"] if quick else [])]
     if name == "aggregation":
@@ -62,7 +70,8 @@ def _argv(name: str, out: Path, quick: bool) -> list[str]:
 def _main_of(name: str):
     from importlib import import_module
 
-    module = {"residency": "sim_round", "agreement": "multi_adapter_agreement"}.get(name, name)
+    module = {"residency": "sim_round", "agreement": "multi_adapter_agreement",
+              "vs_unsloth": "unsloth_compare"}.get(name, name)
     return import_module(f"simulations.bench.{module}").main
 
 

@@ -1,0 +1,407 @@
+"""Our trainer vs Unsloth, same shapes, settings and examples, each in its own process; prints the ratios.
+
+    python -m simulations.bench.unsloth_compare --out DIR [--shapes llama-1b,llama-8b] [--reps 2] [--budget-s 500]
+
+Unsloth patches transformers and peft when it is imported, so it never shares a process with our trainer: this
+process only starts one worker per (shape, trainer), reads what they wrote, and prints the table. Unsloth is an
+optional dependency: without it (or without CUDA, which it needs) only our side is measured, with a one-line note.
+
+Both sides: the random-init preset directory of federation.model.materialize_preset (same weights, nothing is
+downloaded), 4-bit NF4 with double quantization and bf16 compute, LoRA r=16 alpha=32 dropout 0 on all linear
+layers of the decoder (q, k, v, o, gate, up, down), AdamW lr 2e-4, gradient-norm clip 1.0, and the same examples
+(train_throughput.make_examples: random tokens, 30% prompt; `full` = every example seq long, `variable` =
+log-normal lengths, median seq/4) in the same steps. Two memory regimes, ours against Unsloth in each:
+
+  memory-lean   ours: client/fast_train.FastLocalTrainer as a site runs it (packed rows, checkpoint every layer)
+                Unsloth: use_gradient_checkpointing="unsloth" (its activation offloading to host memory)
+  fastest       ours: FastLocalTrainer with checkpoint_every=0
+                Unsloth: no gradient checkpointing (FastLanguageModel.for_training(model, False), same process)
+
+Unsloth trains on right-padded batches through its own forward and fused loss (model(..., labels=...).loss), the
+way its manual-loop examples do.
+
+Timing: for each (regime, scenario) one untimed pass over all the steps first, so every padded or packed shape of
+the timed passes is warm (SDPA plans, allocator blocks, Unsloth's compiled pieces); then --reps timed passes over
+the same steps, each from the same starting adapter with a fresh optimizer (their losses must repeat). tokens/s
+counts real (non-padding) input tokens; peak = torch.cuda.max_memory_allocated over a timed pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+LR = 2e-4
+MAX_GRAD_NORM = 1.0
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# (seq, examples per step) per shape: the settings of issue 14's tables.
+SHAPE_SETTINGS = {"llama-1b": (1024, 16), "llama-3b": (1024, 8), "llama-8b": (2048, 4), "tiny": (64, 4)}
+# regime -> (our checkpoint_every, Unsloth's use_gradient_checkpointing)
+REGIMES = {"memory-lean": (1, "unsloth"), "fastest": (0, False)}
+TRAINERS = ("ours", "unsloth")
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
+
+
+# ------------------------------------------------------------------------------------ shared by both sides
+
+
+def step_batches(seq: int, per_step: int, steps: int, scenario: str, vocab: int) -> list[list[dict]]:
+    """`steps` lists of `per_step` examples, the same on both sides (train_throughput's generator and seed)."""
+    from simulations.bench.train_throughput import make_examples
+
+    flat = make_examples(per_step * steps, seq, scenario, vocab, seed=seq)
+    return [flat[i * per_step:(i + 1) * per_step] for i in range(steps)]
+
+
+def measure_passes(step: Callable[[list[dict]], tuple[torch.Tensor, int]], params: Sequence[torch.nn.Parameter],
+                   steps_examples: list[list[dict]], reps: int, device: torch.device) -> list[dict]:
+    """One untimed warm pass then `reps` timed passes over steps_examples, each from the same start; one dict each.
+
+    step(examples) runs forward and backward of one optimizer step and returns (detached mean loss, real input
+    tokens); this function clips, steps a fresh AdamW per pass, and restores the parameters before each pass and
+    at the end.
+    """
+    cuda = device.type == "cuda"
+    start = [p.detach().clone() for p in params]
+    timed = []
+    for rep in range(reps + 1):
+        with torch.no_grad():
+            for param, value in zip(params, start):
+                param.copy_(value)
+        optimizer = torch.optim.AdamW(params, lr=LR)
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        began = time.perf_counter()
+        losses, tokens = [], 0
+        for examples in steps_examples:
+            loss, real = step(examples)
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss)
+            tokens += real
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - began
+        if rep == 0:
+            continue  # the warm pass: every shape of the timed passes has now run once
+        timed.append({"rep": rep, "tokens_per_s": tokens / seconds, "seconds": seconds, "real_tokens": tokens,
+                      "peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else 0,
+                      "losses": [float(x) for x in losses]})
+    with torch.no_grad():  # leave the model as it came: the next measurement starts from the same adapter
+        for param, value in zip(params, start):
+            param.copy_(value)
+    del optimizer
+    return timed
+
+
+def comparison_rows(results: list[dict]) -> list[dict]:
+    """Worker results -> one row per (shape, regime, scenario): each side's reps, spread, peak, and ours/Unsloth."""
+    grouped: dict[tuple, dict[str, list[dict]]] = {}
+    for result in results:
+        for run in result.get("runs", []):
+            key = (result["shape"], run["regime"], run["scenario"])
+            grouped.setdefault(key, {}).setdefault(result["trainer"], []).extend(run.get("passes", []))
+    rows = []
+    for (shape, regime, scenario), sides in grouped.items():
+        row = {"shape": shape, "regime": regime, "scenario": scenario}
+        for trainer in TRAINERS:
+            passes = sides.get(trainer, [])
+            if not passes:
+                continue
+            rates = [p["tokens_per_s"] for p in passes]
+            mean = statistics.fmean(rates)
+            row[trainer] = {"tokens_per_s": rates, "mean_tokens_per_s": mean,
+                            "spread": (max(rates) - min(rates)) / mean if mean else 0.0,
+                            "peak_gib": max(p["peak_bytes"] for p in passes) / 2**30,
+                            "step0_loss": passes[0]["losses"][0] if passes[0]["losses"] else None}
+        if "ours" in row and "unsloth" in row:
+            row["speed_ratio"] = row["ours"]["mean_tokens_per_s"] / row["unsloth"]["mean_tokens_per_s"]
+            unsloth_peak = row["unsloth"]["peak_gib"]
+            row["memory_ratio"] = row["ours"]["peak_gib"] / unsloth_peak if unsloth_peak else None
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> list[str]:
+    """Markdown lines of comparison_rows (tok/s of each rep, spread, peak GiB, ratios ours/Unsloth)."""
+    lines = ["| shape | regime | data | ours tok/s (reps) | spread | peak GiB | Unsloth tok/s (reps) | spread | "
+             "peak GiB | speed ours/Unsloth | memory ours/Unsloth | step-0 loss ours / Unsloth |",
+             "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---|"]
+
+    def side(row, trainer):
+        if trainer not in row:
+            return "not measured | - | -"
+        s = row[trainer]
+        return (f"{' / '.join(f'{r:,.0f}' for r in s['tokens_per_s'])} | {100 * s['spread']:.1f}% | "
+                f"{s['peak_gib']:.2f}")
+
+    for row in rows:
+        speed = f"{row['speed_ratio']:.2f}x" if "speed_ratio" in row else "-"
+        memory = f"{row['memory_ratio']:.2f}x" if row.get("memory_ratio") else "-"
+        losses = " / ".join(f"{row[t]['step0_loss']:.4f}" if t in row and row[t]["step0_loss"] is not None else "-"
+                            for t in TRAINERS)
+        lines.append(f"| {row['shape']} | {row['regime']} | {row['scenario']} | {side(row, 'ours')} | "
+                     f"{side(row, 'unsloth')} | {speed} | {memory} | {losses} |")
+    return lines
+
+
+def unsloth_missing_reason() -> str | None:
+    """Why Unsloth cannot be measured here (None when it can): not installed, or no CUDA device."""
+    if importlib.util.find_spec("unsloth") is None:
+        return "unsloth is not installed (pip install unsloth; on the lent GPU: ../shared/tools/gpu-wheels.sh --unsloth)"
+    if not torch.cuda.is_available():
+        return "unsloth needs a CUDA GPU"
+    return None
+
+
+def _environment(device: torch.device, extra: dict) -> dict:
+    from simulations.bench.train_throughput import environment
+
+    env = environment(device)
+    env.update(extra)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+
+class _ResultFile:
+    """The worker's result JSON, rewritten after every measurement (a worker cut off by the budget keeps its rows)."""
+
+    def __init__(self, path: str, data: dict):
+        self.path, self.data = Path(path), data
+        self.save()
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.data, indent=1))
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def _run_regimes(result: _ResultFile, args, vocab: int, device: torch.device, params, set_regime, make_step) -> None:
+    """For each regime and scenario: set_regime(regime), warm + timed passes of make_step(); saved after each."""
+    for regime in args.regimes.split(","):
+        set_regime(regime)
+        for scenario in args.scenarios.split(","):
+            steps_examples = step_batches(args.seq, args.examples_per_step, args.steps, scenario, vocab)
+            try:
+                passes = measure_passes(make_step(), params, steps_examples, args.reps, device)
+                run = {"regime": regime, "scenario": scenario, "passes": passes}
+                _log(f"[{result.data['trainer']} {args.shape}] {regime:11s} {scenario:8s} " + "  ".join(
+                    f"{p['tokens_per_s']:9.0f} tok/s peak {p['peak_bytes'] / 2**30:6.2f} GiB" for p in passes)
+                    + f"  step0 loss {passes[0]['losses'][0]:.4f}")
+            except Exception as exc:  # an OOM in one regime must not lose the others
+                run = {"regime": regime, "scenario": scenario, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                _log(f"[{result.data['trainer']} {args.shape}] {regime} {scenario} {run['error']}")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            result.data["runs"].append(run)
+            result.save()
+
+
+def ours_worker(args) -> int:
+    """Our site trainer (FastLocalTrainer's batch path) on the FlowerTune-style 4-bit model of train_throughput."""
+    from client.fast_train import FastLocalTrainer, FastPathSettings
+    from federation.config import TrainConfig
+    from simulations.bench.train_throughput import load_baseline_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    began = time.perf_counter()
+    model, pad_id = load_baseline_model(args.shape, args.cache, device)
+    result = _ResultFile(args.result, {"trainer": "ours", "shape": args.shape, "seq": args.seq,
+                                       "examples_per_step": args.examples_per_step, "steps": args.steps,
+                                       "load_seconds": time.perf_counter() - began,
+                                       "env": _environment(device, {}), "runs": []})
+    _log(f"[ours {args.shape}] loaded in {result.data['load_seconds']:.1f}s on {result.data['env']['device']}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    train_cfg = TrainConfig(lr=LR, max_grad_norm=MAX_GRAD_NORM)
+    trainer: list[FastLocalTrainer] = []
+
+    def set_regime(regime: str) -> None:
+        trainer[:] = [FastLocalTrainer(model, pad_id, train_cfg, FastPathSettings(checkpoint_every=REGIMES[regime][0]))]
+
+    def make_step():
+        fast = trainer[0]
+
+        def step(examples):
+            # The trainer's own batch pieces: LocalTrainer.train runs exactly these per micro-batch.
+            batch = fast._collate(examples)
+            summed, n = fast._batch_loss_sum(batch)
+            loss = summed / max(n, 1)
+            loss.backward()
+            return loss.detach(), fast._input_tokens(batch)
+
+        return step
+
+    model.train()
+    _run_regimes(result, args, model.config.vocab_size, device, params, set_regime, make_step)
+    return 0
+
+
+def unsloth_worker(args) -> int:
+    """Unsloth's FastLanguageModel on the same preset directory; both regimes in this one process."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    import unsloth  # noqa: F401  (first: it patches transformers and peft on import)
+    from unsloth import FastLanguageModel
+
+    from federation.config import ModelConfig
+    from federation.data import collate_batch
+    from federation.model import materialize_preset
+
+    device = torch.device("cuda")
+    began = time.perf_counter()
+    source = str(materialize_preset(ModelConfig(name="preset", preset_name=args.shape, cache_dir=args.cache)))
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=source, max_seq_length=args.seq, dtype=torch.bfloat16, load_in_4bit=True,
+        use_gradient_checkpointing="unsloth", fix_tokenizer=False, random_state=0)
+    model = FastLanguageModel.get_peft_model(
+        model, r=16, lora_alpha=32, lora_dropout=0.0, bias="none", target_modules=LORA_TARGETS,
+        use_gradient_checkpointing="unsloth", random_state=0)
+    pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+    result = _ResultFile(args.result, {"trainer": "unsloth", "shape": args.shape, "seq": args.seq,
+                                       "examples_per_step": args.examples_per_step, "steps": args.steps,
+                                       "load_seconds": time.perf_counter() - began,
+                                       "env": _environment(device, {"unsloth": unsloth.__version__}), "runs": []})
+    _log(f"[unsloth {args.shape}] Unsloth {unsloth.__version__} loaded in {result.data['load_seconds']:.1f}s")
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def set_regime(regime: str) -> None:
+        FastLanguageModel.for_training(model, use_gradient_checkpointing=REGIMES[regime][1])
+
+    def make_step():
+        def step(examples):
+            batch = {k: v.to(device) for k, v in collate_batch(examples, pad_id).items()}
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
+            loss.backward()
+            return loss.detach(), int(batch["attention_mask"].sum())
+
+        return step
+
+    _run_regimes(result, args, model.config.vocab_size, device, params, set_regime, make_step)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def _worker_argv(args, shape: str, trainer: str, result: Path) -> list[str]:
+    seq, per_step = SHAPE_SETTINGS[shape]
+    return [sys.executable, "-m", "simulations.bench.unsloth_compare", "--worker", trainer, "--shape", shape,
+            "--seq", str(args.seq or seq), "--examples-per-step", str(args.examples_per_step or per_step),
+            "--steps", str(args.steps), "--reps", str(args.reps), "--scenarios", args.scenarios,
+            "--regimes", args.regimes, "--cache", args.cache, "--result", str(result), "--out", args.out]
+
+
+def run_worker(argv: list[str], log_path: Path, timeout: float) -> str:
+    """Run one worker process (its output to log_path and echoed here); 'ok', 'exit N' or 'timed out'."""
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    workdir = tempfile.mkdtemp(prefix="fedtune-bench-")  # Unsloth writes its compile cache into the cwd
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                cwd=workdir)
+        deadline = time.monotonic() + timeout
+        import selectors
+
+        selector = selectors.DefaultSelector()
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        while True:
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                return "timed out"
+            if not selector.select(timeout=1.0):
+                if proc.poll() is not None:
+                    break
+                continue
+            line = proc.stdout.readline()
+            if not line:
+                break
+            log.write(line)
+            log.flush()
+            if line.startswith("["):  # the worker's own progress lines; library chatter stays in the log
+                print(line, end="", flush=True)
+        proc.wait()
+    return "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the comparison (or, with --worker, one side of it); writes unsloth_compare.json and .md under --out."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--shapes", default="llama-1b,llama-8b", help=f"of {', '.join(SHAPE_SETTINGS)}")
+    parser.add_argument("--seq", type=int, default=0, help="0: the shape's setting in SHAPE_SETTINGS")
+    parser.add_argument("--examples-per-step", type=int, default=0, help="0: the shape's setting")
+    parser.add_argument("--steps", type=int, default=6, help="steps per pass (one warm pass, then --reps timed)")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--scenarios", default="full,variable")
+    parser.add_argument("--regimes", default=",".join(REGIMES))
+    parser.add_argument("--trainers", default=",".join(TRAINERS))
+    parser.add_argument("--cache", default="/tmp/fedtune-models", help="preset directories (both sides load them)")
+    parser.add_argument("--budget-s", type=float, default=500.0,
+                        help="wall-clock budget of the whole comparison: a worker gets what is left, then is stopped")
+    parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return ours_worker(args) if args.worker == "ours" else unsloth_worker(args)
+
+    unknown = sorted(set(args.shapes.split(",")) - set(SHAPE_SETTINGS))
+    if unknown:
+        parser.error(f"unknown shapes {unknown}; valid: {', '.join(SHAPE_SETTINGS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.budget_s
+    trainers = [t for t in args.trainers.split(",") if t]
+    missing = unsloth_missing_reason() if "unsloth" in trainers else None
+    if missing:
+        print(f"unsloth: skipped, {missing}; measuring ours only", flush=True)
+        trainers = [t for t in trainers if t != "unsloth"]
+    results, status = [], []
+    for shape in args.shapes.split(","):
+        for trainer in trainers:
+            result_path = out / f"{trainer}_{shape}.json"
+            left = deadline - time.monotonic()
+            if left < 20:
+                status.append((shape, trainer, "not run: budget spent"))
+                continue
+            print(f"--- {trainer} {shape} ({left:.0f}s of the budget left)", flush=True)
+            outcome = run_worker(_worker_argv(args, shape, trainer, result_path), out / f"{trainer}_{shape}.log",
+                                 left)
+            status.append((shape, trainer, outcome))
+            if result_path.exists():
+                results.append(json.loads(result_path.read_text()))
+    rows = comparison_rows(results)
+    envs = {r["trainer"]: r["env"] for r in results}
+    summary = {"args": vars(args), "unsloth_skipped": missing, "env": envs, "workers": status, "rows": rows}
+    (out / "unsloth_compare.json").write_text(json.dumps(summary, indent=1))
+    lines = [f"env: {json.dumps(envs.get('unsloth') or envs.get('ours'))}"]
+    if missing:
+        lines.append(f"unsloth: skipped ({missing})")
+    lines += [f"worker {trainer} {shape}: {outcome}" for shape, trainer, outcome in status]
+    lines += format_table(rows)
+    (out / "unsloth_compare.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    return 0 if all(outcome == "ok" for _, _, outcome in status) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

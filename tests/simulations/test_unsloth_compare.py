@@ -1,0 +1,75 @@
+"""The Unsloth comparator's CPU-checkable parts: timed passes, the ratio table, and the skip without Unsloth."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from simulations.bench import unsloth_compare
+from simulations.bench.unsloth_compare import comparison_rows, format_table, measure_passes
+
+
+def _linear_step(model):
+    def step(examples):
+        x = torch.stack([e["x"] for e in examples])
+        loss = (model(x) ** 2).mean()
+        loss.backward()
+        return loss.detach(), len(examples)
+
+    return step
+
+
+def test_timed_passes_start_from_the_same_adapter_and_leave_it_unchanged():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = [[{"x": torch.randn(4)} for _ in range(2)] for _ in range(3)]
+    passes = measure_passes(_linear_step(model), list(model.parameters()), steps, reps=2, device=torch.device("cpu"))
+    assert [p["rep"] for p in passes] == [1, 2]
+    assert passes[0]["losses"] == passes[1]["losses"]  # same start, same data, fresh optimizer: same trajectory
+    assert passes[0]["losses"][0] != passes[0]["losses"][-1]  # the optimizer really stepped
+    assert all(p["real_tokens"] == 6 and p["tokens_per_s"] > 0 for p in passes)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _result(trainer, regime, scenario, rates, peak_gib, loss):
+    passes = [{"tokens_per_s": r, "peak_bytes": peak_gib * 2**30, "losses": [loss, loss - 1]} for r in rates]
+    return {"trainer": trainer, "shape": "llama-1b", "runs": [{"regime": regime, "scenario": scenario,
+                                                              "passes": passes}]}
+
+
+def test_rows_pair_both_sides_and_compute_ratios_and_spread():
+    rows = comparison_rows([_result("ours", "fastest", "full", [90.0, 110.0], 3.0, 12.0),
+                            _result("unsloth", "fastest", "full", [50.0, 50.0], 6.0, 12.01),
+                            _result("ours", "memory-lean", "variable", [40.0, 40.0], 2.0, 12.0)])
+    paired = next(r for r in rows if r["regime"] == "fastest")
+    assert paired["speed_ratio"] == 2.0 and paired["memory_ratio"] == 0.5
+    assert abs(paired["ours"]["spread"] - 0.2) < 1e-12 and paired["unsloth"]["spread"] == 0.0
+    alone = next(r for r in rows if r["regime"] == "memory-lean")
+    assert "speed_ratio" not in alone and "unsloth" not in alone
+    table = "\n".join(format_table(rows))
+    assert "2.00x" in table and "0.50x" in table and "not measured" in table and "12.0000 / 12.0100" in table
+
+
+def test_without_unsloth_only_ours_runs_with_a_note(tmp_path, monkeypatch, capsys):
+    find_spec = unsloth_compare.importlib.util.find_spec
+    monkeypatch.setattr(unsloth_compare.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "unsloth" else find_spec(name, *a))
+    started = []
+
+    def fake_worker(argv, log_path, timeout):
+        trainer, shape = argv[argv.index("--worker") + 1], argv[argv.index("--shape") + 1]
+        started.append(trainer)
+        result = _result(trainer, "fastest", "full", [100.0, 104.0], 1.0, 5.0) | {"env": {"device": "cpu"},
+                                                                                   "shape": shape}
+        (tmp_path / f"{trainer}_{shape}.json").write_text(json.dumps(result))
+        return "ok"
+
+    monkeypatch.setattr(unsloth_compare, "run_worker", fake_worker)
+    assert unsloth_compare.main(["--out", str(tmp_path), "--shapes", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert started == ["ours"]
+    assert "unsloth: skipped, unsloth is not installed" in out
+    assert "| tiny | fastest | full | 100 / 104 |" in out
+    assert json.loads((tmp_path / "unsloth_compare.json").read_text())["unsloth_skipped"]
