@@ -283,6 +283,17 @@ class FastPathSettings:
     fixed_width: bool = False
 
 
+def apply_attention_backends(settings: FastPathSettings) -> None:
+    """Turn PyTorch's cuDNN SDPA backend on or off as settings.cudnn_attention says (CUDA only; process-wide).
+
+    Process-wide because a site's process trains only this model; a context manager would not cover the
+    checkpointed layers' recompute, which runs later, during backward. Benchmarks of the fast path call this
+    too, so they measure the backends the trainer runs with.
+    """
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(settings.cudnn_attention)
+
+
 class FastLocalTrainer(LocalTrainer):
     """Drop-in for LocalTrainer (same data order, step/token accounting, optimizer and schedule), packed + chunked CE.
 
@@ -296,10 +307,7 @@ class FastLocalTrainer(LocalTrainer):
         quantized = is_quantized(model)
         self.autocast_dtype = getattr(torch, self.settings.compute_dtype) if quantized else None
         prepare_model_for_fast_training(model, self.autocast_dtype or torch.float32, self.settings.checkpoint_every)
-        if torch.cuda.is_available():
-            # Process-wide (a site's process trains only this model); a context manager would not cover the
-            # checkpointed layers' recompute, which runs later, during backward.
-            torch.backends.cuda.enable_cudnn_sdp(self.settings.cudnn_attention)
+        apply_attention_backends(self.settings)
 
     def _collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         longest = max(len(ex["input_ids"]) for ex in examples)

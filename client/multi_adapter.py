@@ -31,7 +31,7 @@ from flwr.app import Context, Message, MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.fast_train import FastLocalTrainer, causal_lm_parts, linear_cross_entropy_per_token, shift_labels
-from client.trainer import LocalTrainer, TrainResult, elapsed_and_peak, planned_steps
+from client.trainer import LocalTrainer, TrainResult, elapsed_and_peak, make_lr_scheduler, planned_steps
 from federation.adapter import ADAPTER_NAME, AdapterMismatch, check_adapter_keys, lora_parameters
 from federation.data import IGNORE_INDEX, SiteDataset
 
@@ -200,8 +200,6 @@ class MultiAdapterTrainer:
 
         Client k's data order is the solo trainer's for seeds[k]; every client runs the same number of steps.
         """
-        from transformers import get_cosine_schedule_with_warmup
-
         from client.proximal import proximal_term
 
         if len(datasets) != len(seeds) or not datasets:
@@ -225,7 +223,7 @@ class MultiAdapterTrainer:
             params = stacked.parameters()
             start_params = [p.detach().clone() for p in params] if proximal_mu > 0 else None
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
+            scheduler = make_lr_scheduler(optimizer, cfg, steps)
             start = time.perf_counter()
             for _ in range(steps):
                 micro = [[self._next(iterators, loaders, k) for _ in range(cfg.grad_accum)] for k in range(k_clients)]

@@ -33,7 +33,7 @@ from client.trainer import LocalTrainer
 from federation.adapter import (adapter_delta, from_array_record, get_adapter_arrays, lora_parameters,
                                 set_adapter_arrays)
 from federation.compression import ErrorFeedback, UploadCodec
-from federation.config import PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS, RunConfig
+from federation.config import PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS, RunConfig, fast_path_on
 from federation.compose import run_config_from_json
 from federation.data import EVAL_FILE, TRAIN_FILE, SiteDataset, load_site_files, load_site_split
 from federation.model import LoadInfo, build_lora_model
@@ -141,8 +141,9 @@ def data_fingerprint(runtime: SiteRuntime, cfg: RunConfig, context: Context) -> 
 
 
 def make_trainer(runtime: SiteRuntime, cfg: RunConfig) -> LocalTrainer:
-    """The fast path (packing + chunked loss) when asked for; DP-SGD needs one example per row, so plain."""
-    if cfg.train.fast_path and not cfg.privacy.local_dp_sgd.enabled:
+    """The fast path (packing + chunked loss) when train.fast_path selects it; DP-SGD needs one example per row."""
+    device_type = next(runtime.model.parameters()).device.type
+    if fast_path_on(cfg.train, device_type) and not cfg.privacy.local_dp_sgd.enabled:
         return FastLocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train,
                                 FastPathSettings(checkpoint_every=cfg.train.checkpoint_every))
     return LocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train)

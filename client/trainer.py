@@ -66,8 +66,16 @@ def planned_steps(cfg: TrainConfig, num_examples: int) -> int:
     return cfg.local_steps
 
 
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
+    """Linear warm-up over warmup_ratio of `steps`, then cfg.lr_schedule (cosine | linear | constant)."""
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(cfg.lr_schedule, cfg.lr_schedule)
+    return get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps), num_training_steps=steps)
+
+
 class LocalTrainer:
-    """Trains the model's trainable (LoRA) parameters with AdamW + cosine schedule with warm-up."""
+    """Trains the model's trainable (LoRA) parameters with AdamW + warm-up and train.lr_schedule."""
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int, cfg: TrainConfig):
         self.model = model
@@ -99,8 +107,6 @@ class LocalTrainer:
         proximal_mu > 0 adds FedProx's mu/2 * ||w - w_start||^2 over the trainable (LoRA) parameters.
         before_step(params) runs after backward and before clipping/optimizer.step (gradient corrections).
         """
-        from transformers import get_cosine_schedule_with_warmup
-
         from client.proximal import proximal_term
 
         cfg = self.cfg
@@ -109,7 +115,7 @@ class LocalTrainer:
         start_params = [p.detach().clone() for p in params] if proximal_mu > 0 else None
         # Fresh optimizer state every round: Adam moments from the previous global model would be stale.
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
+        scheduler = make_lr_scheduler(optimizer, cfg, steps)
         loader = self._loader(dataset, seed, cfg.batch_size, shuffle=True)
         batches = iter(loader)
         device = _model_device(self.model)

@@ -94,18 +94,36 @@ class TrainConfig:
     local_steps: int = 8
     # When > 0, train this many epochs instead of local_steps.
     local_epochs: float = 0.0
+    # Peak AdamW learning rate. conf/train/default.yaml's 5e-3 suits the tiny demo model (its adapter starts
+    # from nothing on a random base); the real-model presets (conf/model/llama-1b-random.yaml, hub.yaml) set
+    # QLoRA's usual 2e-4, since 5e-3 diverged on llama-1b (eval loss 7.3 -> 17.8 in a second round, issue 14).
     lr: float = 3e-3
     batch_size: int = 8
     grad_accum: int = 1
+    # Share of a round's steps spent warming the learning rate up linearly from 0 (each round starts afresh).
     warmup_ratio: float = 0.1
+    # After the warm-up: cosine (to 0 at the round's last step) | linear (to 0) | constant (transformers' schedulers).
+    lr_schedule: str = "cosine"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     eval_batch_size: int = 16
     seed: int = 0
     # Packed sequences + chunked cross-entropy + bf16 frozen weights (client/fast_train.py); same losses.
-    fast_path: bool = False
+    # auto: on where the model runs on CUDA (2-8x the plain path's tokens/s there, BENCHMARKS.md), off on a CPU
+    # (short demo rows are CPU-bound and gain nothing); true / false force it. DP-SGD always trains unpacked.
+    fast_path: str = "auto"
     # Fast path: gradient-checkpoint every k-th decoder layer (1: least memory, 2: usually faster, 0: none).
     checkpoint_every: int = 1
+
+
+FAST_PATH_CHOICES = ("auto", "true", "false")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
+def fast_path_on(train: TrainConfig, device_type: str) -> bool:
+    """Whether train.fast_path (auto | true | false; hydra may hand over a bool) selects the fast trainer on device_type."""
+    value = str(train.fast_path).lower()
+    return value == "true" or (value == "auto" and device_type == "cuda")
 
 
 @dataclass

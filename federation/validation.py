@@ -26,7 +26,8 @@ from typing import Any
 
 from federation.config import (CONF_DIR, CONTROL_VARIATE_PARAM, CONTROL_VARIATES, FEDEX_STRATEGY, HETERO_STRATEGIES,
                                LORA_METHOD_STRATEGIES, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS,
-                               SECAGG_MAX_MODULUS_RANGE, SECAGG_MAX_QUANTIZATION_RANGE,
+                               FAST_PATH_CHOICES, LR_SCHEDULES, SECAGG_MAX_MODULUS_RANGE,
+                               SECAGG_MAX_QUANTIZATION_RANGE,
                                SITE_PARAMS, TRACKERS, RunConfig, group_options, sites_per_round)
 from strategies.aggregators import MixedRanksError
 from strategies.registry import STRATEGIES
@@ -179,6 +180,8 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
     _check_privacy(cfg)
     _check_adapter_fits_model(cfg)
     _check_choice("tracking.name", cfg.tracking.name, TRACKERS, "tracker")
+    _check_choice("train.fast_path", str(cfg.train.fast_path).lower(), FAST_PATH_CHOICES)
+    _check_choice("train.lr_schedule", cfg.train.lr_schedule, LR_SCHEDULES)
     return cfg
 
 

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 
 from client.fast_train import (
+    FastPathSettings,
+    apply_attention_backends,
     chunked_causal_lm_loss,
     causal_lm_parts,
     pack_sequences,
@@ -292,6 +294,10 @@ def bench_shape(args, shape: str, device: torch.device, peak_tflops: float, log,
             continue
         if variant[2] == "fast" and not converted:
             prepare_model_for_fast_training(model, torch.bfloat16 if device.type == "cuda" else torch.float32, 1)
+            # Our variants run with the attention backends FastLocalTrainer sets (cuDNN SDPA off unless
+            # --cudnn-attention): until this, the packed variants ran on cuDNN's plans, built anew for every new
+            # packed shape, which the trainer never does (issue 14's 1.2k tok/s llama-8b variable row).
+            apply_attention_backends(FastPathSettings(cudnn_attention=args.cudnn_attention))
             converted = True
         if variant[2] == "fast":
             set_checkpointing_policy(model, variant[5])
@@ -380,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-cudnn-attention", action="store_true",
-                        help="diagnostic: SDPA without the cuDNN backend (flash / memory-efficient kernels only)")
+                        help="diagnostic: SDPA without the cuDNN backend for the baseline variants too")
+    parser.add_argument("--cudnn-attention", action="store_true",
+                        help="diagnostic: our variants with cuDNN SDPA on (the trainer's default is off)")
     args = parser.parse_args(argv)
     if args.no_cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)

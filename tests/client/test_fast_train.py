@@ -202,3 +202,22 @@ def test_fast_trainer_keeps_local_trainer_signatures():
 
     for name in ("train", "evaluate"):
         assert inspect.signature(getattr(FastLocalTrainer, name)) == inspect.signature(getattr(LocalTrainer, name))
+
+
+@pytest.mark.parametrize("schedule,last_lr", [("cosine", 0.0), ("linear", 0.0), ("constant", 1.0)])
+def test_lr_schedule_warms_up_linearly_then_follows_train_lr_schedule(schedule, last_lr):
+    from client.trainer import make_lr_scheduler
+    from federation.config import TrainConfig
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=1.0)
+    scheduler = make_lr_scheduler(optimizer, TrainConfig(lr=1.0, warmup_ratio=0.2, lr_schedule=schedule), steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:3] == pytest.approx([0.0, 0.5, 1.0])  # 2 warm-up steps
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(last_lr)
+    if schedule == "cosine":
+        assert lrs[6] == pytest.approx(0.5)  # half-way through the 8 decay steps

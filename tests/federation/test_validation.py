@@ -194,3 +194,37 @@ def test_evaluate_and_query_timeouts_default_to_the_round_timeout_and_can_be_sho
     assert cfg.federation.evaluate_timeout() == 30 and cfg.federation.query_timeout() == 45
     with pytest.raises(ConfigError, match="federation.evaluate_timeout_s"):
         compose_config(["federation.evaluate_timeout_s=-1"])
+
+
+# ------------------------------------------------------------------- training defaults a practitioner expects
+
+
+def test_real_model_presets_get_qlora_lr_and_the_tiny_demo_keeps_its_own():
+    from federation.compose import compose_config
+
+    assert compose_config([]).train.lr == 5e-3
+    assert compose_config(["model=llama-1b-random"]).train.lr == 2e-4
+    hub = compose_config(["model=hub", "model.name=/models/x"])
+    assert hub.train.lr == 2e-4 and hub.model.name == "/models/x"
+    assert compose_config(["model=hub", "train.lr=1e-3"]).train.lr == 1e-3  # the command line still wins
+
+
+def test_fast_path_auto_means_cuda_only_and_true_false_force_it():
+    from federation.compose import compose_config
+    from federation.config import fast_path_on
+
+    auto = compose_config([]).train
+    assert fast_path_on(auto, "cuda") and not fast_path_on(auto, "cpu")
+    forced = compose_config(["train.fast_path=true"]).train  # hydra hands the str field a bool
+    assert fast_path_on(forced, "cpu") and fast_path_on(forced, "cuda")
+    assert not fast_path_on(compose_config(["train.fast_path=false"]).train, "cuda")
+
+
+@pytest.mark.parametrize("override,key", [("train.fast_path=sometimes", "train.fast_path"),
+                                          ("train.lr_schedule=step", "train.lr_schedule")])
+def test_unknown_fast_path_or_schedule_names_the_key_and_choices(override, key):
+    from federation.compose import compose_config
+
+    with pytest.raises(ConfigError) as err:
+        compose_config([override])
+    assert err.value.key == key and "valid:" in str(err.value)
