@@ -382,12 +382,12 @@ def partition_indices(labels: Sequence[Any], num_sites: int, data_cfg: DataConfi
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _record_labels(records: Sequence[dict], label_field: str) -> list[str]:
-    return [str(record.get(label_field, "")) for record in records]
+def _record_labels(records: Sequence[dict], partition_by: str) -> list[str]:
+    return [str(record.get(partition_by, "")) for record in records]
 
 
 def _split_held_out(
-    records: list[dict], label_field: str, eval_fraction: float, seed: int
+    records: list[dict], partition_by: str, eval_fraction: float, seed: int
 ) -> tuple[list[dict], list[dict]]:
     """Seeded split stratified by label: round(eval_fraction * n) of each label's n items are held out.
 
@@ -395,7 +395,7 @@ def _split_held_out(
     """
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    labels = np.asarray(_record_labels(records, label_field))
+    labels = np.asarray(_record_labels(records, partition_by))
     rng = np.random.default_rng(seed)
     held_out: set[int] = set()
     for label in sorted(set(labels.tolist())):
