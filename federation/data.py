@@ -1,14 +1,13 @@
-"""A site's examples: JSONL parsing, prompt formatting, masked tokenization, batching, and partitioning.
+"""A site's examples: reading pools, prompt formatting, masked tokenization, batching, and partitioning.
 
-Records are dicts that remember their format ("alpaca" | "chat" | "plain"). The loss is computed only on
-response tokens: prompt tokens get label -100 (ignored by torch's cross entropy).
+Records (federation/records.py) are dicts that remember their format ("alpaca" | "chat" | "plain"). The loss is
+computed only on response tokens: prompt tokens get label -100 (ignored by torch's cross entropy).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from federation.config import DataConfig
 from federation.demo_task import generate_demo_task
+from federation.records import DataFormatError, parse_record, read_jsonl_records
 
 logger = logging.getLogger(__name__)
 
@@ -30,101 +30,10 @@ IGNORE_INDEX = -100
 CHAT_TEMPLATE_NAME = "chat_template"
 # The fields a str.format data.prompt_template may use (format_example fills them).
 PROMPT_FIELDS = ("instruction", "input")
-CHAT_ROLES = ("system", "user", "assistant")
 # Joins alpaca's instruction and input, and the non-final chat contents under a str.format template.
 PART_SEPARATOR = "\n\n"
 TRAIN_FILE = "train.jsonl"
 EVAL_FILE = "eval.jsonl"
-
-
-class DataFormatError(ValueError):
-    """Bad site data; the message starts with "{path}:{line_no}: " (1-based) or "{path}: "."""
-
-
-# ---------------------------------------------------------------------------------------------- parsing
-
-
-def _require_str(obj: dict, key: str, where: str, required: bool = True) -> str:
-    if key not in obj:
-        if required:
-            raise DataFormatError(f"{where}missing required field {key!r}")
-        return ""
-    value = obj[key]
-    if not isinstance(value, str):
-        raise DataFormatError(f"{where}field {key!r} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _parse_messages(value: Any, where: str) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise DataFormatError(f"{where}field 'messages' must be a non-empty list")
-    messages = []
-    for position, message in enumerate(value):
-        if not isinstance(message, dict):
-            raise DataFormatError(f"{where}messages[{position}] must be an object")
-        role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise DataFormatError(f"{where}messages[{position}] has role {role!r}; expected one of {CHAT_ROLES}")
-        content = _require_str(message, "content", f"{where}messages[{position}]: ")
-        messages.append({"role": role, "content": content})
-    if messages[-1]["role"] != "assistant":
-        raise DataFormatError(f"{where}the last message must be from the assistant, got {messages[-1]['role']!r}")
-    # The prompt is the chat template applied to the earlier messages, which must not be empty.
-    if len(messages) < 2:
-        raise DataFormatError(f"{where}a chat needs at least one message before the final assistant message")
-    return messages
-
-
-def _parse_record(obj: Any, where: str) -> dict[str, Any]:
-    """Normalize one JSON value; the format is chosen by key: "messages", else "instruction"/"output", else "text"."""
-    if not isinstance(obj, dict):
-        raise DataFormatError(f"{where}expected a JSON object, got {type(obj).__name__}")
-    # Other keys (e.g. a custom label field for partitioning) are kept as they are.
-    record = dict(obj)
-    record["source"] = _require_str(obj, "source", where, required=False)
-    if "messages" in obj:
-        record.update(format="chat", messages=_parse_messages(obj["messages"], where))
-    elif "instruction" in obj or "output" in obj:
-        record.update(
-            format="alpaca",
-            instruction=_require_str(obj, "instruction", where),
-            input=_require_str(obj, "input", where, required=False),
-            output=_require_str(obj, "output", where),
-        )
-    elif "text" in obj:
-        record.update(format="plain", text=_require_str(obj, "text", where))
-    else:
-        raise DataFormatError(
-            f"{where}none of the format keys: need 'messages' (chat), 'instruction'+'output' (alpaca) or 'text' (plain)"
-        )
-    return record
-
-
-def read_jsonl_records(path: str | Path) -> list[dict]:
-    """Parse a JSONL file of alpaca / chat / plain records; any problem is a DataFormatError naming file and line."""
-    file = Path(path)
-    if not file.exists():
-        raise DataFormatError(f"{path}: not found")
-    if not file.is_file():
-        raise DataFormatError(f"{path}: not a file")
-    records = []
-    with file.open("rb") as handle:
-        for line_no, raw_line in enumerate(handle, start=1):
-            where = f"{path}:{line_no}: "
-            try:
-                line = raw_line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataFormatError(f"{where}not valid UTF-8 ({error.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataFormatError(f"{where}invalid JSON ({error.msg}, column {error.colno})") from None
-            records.append(_parse_record(obj, where))
-    if not records:
-        raise DataFormatError(f"{path}: no examples")
-    return records
 
 
 # ------------------------------------------------------------------------------------ formatting, tokens
@@ -144,7 +53,7 @@ def format_example(record: dict, tokenizer: PreTrainedTokenizerBase, prompt_temp
     """
     if "format" not in record:
         # A raw record (e.g. from generate_demo_task) is validated and normalized here.
-        record = _parse_record(record, "record: ")
+        record = parse_record(record, "record: ")
     eos = tokenizer.eos_token
     if record["format"] == "plain":
         return "", record["text"] + eos
@@ -417,7 +326,7 @@ def _read_jsonl_pool(source: str, data_cfg: DataConfig, split: str) -> list[dict
 def _read_hf_pool(source: str, data_cfg: DataConfig, split: str) -> list[dict]:
     from federation.hf_data import read_hf_records  # imports `datasets`: only for data.loader=hf
 
-    return read_hf_records(source, data_cfg, split)
+    return read_hf_records(source, data_cfg, split, PARTITIONERS[data_cfg.partitioner].needs_labels)
 
 
 # data.loader -> (source, data_cfg, split) -> records; a reader's DataFormatError starts with the file it names.

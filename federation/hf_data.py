@@ -1,4 +1,4 @@
-"""data.loader=hf: a pool read through Hugging Face `datasets` and mapped onto federation.data's records.
+"""data.loader=hf: a pool read through Hugging Face `datasets` and mapped onto federation.records' records.
 
 data.source is a directory (every parquet / arrow / json / jsonl / csv file under it, in sorted order, each read on
 its own so that an error names its file), one such file, a `save_to_disk` directory, or a hub id. A local path never
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from federation.config import DataConfig
-from federation.data import PARTITIONERS, DataFormatError, _parse_record
+from federation.records import DataFormatError, parse_record
 
 # File suffix -> the `datasets` packaged builder that reads it.
 BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
@@ -124,12 +124,15 @@ def _record_format(columns: list[str], data_cfg: DataConfig, where: str) -> str:
                           f"columns: {', '.join(columns)}")
 
 
-def dataset_records(dataset: Any, data_cfg: DataConfig, where: str) -> list[dict]:
-    """A datasets.Dataset's rows as federation.data records (alpaca / chat / plain), keeping the partition_by value."""
+def dataset_records(dataset: Any, data_cfg: DataConfig, where: str, label_required: bool = False) -> list[dict]:
+    """A datasets.Dataset's rows as records (alpaca / chat / plain), keeping the data.partition_by value.
+
+    label_required: the data.partitioner groups by data.partition_by, so a dataset without that column is an error.
+    """
     columns = list(dataset.column_names)
     fmt = _record_format(columns, data_cfg, where)
     label = data_cfg.partition_by
-    if PARTITIONERS[data_cfg.partitioner].needs_labels and label not in columns:
+    if label_required and label not in columns:
         raise DataFormatError(f"{where}: no column {label!r} (data.partition_by, which data.partitioner="
                               f"{data_cfg.partitioner} groups by); columns: {', '.join(columns)}")
     mapping = dataclasses.asdict(data_cfg.columns)
@@ -143,7 +146,7 @@ def dataset_records(dataset: Any, data_cfg: DataConfig, where: str) -> list[dict
         if obj.get("input") is None:  # a null input (parquet fills absent values with null) is an empty one
             obj.pop("input", None)
         try:
-            record = _parse_record(obj, f"{where}: row {row_no}: ")
+            record = parse_record(obj, f"{where}: row {row_no}: ")
         except DataFormatError as exc:
             raise DataFormatError(f"{exc}{note}") from None
         record["source"] = "" if row.get("source") is None else str(row["source"])
@@ -157,8 +160,8 @@ def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in SAVED_DATASET_FILES)
 
 
-def read_hf_records(source: str, data_cfg: DataConfig, split: str) -> list[dict]:
-    """Records of a local directory / file / save_to_disk directory, or of a hub id's `split`.
+def read_hf_records(source: str, data_cfg: DataConfig, split: str, label_required: bool = False) -> list[dict]:
+    """Records of a local directory / file / save_to_disk directory, or of a hub id's `split` (see dataset_records).
 
     Any problem is a DataFormatError whose message starts with the file (or directory, or hub id) it concerns.
     """
@@ -171,16 +174,16 @@ def read_hf_records(source: str, data_cfg: DataConfig, split: str) -> list[dict]
                 dataset = load_from_disk(str(path))
         except Exception as exc:
             raise DataFormatError(f"{path}: cannot load the saved dataset ({_reason(exc)})") from None
-        records = dataset_records(_pick_split(dataset, split, str(path)), data_cfg, str(path))
+        records = dataset_records(_pick_split(dataset, split, str(path)), data_cfg, str(path), label_required)
     elif path.exists():
         records = []
         for file in data_files(path):
-            records.extend(dataset_records(_load_file(file, data_cfg), data_cfg, str(file)))
+            records.extend(dataset_records(_load_file(file, data_cfg), data_cfg, str(file), label_required))
     elif source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1:
         raise DataFormatError(f"{source}: not found")  # a path, not a hub id (owner/name)
     else:
         dataset = _load_hub(source, data_cfg, split)
-        records = dataset_records(dataset, data_cfg, source)
+        records = dataset_records(dataset, data_cfg, source, label_required)
     if not records:
         raise DataFormatError(f"{source}: no examples")
     return records

@@ -500,8 +500,8 @@ def _check_adapter_fits_model(cfg: RunConfig) -> None:
 
 
 def check_jsonl_files(files: Sequence[str | Path], key: str) -> dict[str, int]:
-    """Read every line of every file (federation.data's record parser); examples per file, or ConfigError file:line."""
-    from federation.data import DataFormatError, read_jsonl_records
+    """Read every line of every file (federation.records' parser); examples per file, or ConfigError file:line."""
+    from federation.records import DataFormatError, read_jsonl_records
 
     counts = {}
     for file in files:
@@ -516,7 +516,8 @@ def check_jsonl_files(files: Sequence[str | Path], key: str) -> dict[str, int]:
 
 def validate_simulation_data(cfg: RunConfig) -> None:
     """Every line of the data the simulation will read is valid, and every simulated site gets examples."""
-    from federation.data import DataFormatError, _load_pools, _partition_pools
+    from federation.data import _load_pools, _partition_pools
+    from federation.records import DataFormatError
 
     try:
         # What every simulated site loads (federation.data.load_site_split), read once here.

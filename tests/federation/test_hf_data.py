@@ -7,8 +7,9 @@ import json
 import pytest
 
 from federation.compose import compose_config
-from federation.data import DataFormatError, load_site_split, load_union_eval
+from federation.data import load_site_split, load_union_eval
 from federation.hf_data import read_hf_records
+from federation.records import DataFormatError
 from federation.tokenizer import build_char_tokenizer
 from federation.validation import ConfigError, validate_simulation_data
 
