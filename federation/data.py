@@ -411,15 +411,14 @@ def load_union_eval(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, nu
 def load_site_files(
     data_path: str, data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[SiteDataset, SiteDataset]:
-    """(train, eval) of a real site: a JSONL file (seeded eval_fraction split) or a dir with train.jsonl [+ eval.jsonl];
-    with data.loader=hf, whatever that reader takes (a directory of parquet/arrow/json files, a file, a hub id).
+    """(train, eval) of a real site: a JSONL file (seeded eval_fraction split) or a dir with train.jsonl [+ eval.jsonl].
 
     data_cfg.eval_path is not used here (it belongs to simulation); a directory without eval.jsonl is split.
     """
     path = Path(data_path).expanduser()
-    if data_cfg.loader != "jsonl":  # e.g. hf: the same reader as in simulation, with its held-out split
-        train_records, eval_records = _read_pools(data_path, "", data_cfg)
-    elif path.is_dir():
+    # JSONL only, whatever data.loader says: the site daemon checks its data before it knows a run's config
+    # (client/daemon.py validate_site_data), so a site reads the format it was checked in.
+    if path.is_dir():
         train_records = read_jsonl_records(path / TRAIN_FILE)
         if (path / EVAL_FILE).exists():
             eval_records = read_jsonl_records(path / EVAL_FILE)
