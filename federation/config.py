@@ -69,20 +69,59 @@ class DemoTaskConfig:
 
 
 @dataclass
+class ColumnMapConfig:
+    """Which dataset column fills each record field (data.loader=hf); data.format picks the fields a record needs."""
+
+    # alpaca records: instruction + output, and input when that column exists (else empty).
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    # chat records: a list of {role, content} whose last message is the assistant's answer.
+    messages: str = "messages"
+    # plain records: the whole text is the target (no prompt).
+    text: str = "text"
+
+
+@dataclass
 class DataConfig:
     """Where a site's examples come from and how they become tokens."""
 
-    # "demo" (generated offline) or a JSONL path (deployment: node config `data-path` wins).
+    # How data.source is read: "jsonl" ("demo" or a JSONL file) | "hf" (Hugging Face datasets: a directory of
+    # parquet/arrow/json(l)/csv files, one such file, a save_to_disk directory, or a hub id).
+    loader: str = "jsonl"
+    # "demo" (generated offline), a JSONL path, or (loader=hf) a path or hub id. Deployment: node config `data-path`.
     source: str = "demo"
+    # A separate eval pool, read like source (empty: hold out eval_fraction of source, stratified by partition_by).
     eval_path: str = ""
     demo: DemoTaskConfig = field(default_factory=DemoTaskConfig)
+    # loader=hf with a hub id (or a save_to_disk DatasetDict): the split to train on, the split to evaluate on
+    # (empty: hold out eval_fraction), and the dataset's config name (empty: its default).
+    split: str = "train"
+    eval_split: str = ""
+    subset: str = ""
+    # loader=hf: record format (auto: chat if the messages column exists, else alpaca if the instruction and
+    # output columns do, else plain text) and the columns that fill each field.
+    format: str = "auto"
+    columns: ColumnMapConfig = field(default_factory=ColumnMapConfig)
+    # loader=hf: where `datasets` keeps its Arrow cache (empty: its default, ~/.cache/huggingface/datasets).
+    cache_dir: str = ""
     # "chat_template" uses the tokenizer's template; otherwise a str.format template with {instruction} {input}.
     prompt_template: str = "chat_template"
     max_seq_len: int = 96
-    # Simulation partitioning of the demo/JSONL pool over sites: iid | dirichlet | source
-    partition: str = "source"
-    dirichlet_alpha: float = 0.5
-    label_field: str = "source"
+    # Simulation: how the pool is split over sites (federation.data.PARTITIONERS; all but "source" are flwr-datasets
+    # partitioners): source | iid | dirichlet | pathological | natural_id | linear | square | exponential.
+    partitioner: str = "source"
+    # The record field / dataset column the label-based partitioners (source, dirichlet, pathological, natural_id)
+    # group by; the held-out eval split is stratified by it too.
+    partition_by: str = "source"
+    # dirichlet: concentration (small: each site holds few labels; large: near IID).
+    alpha: float = 0.5
+    # dirichlet: redraw until every site has at least this many examples (flwr-datasets tries 10 times).
+    min_partition_size: int = 1
+    # pathological: labels per site, and how they are assigned: first-deterministic (site k gets label k mod L,
+    # the rest at random) | deterministic (labels k .. k+n-1) | random.
+    classes_per_site: int = 1
+    class_assignment: str = "first-deterministic"
     eval_fraction: float = 0.2
     seed: int = 0
 

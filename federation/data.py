@@ -1,14 +1,17 @@
-"""A site's examples: JSONL parsing, prompt formatting, masked tokenization, batching, and partitioning.
+"""A site's examples: reading pools, prompt formatting, masked tokenization, batching, and partitioning.
 
-Records are dicts that remember their format ("alpaca" | "chat" | "plain"). The loss is computed only on
-response tokens: prompt tokens get label -100 (ignored by torch's cross entropy).
+Records (federation/records.py) are dicts that remember their format ("alpaca" | "chat" | "plain"). The loss is
+computed only on response tokens: prompt tokens get label -100 (ignored by torch's cross entropy).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import io
 import logging
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from federation.config import DataConfig
 from federation.demo_task import generate_demo_task
+from federation.records import DataFormatError, parse_record, read_jsonl_records
 
 logger = logging.getLogger(__name__)
 
@@ -26,101 +30,10 @@ IGNORE_INDEX = -100
 CHAT_TEMPLATE_NAME = "chat_template"
 # The fields a str.format data.prompt_template may use (format_example fills them).
 PROMPT_FIELDS = ("instruction", "input")
-CHAT_ROLES = ("system", "user", "assistant")
 # Joins alpaca's instruction and input, and the non-final chat contents under a str.format template.
 PART_SEPARATOR = "\n\n"
 TRAIN_FILE = "train.jsonl"
 EVAL_FILE = "eval.jsonl"
-
-
-class DataFormatError(ValueError):
-    """Bad site data; the message starts with "{path}:{line_no}: " (1-based) or "{path}: "."""
-
-
-# ---------------------------------------------------------------------------------------------- parsing
-
-
-def _require_str(obj: dict, key: str, where: str, required: bool = True) -> str:
-    if key not in obj:
-        if required:
-            raise DataFormatError(f"{where}missing required field {key!r}")
-        return ""
-    value = obj[key]
-    if not isinstance(value, str):
-        raise DataFormatError(f"{where}field {key!r} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _parse_messages(value: Any, where: str) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise DataFormatError(f"{where}field 'messages' must be a non-empty list")
-    messages = []
-    for position, message in enumerate(value):
-        if not isinstance(message, dict):
-            raise DataFormatError(f"{where}messages[{position}] must be an object")
-        role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise DataFormatError(f"{where}messages[{position}] has role {role!r}; expected one of {CHAT_ROLES}")
-        content = _require_str(message, "content", f"{where}messages[{position}]: ")
-        messages.append({"role": role, "content": content})
-    if messages[-1]["role"] != "assistant":
-        raise DataFormatError(f"{where}the last message must be from the assistant, got {messages[-1]['role']!r}")
-    # The prompt is the chat template applied to the earlier messages, which must not be empty.
-    if len(messages) < 2:
-        raise DataFormatError(f"{where}a chat needs at least one message before the final assistant message")
-    return messages
-
-
-def _parse_record(obj: Any, where: str) -> dict[str, Any]:
-    """Normalize one JSON value; the format is chosen by key: "messages", else "instruction"/"output", else "text"."""
-    if not isinstance(obj, dict):
-        raise DataFormatError(f"{where}expected a JSON object, got {type(obj).__name__}")
-    # Other keys (e.g. a custom label field for partitioning) are kept as they are.
-    record = dict(obj)
-    record["source"] = _require_str(obj, "source", where, required=False)
-    if "messages" in obj:
-        record.update(format="chat", messages=_parse_messages(obj["messages"], where))
-    elif "instruction" in obj or "output" in obj:
-        record.update(
-            format="alpaca",
-            instruction=_require_str(obj, "instruction", where),
-            input=_require_str(obj, "input", where, required=False),
-            output=_require_str(obj, "output", where),
-        )
-    elif "text" in obj:
-        record.update(format="plain", text=_require_str(obj, "text", where))
-    else:
-        raise DataFormatError(
-            f"{where}none of the format keys: need 'messages' (chat), 'instruction'+'output' (alpaca) or 'text' (plain)"
-        )
-    return record
-
-
-def read_jsonl_records(path: str | Path) -> list[dict]:
-    """Parse a JSONL file of alpaca / chat / plain records; any problem is a DataFormatError naming file and line."""
-    file = Path(path)
-    if not file.exists():
-        raise DataFormatError(f"{path}: not found")
-    if not file.is_file():
-        raise DataFormatError(f"{path}: not a file")
-    records = []
-    with file.open("rb") as handle:
-        for line_no, raw_line in enumerate(handle, start=1):
-            where = f"{path}:{line_no}: "
-            try:
-                line = raw_line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataFormatError(f"{where}not valid UTF-8 ({error.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataFormatError(f"{where}invalid JSON ({error.msg}, column {error.colno})") from None
-            records.append(_parse_record(obj, where))
-    if not records:
-        raise DataFormatError(f"{path}: no examples")
-    return records
 
 
 # ------------------------------------------------------------------------------------ formatting, tokens
@@ -140,7 +53,7 @@ def format_example(record: dict, tokenizer: PreTrainedTokenizerBase, prompt_temp
     """
     if "format" not in record:
         # A raw record (e.g. from generate_demo_task) is validated and normalized here.
-        record = _parse_record(record, "record: ")
+        record = parse_record(record, "record: ")
     eos = tokenizer.eos_token
     if record["format"] == "plain":
         return "", record["text"] + eos
@@ -253,51 +166,6 @@ def _check_non_empty(parts: list[list[int]], what: str) -> list[list[int]]:
     return parts
 
 
-def partition_iid(num_items: int, num_sites: int, seed: int) -> list[list[int]]:
-    """A seeded shuffle of range(num_items) cut into num_sites near-equal parts, each sorted."""
-    _check_partition_args(num_items, num_sites)
-    permutation = np.random.default_rng(seed).permutation(num_items)
-    return [sorted(int(i) for i in part) for part in np.array_split(permutation, num_sites)]
-
-
-def partition_dirichlet(
-    labels: Sequence[str],
-    num_sites: int,
-    alpha: float,
-    seed: int,
-    min_per_site: int = 1,
-    max_tries: int = 100,
-) -> list[list[int]]:
-    """Per label, split its items over sites by Dirichlet(alpha) proportions (small alpha = skewed sites).
-
-    As Flower Datasets' DirichletPartitioner (without self-balancing): all labels are redrawn until every
-    site has >= min_per_site items, at most max_tries times.
-    """
-    # Re-implemented rather than importing flwr_datasets, which is not a dependency of this project.
-    _check_partition_args(len(labels), num_sites)
-    if alpha <= 0:
-        raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
-    label_array = np.asarray([str(label) for label in labels])
-    rng = np.random.default_rng(seed)
-    sizes: list[int] = []
-    for _ in range(max_tries):
-        parts: list[list[int]] = [[] for _ in range(num_sites)]
-        for label in sorted(set(label_array.tolist())):
-            indices = np.nonzero(label_array == label)[0]
-            rng.shuffle(indices)
-            proportions = rng.dirichlet(np.full(num_sites, alpha))
-            cut_points = (np.cumsum(proportions) * len(indices)).astype(int)[:-1]
-            for site, chunk in enumerate(np.split(indices, cut_points)):
-                parts[site].extend(int(i) for i in chunk)
-        sizes = [len(part) for part in parts]
-        if min(sizes) >= min_per_site:
-            return [sorted(part) for part in parts]
-    raise ValueError(
-        f"dirichlet partition (alpha={alpha}) of {len(labels)} items over {num_sites} sites left a site with "
-        f"fewer than {min_per_site} items after {max_tries} tries (last sizes {sizes}); raise alpha or use fewer sites"
-    )
-
-
 def _sites_per_label(distinct_labels: Sequence[str], num_sites: int) -> dict[str, list[int]]:
     """Sorted labels round-robin over sites; with more sites than labels, site k shares label k % num_labels."""
     ordered = sorted(distinct_labels)
@@ -310,11 +178,13 @@ def _sites_per_label(distinct_labels: Sequence[str], num_sites: int) -> dict[str
 
 
 def _assign_by_label(labels: Sequence[str], label_sites: dict[str, list[int]], num_sites: int) -> list[list[int]]:
-    """Each item goes to its label's sites; a label shared by several sites is dealt round-robin among them."""
+    """Each item goes to its label's sites (round-robin among several); items of a label with no site are left out."""
     parts: list[list[int]] = [[] for _ in range(num_sites)]
     dealt = dict.fromkeys(label_sites, 0)
     for index, label in enumerate(labels):
-        sites = label_sites[label]
+        sites = label_sites.get(label)
+        if not sites:
+            continue
         parts[sites[dealt[label] % len(sites)]].append(index)
         dealt[label] += 1
     return parts
@@ -322,35 +192,111 @@ def _assign_by_label(labels: Sequence[str], label_sites: dict[str, list[int]], n
 
 def partition_by_source(labels: Sequence[str], num_sites: int) -> list[list[int]]:
     """Distinct labels (sorted) round-robin over sites; a label shared by several sites is split evenly among them."""
+    # Hand-written on purpose: no flwr-datasets partitioner gives every label to exactly one site while a site may
+    # hold several labels (PathologicalPartitioner drops the labels beyond the site count; GroupedNaturalId makes
+    # its own number of groups). The demo task's one-skill-per-site default and its tests depend on this rule.
     labels = [str(label) for label in labels]
     _check_partition_args(len(labels), num_sites)
     parts = _assign_by_label(labels, _sites_per_label(set(labels), num_sites), num_sites)
     return _check_non_empty(parts, f"source partition of {len(labels)} items over {num_sites} sites")
 
 
-PARTITIONS = ("iid", "dirichlet", "source")  # data.partition: how a simulation's pool is split over sites
+# The columns of the small index Dataset a flwr-datasets partitioner splits: the item's position in the pool and its
+# label (the records themselves stay Python dicts; only this index goes through `datasets`).
+ROW_COLUMN = "row"
+LABEL_COLUMN = "label"
 
 
-def partition_indices(labels: Sequence[str], num_sites: int, data_cfg: DataConfig) -> list[list[int]]:
-    """Dispatch on data_cfg.partition: "iid" | "dirichlet" | "source"."""
-    if data_cfg.partition == "iid":
-        return partition_iid(len(labels), num_sites, data_cfg.seed)
-    if data_cfg.partition == "dirichlet":
-        return partition_dirichlet(labels, num_sites, data_cfg.dirichlet_alpha, data_cfg.seed)
-    if data_cfg.partition == "source":
+@dataclass(frozen=True)
+class PartitionerSpec:
+    """How data.partitioner=<name> splits a pool over simulated sites."""
+
+    # (num_sites, data_cfg) -> a flwr_datasets Partitioner over a Dataset of ROW_COLUMN, LABEL_COLUMN; None: the
+    # hand-written partition_by_source.
+    build: Callable[[int, DataConfig], Any] | None
+    # The partitioner groups by the data.partition_by label (the others ignore it).
+    needs_labels: bool = False
+    # It cuts contiguous slices (IidPartitioner and the size-skewed ones): it sees the pool in a seeded random order.
+    shuffle_first: bool = False
+    # Eval examples go to the sites that train on their label (round-robin among several) instead of an
+    # independent partition of the eval pool, so a site evaluates on the labels (ids) it holds.
+    eval_follows_labels: bool = False
+
+
+def _flwr_partitioners() -> Any:
+    import flwr_datasets.partitioner as partitioners  # imports `datasets`: only when such a partitioner runs
+
+    return partitioners
+
+
+PARTITIONERS: dict[str, PartitionerSpec] = {
+    "source": PartitionerSpec(None, needs_labels=True, eval_follows_labels=True),
+    "iid": PartitionerSpec(lambda n, cfg: _flwr_partitioners().IidPartitioner(n), shuffle_first=True),
+    "dirichlet": PartitionerSpec(
+        lambda n, cfg: _flwr_partitioners().DirichletPartitioner(
+            n, LABEL_COLUMN, float(cfg.alpha), min_partition_size=cfg.min_partition_size, self_balancing=False,
+            shuffle=True, seed=cfg.seed),
+        needs_labels=True,
+    ),
+    "pathological": PartitionerSpec(
+        lambda n, cfg: _flwr_partitioners().PathologicalPartitioner(
+            n, LABEL_COLUMN, cfg.classes_per_site, class_assignment_mode=cfg.class_assignment, shuffle=True,
+            seed=cfg.seed),
+        needs_labels=True,
+        eval_follows_labels=True,
+    ),
+    # One site per distinct value (a natural id: user, hospital, document); federation.num_clients must match.
+    "natural_id": PartitionerSpec(
+        lambda n, cfg: _flwr_partitioners().NaturalIdPartitioner(LABEL_COLUMN), needs_labels=True,
+        eval_follows_labels=True,
+    ),
+    # Size-skewed: site k (1-based) holds a share proportional to k, k^2 or e^k of the pool.
+    "linear": PartitionerSpec(lambda n, cfg: _flwr_partitioners().LinearPartitioner(n), shuffle_first=True),
+    "square": PartitionerSpec(lambda n, cfg: _flwr_partitioners().SquarePartitioner(n), shuffle_first=True),
+    "exponential": PartitionerSpec(lambda n, cfg: _flwr_partitioners().ExponentialPartitioner(n),
+                                   shuffle_first=True),
+}
+CLASS_ASSIGNMENTS = ("first-deterministic", "deterministic", "random")  # PathologicalPartitioner's modes
+
+
+def partition_indices(labels: Sequence[Any], num_sites: int, data_cfg: DataConfig) -> list[list[int]]:
+    """Per-site sorted indices into a pool whose item i has label labels[i], split by data_cfg.partitioner."""
+    spec = PARTITIONERS.get(data_cfg.partitioner)
+    if spec is None:
+        raise ValueError(f"unknown data.partitioner {data_cfg.partitioner!r}; expected one of {list(PARTITIONERS)}")
+    labels = [str(label) for label in labels]
+    _check_partition_args(len(labels), num_sites)
+    if spec.build is None:
         return partition_by_source(labels, num_sites)
-    raise ValueError(f"unknown data.partition {data_cfg.partition!r}; expected one of {PARTITIONS}")
+    from datasets import Dataset
+
+    pool = Dataset.from_dict({ROW_COLUMN: list(range(len(labels))), LABEL_COLUMN: labels})
+    if spec.shuffle_first:
+        pool = pool.shuffle(seed=data_cfg.seed)
+    partitioner = spec.build(num_sites, data_cfg)
+    partitioner.dataset = pool
+    # Dirichlet's per-retry notes, Pathological's unused labels and NaturalId's progress bar are not the user's
+    # business here: the outcome is checked below.
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore", UserWarning)
+        if partitioner.num_partitions != num_sites:  # natural_id: as many partitions as distinct values
+            distinct = sorted(set(labels))
+            raise ValueError(f"natural_id gives each distinct {data_cfg.partition_by!r} value its own site: the data "
+                             f"has {len(distinct)} ({', '.join(distinct[:5])}{', ...' if len(distinct) > 5 else ''}), "
+                             f"so federation.num_clients must be {len(distinct)}")
+        parts = [sorted(partitioner.load_partition(site)[ROW_COLUMN]) for site in range(num_sites)]
+    return _check_non_empty(parts, f"{data_cfg.partitioner} partition of {len(labels)} items over {num_sites} sites")
 
 
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _record_labels(records: Sequence[dict], label_field: str) -> list[str]:
-    return [str(record.get(label_field, "")) for record in records]
+def _record_labels(records: Sequence[dict], partition_by: str) -> list[str]:
+    return [str(record.get(partition_by, "")) for record in records]
 
 
 def _split_held_out(
-    records: list[dict], label_field: str, eval_fraction: float, seed: int
+    records: list[dict], partition_by: str, eval_fraction: float, seed: int
 ) -> tuple[list[dict], list[dict]]:
     """Seeded split stratified by label: round(eval_fraction * n) of each label's n items are held out.
 
@@ -358,7 +304,7 @@ def _split_held_out(
     """
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    labels = np.asarray(_record_labels(records, label_field))
+    labels = np.asarray(_record_labels(records, partition_by))
     rng = np.random.default_rng(seed)
     held_out: set[int] = set()
     for label in sorted(set(labels.tolist())):
@@ -373,32 +319,64 @@ def _split_held_out(
     return train, evaluation
 
 
+def _read_jsonl_pool(source: str, data_cfg: DataConfig, split: str) -> list[dict]:
+    return read_jsonl_records(source)
+
+
+def _read_hf_pool(source: str, data_cfg: DataConfig, split: str) -> list[dict]:
+    from federation.hf_data import read_hf_records  # imports `datasets`: only for data.loader=hf
+
+    return read_hf_records(source, data_cfg, split, PARTITIONERS[data_cfg.partitioner].needs_labels)
+
+
+# data.loader -> (source, data_cfg, split) -> records; a reader's DataFormatError starts with the file it names.
+POOL_READERS: dict[str, Callable[[str, DataConfig, str], list[dict]]] = {
+    "jsonl": _read_jsonl_pool,
+    "hf": _read_hf_pool,
+}
+
+
+def _read_pools(source: str, eval_path: str, data_cfg: DataConfig) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of `source`: eval from eval_path, data.eval_split, or a held-out split."""
+    read = POOL_READERS[data_cfg.loader]
+    records = read(source, data_cfg, data_cfg.split)
+    if eval_path:
+        return records, read(eval_path, data_cfg, data_cfg.split)
+    if data_cfg.loader == "hf" and data_cfg.eval_split:
+        return records, read(source, data_cfg, data_cfg.eval_split)
+    return _split_held_out(records, data_cfg.partition_by, data_cfg.eval_fraction, data_cfg.seed)
+
+
 def _load_pools(data_cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     """(train pool, eval pool) of the whole simulated federation."""
-    if data_cfg.source == "demo":
+    if data_cfg.loader == "jsonl" and data_cfg.source == "demo":
         return generate_demo_task(data_cfg.demo)
-    records = read_jsonl_records(data_cfg.source)
-    if data_cfg.eval_path:
-        return records, read_jsonl_records(data_cfg.eval_path)
-    return _split_held_out(records, data_cfg.label_field, data_cfg.eval_fraction, data_cfg.seed)
+    return _read_pools(data_cfg.source, data_cfg.eval_path, data_cfg)
 
 
 def _partition_pools(
     train_records: list[dict], eval_records: list[dict], num_sites: int, data_cfg: DataConfig
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Per-site indices into the train pool and the eval pool, partitioned consistently."""
-    train_labels = _record_labels(train_records, data_cfg.label_field)
-    eval_labels = _record_labels(eval_records, data_cfg.label_field)
+    train_labels = _record_labels(train_records, data_cfg.partition_by)
+    eval_labels = _record_labels(eval_records, data_cfg.partition_by)
     train_parts = partition_indices(train_labels, num_sites, data_cfg)
-    if data_cfg.partition != "source":
-        return train_parts, partition_indices(eval_labels, num_sites, data_cfg)
-    # Site k evaluates on exactly the sources it trains on, so the mapping comes from the train labels.
-    label_sites = _sites_per_label(set(train_labels), num_sites)
-    unseen = sorted(set(eval_labels) - set(label_sites))
+    if not PARTITIONERS[data_cfg.partitioner].eval_follows_labels:
+        try:
+            return train_parts, partition_indices(eval_labels, num_sites, data_cfg)
+        except ValueError as exc:
+            raise ValueError(f"the eval pool of {len(eval_labels)} items: {exc}") from None
+    # Site k evaluates on exactly the labels it trains on, so the mapping comes from the train partition.
+    label_sites: dict[str, list[int]] = {}
+    for site, part in enumerate(train_parts):
+        for label in sorted({train_labels[i] for i in part}):
+            label_sites.setdefault(label, []).append(site)
+    unseen = sorted(set(eval_labels) - set(train_labels))
     if unseen:
-        raise ValueError(f"eval {data_cfg.label_field!r} values {unseen} do not occur in the training data")
+        raise ValueError(f"eval {data_cfg.partition_by!r} values {unseen} do not occur in the training data")
     eval_parts = _assign_by_label(eval_labels, label_sites, num_sites)
-    return train_parts, _check_non_empty(eval_parts, f"source partition of {len(eval_labels)} eval items")
+    what = f"{data_cfg.partitioner} partition of {len(eval_labels)} eval items"
+    return train_parts, _check_non_empty(eval_parts, what)
 
 
 def _check_partition_id(partition_id: int, num_partitions: int) -> None:
@@ -438,17 +416,19 @@ def load_site_files(
     data_cfg.eval_path is not used here (it belongs to simulation); a directory without eval.jsonl is split.
     """
     path = Path(data_path).expanduser()
+    # JSONL only, whatever data.loader says: the site daemon checks its data before it knows a run's config
+    # (client/daemon.py validate_site_data), so a site reads the format it was checked in.
     if path.is_dir():
         train_records = read_jsonl_records(path / TRAIN_FILE)
         if (path / EVAL_FILE).exists():
             eval_records = read_jsonl_records(path / EVAL_FILE)
         else:
             train_records, eval_records = _split_held_out(
-                train_records, data_cfg.label_field, data_cfg.eval_fraction, data_cfg.seed
+                train_records, data_cfg.partition_by, data_cfg.eval_fraction, data_cfg.seed
             )
     elif path.exists():
         train_records, eval_records = _split_held_out(
-            read_jsonl_records(path), data_cfg.label_field, data_cfg.eval_fraction, data_cfg.seed
+            read_jsonl_records(path), data_cfg.partition_by, data_cfg.eval_fraction, data_cfg.seed
         )
     else:
         raise DataFormatError(f"{data_path}: not found")

@@ -5,7 +5,7 @@
 valid choices, taken from where they are defined), numeric ranges, and the model/LoRA/strategy/privacy
 combinations the coordinator or the sites would otherwise refuse only once the run is under way.
 ``validate_simulation_data(cfg)`` reads every line of the data a simulation will partition (the JSONL pool
-and eval file, or the demo task) and checks that every simulated site gets examples.
+and eval file, the data=hf files or hub split, or the demo task) and checks that every simulated site gets examples.
 ``check_schema`` and ``config_error_from_hydra`` turn OmegaConf's and hydra's own errors (unknown key or
 group option, wrong type, unparsable override) into the same one-line ConfigError.
 """
@@ -107,7 +107,9 @@ RUN_RANGES: dict[str, Rule] = {
     "lora.alpha": POSITIVE,
     "lora.dropout": HALF_OPEN_UNIT,
     "data.max_seq_len": (">= 2", lambda v: v >= 2),
-    "data.dirichlet_alpha": POSITIVE,
+    "data.alpha": POSITIVE,
+    "data.min_partition_size": NON_NEGATIVE,
+    "data.classes_per_site": AT_LEAST_1,
     "data.eval_fraction": HALF_OPEN_UNIT,
     "train.local_steps": AT_LEAST_1,
     "train.local_epochs": NON_NEGATIVE,
@@ -258,18 +260,36 @@ def _check_model(cfg: RunConfig) -> None:
 
 
 def _check_data(cfg: RunConfig) -> None:
-    from federation.data import CHAT_TEMPLATE_NAME, PARTITIONS, PROMPT_FIELDS
+    from federation.data import CHAT_TEMPLATE_NAME, CLASS_ASSIGNMENTS, PARTITIONERS, POOL_READERS, PROMPT_FIELDS
 
     d = cfg.data
+    _check_choice("data.loader", d.loader, list(POOL_READERS), "data loader")
     if not d.source:
-        raise ConfigError("data.source", "data.source is required: 'demo' or the path of a JSONL file "
-                          "(data=jsonl data.source=/path/pool.jsonl)")
-    if d.eval_path and d.source == "demo":
+        what = ("a directory of parquet/arrow/json files, one such file, or a hub id (data=hf data.source=/path/dir)"
+                if d.loader == "hf" else "'demo' or the path of a JSONL file (data=jsonl data.source=/path/pool.jsonl)")
+        raise ConfigError("data.source", f"data.source is required: {what}")
+    if d.eval_path and d.source == "demo" and d.loader == "jsonl":
         raise ConfigError("data.eval_path", "data.eval_path is only read with a JSONL data.source; the demo task "
                           "holds out its own eval examples")
-    _check_choice("data.partition", d.partition, PARTITIONS, "partitioner")
-    if not d.label_field:
-        raise ConfigError("data.label_field", "data.label_field is empty: the record field that names its source")
+    if d.loader == "hf":
+        from federation.hf_data import FORMATS
+
+        _check_choice("data.format", d.format, FORMATS, "record format")
+        for name, column in dataclasses.asdict(d.columns).items():
+            if not column:
+                raise ConfigError(f"data.columns.{name}", f"data.columns.{name} is empty: the dataset column of "
+                                  f"the record's {name!r} field")
+        if d.eval_path and d.eval_split:
+            raise ConfigError("data.eval_split", "data.eval_path and data.eval_split both name the eval pool; "
+                              "set one of them")
+        if not d.split:
+            raise ConfigError("data.split", "data.split is empty: the split to train on (e.g. train)")
+    _check_choice("data.partitioner", d.partitioner, list(PARTITIONERS), "partitioner")
+    if d.partitioner == "pathological":
+        _check_choice("data.class_assignment", d.class_assignment, CLASS_ASSIGNMENTS, "class assignment")
+    if not d.partition_by:
+        raise ConfigError("data.partition_by", "data.partition_by is empty: the record field / column that labels "
+                          "an example (its source, category or natural id)")
     if d.prompt_template == CHAT_TEMPLATE_NAME:
         return
     valid = ", ".join("{" + name + "}" for name in PROMPT_FIELDS) + f" (or the value '{CHAT_TEMPLATE_NAME}')"
@@ -483,8 +503,8 @@ def _check_adapter_fits_model(cfg: RunConfig) -> None:
 
 
 def check_jsonl_files(files: Sequence[str | Path], key: str) -> dict[str, int]:
-    """Read every line of every file (federation.data's record parser); examples per file, or ConfigError file:line."""
-    from federation.data import DataFormatError, read_jsonl_records
+    """Read every line of every file (federation.records' parser); examples per file, or ConfigError file:line."""
+    from federation.records import DataFormatError, read_jsonl_records
 
     counts = {}
     for file in files:
@@ -499,7 +519,8 @@ def check_jsonl_files(files: Sequence[str | Path], key: str) -> dict[str, int]:
 
 def validate_simulation_data(cfg: RunConfig) -> None:
     """Every line of the data the simulation will read is valid, and every simulated site gets examples."""
-    from federation.data import DataFormatError, _load_pools, _partition_pools
+    from federation.data import _load_pools, _partition_pools
+    from federation.records import DataFormatError
 
     try:
         # What every simulated site loads (federation.data.load_site_split), read once here.
@@ -515,8 +536,8 @@ def validate_simulation_data(cfg: RunConfig) -> None:
     try:
         _partition_pools(train, held_out, cfg.federation.num_clients, cfg.data)
     except ValueError as exc:
-        raise ConfigError("data.partition", f"data.partition={cfg.data.partition} over federation.num_clients="
-                          f"{cfg.federation.num_clients} sites: {exc}") from None
+        raise ConfigError("data.partitioner", f"data.partitioner={cfg.data.partitioner} over "
+                          f"federation.num_clients={cfg.federation.num_clients} sites: {exc}") from None
 
 
 # ------------------------------------------------------------------------ OmegaConf's and hydra's errors

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     pool = write_char_pool(out / "pool.jsonl", 1024, args.seq)
     cfg = compose_config(["model=llama-1b-random", "model.quantization=4bit", "data=jsonl", f"data.source={pool}",
-                          f"data.max_seq_len={args.seq}", "data.partition=iid", "data.eval_fraction=0.02",
+                          f"data.max_seq_len={args.seq}", "data.partitioner=iid", "data.eval_fraction=0.02",
                           "train.fast_path=true", f"federation.num_clients={args.clients}",
                           f"model.cache_dir={args.cache}", f"output_dir={out / 'run'}", *args.overrides])
     runtime = get_runtime(cfg)

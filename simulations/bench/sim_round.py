@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         pool = write_char_pool(out / "pool.jsonl", 4096, args.seq)
         data = ["data=jsonl", f"data.source={pool}", f"data.max_seq_len={args.seq}", "data.eval_fraction=0.01"]
     # fp32 uploads so the batched and one-by-one deltas compare exactly (the bf16 codec would round both).
-    base = ["model=llama-1b-random", "model.quantization=4bit", *data, "data.partition=iid", "train.local_steps=4",
+    base = ["model=llama-1b-random", "model.quantization=4bit", *data, "data.partitioner=iid", "train.local_steps=4",
             "train.batch_size=8", "federation.upload_codec=fp32", f"model.cache_dir={args.cache}",
             f"output_dir={out / 'run'}", *args.overrides]
     rows, solo_deltas = [], {}

@@ -14,9 +14,8 @@ from federation.data import (
     load_site_files,
     load_site_split,
     load_union_eval,
+    PARTITIONERS,
     partition_by_source,
-    partition_dirichlet,
-    partition_iid,
     partition_indices,
     read_jsonl_records,
     tokenize_example,
@@ -219,25 +218,33 @@ def test_collate_pads_right_and_masks():
 # -------------------------------------------------------------------------------------- partitioning
 
 
+def part_cfg(partitioner, **overrides):
+    return DataConfig(partitioner=partitioner, **overrides)
+
+
 def test_iid_partition_covers_and_is_deterministic():
-    parts = partition_iid(10, 3, seed=1)
+    labels = ["x"] * 10
+    parts = partition_indices(labels, 3, part_cfg("iid", seed=1))
     check_partition(parts, 10, 3)
     assert sorted(len(p) for p in parts) == [3, 3, 4]
-    assert parts == partition_iid(10, 3, seed=1)
-    assert parts != partition_iid(10, 3, seed=2)
+    assert parts == partition_indices(labels, 3, part_cfg("iid", seed=1))
+    assert parts != partition_indices(labels, 3, part_cfg("iid", seed=2))
+    assert parts != [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]  # shuffled first: not flwr-datasets' contiguous shards
 
 
-def test_iid_partition_needs_an_item_per_site():
-    with pytest.raises(ValueError, match="at least one"):
-        partition_iid(2, 3, seed=0)
+def test_partition_needs_an_item_per_site():
+    for partitioner in PARTITIONERS:
+        with pytest.raises(ValueError, match="at least one"):
+            partition_indices(["a", "b"], 3, part_cfg(partitioner))
 
 
 def test_dirichlet_partition_covers_and_is_deterministic():
     labels = [f"l{i % 4}" for i in range(200)]
-    parts = partition_dirichlet(labels, 5, alpha=0.5, seed=0)
+    cfg = part_cfg("dirichlet", alpha=0.5, seed=0)
+    parts = partition_indices(labels, 5, cfg)
     check_partition(parts, 200, 5)
-    assert parts == partition_dirichlet(labels, 5, alpha=0.5, seed=0)
-    assert parts != partition_dirichlet(labels, 5, alpha=0.5, seed=1)
+    assert parts == partition_indices(labels, 5, cfg)
+    assert parts != partition_indices(labels, 5, part_cfg("dirichlet", alpha=0.5, seed=1))
 
 
 def label_shares(labels, parts):
@@ -249,15 +256,47 @@ def label_shares(labels, parts):
 
 def test_dirichlet_small_alpha_is_skewed_and_large_alpha_is_balanced():
     labels = [f"l{i % 4}" for i in range(400)]
-    skewed = label_shares(labels, partition_dirichlet(labels, 4, alpha=0.05, seed=0))
-    balanced = label_shares(labels, partition_dirichlet(labels, 4, alpha=1000.0, seed=0))
+    skewed = label_shares(labels, partition_indices(labels, 4, part_cfg("dirichlet", alpha=0.05)))
+    balanced = label_shares(labels, partition_indices(labels, 4, part_cfg("dirichlet", alpha=1000.0)))
     assert skewed.max(axis=1).mean() > 0.8
     assert np.abs(balanced - 0.25).max() < 0.1
 
 
-def test_dirichlet_raises_when_min_per_site_is_impossible():
-    with pytest.raises(ValueError, match="fewer than 2 items after 3 tries"):
-        partition_dirichlet(["a", "b", "a"], 2, alpha=1.0, seed=0, min_per_site=2, max_tries=3)
+def test_dirichlet_raises_when_min_partition_size_is_impossible():
+    with pytest.raises(ValueError, match="max number of attempts"):
+        partition_indices(["a", "b", "a"], 2, part_cfg("dirichlet", alpha=1.0, min_partition_size=2))
+
+
+def test_pathological_gives_each_site_its_number_of_labels():
+    labels = [f"l{i % 5}" for i in range(100)]
+    cfg = part_cfg("pathological", classes_per_site=2, class_assignment="deterministic")
+    parts = partition_indices(labels, 4, cfg)
+    held = [sorted({labels[i] for i in part}) for part in parts]
+    # deterministic: site k holds sorted labels k and k+1
+    assert held == [["l0", "l1"], ["l1", "l2"], ["l2", "l3"], ["l3", "l4"]]
+    assert sum(map(len, parts)) == 100 and len({i for part in parts for i in part}) == 100
+    randomly = partition_indices(labels, 4, part_cfg("pathological", classes_per_site=2, class_assignment="random",
+                                                     seed=3))
+    assert all(len({labels[i] for i in part}) == 2 for part in randomly)
+
+
+def test_natural_id_partition_is_one_id_per_site():
+    labels = [f"user{i % 4}" for i in range(30)]
+    parts = partition_indices(labels, 4, part_cfg("natural_id", partition_by="user"))
+    check_partition(parts, 30, 4)
+    assert [sorted({labels[i] for i in part}) for part in parts] == [["user0"], ["user1"], ["user2"], ["user3"]]
+    with pytest.raises(ValueError, match="distinct 'user' value its own site: the data has 4 .* must be 4"):
+        partition_indices(labels, 3, part_cfg("natural_id", partition_by="user"))
+
+
+@pytest.mark.parametrize("partitioner", ["linear", "square", "exponential"])
+def test_size_skewed_partitions_grow_with_the_site_id(partitioner):
+    parts = partition_indices(["x"] * 300, 4, part_cfg(partitioner, seed=0))
+    check_partition(parts, 300, 4)
+    sizes = [len(part) for part in parts]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    growth = {"linear": 4, "square": 16, "exponential": np.e**3}[partitioner]  # size of site 4 / size of site 1
+    assert sizes[-1] / sizes[0] == pytest.approx(growth, rel=0.3)
 
 
 def test_by_source_one_skill_per_site():
@@ -285,13 +324,9 @@ def test_by_source_raises_when_a_site_would_be_empty():
 
 def test_partition_indices_dispatch():
     labels = ["a", "b", "a", "b"]
-    assert partition_indices(labels, 2, DataConfig(partition="source")) == [[0, 2], [1, 3]]
-    assert partition_indices(labels, 2, DataConfig(partition="iid", seed=5)) == partition_iid(4, 2, 5)
-    assert partition_indices(labels, 2, DataConfig(partition="dirichlet", seed=5, dirichlet_alpha=2.0)) == (
-        partition_dirichlet(labels, 2, 2.0, 5)
-    )
-    with pytest.raises(ValueError, match="unknown data.partition 'random'"):
-        partition_indices(labels, 2, DataConfig(partition="random"))
+    assert partition_indices(labels, 2, DataConfig(partitioner="source")) == [[0, 2], [1, 3]]
+    with pytest.raises(ValueError, match="unknown data.partitioner 'random'"):
+        partition_indices(labels, 2, DataConfig(partitioner="random"))
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -307,7 +342,7 @@ def as_keys(dataset):
 
 
 def test_source_split_gives_each_site_its_own_skill_for_train_and_eval(tokenizer):
-    cfg = demo_cfg(partition="source")
+    cfg = demo_cfg(partitioner="source")
     for site in range(4):
         train, evaluation = load_site_split(cfg, tokenizer, site, 4)
         assert len(set(train.sources)) == 1 and set(evaluation.sources) == set(train.sources)
@@ -317,7 +352,7 @@ def test_source_split_gives_each_site_its_own_skill_for_train_and_eval(tokenizer
 
 @pytest.mark.parametrize("partition, num_sites", [("source", 3), ("source", 6), ("iid", 3), ("dirichlet", 2)])
 def test_union_eval_equals_union_of_site_eval_sets(tokenizer, partition, num_sites):
-    cfg = demo_cfg(partition=partition, dirichlet_alpha=1.0)
+    cfg = demo_cfg(partitioner=partition, alpha=1.0)
     site_sets = [load_site_split(cfg, tokenizer, site, num_sites) for site in range(num_sites)]
     union_of_sites = sorted(key for _, evaluation in site_sets for key in as_keys(evaluation))
     assert union_of_sites == as_keys(load_union_eval(cfg, tokenizer, num_sites))
@@ -330,7 +365,7 @@ def test_union_eval_equals_union_of_site_eval_sets(tokenizer, partition, num_sit
 def test_jsonl_source_split_is_seeded_and_stratified(tmp_path, tokenizer):
     lines = [{"instruction": f"q{i}", "output": f"a{i}", "source": "ab"[i % 2]} for i in range(20)]
     path = write_jsonl(tmp_path / "pool.jsonl", lines)
-    cfg = DataConfig(source=str(path), partition="source", eval_fraction=0.2, seed=0)
+    cfg = DataConfig(source=str(path), partitioner="source", eval_fraction=0.2, seed=0)
     train0, eval0 = load_site_split(cfg, tokenizer, 0, 2)
     train1, eval1 = load_site_split(cfg, tokenizer, 1, 2)
     assert (train0.sources, eval0.sources) == (["a"] * 8, ["a"] * 2)
@@ -342,7 +377,7 @@ def test_jsonl_source_split_is_seeded_and_stratified(tmp_path, tokenizer):
 def test_jsonl_eval_path_with_unseen_source_is_an_error(tmp_path, tokenizer):
     train_path = write_jsonl(tmp_path / "t.jsonl", [{"text": "x", "source": "a"}, {"text": "y", "source": "b"}])
     eval_path = write_jsonl(tmp_path / "e.jsonl", [{"text": "z", "source": "c"}])
-    cfg = DataConfig(source=str(train_path), eval_path=str(eval_path), partition="source")
+    cfg = DataConfig(source=str(train_path), eval_path=str(eval_path), partitioner="source")
     with pytest.raises(ValueError, match=r"\['c'\] do not occur in the training data"):
         load_site_split(cfg, tokenizer, 0, 2)
 

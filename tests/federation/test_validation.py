@@ -38,7 +38,11 @@ def _error(*overrides: str) -> ConfigError:
     (["lora.dropout=1.0"], "lora.dropout", "in [0, 1)"),
     (["data.max_seq_len=1"], "data.max_seq_len", ">= 2"),
     (["data.eval_fraction=1.0"], "data.eval_fraction", "in [0, 1)"),
-    (["data.dirichlet_alpha=0"], "data.dirichlet_alpha", "> 0"),
+    (["data.alpha=0"], "data.alpha", "> 0"),
+    (["data.classes_per_site=0"], "data.classes_per_site", ">= 1"),
+    (["data=hf"], "data.source", "a directory of parquet/arrow/json files, one such file, or a hub id"),
+    (["data=hf", "data.source=x", "data.columns.output="], "data.columns.output", "data.columns.output is empty"),
+    (["data=hf", "data.source=x", "data.eval_path=y", "data.eval_split=test"], "data.eval_split", "set one of"),
     (["federation.round_timeout_s=0"], "federation.round_timeout_s", "> 0"),
     (["federation.max_failed_rounds=0"], "federation.max_failed_rounds", ">= 1"),
     (["federation.clients_per_batch=0"], "federation.clients_per_batch", ">= 1"),
@@ -92,7 +96,12 @@ def test_numeric_ranges_and_combinations_name_the_key(overrides, key, text):
     (["strategy=fedavg", "strategy.aggregator=fedavgg"], "strategy.aggregator", valid_aggregator_names()),
     (["strategy=median", "strategy.params.inner=fedavgg"], "strategy.params.inner", valid_aggregator_names()),
     (["federation.upload_codec=int3"], "federation.upload_codec", ["fp32", "bf16", "fp16", "int8", "int4", "topk"]),
-    (["data.partition=random"], "data.partition", ["iid", "dirichlet", "source"]),
+    (["data.partitioner=random"], "data.partitioner", ["source", "iid", "dirichlet", "pathological",
+                                                         "natural_id", "linear", "square", "exponential"]),
+    (["data.loader=csv"], "data.loader", ["jsonl", "hf"]),
+    (["data=hf", "data.source=x", "data.format=sharegpt"], "data.format", ["auto", "chat", "alpaca", "plain"]),
+    (["data.partitioner=pathological", "data.class_assignment=fixed"], "data.class_assignment",
+     ["first-deterministic", "deterministic", "random"]),
     (["privacy=central_dp", "privacy.central.accountant=gdp2"], "privacy.central.accountant", ["rdp", "prv"]),
     (["model.quantization=8bit"], "model.quantization", ["auto", "4bit", "none"]),
     (["model.compute_dtype=float8"], "model.compute_dtype", ["bfloat16", "float16", "float32"]),
@@ -176,9 +185,9 @@ def test_simulation_data_names_file_and_line(tmp_path):
     bad_eval = _pool(tmp_path / "eval.jsonl", [good[0], json.dumps({"text": 3})])
     with pytest.raises(ConfigError, match=f"data.eval_path: {bad_eval}:2: field 'text' must be a string"):
         validate_simulation_data(compose_config(["data=jsonl", f"data.source={fixed}", f"data.eval_path={bad_eval}"]))
-    validate_simulation_data(compose_config(["data=jsonl", f"data.source={fixed}", "data.partition=iid"]))
-    with pytest.raises(ConfigError, match="data.partition=iid over federation.num_clients=20 sites: cannot give"):
-        validate_simulation_data(compose_config(["data=jsonl", f"data.source={fixed}", "data.partition=iid",
+    validate_simulation_data(compose_config(["data=jsonl", f"data.source={fixed}", "data.partitioner=iid"]))
+    with pytest.raises(ConfigError, match="data.partitioner=iid over federation.num_clients=20 sites: cannot give"):
+        validate_simulation_data(compose_config(["data=jsonl", f"data.source={fixed}", "data.partitioner=iid",
                                                  "federation.num_clients=20"]))
     with pytest.raises(ConfigError, match="data.demo: unknown demo skill"):
         validate_simulation_data(compose_config(["data.demo.skills=[reverse,spell]"]))
