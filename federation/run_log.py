@@ -51,6 +51,8 @@ def send_library_output_to(path: str | Path) -> Path:
     # Flower's logger has its own console handler and does not propagate: its INFO lines and deprecation notices
     # go to the file, its errors still to the console.
     # (A filter, not a level: Flower resets its handler's level when it configures logging again.)
+    import flwr.common  # noqa: F401  (Flower adds its console handler on import: the filter must reach it)
+
     flwr = logging.getLogger("flwr")
     for handler in flwr.handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
