@@ -44,11 +44,12 @@ def _simulate(overrides: list[str], engine: str = "ray") -> int:
     from federation.compose import compose_config
     from federation.run_log import LOG_FILE_NAME, send_library_output_to
     from federation.validation import validate_coordinator_setup, validate_simulation_data
-    from simulations.simulate import simulate
+    from simulations.simulate import check_engine, simulate
 
     cfg = compose_config(overrides)
     validate_simulation_data(cfg)
     validate_coordinator_setup(cfg)
+    check_engine(cfg, engine)  # before the run directory (and its log file) exists
     if not cfg.output_dir:
         cfg.output_dir = f"runs/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     # The console shows progress, the round lines and the table; library warnings, Flower's INFO lines and the
