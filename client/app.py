@@ -24,15 +24,21 @@ the node config, or the simulation's partition id). pyproject's ``clientapp``, t
 
 from __future__ import annotations
 
-import json
+# First, before the imports that warn: in a Ray actor of `fedtune simulate`, this process's output goes to the
+# run's log file (federation/run_log.py), not through Ray to the console.
+from federation.run_log import redirect_output_if_asked
 
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
+redirect_output_if_asked()
 
-from client import fedex, fedsa, flora, scaffold, task
-from client.secagg import secagg_fit, secaggplus_when_requested
-from federation.protocol import EVALUATE, LEGACY_FIT_PARAMETERS, RUN_CONFIG_KEY, TRAIN
-from strategies.registry import strategy_spec
+import json  # noqa: E402
+
+from flwr.app import Context, Message  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from client import fedex, fedsa, flora, scaffold, task  # noqa: E402
+from client.secagg import secagg_fit, secaggplus_when_requested  # noqa: E402
+from federation.protocol import EVALUATE, LEGACY_FIT_PARAMETERS, RUN_CONFIG_KEY, TRAIN  # noqa: E402
+from strategies.registry import strategy_spec  # noqa: E402
 
 app = ClientApp()
 

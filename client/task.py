@@ -140,13 +140,24 @@ def data_fingerprint(runtime: SiteRuntime, cfg: RunConfig, context: Context) -> 
     return runtime.fingerprints[key]
 
 
-def make_trainer(runtime: SiteRuntime, cfg: RunConfig) -> LocalTrainer:
-    """The fast path (packing + chunked loss) when train.fast_path selects it; DP-SGD needs one example per row."""
+def make_trainer(runtime: SiteRuntime, cfg: RunConfig, label: str = "site") -> LocalTrainer:
+    """The fast path (packing + chunked loss) when train.fast_path selects it; DP-SGD needs one example per row.
+
+    `label` names the trainer's progress bars ("site 2")."""
     device_type = next(runtime.model.parameters()).device.type
     if fast_path_on(cfg.train, device_type) and not cfg.privacy.local_dp_sgd.enabled:
-        return FastLocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train,
-                                FastPathSettings(checkpoint_every=cfg.train.checkpoint_every))
-    return LocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train)
+        trainer = FastLocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train,
+                                   FastPathSettings(checkpoint_every=cfg.train.checkpoint_every))
+    else:
+        trainer = LocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train)
+    trainer.label = label
+    return trainer
+
+
+def progress_label(context: Context) -> str:
+    """'site <partition id>' in a simulation, 'site' at a deployed site (its log is its own)."""
+    partition = _site_label(context)
+    return "site" if partition < 0 else f"site {partition}"
 
 
 def _site_label(context: Context) -> int:
@@ -209,7 +220,7 @@ def train_update(msg: Message, context: Context, before_step=None) -> LocalUpdat
     """Train on local data from the global adapter; the raw float delta (SecAgg+ masks it without any codec)."""
     cfg, runtime, global_arrays, train_ds, _ = _prepare(msg, context)
     server_round = int(msg.content["config"].get("server-round", 0))
-    trainer = make_trainer(runtime, cfg)
+    trainer = make_trainer(runtime, cfg, progress_label(context))
     seed = site_seed(cfg, server_round, context)
     extra_metrics = {}
     if cfg.privacy.local_dp_sgd.enabled:
@@ -286,7 +297,7 @@ def evaluate_reply(msg: Message, context: Context) -> Message:
     from federation.text_metrics import perplexity
 
     cfg, runtime, _, _, eval_ds = _prepare(msg, context)
-    result = make_trainer(runtime, cfg).evaluate(eval_ds)
+    result = make_trainer(runtime, cfg, progress_label(context)).evaluate(eval_ds)
     metrics = {
         "num-examples": result.num_examples,
         "eval-loss": result.loss,
@@ -296,7 +307,8 @@ def evaluate_reply(msg: Message, context: Context) -> Message:
     }
     server_round = server_round_of(msg)
     if generation_due(cfg.eval, server_round, cfg.federation.rounds):
-        generation = evaluate_generation(runtime.model, runtime.tokenizer, eval_ds, cfg.eval)
+        generation = evaluate_generation(runtime.model, runtime.tokenizer, eval_ds, cfg.eval,
+                                         label=progress_label(context))
         if generation.scores.count:
             means = generation.scores.means()
             metrics.update({"eval-generated": generation.scores.count, "eval-exact-match": means["exact_match"],

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from federation.config import TrainConfig
 from federation.data import SiteDataset, collate_batch
+from federation import progress
 from federation.evaluation import batch_loss_sum  # one loss for training, evaluation and the gold set
 
 
@@ -77,10 +78,11 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps:
 class LocalTrainer:
     """Trains the model's trainable (LoRA) parameters with AdamW + warm-up and train.lr_schedule."""
 
-    def __init__(self, model: torch.nn.Module, pad_token_id: int, cfg: TrainConfig):
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, cfg: TrainConfig, label: str = "local"):
         self.model = model
         self.pad_token_id = pad_token_id
         self.cfg = cfg
+        self.label = label  # names this trainer's progress bars, e.g. "site 2"
 
     def _loader(self, dataset: SiteDataset, seed: int, batch_size: int, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(seed)
@@ -124,31 +126,34 @@ class LocalTrainer:
         self.model.train()
         loss_sum, token_sum, input_tokens = 0.0, 0, 0
         start = time.perf_counter()
-        for _ in range(steps):
-            micro = []
-            for _ in range(cfg.grad_accum):
-                try:
-                    micro.append(next(batches))
-                except StopIteration:  # epoch boundary: a new pass with a fresh shuffle from the same generator
-                    batches = iter(loader)
-                    micro.append(next(batches))
-            step_tokens = sum(self._target_tokens(b) for b in micro)
-            for batch in micro:
-                summed, n_tok = self._batch_loss_sum(batch)
-                # Normalise by the step's token count so accumulation equals one big batch.
-                (summed / max(step_tokens, 1)).backward()
-                loss_sum += float(summed.detach())
-                token_sum += n_tok
-                input_tokens += self._input_tokens(batch)
-            if start_params is not None:
-                proximal_term(params, start_params, proximal_mu).backward()
-            if before_step is not None:
-                before_step(params)
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        with progress.track(f"{self.label} training", steps, "steps", rate_unit="tokens") as bar:
+            for _ in range(steps):
+                tokens_before = input_tokens
+                micro = []
+                for _ in range(cfg.grad_accum):
+                    try:
+                        micro.append(next(batches))
+                    except StopIteration:  # epoch boundary: a new pass with a fresh shuffle from the same generator
+                        batches = iter(loader)
+                        micro.append(next(batches))
+                step_tokens = sum(self._target_tokens(b) for b in micro)
+                for batch in micro:
+                    summed, n_tok = self._batch_loss_sum(batch)
+                    # Normalise by the step's token count so accumulation equals one big batch.
+                    (summed / max(step_tokens, 1)).backward()
+                    loss_sum += float(summed.detach())
+                    token_sum += n_tok
+                    input_tokens += self._input_tokens(batch)
+                if start_params is not None:
+                    proximal_term(params, start_params, proximal_mu).backward()
+                if before_step is not None:
+                    before_step(params)
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                bar.advance(1, input_tokens - tokens_before)
         seconds, peak = elapsed_and_peak(device, start)
         return TrainResult(len(dataset), steps, loss_sum / max(token_sum, 1), token_sum, input_tokens, seconds, peak)
 
@@ -190,8 +195,11 @@ class LocalTrainer:
         """Mean next-token loss over all target tokens of `dataset`."""
         self.model.eval()
         loss_sum, token_sum = 0.0, 0
-        for batch in self._loader(dataset, 0, self.cfg.eval_batch_size, shuffle=False):
-            summed, n_tok = self._batch_loss_sum(batch)
-            loss_sum += float(summed)
-            token_sum += n_tok
+        loader = self._loader(dataset, 0, self.cfg.eval_batch_size, shuffle=False)
+        with progress.track(f"{self.label} eval loss", len(loader), "batches", rate_unit="tokens") as bar:
+            for batch in loader:
+                summed, n_tok = self._batch_loss_sum(batch)
+                loss_sum += float(summed)
+                token_sum += n_tok
+                bar.advance(1, n_tok)
         return EvalResult(loss_sum / max(token_sum, 1), token_sum, len(dataset))

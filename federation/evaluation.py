@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from federation import progress
 from federation.config import EvalConfig
 from federation.data import IGNORE_INDEX, SiteDataset, collate_batch
 from federation.text_metrics import GenerationScores, score_answers
@@ -99,27 +100,31 @@ def _left_padded(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Ten
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
-                     batch_size: int) -> tuple[list[str], int]:
+                     batch_size: int, label: str = "eval") -> tuple[list[str], int]:
     """(greedy answers, new tokens generated) for token-id prompts: batched, left-padded, with the KV cache."""
     model.eval()
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     answers, generated = [], 0
-    for start in range(0, len(prompts), batch_size):
-        input_ids, attention_mask = _left_padded(prompts[start:start + batch_size], pad)
-        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                eos_token_id=eos, pad_token_id=pad)
-        for row in output[:, input_ids.shape[1]:].tolist():
-            if eos in row:
-                row = row[:row.index(eos) + 1]
-            generated += len(row)
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    with progress.track(f"{label} generation", len(prompts), "answers", rate_unit="tokens") as bar:
+        for start in range(0, len(prompts), batch_size):
+            input_ids, attention_mask = _left_padded(prompts[start:start + batch_size], pad)
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                    max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                    eos_token_id=eos, pad_token_id=pad)
+            batch_generated = 0
+            for row in output[:, input_ids.shape[1]:].tolist():
+                if eos in row:
+                    row = row[:row.index(eos) + 1]
+                batch_generated += len(row)
+                answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            generated += batch_generated
+            bar.advance(input_ids.shape[0], batch_generated)
     return answers, generated
 
 
 def evaluate_generation(model, tokenizer, dataset: SiteDataset, eval_cfg: EvalConfig,
-                        keep_texts: bool = False) -> GenerationResult:
+                        keep_texts: bool = False, label: str = "eval") -> GenerationResult:
     """Greedy answers to (a sample of eval.max_examples of) `dataset`'s prompts, scored against its references."""
     pairs = [prompt_and_reference(dataset[i], tokenizer)
              for i in sample_indices(len(dataset), eval_cfg.max_examples, eval_cfg.sample_seed)]
@@ -129,7 +134,7 @@ def evaluate_generation(model, tokenizer, dataset: SiteDataset, eval_cfg: EvalCo
         return GenerationResult(GenerationScores(), 0, 0.0)
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
     predictions, generated = generate_answers(model, tokenizer, prompts, eval_cfg.max_new_tokens,
-                                              eval_cfg.batch_size)
+                                              eval_cfg.batch_size, label)
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -162,10 +162,10 @@ def _restore(store: GlobalAdapterStore, metrics_log: MetricsLog, strategy: LoraD
 
 def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
     """Run cfg.federation.rounds rounds against the nodes behind `grid`; returns the metrics rows."""
-    from rich.console import Console
+    from federation import progress
 
     validate_coordinator_setup(cfg)  # the tracker's package, a readable eval.gold_set: before any work
-    console = Console()
+    console = progress.console()  # shared with the progress bars, so round lines print above them
     if not cfg.output_dir:
         cfg.output_dir = f"runs/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     run_dir = Path(cfg.output_dir)
@@ -240,70 +240,73 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
         console.print(f"round 0/{cfg.federation.rounds}: {_eval_line(eval_columns)}")
 
     failed_rounds: list[int] = []  # the current streak of rounds that aggregated nothing
-    for server_round in range(first_round + 1, cfg.federation.rounds + 1):
-        start = time.perf_counter()
-        start_digest = digest
-        if secagg is not None:
-            new_arrays, train_metrics = secure_train_round(strategy, grid, server_round, arrays, config, secagg,
-                                                           timeout)
-        else:
-            messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
-            replies = grid.send_and_receive(messages, timeout=timeout)
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        ledger = strategy.ledger(server_round)
-        if new_arrays is not None and len(ledger.accepted) < cfg.federation.min_completed_clients:
-            log.error("round %d: only %d usable updates (< federation.min_completed_clients=%d); "
-                      "global adapter unchanged", server_round, len(ledger.accepted),
-                      cfg.federation.min_completed_clients)
-            new_arrays = None
-        if new_arrays is not None:
-            arrays = new_arrays
-        eval_columns = _evaluate(strategy, grid, server_round, arrays, config, cfg.federation.evaluate_timeout())
-        adapter = from_array_record(arrays)
-        if gold_set is not None:
-            eval_columns.update(gold_set.score(adapter, server_round))
-        digest = checkpoint(server_round, adapter)
-        row = {
-            "round": server_round,
-            "train_loss": metric_or_none(train_metrics, TRAIN_LOSS),
-            **eval_columns,
-            "clients_sampled": len(ledger.sampled),
-            "clients_ok": len(ledger.accepted),
-            "missing": ledger.missing,
-            "failed": {str(k): v for k, v in ledger.failed.items()},
-            "rejected": {str(k): v for k, v in ledger.rejected.items()},
-            "eval_failed": {str(k): v for k, v in ledger.eval_failed.items()},
-            "eval_rejected": {str(k): v for k, v in ledger.eval_rejected.items()},
-            "aggregation_error": ledger.aggregation_error,
-            "bytes_up": ledger.bytes_up,
-            "bytes_down": ledger.bytes_down,
-            "train_tokens": metric_or_none(train_metrics, TRAIN_TOKENS, int),
-            "tokens_per_second": metric_or_none(train_metrics, TOKENS_PER_SECOND),
-            "adapter_params": n_params,
-            "per_site": {str(k): v for k, v in ledger.per_site.items()},
-            "data_fingerprints": {str(k): v for k, v in ledger.data_fingerprints.items()},
-            "aggregated": new_arrays is not None,
-            "privacy": strategy.privacy_reports.get(server_round),
-            "epsilon": strategy.privacy_reports.get(server_round, {}).get("epsilon"),
-            "local_dp_epsilon": max((site[DP_SGD_EPSILON] for site in ledger.per_site.values()
-                                     if DP_SGD_EPSILON in site), default=None),
-            "start_adapter_digest": start_digest,
-            "adapter_digest": digest,
-            "seconds": time.perf_counter() - start,
-        }
-        metrics_log.append(row)
-        rows.append(row)
-        tracker.log_round(row)
-        console.print(f"round {server_round}/{cfg.federation.rounds}: clients {row['clients_ok']}/"
-                      f"{row['clients_sampled']}, train loss {row['train_loss']}, {_eval_line(eval_columns)}, "
-                      f"{row['bytes_up'] / 1e6:.2f} MB up, {row['seconds']:.1f}s"
-                      + (f", missing nodes {row['missing']}" if row["missing"] else "")
-                      + (f", epsilon {row['epsilon']:.3f}" if row["epsilon"] is not None else ""))
-        failed_rounds = failed_rounds + [server_round] if new_arrays is None else []
-        if len(failed_rounds) >= cfg.federation.max_failed_rounds:
-            tracker.finish(store.global_adapter_dir, failed=True)
-            raise FederationFailed(failure_summary(cfg, strategy, failed_rounds, store.global_adapter_dir,
-                                                   metrics_log.path))
+    # The bar's words are the round lines printed above it (plain=False: no second line per round off a terminal).
+    with progress.track("rounds", cfg.federation.rounds, "rounds", completed=first_round, plain=False) as bar:
+        for server_round in range(first_round + 1, cfg.federation.rounds + 1):
+            start = time.perf_counter()
+            start_digest = digest
+            if secagg is not None:
+                new_arrays, train_metrics = secure_train_round(strategy, grid, server_round, arrays, config, secagg,
+                                                               timeout)
+            else:
+                messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
+                replies = grid.send_and_receive(messages, timeout=timeout)
+                new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+            ledger = strategy.ledger(server_round)
+            if new_arrays is not None and len(ledger.accepted) < cfg.federation.min_completed_clients:
+                log.error("round %d: only %d usable updates (< federation.min_completed_clients=%d); "
+                          "global adapter unchanged", server_round, len(ledger.accepted),
+                          cfg.federation.min_completed_clients)
+                new_arrays = None
+            if new_arrays is not None:
+                arrays = new_arrays
+            eval_columns = _evaluate(strategy, grid, server_round, arrays, config, cfg.federation.evaluate_timeout())
+            adapter = from_array_record(arrays)
+            if gold_set is not None:
+                eval_columns.update(gold_set.score(adapter, server_round))
+            digest = checkpoint(server_round, adapter)
+            row = {
+                "round": server_round,
+                "train_loss": metric_or_none(train_metrics, TRAIN_LOSS),
+                **eval_columns,
+                "clients_sampled": len(ledger.sampled),
+                "clients_ok": len(ledger.accepted),
+                "missing": ledger.missing,
+                "failed": {str(k): v for k, v in ledger.failed.items()},
+                "rejected": {str(k): v for k, v in ledger.rejected.items()},
+                "eval_failed": {str(k): v for k, v in ledger.eval_failed.items()},
+                "eval_rejected": {str(k): v for k, v in ledger.eval_rejected.items()},
+                "aggregation_error": ledger.aggregation_error,
+                "bytes_up": ledger.bytes_up,
+                "bytes_down": ledger.bytes_down,
+                "train_tokens": metric_or_none(train_metrics, TRAIN_TOKENS, int),
+                "tokens_per_second": metric_or_none(train_metrics, TOKENS_PER_SECOND),
+                "adapter_params": n_params,
+                "per_site": {str(k): v for k, v in ledger.per_site.items()},
+                "data_fingerprints": {str(k): v for k, v in ledger.data_fingerprints.items()},
+                "aggregated": new_arrays is not None,
+                "privacy": strategy.privacy_reports.get(server_round),
+                "epsilon": strategy.privacy_reports.get(server_round, {}).get("epsilon"),
+                "local_dp_epsilon": max((site[DP_SGD_EPSILON] for site in ledger.per_site.values()
+                                         if DP_SGD_EPSILON in site), default=None),
+                "start_adapter_digest": start_digest,
+                "adapter_digest": digest,
+                "seconds": time.perf_counter() - start,
+            }
+            metrics_log.append(row)
+            rows.append(row)
+            tracker.log_round(row)
+            console.print(f"round {server_round}/{cfg.federation.rounds}: clients {row['clients_ok']}/"
+                          f"{row['clients_sampled']}, train loss {row['train_loss']}, {_eval_line(eval_columns)}, "
+                          f"{row['bytes_up'] / 1e6:.2f} MB up, {row['seconds']:.1f}s"
+                          + (f", missing nodes {row['missing']}" if row["missing"] else "")
+                          + (f", epsilon {row['epsilon']:.3f}" if row["epsilon"] is not None else ""))
+            bar.advance()
+            failed_rounds = failed_rounds + [server_round] if new_arrays is None else []
+            if len(failed_rounds) >= cfg.federation.max_failed_rounds:
+                tracker.finish(store.global_adapter_dir, failed=True)
+                raise FederationFailed(failure_summary(cfg, strategy, failed_rounds, store.global_adapter_dir,
+                                                       metrics_log.path))
 
     plot_losses(rows, run_dir / "loss.png", title=f"{cfg.strategy.name}, {cfg.federation.num_clients} sites")
     plot_eval_metrics(rows, run_dir / "eval_metrics.png",

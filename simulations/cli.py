@@ -11,15 +11,18 @@ import argparse
 import logging
 import os
 import sys
+import time
 import traceback
+from pathlib import Path
 
 EXIT_RUN_FAILED = 1
 EXIT_CONFIG_ERROR = 2
 
 
-# Library noise kept out of a simulation's console (also of its Ray actors, which inherit the environment):
-# transformers' weight-loading/saving progress bars and its FutureWarnings about its own deprecated names
-# (peft calls `is_gradient_checkpointing`). Set only where the user has not set these variables.
+# Library noise kept out of `fedtune eval`'s console: transformers' weight-loading/saving progress bars and its
+# FutureWarnings about its own deprecated names (peft calls `is_gradient_checkpointing`). Set only where the user
+# has not set these variables. (`fedtune simulate` keeps such output in the run's log file instead:
+# federation/run_log.py.)
 QUIET_ENVIRONMENT = {"HF_HUB_DISABLE_PROGRESS_BARS": "1",
                      "PYTHONWARNINGS": "ignore::FutureWarning:transformers.modeling_utils"}
 
@@ -39,13 +42,20 @@ def quiet_libraries() -> None:
 
 def _simulate(overrides: list[str], engine: str = "ray") -> int:
     from federation.compose import compose_config
+    from federation.run_log import LOG_FILE_NAME, send_library_output_to
     from federation.validation import validate_coordinator_setup, validate_simulation_data
-    from simulations.simulate import simulate
+    from simulations.simulate import check_engine, simulate
 
     cfg = compose_config(overrides)
     validate_simulation_data(cfg)
     validate_coordinator_setup(cfg)
-    quiet_libraries()
+    check_engine(cfg, engine)  # before the run directory (and its log file) exists
+    if not cfg.output_dir:
+        cfg.output_dir = f"runs/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    # The console shows progress, the round lines and the table; library warnings, Flower's INFO lines and the
+    # Ray actors' output go to the run's log file (federation/run_log.py).
+    log_path = send_library_output_to(Path(cfg.output_dir) / LOG_FILE_NAME)
+    logging.getLogger("fedtune.simulate").info("library output of this run: %s", log_path)
     simulate(cfg, engine=engine)
     return 0
 

@@ -91,7 +91,7 @@ def test_quiet_libraries_keeps_user_settings_and_silences_transformers_notes(mon
 
 def test_harness_runs_a_locally_defined_task_on_the_adapter(setup, tmp_path):
     """Targets are the adapter's own greedy answers, so the harness scores 1.0 only if it runs the adapter."""
-    pytest.importorskip("lm_eval")  # optional (pip install -e ".[harness]"); not in the test extra: it is heavy
+    pytest.importorskip("lm_eval")  # installed by the test extra; skipped only where it genuinely is not
     from federation.evaluation import generate_answers
     from simulations.evaluate import load_scored_model
 
