@@ -107,8 +107,10 @@ class VirtualClientGrid(Grid):
         for group_reply in self.inner.pull_messages(pending):
             members = self._groups.pop(group_reply.metadata.reply_to_message_id)
             for reply, state in unpack_replies(group_reply, members):
-                if state is not None:
+                if state:  # most clients keep nothing in Context.state (their round state is in files)
                     self.states[reply.metadata.src_node_id] = state
+                elif state is not None:
+                    self.states.pop(reply.metadata.src_node_id, None)
                 self._replies[reply.metadata.reply_to_message_id] = reply
         return [self._replies.pop(i) for i in list(wanted) if i in self._replies]
 
