@@ -41,8 +41,10 @@ def group_sizes(count: int, max_size: int, min_groups: int) -> list[int]:
 class VirtualClientGrid(Grid):
     """`num_clients` virtual clients over the worker nodes of `inner` (Flower's simulation Grid)."""
 
-    def __init__(self, inner: Grid, num_clients: int, clients_per_group: int, min_groups: int = 1):
+    def __init__(self, inner: Grid, num_clients: int, clients_per_group: int, min_groups: int = 1,
+                 wait_for_workers_s: float = 600.0):
         self.inner = inner
+        self.wait_for_workers_s = wait_for_workers_s
         self.num_clients = num_clients
         self.clients_per_group = max(1, clients_per_group)
         self.min_groups = max(1, min_groups)
@@ -65,8 +67,16 @@ class VirtualClientGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(range(1, self.num_clients + 1))
 
-    def _workers(self) -> list[int]:
-        return sorted(self.inner.get_node_ids())
+    def _workers(self, needed: int) -> list[int]:
+        """The worker nodes, once at least `needed` are registered (Flower registers the simulation's nodes while
+        the ServerApp already runs, as Flower's own strategies wait for min_available_nodes)."""
+        deadline = time.monotonic() + self.wait_for_workers_s
+        while len(workers := sorted(self.inner.get_node_ids())) < needed and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if len(workers) < needed:
+            raise RuntimeError(f"{needed} groups of virtual clients need as many worker nodes, {len(workers)} joined "
+                               f"within {self.wait_for_workers_s:.0f}s (simulations/simulate.py virtual_client_layout)")
+        return workers
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
@@ -75,19 +85,16 @@ class VirtualClientGrid(Grid):
             if not 1 <= node <= self.num_clients:
                 raise ValueError(f"no virtual client with node id {node} (1..{self.num_clients})")
             msg.metadata.__dict__["_message_id"] = str(uuid4())
-        workers = self._workers()
         groups: list[tuple[str, list[Message]]] = []
         # One category per group message (Flower routes a message to a handler by its category).
         by_category = sorted(messages, key=lambda m: m.metadata.message_type.split(".")[0])
         for category, same in groupby(by_category, key=lambda m: m.metadata.message_type.split(".")[0]):
             same = list(same)
             start = 0
-            for size in group_sizes(len(same), self.clients_per_group, min(self.min_groups, len(workers))):
+            for size in group_sizes(len(same), self.clients_per_group, self.min_groups):
                 groups.append((category, same[start:start + size]))
                 start += size
-        if len(groups) > len(workers):
-            raise RuntimeError(f"{len(groups)} groups for {len(workers)} worker nodes: start the simulation with "
-                               "more nodes (simulations/simulate.py worker_nodes)")
+        workers = self._workers(len(groups))
         envelopes = []
         for (category, members), worker in zip(groups, workers):
             content = pack_group([Member(m, m.metadata.dst_node_id - 1, self.num_clients,

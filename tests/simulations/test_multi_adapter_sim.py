@@ -161,6 +161,23 @@ def test_context_state_of_each_virtual_client_survives_between_its_messages(monk
     assert sorted(seen) == [(1, 0, 0), (1, 0, 1), (3, 2, 0), (3, 2, 1), (5, 4, 0), (5, 4, 1)]
 
 
+def test_groups_wait_for_worker_nodes_that_join_late_and_fail_clearly_when_too_few_join(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(client.app, "app", lambda msg, context: Message(RecordDict(), reply_to=msg))
+    inner = InProcessGrid(client.app.virtual_clients, 2)
+    inner.down_nodes = {2}  # Flower registers the simulation's nodes while the ServerApp already runs
+    threading.Timer(0.3, inner.down_nodes.clear).start()
+    grid = VirtualClientGrid(inner, 4, 2, min_groups=2, wait_for_workers_s=30)
+    queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in (1, 2, 3, 4)]
+    assert sorted(r.metadata.src_node_id for r in grid.send_and_receive(queries)) == [1, 2, 3, 4]
+    inner.down_nodes = {2}
+    grid.wait_for_workers_s = 0.2
+    with pytest.raises(RuntimeError, match="2 groups of virtual clients need as many worker nodes, 1 joined"):
+        grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
+                               for n in (1, 2, 3, 4)])
+
+
 def test_group_sizes_cover_every_client_within_the_limit_and_use_every_actor():
     assert group_sizes(64, 16, 2) == [16] * 4
     assert group_sizes(64, 64, 2) == [32, 32]
