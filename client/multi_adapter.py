@@ -305,7 +305,7 @@ def train_replies(messages: Sequence[Message], contexts: Sequence[Context]) -> l
     """Replies to batchable train messages with one run config, trained together; each as client.app.train gives."""
     from client.task import (build_train_reply, configure_trainable, get_runtime, make_trainer, parse_run_config,
                              site_datasets, site_seed)
-    from federation.protocol import RUN_CONFIG_KEY
+    from federation.protocol import RUN_CONFIG_KEY, TRAINED_TOGETHER
     from federation.adapter import adapter_delta, from_array_record
 
     texts = {str(msg.content["config"][RUN_CONFIG_KEY]) for msg in messages}
@@ -328,7 +328,8 @@ def train_replies(messages: Sequence[Message], contexts: Sequence[Context]) -> l
     results = trainer.train(datasets, seeds, global_arrays, proximal_mu=cfg.strategy.proximal_mu)
     log.info("round %d: %d virtual clients trained together in %.1fs", rounds[0], len(messages),
              sum(r.seconds for r, _ in results))
-    return [build_train_reply(msg, ctx, cfg, result, adapter_delta(arrays, global_arrays))
+    together = {TRAINED_TOGETHER: len(messages)}
+    return [build_train_reply(msg, ctx, cfg, result, adapter_delta(arrays, global_arrays), together)
             for (result, arrays), msg, ctx in zip(results, messages, contexts)]
 
 

@@ -134,7 +134,8 @@ def sweep(args) -> int:
         ok = [r for r in replies if not r.has_error()]
         return {"gpus": args.gpus, "actors": actors, "k": k, "clients_per_batch": args.clients_per_batch,
                 "round_seconds": seconds, "seconds_per_client": seconds / k, "replies_ok": len(ok),
-                "errors": errors[:3], "clients_train_seconds": sum(float(r.content["metrics"]["train-seconds"])
+                "errors": errors[:3], "trained_together": sorted({int(r.content["metrics"].get("trained-together", 1))
+                                                                    for r in ok}), "clients_train_seconds": sum(float(r.content["metrics"]["train-seconds"])
                                                                     for r in ok),
                 "torch_peak_gib": max((float(r.content["metrics"]["peak-memory-bytes"]) for r in ok),
                                       default=0.0) / 2**30}

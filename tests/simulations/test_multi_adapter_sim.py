@@ -119,6 +119,7 @@ def test_groups_of_virtual_clients_on_worker_nodes_reproduce_one_by_one_rounds(m
     for solo_row, row in zip(solo_rows, rows):
         if row["round"]:
             assert row["clients_ok"] == solo_row["clients_ok"] == 3 and row["per_site"].keys() == {"1", "2", "3"}
+            assert sorted(site.get("trained-together", 1) for site in row["per_site"].values()) == [1, 2, 2]
             assert row["train_loss"] == pytest.approx(solo_row["train_loss"], rel=1e-4)
             assert row["data_fingerprints"] == solo_row["data_fingerprints"]  # each client kept its own partition
         assert row["eval_loss"] == pytest.approx(solo_row["eval_loss"], rel=1e-3)
@@ -198,6 +199,8 @@ def test_ray_engine_trains_groups_of_virtual_clients_with_one_by_one_results(mak
     for solo_row, row in zip(solo_rows, rows):
         if row["round"]:
             assert row["clients_ok"] == 3 and row["per_site"].keys() == {"1", "2", "3"}
+            # 2 actors (2 CPUs, 1 each): groups of 2 and 1, the pair trained together on its actor.
+            assert sorted(site.get("trained-together", 1) for site in row["per_site"].values()) == [1, 2, 2]
             assert row["train_loss"] == pytest.approx(solo_row["train_loss"], rel=1e-4)
         assert row["eval_loss"] == pytest.approx(solo_row["eval_loss"], rel=1e-3)
     for key, value in solo_adapter.items():
