@@ -14,6 +14,7 @@ and a bare ``<category>`` to the default one (flwr/clientapp/client_app.py). The
 | ``evaluate``          | ``evaluate`` (below)             | every strategy without its own                 |
 | ``evaluate.<action>`` | that file's ``evaluate``         | fedsa_lora, flora/flexlora, fedex_lora         |
 | ``query``             | client/flora.py ``site_profile`` | the coordinator's check of each site's rank    |
+| ``<category>.virtual_clients`` | ``virtual_clients`` (below) | a simulation's group of virtual clients (federation/virtual_clients.py) |
 
 The base model is loaded once per process and stays resident (client/task.py); every round only the LoRA
 tensors are copied in. The run config travels from the coordinator inside the message, so every site trains the
@@ -36,8 +37,10 @@ from flwr.app import Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from client import fedex, fedsa, flora, scaffold, task  # noqa: E402
+from client.multi_adapter import answer_together  # noqa: E402
 from client.secagg import secagg_fit, secaggplus_when_requested  # noqa: E402
-from federation.protocol import EVALUATE, LEGACY_FIT_PARAMETERS, RUN_CONFIG_KEY, TRAIN  # noqa: E402
+from federation.protocol import EVALUATE, LEGACY_FIT_PARAMETERS, QUERY, RUN_CONFIG_KEY, TRAIN  # noqa: E402
+from federation.virtual_clients import GROUP_ACTION, pack_replies, unpack_group  # noqa: E402
 from strategies.registry import strategy_spec  # noqa: E402
 
 app = ClientApp()
@@ -78,6 +81,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     return task.evaluate_reply(task.for_this_site(msg, context, site_steps=False), context)
 
 
+def virtual_clients(msg: Message, context: Context) -> Message:
+    """A simulation worker node's group of virtual clients: each member answered as its own site would be, the
+    batchable train messages trained together (client/multi_adapter.py); one reply carrying all the answers."""
+    members = unpack_group(msg, context)
+    contexts = [member_context for _, member_context in members]
+    replies = answer_together(app, [member for member, _ in members], contexts)
+    return Message(pack_replies(replies, contexts), reply_to=msg)
+
+
+for _category in (TRAIN, EVALUATE, QUERY):
+    getattr(app, _category)(GROUP_ACTION)(virtual_clients)
 for _action, _handler in TRAIN_HANDLERS.items():
     app.train(_action)(_handler)
 for _action, _handler in EVALUATE_HANDLERS.items():

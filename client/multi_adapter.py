@@ -22,12 +22,14 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MessageType
+from flwr.app import Context, Error, Message, MessageType
+from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.fast_train import FastLocalTrainer, causal_lm_parts, linear_cross_entropy_per_token, shift_labels
@@ -301,7 +303,7 @@ def train_replies(messages: Sequence[Message], contexts: Sequence[Context]) -> l
     """Replies to batchable train messages with one run config, trained together; each as client.app.train gives."""
     from client.task import (build_train_reply, configure_trainable, get_runtime, make_trainer, parse_run_config,
                              site_datasets, site_seed)
-    from federation.protocol import RUN_CONFIG_KEY
+    from federation.protocol import RUN_CONFIG_KEY, TRAINED_TOGETHER
     from federation.adapter import adapter_delta, from_array_record
 
     texts = {str(msg.content["config"][RUN_CONFIG_KEY]) for msg in messages}
@@ -324,8 +326,47 @@ def train_replies(messages: Sequence[Message], contexts: Sequence[Context]) -> l
     results = trainer.train(datasets, seeds, global_arrays, proximal_mu=cfg.strategy.proximal_mu)
     log.info("round %d: %d virtual clients trained together in %.1fs", rounds[0], len(messages),
              sum(r.seconds for r, _ in results))
-    return [build_train_reply(msg, ctx, cfg, result, adapter_delta(arrays, global_arrays))
+    together = {TRAINED_TOGETHER: len(messages)}
+    return [build_train_reply(msg, ctx, cfg, result, adapter_delta(arrays, global_arrays), together)
             for (result, arrays), msg, ctx in zip(results, messages, contexts)]
+
+
+def reply_or_error(app: Callable[[Message, Context], Message], msg: Message, context: Context) -> Message:
+    """app's reply to msg, or an error reply naming the exception (as Flower's runtime turns a crashing ClientApp)."""
+    try:
+        return app(msg, context)
+    except Exception as exc:  # noqa: BLE001 - one crashing site must not take its group down
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                             reason=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"), reply_to=msg)
+
+
+def answer_together(app: Callable[[Message, Context], Message], messages: Sequence[Message],
+                    contexts: Sequence[Context]) -> list[Message]:
+    """Replies to messages (one per virtual client, in order): batchable train messages with one run config in
+    groups of <= federation.clients_per_batch trained together, every other message by app one at a time."""
+    from federation.protocol import RUN_CONFIG_KEY
+
+    replies: list[Message | None] = [None] * len(messages)
+    by_config: dict[str, list[int]] = {}
+    for i, (msg, context) in enumerate(zip(messages, contexts)):
+        if batchable(msg, context):
+            by_config.setdefault(str(msg.content["config"][RUN_CONFIG_KEY]), []).append(i)
+    for config, indices in by_config.items():
+        size = int(json.loads(config)["federation"]["clients_per_batch"])
+        for start in range(0, len(indices), size):
+            group = indices[start:start + size]
+            if len(group) < 2:
+                continue
+            try:
+                answers = train_replies([messages[i] for i in group], [contexts[i] for i in group])
+            except Exception:  # never lose a round to the batched path: the same messages, one site at a time
+                log.warning("multi-adapter training of %d clients failed; training them one by one:\n%s",
+                            len(group), traceback.format_exc())
+                continue
+            for i, answer in zip(group, answers):
+                replies[i] = answer
+    return [reply if reply is not None else reply_or_error(app, msg, context)
+            for reply, msg, context in zip(replies, messages, contexts)]
 
 
 def _same_arrays(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:

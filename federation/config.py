@@ -303,8 +303,9 @@ class FederationConfig:
     resume: bool = False
     # A round whose accepted updates are fewer than this is not aggregated (global stays as it was).
     min_completed_clients: int = 1
-    # Simulation (inprocess engine): train up to N virtual clients of a round together, one forward/backward with
-    # each row routed through its own client's LoRA factors (client/multi_adapter.py); 1 = one after another.
+    # Simulation: train up to N virtual clients of a round together, one forward/backward with each row routed
+    # through its own client's LoRA factors (client/multi_adapter.py); 1 = one after another. On the Ray engine
+    # the round's clients go to the actors (one per client_num_gpus share) in groups of <= N, >= 1 group per actor.
     clients_per_batch: int = 1
     # Consecutive rounds that aggregate nothing (every site failed, was rejected or did not reply) before the run
     # stops with a non-zero exit code and a summary naming the first cause.

@@ -66,6 +66,8 @@ TRAIN_STEPS = "train-steps"
 TRAIN_SECONDS = "train-seconds"
 TOKENS_PER_SECOND = "tokens-per-second"
 PEAK_MEMORY_BYTES = "peak-memory-bytes"
+# Simulation: how many virtual clients this one was trained together with, itself included (client/multi_adapter.py).
+TRAINED_TOGETHER = "trained-together"
 PARTITION_ID = "partition-id"
 DP_SGD_EPSILON = "dp-sgd-epsilon"
 EVAL_LOSS = "eval-loss"

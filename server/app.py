@@ -13,6 +13,7 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -366,13 +367,13 @@ def failure_summary(cfg: RunConfig, strategy: LoraDeltaStrategy, failed_rounds: 
             f"since round {failed_rounds[0] - 1} ({adapter_dir}); per-round details in {metrics_path}.")
 
 
-def make_server_app(cfg: RunConfig) -> ServerApp:
-    """A ServerApp bound to an already composed config (simulation)."""
+def make_server_app(cfg: RunConfig, wrap_grid: Callable[[Grid], Grid] | None = None) -> ServerApp:
+    """A ServerApp bound to an already composed config (simulation); wrap_grid(grid) is the Grid the rounds use."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg)
+        run_federation(wrap_grid(grid) if wrap_grid is not None else grid, cfg)
 
     return server_app
 

@@ -24,8 +24,8 @@ log = logging.getLogger("fedtune.server")
 from federation.protocol import (DATA_FINGERPRINT_RECORD, DP_SGD_EPSILON, EVAL_EXACT_MATCH, EVAL_GENERATED, EVAL_GENERATED_TOKENS,  # noqa: E402,F401
                                  EVAL_GENERATION_SECONDS, EVAL_LOSS, EVAL_PERPLEXITY, EVAL_ROUGE_L, EVAL_TOKEN_F1,
                                  EVAL_TOKENS, GENERATION_SCORES, INPUT_TOKENS, NUM_EXAMPLES, PARTITION_ID,
-                                 PEAK_MEMORY_BYTES, TOKENS_PER_SECOND, TRAIN_LOSS, TRAIN_SECONDS, TRAIN_STEPS,
-                                 TRAIN_TOKENS)
+                                 PEAK_MEMORY_BYTES, TOKENS_PER_SECOND, TRAINED_TOGETHER, TRAIN_LOSS, TRAIN_SECONDS,
+                                 TRAIN_STEPS, TRAIN_TOKENS)
 
 # Counts are summed and used as weights in float64, which represents whole numbers exactly up to 2**53;
 # a larger claimed count could also overflow the weighted sums.
@@ -113,7 +113,7 @@ TRAIN_REPLY = MetricSchema(
     required={NUM_EXAMPLES: POSITIVE_COUNT, TRAIN_LOSS: NON_NEGATIVE},
     optional={TRAIN_TOKENS: COUNT, INPUT_TOKENS: COUNT, TRAIN_STEPS: COUNT, TRAIN_SECONDS: NON_NEGATIVE,
               TOKENS_PER_SECOND: NON_NEGATIVE, PEAK_MEMORY_BYTES: COUNT, PARTITION_ID: LABEL,
-              DP_SGD_EPSILON: Number(minimum=0.0, allow_inf=True)})
+              DP_SGD_EPSILON: Number(minimum=0.0, allow_inf=True), TRAINED_TOGETHER: POSITIVE_COUNT})
 # exp(loss) >= 1; a perplexity past float64 would be inf, which sites cap (federation.text_metrics.perplexity).
 EVAL_REPLY = MetricSchema(required={NUM_EXAMPLES: POSITIVE_COUNT, EVAL_LOSS: NON_NEGATIVE, EVAL_TOKENS: POSITIVE_COUNT},
                           optional={PARTITION_ID: LABEL, EVAL_PERPLEXITY: Number(minimum=1.0),

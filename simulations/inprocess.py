@@ -10,12 +10,10 @@ together, up to that many virtual clients per forward/backward (client/multi_ada
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import traceback
 from collections.abc import Iterable
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
@@ -73,49 +71,13 @@ class InProcessGrid(Grid):
             # A real transport hands every node its own copy; mods (SecAgg+) mutate the content they receive.
             delivered.append(Message(content=_copy_content(msg.content), metadata=msg.metadata))
             ids.append(msg_id)
-        solo = []
-        for group in self._train_groups(delivered, solo):
-            self._reply_together(group)
-        for msg in solo:
-            self._replies[msg.metadata.message_id] = self._reply(msg)
-        return ids
+        from client.multi_adapter import answer_together
 
-    def _reply(self, msg: Message) -> Message:
-        try:
-            return self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
-        except Exception as exc:  # a crashing site becomes an error reply, as in Flower's runtime
-            return Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"),
-                           reply_to=msg)
-
-    def _train_groups(self, messages: list[Message], solo: list[Message]) -> list[list[Message]]:
-        """Batchable train messages in groups of <= federation.clients_per_batch with one run config; the rest to solo."""
-        from federation.protocol import RUN_CONFIG_KEY
-        from client.multi_adapter import batchable
-
-        by_config: dict[str, list[Message]] = {}
-        for msg in messages:
-            if batchable(msg, self.contexts[msg.metadata.dst_node_id]):
-                by_config.setdefault(str(msg.content["config"][RUN_CONFIG_KEY]), []).append(msg)
-            else:
-                solo.append(msg)
-        groups = []
-        for config, group in by_config.items():
-            size = int(json.loads(config)["federation"]["clients_per_batch"])
-            groups += [group[i:i + size] for i in range(0, len(group), size)]
-        solo += [g[0] for g in groups if len(g) == 1]
-        return [g for g in groups if len(g) > 1]
-
-    def _reply_together(self, group: list[Message]) -> None:
-        from client.multi_adapter import train_replies
-
-        try:
-            replies = train_replies(group, [self.contexts[m.metadata.dst_node_id] for m in group])
-        except Exception:  # never lose a round to the batched path: the same messages, one site at a time
-            log.warning("multi-adapter training of %d clients failed; training them one by one:\n%s", len(group),
-                        traceback.format_exc())
-            replies = [self._reply(m) for m in group]
-        for msg, reply in zip(group, replies):
+        replies = answer_together(self.client_app, delivered,
+                                  [self.contexts[m.metadata.dst_node_id] for m in delivered])
+        for msg, reply in zip(delivered, replies):
             self._replies[msg.metadata.message_id] = reply
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from federation.config import RunConfig
 from federation.validation import ConfigError
+
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
 
 log = logging.getLogger("fedtune.simulate")
 
@@ -26,19 +31,49 @@ ENGINES = ("ray", "inprocess")
 
 
 def check_engine(cfg: RunConfig, engine: str) -> None:
-    """ConfigError unless `engine` is known and can run cfg (the rest of cfg was validated when it was composed)."""
+    """ConfigError unless `engine` is known (the rest of cfg was validated when it was composed)."""
     if engine not in ENGINES:
         raise ConfigError("engine", f"engine {engine!r} unknown; valid: {', '.join(ENGINES)}")
-    if cfg.federation.clients_per_batch > 1 and engine != "inprocess":
-        raise ConfigError("federation.clients_per_batch", "federation.clients_per_batch > 1 trains virtual clients "
-                          "together in one process: run it with --engine inprocess (Flower's Ray engine runs every "
-                          "virtual client on its own)")
+
+
+def ray_actor_count(cfg: RunConfig) -> int:
+    """How many actors Flower's RayBackend starts on this machine for cfg's client resources.
+
+    As flwr.simulation.ray_transport.ray_actor.pool_size_from_resources computes it once Ray runs (CPUs per actor,
+    then GPUs per actor if asked), from this machine's CPU and GPU counts (Ray is told os.cpu_count() CPUs).
+    """
+    import torch
+
+    fed = cfg.federation
+    actors = int((os.cpu_count() or 1) / fed.client_num_cpus) if fed.client_num_cpus > 0 else 1 << 20
+    if fed.client_num_gpus > 0:
+        actors = min(actors, int(torch.cuda.device_count() / fed.client_num_gpus))
+    return max(actors, 1)
+
+
+def virtual_client_layout(cfg: RunConfig) -> tuple[int, Callable[[Grid], Grid] | None]:
+    """(Flower nodes to start, the Grid the coordinator's rounds use) for cfg on the Ray engine.
+
+    clients_per_batch = 1: one Flower node per virtual client, Flower's Grid as it is. > 1: groups of up to
+    clients_per_batch virtual clients per message, spread over at least one group per actor
+    (simulations/virtual_grid.py), and as many worker nodes as a push can need.
+    """
+    fed = cfg.federation
+    if fed.clients_per_batch <= 1:
+        return fed.num_clients, None
+    from simulations.virtual_grid import VirtualClientGrid
+
+    actors = ray_actor_count(cfg)
+    workers = min(fed.num_clients, max(math.ceil(fed.num_clients / fed.clients_per_batch), actors))
+    return workers, lambda grid: VirtualClientGrid(grid, fed.num_clients, fed.clients_per_batch, min_groups=actors)
 
 
 def simulate(cfg: RunConfig, engine: str = "ray") -> list[dict[str, Any]]:
     """Run cfg as a local simulation; returns the rows of the run's metrics.jsonl.
 
-    engine="ray": Flower's simulation engine (virtual SuperNodes in Ray actors).
+    engine="ray": Flower's simulation engine (virtual SuperNodes in Ray actors); with federation.clients_per_batch
+    > 1, groups of virtual clients per message, each group trained together on one actor
+    (simulations/virtual_grid.py, client/multi_adapter.py).
     engine="inprocess": the same ServerApp loop and ClientApp, sites run one after another in this
     process (no Ray: for machines without it, debugging and benchmarks), or federation.clients_per_batch
     of them together (multi-adapter batched training, client/multi_adapter.py).
@@ -61,10 +96,11 @@ def simulate(cfg: RunConfig, engine: str = "ray") -> list[dict[str, Any]]:
 
         # Flower 1.41 re-raises the ServerApp's exception here once the engine has stopped
         # (flwr/simulation/run_simulation.py _main_loop), so a FederationFailed reaches the caller as it does in-process.
+        num_nodes, wrap_grid = virtual_client_layout(cfg)
         run_simulation(
-            server_app=make_server_app(cfg),
+            server_app=make_server_app(cfg, wrap_grid),
             client_app=client_app,
-            num_supernodes=cfg.federation.num_clients,
+            num_supernodes=num_nodes,
             backend_config=backend_config(cfg),
         )
     metrics = run_dir / "metrics.jsonl"
