@@ -324,19 +324,18 @@ def _check_strategy(cfg: RunConfig) -> None:
     if spec.aggregator is None and s.aggregator not in ("", s.name):
         raise ConfigError("strategy.aggregator", f"strategy {s.name!r} aggregates by itself; "
                           f"strategy.aggregator must be empty or {s.name!r}, got {s.aggregator!r}")
-    if aggregator is not None and "fedex_lora" in (aggregator, str(params.get("inner", ""))):
-        raise ConfigError("strategy.aggregator", "aggregator 'fedex_lora' runs only as "
-                          "strategy=fedex_lora (its residual is applied there)")
+    key = "strategy.aggregator" if s.aggregator else "strategy.name"
     if aggregator is not None:
         from strategies.aggregators import valid_aggregator_names
 
-        _check_choice("strategy.aggregator" if s.aggregator else "strategy.name", aggregator,
-                      valid_aggregator_names(), "aggregator")
+        if "fedex_lora" in (aggregator, str(params.get("inner", ""))):
+            raise ConfigError("strategy.aggregator", "aggregator 'fedex_lora' runs only as "
+                              "strategy=fedex_lora (its residual is applied there)")
+        _check_choice(key, aggregator, valid_aggregator_names(), "aggregator")
     _check_typed_params(s.name, params, params_schema(s.name, s.aggregator))
-    if aggregator is not None:
+    if aggregator is not None:  # numeric ranges and the aggregator's own checks, on its share of the params
         takes = param_fields(AGGREGATOR_PARAMS.get(aggregator, NoParams))
-        _check_aggregator(cfg, aggregator, {key: value for key, value in params.items() if key in takes},
-                          "strategy.aggregator" if s.aggregator else "strategy.name")
+        _check_aggregator(cfg, aggregator, {name: value for name, value in params.items() if name in takes}, key)
 
 
 # strategies/params.py annotation -> (what the error says, the check)
