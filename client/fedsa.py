@@ -4,7 +4,7 @@ The coordinator sends the whole global adapter; the site overwrites every receiv
 own (round state of the site, client/site_state.py; before its first round it starts from the received,
 initial B), trains, stores its trained B and uploads the delta of lora_A and of any non-LoRA keys only: lora_B
 is ABSENT from the reply, so neither B nor its change ever leaves the site. The coordinator
-(server/strategies/fedsa_lora.py) treats the missing B deltas as zero, so the global B stays at its
+(server/methods/fedsa_lora.py) treats the missing B deltas as zero, so the global B stays at its
 initial value. Evaluation uses the site's own B (a personalised model).
 """
 

@@ -25,8 +25,9 @@ from flwr.app import Context, Message
 from client import task
 from client.site_state import SiteState, server_round_of, site_state
 from federation.adapter import from_array_record, get_adapter_arrays, lora_parameters, to_array_record
-from federation.config import CONTROL_VARIATE_PARAM, CONTROL_VARIATES  # noqa: F401 (re-exported)
 from federation.protocol import C_GLOBAL_RECORD, CONTROL_DTYPE, DELTA_C_RECORD, RUN_CONFIG_KEY
+from strategies.params import CONTROL_VARIATES
+from strategies.registry import strategy_params
 from strategies.scaffold import client_control_update, correct_gradient, zero_control
 
 # The site's own c_i (site round state).
@@ -69,9 +70,9 @@ def train(msg: Message, context: Context) -> Message:
     c_local_t = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in c_local.items()}
     c_global_t = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in c_global.items()}
 
-    variant = str((cfg.strategy.params or {}).get(CONTROL_VARIATE_PARAM, CONTROL_VARIATES[0]))
-    if variant not in CONTROL_VARIATES:
-        raise ValueError(f"strategy.params.{CONTROL_VARIATE_PARAM} must be one of {CONTROL_VARIATES}, got {variant!r}")
+    variant = strategy_params(cfg.strategy).control_variate
+    if variant not in CONTROL_VARIATES:  # checked where the config was composed; a message could still carry any
+        raise ValueError(f"strategy.params.control_variate must be one of {CONTROL_VARIATES}, got {variant!r}")
     corrected_sum = {key: torch.zeros_like(value) for key, value in c_local_t.items()}
 
     def before_step(params) -> None:

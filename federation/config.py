@@ -181,23 +181,14 @@ class StrategyConfig:
     min_train_clients: int = 2
     min_evaluate_clients: int = 2
     min_available_clients: int = 2
-    # Method-specific hyperparameters (server_lr, momentum, eta, tau, robust method, ...).
+    # The strategy's and its aggregator's settings (server_lr, momentum, eta, tau, site_ranks, ...): typed per
+    # strategy in strategies/params.py (hydra cannot type a field by strategy.name), checked by federation.validation.
     params: dict[str, Any] = field(default_factory=dict)
 
 
-# Strategies with their own coordinator and site logic (server/strategies/<name>.py, client/<name>.py) rather than a
-# plain aggregator from strategies/aggregators.py; their capabilities are declared in strategies/registry.py.
-HETERO_STRATEGIES = ("flora", "flexlora")  # every site trains its own LoRA rank
-FEDEX_STRATEGY = "fedex_lora"
-LORA_METHOD_STRATEGIES = (*HETERO_STRATEGIES, FEDEX_STRATEGY, "scaffold", "fedsa_lora")
-# Strategies whose sites train and evaluate under a frozen global update (client.flora.frozen_lora_update).
-FROZEN_UPDATE_STRATEGIES = (*HETERO_STRATEGIES, FEDEX_STRATEGY)
-# strategy.params the sites read (per simulation partition), not an aggregator.
+# strategy.params the sites read (per simulation partition); their schema is strategies/params.py.
 PARAM_SITE_RANKS = "site_ranks"
 PARAM_SITE_LOCAL_STEPS = "site_local_steps"
-CONTROL_VARIATE_PARAM = "control_variate"  # SCAFFOLD: how a site computes its control variate
-CONTROL_VARIATES = ("gradient", "displacement")
-SITE_PARAMS = (PARAM_SITE_RANKS, PARAM_SITE_LOCAL_STEPS, CONTROL_VARIATE_PARAM)
 
 
 @dataclass

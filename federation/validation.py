@@ -24,13 +24,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from federation.config import (CONF_DIR, CONTROL_VARIATE_PARAM, CONTROL_VARIATES, FEDEX_STRATEGY, HETERO_STRATEGIES,
-                               LORA_METHOD_STRATEGIES, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS,
-                               FAST_PATH_CHOICES, LR_SCHEDULES, SECAGG_MAX_MODULUS_RANGE,
-                               SECAGG_MAX_QUANTIZATION_RANGE,
-                               SITE_PARAMS, TRACKERS, RunConfig, group_options, sites_per_round)
+from federation.config import (CONF_DIR, FAST_PATH_CHOICES, LR_SCHEDULES, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS,
+                               SECAGG_MAX_MODULUS_RANGE, SECAGG_MAX_QUANTIZATION_RANGE, TRACKERS, RunConfig,
+                               group_options, sites_per_round)
 from strategies.aggregators import MixedRanksError
-from strategies.registry import STRATEGIES
+from strategies.params import AGGREGATOR_PARAMS, NoParams, is_required, param_fields
+from strategies.registry import STRATEGIES, aggregator_of, params_schema
 
 
 class ConfigError(ValueError):
@@ -331,9 +330,10 @@ def check_rank_plan(cfg: RunConfig) -> None:
 
 
 def _check_strategy(cfg: RunConfig) -> None:
+    """strategy.*: the name, the privacy combinations its registry flags allow, its aggregator and typed params."""
     s, privacy = cfg.strategy, cfg.privacy
     _check_choice("strategy.name", s.name, group_options("strategy"), "strategy")
-    spec = STRATEGIES[s.name]  # tests/federation/test_validation.py: every conf/strategy YAML has an entry
+    spec = STRATEGIES[s.name]  # tests/strategies/test_registry.py: every conf/strategy YAML has an entry
     check_rank_plan(cfg)
     params = dict(s.params or {})
     if (privacy.secagg.enabled and not spec.secagg) or (privacy.central.enabled and not spec.central_dp):
@@ -343,28 +343,53 @@ def _check_strategy(cfg: RunConfig) -> None:
     if privacy.local_dp_sgd.enabled and not spec.dp_sgd:
         raise ConfigError("privacy.local_dp_sgd", f"strategy {s.name!r} cannot run with "
                           "privacy.local_dp_sgd: the DP-SGD step does not apply the control-variate correction")
-    if s.name in LORA_METHOD_STRATEGIES:
-        if s.name in (*HETERO_STRATEGIES, FEDEX_STRATEGY):
-            if s.aggregator not in ("", s.name):
-                raise ConfigError("strategy.aggregator", f"strategy {s.name!r} aggregates by itself; "
-                                  f"strategy.aggregator must be empty or {s.name!r}, got {s.aggregator!r}")
-            takes = [PARAM_SITE_LOCAL_STEPS] if s.name == FEDEX_STRATEGY else [PARAM_SITE_RANKS, PARAM_SITE_LOCAL_STEPS]
-            unknown = sorted(set(params) - set(takes))
-            if unknown:
-                raise ConfigError("strategy.params", f"strategy {s.name!r} takes params {takes}; unknown {unknown}")
-            return
-        # scaffold, fedsa_lora: an inner aggregator updates the adapter (default fedavg)
-        if s.name == "scaffold":
-            _check_choice(f"strategy.params.{CONTROL_VARIATE_PARAM}",
-                          params.get(CONTROL_VARIATE_PARAM, CONTROL_VARIATES[0]), CONTROL_VARIATES)
-        inner = s.aggregator if s.aggregator and s.aggregator != s.name else "fedavg"
-        _check_aggregator(cfg, inner, {k: v for k, v in params.items() if k not in SITE_PARAMS}, "strategy.aggregator")
-        return
-    if FEDEX_STRATEGY in (s.aggregator, str(params.get("inner", ""))):
-        raise ConfigError("strategy.aggregator", f"aggregator {FEDEX_STRATEGY!r} runs only as "
-                          f"strategy={FEDEX_STRATEGY} (its residual is applied there)")
-    _check_aggregator(cfg, s.aggregator or s.name, params,
-                      "strategy.aggregator" if s.aggregator else "strategy.name")
+    aggregator = aggregator_of(s.name, s.aggregator)
+    if spec.aggregator is None and s.aggregator not in ("", s.name):
+        raise ConfigError("strategy.aggregator", f"strategy {s.name!r} aggregates by itself; "
+                          f"strategy.aggregator must be empty or {s.name!r}, got {s.aggregator!r}")
+    key = "strategy.aggregator" if s.aggregator else "strategy.name"
+    if aggregator is not None:
+        from strategies.aggregators import valid_aggregator_names
+
+        if "fedex_lora" in (aggregator, str(params.get("inner", ""))):
+            raise ConfigError("strategy.aggregator", "aggregator 'fedex_lora' runs only as "
+                              "strategy=fedex_lora (its residual is applied there)")
+        _check_choice(key, aggregator, valid_aggregator_names(), "aggregator")
+    _check_typed_params(s.name, params, params_schema(s.name, s.aggregator))
+    if aggregator is not None:  # numeric ranges and the aggregator's own checks, on its share of the params
+        takes = param_fields(AGGREGATOR_PARAMS.get(aggregator, NoParams))
+        _check_aggregator(cfg, aggregator, {name: value for name, value in params.items() if name in takes}, key)
+
+
+# strategies/params.py annotation -> (what the error says, the check)
+_PARAM_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "float": ("a number", _is_number),
+    "int": ("an integer", lambda v: _is_number(v) and v == int(v)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "list[int]": ("a list", lambda v: isinstance(v, (list, tuple))),
+    "dict[str, Any]": ("a mapping", lambda v: isinstance(v, Mapping)),
+}
+
+
+def _check_typed_params(name: str, params: Mapping[str, Any], schema: Mapping[str, dataclasses.Field]) -> None:
+    """strategy.params against the strategy's typed schema (strategies/params.py): known keys, required ones given,
+    types and choices. Numeric ranges and the aggregator's own checks follow in _check_aggregator."""
+    unknown = sorted(set(params) - set(schema))
+    if unknown:
+        raise ConfigError("strategy.params", f"strategy {name!r} takes params "
+                          f"{', '.join(schema) if schema else 'none'}; unknown {unknown}")
+    for key, f in schema.items():
+        full = f"strategy.params.{key}"
+        if key not in params:
+            if is_required(f):
+                raise ConfigError(full, f"{full} is required by strategy {name!r} ({f.metadata['help']})")
+            continue
+        what, ok = _PARAM_TYPES[str(f.type)]
+        if not ok(params[key]):
+            raise ConfigError(full, f"{full} must be {what}, got {params[key]!r}")
+        if f.metadata.get("choices"):
+            _check_choice(full, params[key], f.metadata["choices"])
 
 
 def _check_aggregator(cfg: RunConfig, name: str, params: dict[str, Any], key: str) -> None:

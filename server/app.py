@@ -22,27 +22,23 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from federation.adapter import from_array_record, num_elements, to_array_record
-from federation.config import RunConfig, overrides_from_flat, run_config_to_json, sites_per_round
+from federation.config import RunConfig, overrides_from_flat, run_config_to_json
 from federation.compose import compose_config
 from federation.model import initial_adapter, lora_shapes, peft_lora_config
 from federation.protocol import RUN_CONFIG_KEY
 from federation.store import (FEDERATION_RUN_ID_KEY, FEDERATION_RUN_ID_STATE, SERVER_STATE, GlobalAdapterStore,
                               MetricsLog, new_federation_run_id, read_peft_adapter)
 from federation.validation import validate_coordinator_setup
-from server.privacy import CentralDP
 from server.replies import (DP_SGD_EPSILON, EVAL_EXACT_MATCH, EVAL_GENERATED, EVAL_LOSS, EVAL_PERPLEXITY,
                             EVAL_ROUGE_L, EVAL_TOKEN_F1, TOKENS_PER_SECOND, TRAIN_LOSS, TRAIN_TOKENS, metric_or_none)
 from server.secagg import secagg_params_for_run, secure_train_round
 from server.report import plot_eval_metrics, plot_losses, summary_table
 from server import tracking
 from server.gold_set import GoldSetScorer
-from federation.config import LORA_METHOD_STRATEGIES
-from server.strategies import build_lora_method_strategy
-from server.strategies.flora import check_site_ranks
+from server.methods import build_coordinator
+from server.methods.flora import check_site_ranks
 from server.strategy import LoraDeltaStrategy, RoundLedger
-from strategies.aggregators import build_aggregator
 from strategies.fedavg import UpdateRejected, validate_update
-from strategies.registry import strategy_spec
 
 log = logging.getLogger("fedtune.server")
 
@@ -85,30 +81,9 @@ class _Shape:
 
 
 def build_strategy(cfg: RunConfig) -> LoraDeltaStrategy:
-    """The Flower strategy for cfg.strategy (+ central DP when cfg.privacy.central.enabled).
-
-    cfg was validated when it was composed (federation.validation): names, params, ranks and combinations.
-    """
-    strategy = _build_strategy(cfg)
-    spec = strategy_spec(cfg.strategy.name)
-    strategy.client_train_action, strategy.client_evaluate_action = spec.client_train_action, spec.client_evaluate_action
-    return strategy
-
-
-def _build_strategy(cfg: RunConfig) -> LoraDeltaStrategy:
-    s = cfg.strategy
-    if s.name in LORA_METHOD_STRATEGIES:  # flora, flexlora, scaffold, fedsa_lora: per-site messages and state
-        return build_lora_method_strategy(cfg)
-    central_dp = None
-    if cfg.privacy.central.enabled:
-        central_dp = CentralDP(cfg.privacy.central, cfg.federation.num_clients, sites_per_round(cfg),
-                               cfg.federation.rounds)
-    return LoraDeltaStrategy(
-        build_aggregator(s.aggregator or s.name, dict(s.params)),
-        fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
-        min_train_nodes=s.min_train_clients, min_evaluate_nodes=s.min_evaluate_clients,
-        min_available_nodes=s.min_available_clients, central_dp=central_dp,
-    )
+    """The Flower strategy for cfg.strategy, built as its registry entry names (server/methods/; + central DP when
+    cfg.privacy.central.enabled). cfg was validated when it was composed (federation.validation)."""
+    return build_coordinator(cfg)
 
 
 # metrics.jsonl column <- aggregated evaluate metric (server/strategy.py aggregate_evaluate; None when absent).

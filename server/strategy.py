@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -25,6 +26,8 @@ from server.replies import (EVAL_GENERATED, EVAL_LOSS, EVAL_PERPLEXITY, EVAL_REP
                             PEAK_MEMORY_BYTES, TRAIN_REPLY, TRAIN_SECONDS, TRAIN_STEPS, TRAIN_TOKENS, MetricSchema,
                             decode_data_fingerprint, decode_eval_reply, decode_train_reply, reply_node, sent_to)
 from strategies.fedavg import UpdateRejected, validate_update
+from strategies.params import AGGREGATOR_PARAMS, param_fields
+from strategies.registry import aggregator_of
 from server.streaming import StreamingWeightedMean
 
 log = logging.getLogger("fedtune.server")
@@ -67,7 +70,7 @@ class LoraDeltaStrategy(FedAvg):
     eval_schema: MetricSchema = EVAL_REPLY
     # The ClientApp handler a site runs for this strategy's messages: None is the default handler, an action
     # ("scaffold") sends message type "train.scaffold" (client/app.py lists the handlers). Set from the
-    # strategy's registry entry (strategies/registry.py) by server.app.build_strategy.
+    # strategy's registry entry (strategies/registry.py) by server.methods.build_coordinator.
     client_train_action: str | None = None
     client_evaluate_action: str | None = None
 
@@ -302,3 +305,18 @@ def weighted_metrics(rows: list[Mapping[str, int | float]], weights: list[float]
         else:
             out[key] = float(sum(w * v for w, v in zip(weights, values)) / total)
     return MetricRecord(out)
+
+
+def sampling_kwargs(cfg: Any) -> dict[str, Any]:
+    """LoraDeltaStrategy's sampling settings from cfg.strategy (every coordinator samples the same way)."""
+    s = cfg.strategy
+    return dict(fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
+                min_train_nodes=s.min_train_clients, min_evaluate_nodes=s.min_evaluate_clients,
+                min_available_nodes=s.min_available_clients)
+
+
+def aggregator_params(strategy_cfg: Any) -> dict[str, Any]:
+    """The strategy.params given for its aggregator (strategies.params.AGGREGATOR_PARAMS), not the sites' own."""
+    aggregator = aggregator_of(strategy_cfg.name, strategy_cfg.aggregator)
+    takes = param_fields(AGGREGATOR_PARAMS[aggregator]) if aggregator in AGGREGATOR_PARAMS else {}
+    return {key: value for key, value in (strategy_cfg.params or {}).items() if key in takes}

@@ -237,7 +237,7 @@ def truncate_factors(b: np.ndarray, a: np.ndarray, rank: int) -> tuple[np.ndarra
 
     svd_redistribute(B @ A, rank) up to rounding (B_r = U sqrt(S), A_r = sqrt(S) V^T): the SVD of the small (R, R)
     core of the QR factors of B and A^T, O((out + in) R^2) instead of O(out in min(out, in)). Missing components
-    (rank > rank of B @ A) are zero. FlexLoRA's coordinator (server/strategies/flora.py) truncates the exact global with it.
+    (rank > rank of B @ A) are zero. FlexLoRA's coordinator (server/methods/flexlora.py) truncates the exact global with it.
     """
     b, a = np.asarray(b, dtype=np.float64), np.asarray(a, dtype=np.float64)
     if b.shape[1] == 0:
@@ -295,7 +295,7 @@ def fedex_residual_factors(adapters: Sequence[Mapping[str, np.ndarray]], weights
 
     B_res @ A_res == scaling * (sum_i w_i B_i A_i - mean(B) @ mean(A)) exactly (weights normalised): the residual
     of a round is [w_1 s B_1 | ... | w_k s B_k | -s mean(B)] @ [A_1; ...; A_k; mean(A)], kept low rank so the
-    coordinator (server/strategies/fedex_lora.py) can send it to the sites as a frozen update.
+    coordinator (server/methods/fedex_lora.py) can send it to the sites as a frozen update.
     """
     _same_layers(adapters)  # one rank at every site
     averaged = weighted_mean(adapters, weights)

@@ -10,13 +10,13 @@ from flwr.app import MessageType
 import client.task as plain_client
 from client.app import app as client_app
 import server.app
-import server.strategies.fedex_lora
+import server.methods.fedex_lora
 from client.flora import FROZEN_COUNT_STATE, FROZEN_RECORD, FROZEN_STATE, frozen_lora_update
 from federation.adapter import from_array_record, set_adapter_arrays
-from server.strategies.fedex_lora import FedExLoraStrategy
+from server.methods.fedex_lora import FedExLoraStrategy
 from strategies.fedavg import weighted_mean
 from strategies.lora_exact import fedex_residual_factors
-from server.strategies import build_lora_method_strategy
+from server.methods import build_coordinator
 from strategies.aggregators import MixedRanksError
 from strategies.lora_exact import fedex_residual, lora_pairs, weighted_dense_mean
 from tests.server.test_hetero import RecordingGrid, lora_methods_loop  # noqa: F401 (fixture)
@@ -41,13 +41,13 @@ def _random_adapter(rng, rank=3, shapes=((5, 4), (2, 6))):
 @pytest.fixture
 def residual_rounds(monkeypatch):
     """Every (local adapters, weights, scaling) FedExLoraStrategy aggregated, one entry per round."""
-    calls, real = [], server.strategies.fedex_lora.fedex_residual_factors
+    calls, real = [], server.methods.fedex_lora.fedex_residual_factors
 
     def recording(adapters, weights, scaling):
         calls.append(([dict(a) for a in adapters], list(weights), scaling))
         return real(adapters, weights, scaling)
 
-    monkeypatch.setattr(server.strategies.fedex_lora, "fedex_residual_factors", recording)
+    monkeypatch.setattr(server.methods.fedex_lora, "fedex_residual_factors", recording)
     return calls
 
 
@@ -124,12 +124,12 @@ def test_three_sites_two_rounds_merge_exactly_at_the_server_and_at_the_sites(
 def test_state_round_trips_through_state_dict(make_cfg):
     cfg = make_cfg("strategy=fedex_lora")
     rng = np.random.default_rng(1)
-    built = build_lora_method_strategy(cfg)
+    built = build_coordinator(cfg)
     assert isinstance(built, FedExLoraStrategy)
     for _ in range(2):
         _, residual = fedex_residual_factors([_random_adapter(rng) for _ in range(SITES)], [1, 1, 2], 2.0)
         built.aggregator.merge(residual)
-    restored = build_lora_method_strategy(cfg)
+    restored = build_coordinator(cfg)
     restored.aggregator.load_state_dict(built.aggregator.state_dict())
     assert restored.aggregator.offsets == built.aggregator.offsets == [0, 12, 24]
     for key, value in built.aggregator.factors_since(1).items():
@@ -138,8 +138,8 @@ def test_state_round_trips_through_state_dict(make_cfg):
 
 def test_refuses_secagg_mixed_ranks_and_another_aggregator(make_cfg):
     with pytest.raises(ValueError, match="privacy.secagg and privacy.central"):
-        build_lora_method_strategy(make_cfg("strategy=fedex_lora", "privacy.secagg.enabled=true"))
+        build_coordinator(make_cfg("strategy=fedex_lora", "privacy.secagg.enabled=true"))
     with pytest.raises(ValueError, match="strategy.aggregator must be"):
-        build_lora_method_strategy(make_cfg("strategy=fedex_lora", "strategy.aggregator=fedavg"))
+        build_coordinator(make_cfg("strategy=fedex_lora", "strategy.aggregator=fedavg"))
     with pytest.raises(MixedRanksError, match="needs the same LoRA rank"):
-        build_lora_method_strategy(make_cfg("strategy=fedex_lora", "+strategy.params.site_ranks=[4,8]"))
+        build_coordinator(make_cfg("strategy=fedex_lora", "+strategy.params.site_ranks=[4,8]"))

@@ -10,7 +10,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 import server.app
-import server.strategies.flora
+import server.methods.flora
 from client.app import RUN_CONFIG_KEY
 from client.app import app as client_app, train as plain_train
 from client.task import site_settings
@@ -20,10 +20,8 @@ from client.flora import (FROZEN_ACCUMULATE, FROZEN_COUNT_STATE, FROZEN_FROM_KEY
 from federation.adapter import from_array_record, to_array_record
 from federation.config import run_config_to_json
 from federation.model import initial_adapter
-from server.strategies.flora import HeteroLoraState, SiteProfile, check_site_ranks, query_site_profiles
+from server.methods.flora import HeteroLoraState, SiteProfile, check_site_ranks, query_site_profiles
 from strategies.lora_exact import truncate_factors
-from federation.config import LORA_METHOD_STRATEGIES
-from server.strategies import build_lora_method_strategy
 from federation.validation import check_rank_plan
 from simulations.inprocess import InProcessGrid
 from strategies.aggregators import MixedRanksError
@@ -40,7 +38,7 @@ def lora_methods_loop(monkeypatch):
 
     def build_strategy(cfg):
         check_rank_plan(cfg)
-        strategy = build_lora_method_strategy(cfg) if cfg.strategy.name in LORA_METHOD_STRATEGIES else plain(cfg)
+        strategy = plain(cfg)
         built.append(strategy)
         return strategy
 
@@ -51,13 +49,13 @@ def lora_methods_loop(monkeypatch):
 @pytest.fixture
 def stacked_rounds(monkeypatch):
     """Every (local adapters, weights, scalings) that HeteroLoraStrategy stacked, one entry per round."""
-    calls, real = [], server.strategies.flora.stack_lora_updates
+    calls, real = [], server.methods.flora.stack_lora_updates
 
     def recording(adapters, weights, scalings=None, stacked_scaling=1.0):
         calls.append(([dict(a) for a in adapters], list(weights), list(scalings)))
         return real(adapters, weights, scalings, stacked_scaling)
 
-    monkeypatch.setattr(server.strategies.flora, "stack_lora_updates", recording)
+    monkeypatch.setattr(server.methods.flora, "stack_lora_updates", recording)
     return calls
 
 
@@ -113,7 +111,7 @@ def test_state_appends_exact_slices_and_survives_a_checkpoint():
     assert restored.offsets == [0, 2, 7]
     np.testing.assert_allclose(_dense(restored.factors_since(0))["l"],
                                sum(_dense(r)["l"] for r in rounds), atol=1e-12)
-    flex = HeteroLoraState("flexlora")
+    flex = HeteroLoraState("flexlora", accumulates=False)
     for stacked in rounds:
         flex.merge(stacked)
     assert flex.offsets == [0, 5]  # FlexLoRA replaces the global each round

@@ -8,11 +8,13 @@ import pytest
 
 from client.app import app as client_app
 from client.task import DP_STATE_KEY, ERROR_FEEDBACK_KEY
-from federation.config import HETERO_STRATEGIES
 from client.site_state import SiteStateStore
 from federation.store import GlobalAdapterStore, sha256_file
 from server.app import run_federation
 from simulations.inprocess import InProcessGrid
+from strategies.registry import STRATEGIES
+
+HETERO_STRATEGIES = [name for name, spec in STRATEGIES.items() if spec.mixed_ranks]
 
 
 class CrashAfterRound(Exception):

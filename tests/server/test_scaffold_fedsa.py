@@ -18,8 +18,8 @@ from federation.adapter import from_array_record, get_adapter_arrays
 from federation.compression import decode_upload
 from federation.compose import run_config_from_json
 from federation.store import GlobalAdapterStore
-from server.strategies import build_lora_method_strategy
-from server.strategies.scaffold import ScaffoldAggregator
+from server.methods import build_coordinator
+from server.methods.scaffold import ScaffoldAggregator
 from strategies.aggregators import FedAvgAggregator
 from tests.server.test_hetero import RecordingGrid, lora_methods_loop  # noqa: F401 (a fixture)
 
@@ -155,4 +155,4 @@ def test_fedsa_keeps_each_sites_b_and_averages_a(make_cfg, lora_methods_loop, mo
 ])
 def test_refused_privacy_combinations(make_cfg, overrides, match):
     with pytest.raises(ValueError, match=match):
-        build_lora_method_strategy(make_cfg(*overrides))
+        build_coordinator(make_cfg(*overrides))

@@ -1,4 +1,5 @@
-"""Coordinator side of heterogeneous LoRA ranks: FLoRA stacking (Wang et al. 2024) and FlexLoRA (Bai et al. 2024).
+"""Coordinator side of FLoRA stacking (Wang et al. 2024), and what FlexLoRA (server/methods/flexlora.py) and FedEx-LoRA
+(server/methods/fedex_lora.py) build on: per-site messages at each site's rank, an exact stacked global update.
 
 Each site trains a LoRA of its own rank r_i (client.task.site_settings says where it comes from);
 the coordinator learns the ranks with a site-profile query (once per node, and again after a node
@@ -8,7 +9,7 @@ failed) and keeps the EXACT global update as stacked factors B_g (out, R), A_g (
 flora: every round, global += sum_i w_i s_i B_i A_i exactly (stack_lora_updates; R grows by sum r_i).
   Sites receive the rounds they have not merged yet as a frozen part and a fresh LoRA (A seeded
   uniform as PEFT initialises it, B = 0) at their rank, re-initialised every round.
-flexlora: every round, global = sum_i w_i s_i B_i A_i of the sites' full local factors; site j then
+flexlora (flexlora.py): every round, global = sum_i w_i s_i B_i A_i of the sites' full local factors; site j then
   trains from the best rank-r_j factors of global / s_j (SVD, Eckart-Young). Components with zero
   singular value (a global of rank < r_j) get a fresh A row and a zero B column, so they can train.
 
@@ -30,15 +31,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from federation.adapter import from_array_record, to_array_record
-from federation.config import FROZEN_UPDATE_STRATEGIES, HETERO_STRATEGIES
 from federation.protocol import (EVALUATE, TRAIN, FROZEN_ACCUMULATE, FROZEN_FROM_KEY, FROZEN_MODE_KEY, FROZEN_RECORD, FROZEN_TO_KEY,
-                                 FROZEN_TRANSIENT, METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS, METRIC_RANK, RUN_CONFIG_KEY,
+                                 METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS, METRIC_RANK, RUN_CONFIG_KEY,
                                  message_type as wire_message_type)
 from federation.validation import check_rank_plan, mixed_ranks_message  # noqa: F401 (check_rank_plan re-exported)
 from server.replies import COUNT, EVAL_REPLY, POSITIVE_COUNT, TRAIN_REPLY, MetricSchema, reply_node, sent_to
-from server.strategy import LoraDeltaStrategy, weighted_metrics
+from server.strategy import LoraDeltaStrategy, sampling_kwargs, weighted_metrics
 from strategies.aggregators import MixedRanksError
 from strategies.fedavg import AdapterArrays, UpdateRejected
+from strategies.registry import strategy_spec
 from strategies.lora_exact import (LORA_A_SUFFIX, LORA_B_SUFFIX, lora_pairs, lora_ranks, non_lora_keys,
                                    stack_lora_updates, truncate_factors)
 
@@ -96,7 +97,7 @@ def check_site_ranks(grid: Grid, cfg: Any, config: ConfigRecord, timeout: float 
     for node, reason in errors.items():
         log.warning("node %d gave no site profile (%s); assuming LoRA rank %d", node,
                     reason.splitlines()[0] if reason else "error", cfg.lora.r)
-    if cfg.strategy.name not in HETERO_STRATEGIES:
+    if not strategy_spec(cfg.strategy.name).mixed_ranks:
         asked = {f"node {node}": p.rank for node, p in sorted(profiles.items()) if p.rank != cfg.lora.r}
         if asked:
             raise MixedRanksError(mixed_ranks_message(cfg.strategy.name, cfg.lora.r, asked))
@@ -114,22 +115,17 @@ class HeteroLoraState:
 
     ``offsets[k]`` is the stacked rank after k merged updates (flora, fedex_lora: aggregated rounds), so
     the rows ``offsets[k]:`` of A (columns of B) are exactly the updates after the k-th. fedex_lora
-    (server/strategies/fedex_lora.py) keeps its accumulated residuals here the same way.
+    (server/methods/fedex_lora.py) keeps its accumulated residuals here the same way.
     """
 
     supports_mixed_ranks = True
 
-    def __init__(self, method: str) -> None:
-        if method not in FROZEN_UPDATE_STRATEGIES:
-            raise ValueError(f"unknown stacked-update method {method!r}; valid: {list(FROZEN_UPDATE_STRATEGIES)}")
+    def __init__(self, method: str, accumulates: bool = True) -> None:
         self.name = method
+        # True: each merge adds to the held updates (flora, fedex_lora); False: it replaces them (flexlora).
+        self.accumulates = accumulates
         self.factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # prefix -> (A (R, in), B (out, R))
         self.offsets: list[int] = [0]
-
-    @property
-    def accumulates(self) -> bool:
-        """True when each merge adds to the held updates (flora, fedex_lora); False when it replaces them."""
-        return self.name != "flexlora"
 
     @property
     def num_updates(self) -> int:
@@ -206,14 +202,20 @@ def _layer_dims(template: Mapping[str, np.ndarray]) -> dict[str, tuple[int, int]
 
 
 class HeteroLoraStrategy(LoraDeltaStrategy):
-    """Sampling and bookkeeping as LoraDeltaStrategy; per-site messages at each site's rank; exact stacked global."""
+    """FLoRA: sampling and bookkeeping as LoraDeltaStrategy; per-site messages at each site's rank; exact stacked global.
+
+    Subclasses change where a site's LoRA starts (``_start_factors``), what frozen update it gets (``_frozen``) and
+    how a round merges (``_merge_round``).
+    """
+
+    accumulates = True  # HeteroLoraState: each round's update is appended (False: it replaces the global)
 
     train_schema = TRAIN_REPLY.with_optional({METRIC_FROZEN_COUNT: COUNT})
     eval_schema = EVAL_REPLY.with_optional({METRIC_FROZEN_COUNT: COUNT})
 
     def __init__(self, method: str, *, lora_alpha: float, export_rank: int, init_seed: int = 0,
                  min_completed_clients: int = 1, query_timeout: float | None = None, **strategy_kwargs) -> None:
-        super().__init__(HeteroLoraState(method), **strategy_kwargs)
+        super().__init__(HeteroLoraState(method, self.accumulates), **strategy_kwargs)
         if strategy_kwargs.get("central_dp") is not None:
             raise ValueError(f"{method}: central DP is not supported (it would need to clip and noise mixed-rank "
                              "factor products)")
@@ -245,16 +247,14 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
         rng = np.random.default_rng([self.init_seed, server_round, node])
         adapter: AdapterArrays = {}
         for prefix, (in_features, out_features) in dims.items():
-            a, b = fresh_lora_a(rank, in_features, rng), np.zeros((out_features, rank))
-            if self.method == "flexlora" and prefix in self.aggregator.factors:
-                b_site, a_site, values = self.aggregator.site_factors(prefix, rank, self.scaling(rank))
-                # numpy.linalg.matrix_rank's tolerance: below it a component is numerically zero and
-                # would never train (zero A row and B column have zero gradients); it restarts fresh.
-                alive = values > values.max(initial=0.0) * max(in_features, out_features) * np.finfo(np.float64).eps
-                a[alive], b[:, alive] = a_site[alive], b_site[:, alive]
+            a, b = self._start_factors(prefix, rank, fresh_lora_a(rank, in_features, rng), np.zeros((out_features, rank)))
             adapter[prefix + LORA_A_SUFFIX] = a.astype(np.float32)
             adapter[prefix + LORA_B_SUFFIX] = b.astype(np.float32)
         return adapter
+
+    def _start_factors(self, prefix: str, rank: int, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(A (rank, in), B (out, rank)) a site trains from, given a fresh LoRA: FLoRA restarts from it."""
+        return a, b
 
     def _evaluated(self, rank: int, dims: Mapping[str, tuple[int, int]]) -> AdapterArrays:
         """The LoRA a site evaluates with: zero (B @ A = 0), so the frozen part alone is the global model."""
@@ -267,10 +267,6 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
     def _frozen(self, node: int, evaluate: bool) -> tuple[dict[str, Any], dict[str, ArrayRecord]]:
         """(config entries, records) carrying the frozen global update this node needs."""
         state = self.aggregator
-        if self.method == "flexlora":
-            if not evaluate or not state.factors:
-                return {}, {}
-            return {FROZEN_MODE_KEY: FROZEN_TRANSIENT}, {FROZEN_RECORD: to_array_record(state.factors_since(0))}
         merged = self.profiles[node].frozen_updates
         # A site ahead of the coordinator (which resumed from an older checkpoint) starts over from 0.
         start = merged if merged <= state.num_updates else 0
@@ -366,11 +362,12 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
         return self._sent_eval
 
 
-def build_hetero_strategy(cfg: Any) -> HeteroLoraStrategy:
-    """HeteroLoraStrategy for cfg.strategy.name in ("flora", "flexlora") (cfg validated: federation.validation)."""
-    s = cfg.strategy
-    return HeteroLoraStrategy(
-        s.name, lora_alpha=cfg.lora.alpha, export_rank=cfg.lora.r, init_seed=cfg.lora.init_seed,
-        min_completed_clients=cfg.federation.min_completed_clients, query_timeout=cfg.federation.query_timeout(),
-        fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate, min_train_nodes=s.min_train_clients,
-        min_evaluate_nodes=s.min_evaluate_clients, min_available_nodes=s.min_available_clients)
+def hetero_kwargs(cfg: Any) -> dict[str, Any]:
+    """HeteroLoraStrategy's settings from a (validated) RunConfig, shared by its subclasses' builders."""
+    return dict(lora_alpha=cfg.lora.alpha, export_rank=cfg.lora.r, init_seed=cfg.lora.init_seed,
+                min_completed_clients=cfg.federation.min_completed_clients, **sampling_kwargs(cfg))
+
+
+def build(cfg: Any) -> HeteroLoraStrategy:
+    """FLoRA's coordinator (cfg validated: federation.validation)."""
+    return HeteroLoraStrategy("flora", query_timeout=cfg.federation.query_timeout(), **hetero_kwargs(cfg))

@@ -24,8 +24,10 @@ from flwr.serverapp import Grid
 from federation.adapter import to_array_record
 from federation.protocol import C_GLOBAL_RECORD, CONTROL_DTYPE, DELTA_C_RECORD
 from server.replies import decode_arrays
-from server.strategy import LoraDeltaStrategy
+from server.strategy import LoraDeltaStrategy, aggregator_params, sampling_kwargs
+from strategies.aggregators import build_aggregator
 from strategies.fedavg import AdapterArrays, UpdateRejected, validate_update
+from strategies.registry import aggregator_of
 from strategies.scaffold import server_control_update, zero_control
 
 log = logging.getLogger("fedtune.server")
@@ -125,8 +127,8 @@ class ScaffoldStrategy(LoraDeltaStrategy):
         return new_arrays, metrics
 
 
-def _strategy_kwargs(cfg: Any) -> dict[str, Any]:
-    s = cfg.strategy
-    return dict(fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
-                min_train_nodes=s.min_train_clients, min_evaluate_nodes=s.min_evaluate_clients,
-                min_available_nodes=s.min_available_clients)
+def build(cfg: Any) -> ScaffoldStrategy:
+    """ScaffoldStrategy around the inner aggregator (``strategy.aggregator``, default fedavg) and its params."""
+    inner = build_aggregator(aggregator_of(cfg.strategy.name, cfg.strategy.aggregator), aggregator_params(cfg.strategy))
+    return ScaffoldStrategy(ScaffoldAggregator(inner), num_sites_total=cfg.federation.num_clients,
+                            min_completed_clients=cfg.federation.min_completed_clients, **sampling_kwargs(cfg))

@@ -8,11 +8,15 @@ site is strategies.lora_exact.fedsa_split.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from server.strategy import LoraDeltaStrategy
+from server.strategy import LoraDeltaStrategy, aggregator_params, sampling_kwargs
+from strategies.aggregators import build_aggregator
 from strategies.fedavg import UpdateRejected
 from strategies.lora_exact import fedsa_split
+from strategies.registry import aggregator_of
 
 
 class FedSALoraStrategy(LoraDeltaStrategy):
@@ -25,3 +29,9 @@ class FedSALoraStrategy(LoraDeltaStrategy):
             raise UpdateRejected(f"FedSA-LoRA keeps lora_B at the site, but the upload has lora_B parts {leaked[:2]}")
         zeros = {key: np.zeros(np.shape(value), np.float32) for key, value in fedsa_split(self.current_global)[1].items()}
         return {**arrays, **zeros}
+
+
+def build(cfg: Any) -> FedSALoraStrategy:
+    """FedSALoraStrategy around the inner aggregator (``strategy.aggregator``, default fedavg) and its params."""
+    inner = build_aggregator(aggregator_of(cfg.strategy.name, cfg.strategy.aggregator), aggregator_params(cfg.strategy))
+    return FedSALoraStrategy(inner, **sampling_kwargs(cfg))

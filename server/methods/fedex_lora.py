@@ -27,8 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from federation.config import FEDEX_STRATEGY
-from server.strategies.flora import HeteroLoraStrategy
+from server.methods.flora import HeteroLoraStrategy, hetero_kwargs
 from strategies.fedavg import AdapterArrays
 from strategies.lora_exact import fedex_residual_factors
 
@@ -39,7 +38,7 @@ class FedExLoraStrategy(HeteroLoraStrategy):
     """HeteroLoraStrategy's messages and frozen-update bookkeeping; trainable = FedAvg, frozen += residual."""
 
     def __init__(self, *, lora_alpha: float, rank: int, **kwargs: Any) -> None:
-        super().__init__(FEDEX_STRATEGY, lora_alpha=lora_alpha, export_rank=rank, **kwargs)
+        super().__init__("fedex_lora", lora_alpha=lora_alpha, export_rank=rank, **kwargs)
 
     def _trainable(self, server_round: int, node: int, dims: Mapping[str, tuple[int, int]]) -> AdapterArrays:
         """The global (FedAvg) adapter; every site trains it at the run's rank."""
@@ -59,14 +58,8 @@ class FedExLoraStrategy(HeteroLoraStrategy):
         return {key: averaged[key].astype(np.asarray(value).dtype) for key, value in self.current_global.items()}
 
 
-def build_fedex_strategy(cfg: Any) -> FedExLoraStrategy:
-    """FedExLoraStrategy for cfg.strategy.name == "fedex_lora" (one LoRA rank, lora.r, at every site).
-
-    cfg was validated when it was composed (federation.validation: privacy, aggregator, params).
-    """
-    s = cfg.strategy
-    return FedExLoraStrategy(
-        lora_alpha=cfg.lora.alpha, rank=cfg.lora.r, init_seed=cfg.lora.init_seed,
-        min_completed_clients=cfg.federation.min_completed_clients, query_timeout=cfg.federation.round_timeout_s,
-        fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate, min_train_nodes=s.min_train_clients,
-        min_evaluate_nodes=s.min_evaluate_clients, min_available_nodes=s.min_available_clients)
+def build(cfg: Any) -> FedExLoraStrategy:
+    """FedEx-LoRA's coordinator (one LoRA rank, lora.r, at every site; cfg validated: federation.validation)."""
+    kwargs = hetero_kwargs(cfg)
+    rank = kwargs.pop("export_rank")
+    return FedExLoraStrategy(rank=rank, query_timeout=cfg.federation.round_timeout_s, **kwargs)
