@@ -157,6 +157,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
     peft_config = peft_lora_config(cfg.lora, cfg.model.name if cfg.model.name != "preset"
                                    else f"preset:{cfg.model.preset_name}")
     strategy = build_strategy(cfg)
+    strategy.spill_dir = str(run_dir)  # updates a robust aggregator keeps beyond its RAM budget go here
     secagg = secagg_params_for_run(cfg)  # None unless privacy.secagg.enabled
     # The sites key the state that rounds advance (error feedback, SCAFFOLD c_i, ...) by this id and the round
     # (client/site_state.py): a resumed run reuses the checkpointed id, so its sites continue where they were.
@@ -225,9 +226,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
                 new_arrays, train_metrics = secure_train_round(strategy, grid, server_round, arrays, config, secagg,
                                                                timeout)
             else:
-                messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
-                replies = grid.send_and_receive(messages, timeout=timeout)
-                new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+                new_arrays, train_metrics = strategy.train_round(server_round, arrays, ConfigRecord(dict(config)),
+                                                                 grid, timeout)
             ledger = strategy.ledger(server_round)
             if new_arrays is not None and len(ledger.accepted) < cfg.federation.min_completed_clients:
                 log.error("round %d: only %d usable updates (< federation.min_completed_clients=%d); "

@@ -145,10 +145,33 @@ def reply_node(msg: Message, destinations: Mapping[str, int]) -> int:
     return destinations.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def array_view(array) -> np.ndarray:
+    """Read-only numpy view of a Flower Array's bytes, without the copy Array.numpy() makes (np.load).
+
+    Array(ndarray) stores the .npy format: a header, then the C-ordered data. Only that layout is viewed, when the
+    header names the Array's own dtype and shape (so the view reads what np.load would); anything else - a
+    Fortran-ordered or pickled payload, another stype, a header that disagrees - goes through Array.numpy().
+    """
+    dtype = np.dtype(array.dtype)
+    if dtype.hasobject or array.stype != "numpy.ndarray":
+        return array.numpy()
+    count = math.prod(array.shape)
+    offset = len(array.data) - count * dtype.itemsize
+    header = bytes(array.data[:offset]) if 0 <= offset <= 4096 else b""
+    expected = f"'descr': '{dtype.str}', 'fortran_order': False, 'shape': {tuple(array.shape)}, ".encode()
+    if not header.startswith(_NPY_MAGIC) or expected not in header:  # what np.load would read, or its reading
+        return array.numpy()
+    return np.frombuffer(array.data, dtype=dtype, count=count, offset=offset).reshape(array.shape)
+
+
 def decode_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """The arrays of a record as sent (any dtype); UpdateRejected if they cannot be read."""
+    """The arrays of a record as sent (any dtype; read-only views of the record's bytes where they can be);
+    UpdateRejected if they cannot be read."""
     try:
-        return {key: value.numpy() for key, value in record.items()}
+        return {key: array_view(value) for key, value in record.items()}
     except Exception as exc:  # undecodable bytes, pickled objects, ...: this site only
         raise UpdateRejected(f"undecodable arrays: {type(exc).__name__}: {exc}") from None
 

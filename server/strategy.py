@@ -28,9 +28,18 @@ from server.replies import (EVAL_GENERATED, EVAL_LOSS, EVAL_PERPLEXITY, EVAL_REP
 from strategies.fedavg import UpdateRejected, validate_update
 from strategies.params import AGGREGATOR_PARAMS, param_fields
 from strategies.registry import aggregator_of
-from server.streaming import StreamingWeightedMean
+from server.reply_stream import replies_as_they_arrive
+from server.streaming import SpillingUpdates, StreamingWeightedMean
 
 log = logging.getLogger("fedtune.server")
+
+# The running sum's accumulator (server.streaming.ACCUMULATORS). float32: the benchmark's fastest and smallest
+# (one adapter of state) with a max error vs the float64 reference far below a float32 ulp of the mean's largest
+# entries (BENCHMARKS.md, "Coordinator round").
+DEFAULT_ACCUMULATOR = "float32"
+# Aggregators that need every site's update (median, trimmed mean, Krum) keep up to this many bytes of them in RAM;
+# the rest go to np.memmap files in the run directory (server.streaming.SpillingUpdates).
+UPDATES_RAM_BUDGET_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -73,10 +82,15 @@ class LoraDeltaStrategy(FedAvg):
     # strategy's registry entry (strategies/registry.py) by server.methods.build_coordinator.
     client_train_action: str | None = None
     client_evaluate_action: str | None = None
+    # train_round folds each train reply into the round's sum as it arrives (server.reply_stream). A strategy whose
+    # aggregate_train needs all the replies together (FLoRA's stacking, SCAFFOLD's control variates) sets False:
+    # train_round then collects them with Grid.send_and_receive and calls its aggregate_train.
+    folds_replies_as_they_arrive: bool = True
 
     def __init__(self, aggregator, *, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
                  min_train_nodes: int = 2, min_evaluate_nodes: int = 2, min_available_nodes: int = 2,
-                 transport_dtype: str = "float32", central_dp=None):
+                 transport_dtype: str = "float32", central_dp=None, accumulator: str = DEFAULT_ACCUMULATOR,
+                 updates_ram_budget_bytes: int = UPDATES_RAM_BUDGET_BYTES, spill_dir: str | None = None):
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
                          min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
                          min_available_nodes=min_available_nodes, weighted_by_key=NUM_EXAMPLES)
@@ -84,6 +98,9 @@ class LoraDeltaStrategy(FedAvg):
         self.transport_dtype = transport_dtype
         # server.privacy.CentralDP or None: when set, sites are clipped and noised before `aggregator`.
         self.central_dp = central_dp
+        self.accumulator = accumulator
+        self.updates_ram_budget_bytes = updates_ram_budget_bytes
+        self.spill_dir = spill_dir  # where SpillingUpdates writes (the run directory); None: the system temp dir
         self.privacy_reports: dict[int, dict] = {}
         self.current_global: dict[str, np.ndarray] = {}
         self.ledgers: dict[int, RoundLedger] = {}
@@ -99,6 +116,7 @@ class LoraDeltaStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Remember the global adapter the deltas will be relative to, then sample and send it."""
+        self.current_global = {}  # the previous one goes first: one decoded global adapter at a time
         self.current_global = from_array_record(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         for message in messages:
@@ -135,39 +153,57 @@ class LoraDeltaStrategy(FedAvg):
         """Called for every train or evaluate reply: its checked metrics, or None when it failed or was rejected."""
 
     def accepted_updates(self, server_round: int, replies: Iterable[Message],
-                         reference: Callable[[int], Mapping[str, np.ndarray]]
+                         reference: Callable[[int], Mapping[str, np.ndarray]], *, in_arrival_order: bool = False
                          ) -> Iterator[tuple[int, dict[str, np.ndarray], int, dict[str, int | float]]]:
         """(node, delta, example count, checked metrics) of each reply that decode_reply accepts; the ledger notes
         failures, rejections (logged, never yielded), upload bytes and the accepted sites.
 
-        reference(node) may raise UpdateRejected (e.g. a node that was sent nothing this round).
+        Replies are taken in reply_order (all of them held first), or with in_arrival_order one at a time as
+        `replies` yields them, each dropped before the next is taken. reference(node) may raise UpdateRejected
+        (e.g. a node that was sent nothing this round).
         """
         ledger = self.ledger(server_round)
         destinations = sent_to(self._sent)
-        replies = sorted(replies, key=lambda msg: reply_order(msg, destinations))  # see reply_order
+        if not in_arrival_order:
+            replies = sorted(replies, key=lambda msg: reply_order(msg, destinations))  # see reply_order
         for msg in replies:
-            node = reply_node(msg, destinations)
-            if msg.has_error():
-                ledger.failed[node] = msg.error.reason
-                log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)
-                self.note_reply(node, None)
-                continue
-            upload = sum(r.count_bytes() for r in msg.content.array_records.values())
-            ledger.bytes_up += upload
-            try:
-                arrays, num_examples, metrics = self.decode_reply(node, msg, reference)
-            except UpdateRejected as exc:
-                ledger.rejected[node] = str(exc)
-                log.warning("round %d: REJECTED update from node %d, not aggregated: %s", server_round, node, exc)
-                self.note_reply(node, None)
-                continue
-            ledger.accepted.append(node)
-            ledger.per_site[node] = {**metrics, "bytes_up": upload}
-            fingerprint = decode_data_fingerprint(msg, f"node {node}")
-            if fingerprint is not None:
-                ledger.data_fingerprints[node] = fingerprint
-            self.note_reply(node, metrics)
-            yield node, arrays, num_examples, metrics
+            accepted = self._take_train_reply(server_round, msg, destinations, reference)
+            # In arrival order nothing of a reply may outlive its turn: the next one is pulled while this generator
+            # is suspended, so the names bound here are dropped first (else a decoded delta lingers per reply).
+            del msg
+            if accepted is not None:
+                yield accepted
+                del accepted
+
+    def _take_train_reply(self, server_round: int, msg: Message, destinations: Mapping[str, int],
+                          reference: Callable[[int], Mapping[str, np.ndarray]]
+                          ) -> tuple[int, dict[str, np.ndarray], int, dict[str, int | float]] | None:
+        """accepted_updates' step for one reply: its (node, delta, count, metrics), or None (noted in the ledger)."""
+        ledger = self.ledger(server_round)
+        node = reply_node(msg, destinations)
+        if msg.has_error():
+            ledger.failed[node] = msg.error.reason
+            log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)
+            self.note_reply(node, None)
+            return None
+        upload = sum(r.count_bytes() for r in msg.content.array_records.values())
+        ledger.bytes_up += upload
+        try:
+            arrays, num_examples, metrics = self.decode_reply(node, msg, reference)
+        except UpdateRejected as exc:
+            ledger.rejected[node] = str(exc)
+            # The reason as text: a log record that kept the exception would keep its frames, and with them the reply.
+            log.warning("round %d: REJECTED update from node %d, not aggregated: %s", server_round, node,
+                        ledger.rejected[node])
+            self.note_reply(node, None)
+            return None
+        ledger.accepted.append(node)
+        ledger.per_site[node] = {**metrics, "bytes_up": upload}
+        fingerprint = decode_data_fingerprint(msg, f"node {node}")
+        if fingerprint is not None:
+            ledger.data_fingerprints[node] = fingerprint
+        self.note_reply(node, metrics)
+        return node, arrays, num_examples, metrics
 
     def aggregation_failed(self, server_round: int, exc: ValueError) -> tuple[None, None]:
         """The accepted updates cannot be aggregated together (an aggregator's precondition on the set, e.g.
@@ -178,45 +214,89 @@ class LoraDeltaStrategy(FedAvg):
                   server_round, len(ledger.accepted), ledger.aggregation_error)
         return None, None
 
+    def train_round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+                    timeout: float | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """configure_train, then each reply folded as it arrives (folds_replies_as_they_arrive) or all collected
+        and handed to aggregate_train; returns the new global adapter (None: unchanged) and the train metrics."""
+        messages = self.configure_train(server_round, arrays, config, grid)
+        if not self.folds_replies_as_they_arrive:
+            return self.aggregate_train(server_round, grid.send_and_receive(messages, timeout=timeout))
+        return self.aggregate_train_as_they_arrive(server_round, replies_as_they_arrive(grid, messages, timeout))
+
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate each delta on its own; aggregate the accepted ones into the next global adapter."""
+        """Validate each delta on its own; aggregate the accepted ones, summed in reply_order, into the next
+        global adapter."""
+        return self._aggregate_train(server_round, replies, in_arrival_order=False)
+
+    def aggregate_train_as_they_arrive(self, server_round: int, replies: Iterable[Message]
+                                       ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """aggregate_train over replies taken as `replies` yields them: each is validated, folded into the running
+        sum and dropped before the next is taken (mean-based aggregators without central DP); other aggregators
+        keep the accepted deltas (SpillingUpdates: on disk above the RAM budget) and sort them into reply_order.
+
+        The running sum is added in arrival order: equal to aggregate_train's bit for bit when the replies arrive
+        in reply_order (the in-process engine's push order); otherwise its float rounding may differ in the last
+        bits (accumulator float32: ~1e-7 of the mean), so a re-run or resumed run over a real transport reproduces
+        the adapter to that precision, not bit for bit. aggregate_train keeps the fixed order.
+        """
+        return self._aggregate_train(server_round, replies, in_arrival_order=True)
+
+    def _aggregate_train(self, server_round: int, replies: Iterable[Message], *, in_arrival_order: bool
+                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         ledger = self.ledger(server_round)
-        deltas, weights, site_ids, metric_rows = [], [], [], []
-        # Mean-based aggregators (FedAvg, server optimizers) take a running sum: each decoded delta is added
-        # and dropped, so the coordinator holds one float64 sum instead of every site's float32 delta.
-        streaming = StreamingWeightedMean("float64") if (
+        # Mean-based aggregators (FedAvg, server optimizers) take a running sum: each decoded delta is added and
+        # dropped, so the coordinator holds one accumulator instead of every site's delta.
+        streaming = StreamingWeightedMean(self.accumulator) if (
             self.central_dp is None and hasattr(self.aggregator, "aggregate_mean")) else None
-        for node, arrays, num_examples, metrics in self.accepted_updates(server_round, replies,
-                                                                         lambda node: self.current_global):
-            # Otherwise kept in the decoded float32: aggregators accumulate in float64 themselves, and a
-            # float64 copy per site would double the coordinator's memory.
-            if streaming is not None:
-                streaming.add(arrays, float(num_examples))
-            else:
-                deltas.append(arrays)
-            del arrays
-            weights.append(float(num_examples))
-            site_ids.append(str(node))
-            metric_rows.append(metrics)
-        if ledger.missing:
-            log.warning("round %d: no usable update from nodes %s", server_round, ledger.missing)
-        if not ledger.accepted:
-            log.error("round %d: no valid updates; global adapter unchanged", server_round)
-            return None, None
+        if streaming is None:
+            log.info("round %d: %s needs every site's update; keeping them (in RAM up to %.1f GiB, then on disk)",
+                     server_round, "central DP" if self.central_dp is not None else self.aggregator.name,
+                     self.updates_ram_budget_bytes / 2**30)
+        deltas = None if streaming is not None else SpillingUpdates(self.updates_ram_budget_bytes, self.spill_dir)
+        keys, weights, site_ids, metric_rows = [], [], [], []
         try:
-            if streaming is not None:
-                new_global = self.aggregator.aggregate_mean(self.current_global, streaming.result())
-            elif self.central_dp is not None:
-                # The DP mean is uniform over sites by design (weights would change the sensitivity); the
-                # aggregator then post-processes it (server optimizers keep the guarantee).
-                noisy_mean, self.privacy_reports[server_round] = self.central_dp.aggregate(deltas)
-                new_global = self.aggregator.aggregate(self.current_global, [noisy_mean], [1.0], ["dp-mean"])
-            else:
-                new_global = self.aggregator.aggregate(self.current_global, deltas, weights, site_ids)
-        except ValueError as exc:  # incl. UpdateRejected, MixedRanksError, LinAlgError
-            return self.aggregation_failed(server_round, exc)
-        return to_array_record(new_global, self.transport_dtype), weighted_metrics(metric_rows, weights)
+            for node, arrays, num_examples, metrics in self.accepted_updates(
+                    server_round, replies, lambda node: self.current_global, in_arrival_order=in_arrival_order):
+                if streaming is not None:
+                    streaming.add(arrays, float(num_examples))
+                else:
+                    # Kept in the decoded float32: aggregators accumulate in float64 themselves.
+                    deltas.append(arrays)
+                del arrays
+                keys.append((_partition_of(metrics), node))
+                weights.append(float(num_examples))
+                site_ids.append(str(node))
+                metric_rows.append(metrics)
+            # Everything but the running sum is put in reply_order, whatever order the replies came in.
+            order = sorted(range(len(keys)), key=keys.__getitem__)
+            weights, site_ids, metric_rows = ([items[i] for i in order] for items in (weights, site_ids, metric_rows))
+            ledger.accepted = [int(site) for site in site_ids]
+            if deltas is not None:
+                deltas.reorder(order)
+            if ledger.missing:
+                log.warning("round %d: no usable update from nodes %s", server_round, ledger.missing)
+            if not ledger.accepted:
+                log.error("round %d: no valid updates; global adapter unchanged", server_round)
+                return None, None
+            try:
+                if streaming is not None:
+                    mean, streaming = streaming.result(), None
+                    new_global = self.aggregator.aggregate_mean(self.current_global, mean)
+                    del mean  # the accumulator goes before the ArrayRecord is built
+                elif self.central_dp is not None:
+                    # The DP mean is uniform over sites by design (weights would change the sensitivity); the
+                    # aggregator then post-processes it (server optimizers keep the guarantee).
+                    noisy_mean, self.privacy_reports[server_round] = self.central_dp.aggregate(list(deltas))
+                    new_global = self.aggregator.aggregate(self.current_global, [noisy_mean], [1.0], ["dp-mean"])
+                else:
+                    new_global = self.aggregator.aggregate(self.current_global, list(deltas), weights, site_ids)
+            except ValueError as exc:  # incl. UpdateRejected, MixedRanksError, LinAlgError
+                return self.aggregation_failed(server_round, exc)
+            return to_array_record(new_global, self.transport_dtype), weighted_metrics(metric_rows, weights)
+        finally:
+            if deltas is not None:
+                deltas.close()
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -287,6 +367,12 @@ def reply_order(msg: Message, destinations: Mapping[str, int]) -> tuple[int, int
             if isinstance(value, int) and not isinstance(value, bool):
                 partition = value
     return partition, reply_node(msg, destinations)
+
+
+def _partition_of(metrics: Mapping[str, int | float]) -> int:
+    """The partition id a site reported (-1: none), reply_order's first key."""
+    partition = metrics.get(PARTITION_ID, -1)
+    return partition if isinstance(partition, int) and not isinstance(partition, bool) else -1
 
 
 def weighted_metrics(rows: list[Mapping[str, int | float]], weights: list[float]) -> MetricRecord:

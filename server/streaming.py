@@ -12,9 +12,10 @@ is what makes the sum memory-bandwidth bound (BENCHMARKS.md: 2.5x faster than th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
+import tempfile
 import warnings
+from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -168,3 +169,64 @@ def _as_tensor(value) -> torch.Tensor:
 
 def _as_numpy(value) -> np.ndarray:
     return value.float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+class SpillingUpdates:
+    """Site updates for aggregators that need every one of them (median, trimmed mean, Krum): held in RAM up to
+    `ram_budget_bytes`, each further one written to an np.memmap file under `directory` and read back from there
+    (the page cache, not the coordinator's heap, holds it). Behaves as the list of {key: array} the aggregators
+    take; the files are removed by close()."""
+
+    def __init__(self, ram_budget_bytes: int, directory: str | None = None) -> None:
+        self.ram_budget_bytes = int(ram_budget_bytes)
+        self.directory = directory
+        self.updates: list[AdapterArrays] = []
+        self.ram_bytes = 0
+        self.spilled = 0
+        self._tmp = None
+
+    def append(self, update: Mapping[str, np.ndarray]) -> None:
+        """Keep `update` (in RAM while under budget, else on disk as a read-only memmap per tensor)."""
+        nbytes = int(sum(np.asarray(value).nbytes for value in update.values()))
+        if self.ram_bytes + nbytes <= self.ram_budget_bytes:
+            self.updates.append(dict(update))
+            self.ram_bytes += nbytes
+            return
+        if self._tmp is None:
+            if self.directory is not None:
+                Path(self.directory).mkdir(parents=True, exist_ok=True)
+            self._tmp = tempfile.TemporaryDirectory(prefix="spilled-updates-", dir=self.directory)
+        path = Path(self._tmp.name) / f"update-{len(self.updates)}.bin"
+        stored = np.memmap(path, dtype=np.uint8, mode="w+", shape=(max(nbytes, 1),))
+        views, offset = {}, 0
+        for key, value in update.items():
+            value = np.ascontiguousarray(value)
+            stored[offset:offset + value.nbytes] = value.reshape(-1).view(np.uint8)
+            views[key] = (offset, value.dtype, value.shape)
+            offset += value.nbytes
+        stored.flush()
+        del stored
+        readonly = np.memmap(path, dtype=np.uint8, mode="r")
+        self.updates.append({key: readonly[start:start + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+                             for key, (start, dtype, shape) in views.items()})
+        self.spilled += 1
+
+    def reorder(self, order: list[int]) -> None:
+        """Put the updates in `order` (indices into the current order)."""
+        self.updates = [self.updates[i] for i in order]
+
+    def __len__(self) -> int:
+        return len(self.updates)
+
+    def __iter__(self):
+        return iter(self.updates)
+
+    def __getitem__(self, index):
+        return self.updates[index]
+
+    def close(self) -> None:
+        """Drop the updates and delete the spill files."""
+        self.updates = []
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None

@@ -210,6 +210,8 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
 
     accumulates = True  # HeteroLoraState: each round's update is appended (False: it replaces the global)
 
+    folds_replies_as_they_arrive = False  # stacking needs every site's factors together
+
     train_schema = TRAIN_REPLY.with_optional({METRIC_FROZEN_COUNT: COUNT})
     eval_schema = EVAL_REPLY.with_optional({METRIC_FROZEN_COUNT: COUNT})
 

@@ -79,6 +79,8 @@ def _without(msg: Message, key: str) -> Message:
 class ScaffoldStrategy(LoraDeltaStrategy):
     """LoraDeltaStrategy that sends c with the adapter and updates c from the accepted sites' delta_c."""
 
+    folds_replies_as_they_arrive = False  # aggregate_train reads every accepted site's delta_c after the sum
+
     def __init__(self, aggregator: ScaffoldAggregator, *, num_sites_total: int, min_completed_clients: int = 1,
                  **strategy_kwargs) -> None:
         super().__init__(aggregator, **strategy_kwargs)

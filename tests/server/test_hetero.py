@@ -60,17 +60,27 @@ def stacked_rounds(monkeypatch):
 
 
 class RecordingGrid(InProcessGrid):
-    """InProcessGrid that keeps every (message, reply) pair."""
+    """InProcessGrid that keeps every (message, reply) pair, reply None until one is pulled: recorded at the
+    push_messages / pull_messages calls that send_and_receive and the coordinator's streaming round both use."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.exchanges = []
+        self._index: dict[str, int] = {}  # message id -> its place in exchanges
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
-        replies = list(super().send_and_receive(messages, timeout=timeout))
-        by_node = {r.metadata.src_node_id: r for r in replies}
-        self.exchanges += [(m, by_node.get(m.metadata.dst_node_id)) for m in messages]
+        ids = super().push_messages(messages)
+        for message in messages:
+            self._index[message.metadata.message_id] = len(self.exchanges)
+            self.exchanges.append((message, None))
+        return ids
+
+    def pull_messages(self, message_ids):
+        replies = list(super().pull_messages(message_ids))
+        for reply in replies:
+            index = self._index.pop(reply.metadata.reply_to_message_id)
+            self.exchanges[index] = (self.exchanges[index][0], reply)
         return replies
 
 
