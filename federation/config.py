@@ -256,6 +256,9 @@ class PrivacyConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
 
+FOLD_ORDERS = ("fixed", "arrival")
+
+
 @dataclass
 class FederationConfig:
     """Shape of the federation and the round loop."""
@@ -298,6 +301,11 @@ class FederationConfig:
     # through its own client's LoRA factors (client/multi_adapter.py); 1 = one after another. On the Ray engine
     # the round's clients go to the actors (one per client_num_gpus share) in groups of <= N, >= 1 group per actor.
     clients_per_batch: int = 1
+    # In which order the coordinator folds a round's train replies into the running sum: fixed (in the sampled
+    # nodes' id order; the SuperLink holds replies that come early, the coordinator still one at a time: a re-run
+    # or a resumed run gives the same adapter bit for bit) | arrival (as they come: the new global adapter is ready
+    # soonest after the last reply, but float rounding then depends on arrival order, ~1e-7 of the mean).
+    fold_order: str = "fixed"
     # Consecutive rounds that aggregate nothing (every site failed, was rejected or did not reply) before the run
     # stops with a non-zero exit code and a summary naming the first cause.
     max_failed_rounds: int = 1

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from federation.config import (CONF_DIR, FAST_PATH_CHOICES, LR_SCHEDULES, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS,
+from federation.config import (CONF_DIR, FAST_PATH_CHOICES, FOLD_ORDERS, LR_SCHEDULES, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS,
                                SECAGG_MAX_MODULUS_RANGE, SECAGG_MAX_QUANTIZATION_RANGE, TRACKERS, RunConfig,
                                group_options, sites_per_round)
 from strategies.aggregators import MixedRanksError
@@ -218,6 +218,7 @@ def _check_federation(cfg: RunConfig) -> None:
                           f"per round ({per_round}, from federation.num_clients and strategy.fraction_train / "
                           "min_train_clients): no round could ever be aggregated")
     _check_choice("federation.upload_codec", f.upload_codec, CODECS, "upload codec")
+    _check_choice("federation.fold_order", f.fold_order, FOLD_ORDERS, "fold order")
     codec_params = [field.name for field in dataclasses.fields(UploadCodec) if field.name != "name"]
     unknown = sorted(set(f.upload_codec_params) - set(codec_params))
     if unknown:

@@ -83,7 +83,9 @@ class _Shape:
 def build_strategy(cfg: RunConfig) -> LoraDeltaStrategy:
     """The Flower strategy for cfg.strategy, built as its registry entry names (server/methods/; + central DP when
     cfg.privacy.central.enabled). cfg was validated when it was composed (federation.validation)."""
-    return build_coordinator(cfg)
+    strategy = build_coordinator(cfg)
+    strategy.fold_order = cfg.federation.fold_order
+    return strategy
 
 
 # metrics.jsonl column <- aggregated evaluate metric (server/strategy.py aggregate_evaluate; None when absent).

@@ -54,3 +54,27 @@ def replies_as_they_arrive(grid: Grid, messages: Iterable[Message], timeout: flo
         if not answered:
             time.sleep(pull_interval if deadline is None else max(0.0, min(pull_interval,
                                                                          deadline - time.monotonic())))
+
+
+def replies_in_order(grid: Grid, messages: Iterable[Message], timeout: float | None, *,
+                     pull_interval: float = PULL_INTERVAL_S) -> Iterator[Message]:
+    """Push `messages` sorted by destination node id; yield the replies in that order, one at a time.
+
+    The order does not depend on which site finishes first, so a sum folded in it is the same bit for bit in a
+    re-run or after a restart. Replies that come early wait in the grid (the SuperLink's state), not here.
+    At the deadline the replies that did come are still yielded, in order; the missing ones are skipped.
+    """
+    ordered = sorted(messages, key=lambda message: message.metadata.dst_node_id)
+    outstanding = [message_id for message_id in grid.push_messages(ordered) if message_id]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while outstanding:
+        pulled = list(grid.pull_messages(outstanding[:1]))
+        if pulled:
+            outstanding.pop(0)
+            yield pulled.pop()
+            continue
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        time.sleep(pull_interval if deadline is None else max(0.0, min(pull_interval, deadline - time.monotonic())))
+    for message_id in outstanding:  # past the deadline: whatever came, still in order
+        yield from grid.pull_messages([message_id])

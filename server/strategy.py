@@ -28,7 +28,7 @@ from server.replies import (EVAL_GENERATED, EVAL_LOSS, EVAL_PERPLEXITY, EVAL_REP
 from strategies.fedavg import UpdateRejected, validate_update
 from strategies.params import AGGREGATOR_PARAMS, param_fields
 from strategies.registry import aggregator_of
-from server.reply_stream import replies_as_they_arrive
+from server.reply_stream import replies_as_they_arrive, replies_in_order
 from server.streaming import SpillingUpdates, StreamingWeightedMean
 
 log = logging.getLogger("fedtune.server")
@@ -86,6 +86,8 @@ class LoraDeltaStrategy(FedAvg):
     # aggregate_train needs all the replies together (FLoRA's stacking, SCAFFOLD's control variates) sets False:
     # train_round then collects them with Grid.send_and_receive and calls its aggregate_train.
     folds_replies_as_they_arrive: bool = True
+    # federation.fold_order: "fixed" (node id order, reproducible bit for bit) or "arrival" (server/reply_stream.py).
+    fold_order: str = "fixed"
 
     def __init__(self, aggregator, *, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
                  min_train_nodes: int = 2, min_evaluate_nodes: int = 2, min_available_nodes: int = 2,
@@ -221,7 +223,8 @@ class LoraDeltaStrategy(FedAvg):
         messages = self.configure_train(server_round, arrays, config, grid)
         if not self.folds_replies_as_they_arrive:
             return self.aggregate_train(server_round, grid.send_and_receive(messages, timeout=timeout))
-        return self.aggregate_train_as_they_arrive(server_round, replies_as_they_arrive(grid, messages, timeout))
+        replies = (replies_as_they_arrive if self.fold_order == "arrival" else replies_in_order)(grid, messages, timeout)
+        return self.aggregate_train_as_they_arrive(server_round, replies)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

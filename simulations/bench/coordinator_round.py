@@ -113,7 +113,8 @@ class SimulatedGrid:
 
 
 def run_case(case: str, accumulator: str, sites: int, pool_messages, weights, interval: float,
-             global_adapter: Mapping[str, np.ndarray], adapter_bytes: int) -> tuple[dict, dict]:
+             global_adapter: Mapping[str, np.ndarray], adapter_bytes: int, fold_order: str = "arrival"
+             ) -> tuple[dict, dict]:
     """One training round through SimulatedGrid; returns (row, new global adapter arrays)."""
     import gc
 
@@ -124,6 +125,7 @@ def run_case(case: str, accumulator: str, sites: int, pool_messages, weights, in
 
     strategy = LoraDeltaStrategy(FedAvgAggregator(), fraction_train=1.0, min_train_nodes=sites,
                                  min_available_nodes=sites, accumulator=accumulator)
+    strategy.fold_order = fold_order  # federation.fold_order; the figures in BENCHMARKS.md are "arrival"
     grid = SimulatedGrid(sites, pool_messages, weights, interval)
     arrays = to_array_record(global_adapter)
     strategy.current_global = from_array_record(arrays)  # what the previous round left
@@ -141,7 +143,7 @@ def run_case(case: str, accumulator: str, sites: int, pool_messages, weights, in
     peak_kib = _rss_kib("VmHWM")
     ledger = strategy.ledger(1)
     assert len(ledger.accepted) == sites, (len(ledger.accepted), ledger.rejected)
-    row = {"case": case, "accumulator": accumulator, "sites": sites, "interval_s": interval,
+    row = {"case": case, "accumulator": accumulator, "fold_order": fold_order, "sites": sites, "interval_s": interval,
            "round_seconds": done - start, "after_last_reply_s": done - grid.last_arrival,
            "after_last_pull_s": done - grid.last_delivery[0], "cpu_after_last_pull_s": done_cpu - grid.last_delivery[1],
            "rss_above_idle_adapters": (peak_kib - idle_kib) * 1024 / adapter_bytes,
@@ -162,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--pool", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fold-order", default="arrival", choices=("arrival", "fixed"),
+                        help="federation.fold_order of the streaming cases")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
 
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, reference = [], None
     for case, accumulator, sites, interval in cases:
         row, new_global = run_case(case, accumulator, sites, pool_messages, weights, interval, global_adapter,
-                                   adapter_bytes)
+                                   adapter_bytes, args.fold_order)
         if case == "streaming" and accumulator == "float64" and interval == args.interval:
             reference = new_global
         row["new_global"] = new_global

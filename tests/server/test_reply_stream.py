@@ -210,3 +210,52 @@ def test_robust_aggregators_keep_updates_on_disk_above_the_budget_with_the_same_
     assert not any(tmp_path.iterdir())  # removed after the round
     for key in ram_out:
         assert disk_out[key].tobytes() == ram_out[key].tobytes()
+
+
+class ShuffledGrid:
+    """Replies become available in a given arrival order, one more per pull; `never` ids never arrive."""
+
+    def __init__(self, replies_by_id, arrival, never=()):
+        self.replies, self.arrival, self.never = replies_by_id, list(arrival), set(never)
+        self.available: set[str] = set()
+
+    def push_messages(self, messages):
+        self.pushed_to = [m.metadata.dst_node_id for m in messages]
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids):
+        while self.arrival and self.arrival[0] in self.never:
+            self.arrival.pop(0)
+        if self.arrival:
+            self.available.add(self.arrival.pop(0))
+        return [self.replies.pop(i) for i in message_ids if i in self.available and i in self.replies]
+
+
+def test_fixed_fold_order_gives_the_same_adapter_bit_for_bit_whatever_the_arrival_order():
+    """federation.fold_order=fixed: the replies are taken in node id order however the sites finish, so a re-run or
+    a resumed run folds the same sum (with arrival order, a different order differs in the last float bits)."""
+    from server.reply_stream import replies_in_order
+
+    results = []
+    for arrival_seed in (0, 1, 2):
+        sent, replies = _round(9, seed=3)
+        by_id = {m.metadata.reply_to_message_id: m for m in replies}
+        arrival = list(by_id)
+        np.random.default_rng(arrival_seed).shuffle(arrival)
+        grid = ShuffledGrid(by_id, arrival)
+        strategy = _strategy(FedAvgAggregator(), sent)
+        arrays, _ = strategy.aggregate_train_as_they_arrive(
+            1, replies_in_order(grid, list(reversed(sent)), timeout=None, pull_interval=0.0))
+        assert grid.pushed_to == sorted(grid.pushed_to)
+        results.append({k: v.tobytes() for k, v in from_array_record(arrays).items()})
+    assert results[0] == results[1] == results[2]
+
+
+def test_fixed_fold_order_still_takes_the_replies_that_came_when_one_site_never_answers():
+    from server.reply_stream import replies_in_order
+
+    sent, replies = _round(5, seed=4)
+    by_id = {m.metadata.reply_to_message_id: m for m in replies}
+    grid = ShuffledGrid(by_id, reversed(list(by_id)), never={"m0"})  # the first in node order never answers
+    got = list(replies_in_order(grid, sent, timeout=0.05, pull_interval=0.01))
+    assert [m.metadata.reply_to_message_id for m in got] == ["m1", "m2", "m3", "m4"]
