@@ -164,7 +164,6 @@ class LoraDeltaStrategy(FedAvg):
         `replies` yields them, each dropped before the next is taken. reference(node) may raise UpdateRejected
         (e.g. a node that was sent nothing this round).
         """
-        ledger = self.ledger(server_round)
         destinations = sent_to(self._sent)
         if not in_arrival_order:
             replies = sorted(replies, key=lambda msg: reply_order(msg, destinations))  # see reply_order
