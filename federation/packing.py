@@ -99,10 +99,16 @@ def pack_arrays(arrays: Mapping[str, np.ndarray]):
     buffer = np.zeros(nbytes, np.uint8)  # zeros: the alignment padding is deterministic
     for value, offset in zip(values, offsets):
         buffer[offset:offset + value.nbytes] = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
-    layout = {"format": LAYOUT_FORMAT, "names": list(arrays), "dtypes": [d.str for d in dtypes],
-              "shapes": [list(s) for s in shapes], "offsets": offsets, "nbytes": nbytes}
-    layout_bytes = np.frombuffer(json.dumps(layout, separators=(",", ":")).encode(), np.uint8)
+    layout_bytes = np.frombuffer(layout_json(list(arrays), dtypes, shapes), np.uint8)
     return ArrayRecord({PACKED_KEY: Array(buffer), LAYOUT_KEY: Array(layout_bytes)})
+
+
+def layout_json(names: list[str], dtypes: list[np.dtype], shapes: list[tuple[int, ...]]) -> bytes:
+    """The layout of entries packed in this order, as the UTF-8 JSON that travels under LAYOUT_KEY."""
+    offsets, nbytes = canonical_offsets(dtypes, shapes)
+    layout = {"format": LAYOUT_FORMAT, "names": names, "dtypes": [np.dtype(d).str for d in dtypes],
+              "shapes": [list(s) for s in shapes], "offsets": offsets, "nbytes": nbytes}
+    return json.dumps(layout, separators=(",", ":")).encode()
 
 
 def _is_int(value: object) -> bool:
