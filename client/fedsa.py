@@ -11,12 +11,13 @@ initial value. Evaluation uses the site's own B (a personalised model).
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import Context, Message
 
 from client import task
 from client.site_state import server_round_of, site_state
 from federation.adapter import from_array_record, get_adapter_arrays, to_array_record
 from federation.compression import SEPARATOR
+from federation.packing import pack_arrays, unpack_arrays
 from federation.protocol import RUN_CONFIG_KEY
 from strategies.lora_exact import fedsa_keeps_local, fedsa_split
 
@@ -58,8 +59,8 @@ def train(msg: Message, context: Context) -> Message:
     trained = get_adapter_arrays(task.get_runtime(cfg).model)
     site_state(msg, context, cfg.output_dir).save_arrays(
         LORA_B_STATE, server_round + 1, fedsa_split(trained)[1])
-    delta = reply.content["arrays"]
-    reply.content["arrays"] = ArrayRecord({k: v for k, v in delta.items() if not is_lora_b_part(k)})
+    encoded = unpack_arrays(reply.content["arrays"])
+    reply.content["arrays"] = pack_arrays({k: v for k, v in encoded.items() if not is_lora_b_part(k)})
     return reply
 
 

@@ -25,6 +25,7 @@ from flwr.app import Context, Message
 from client import task
 from client.site_state import SiteState, server_round_of, site_state
 from federation.adapter import from_array_record, get_adapter_arrays, lora_parameters, to_array_record
+from federation.packing import unpack_arrays
 from federation.protocol import C_GLOBAL_RECORD, CONTROL_DTYPE, DELTA_C_RECORD, RUN_CONFIG_KEY
 from strategies.params import CONTROL_VARIATES
 from strategies.registry import strategy_params
@@ -35,7 +36,7 @@ C_LOCAL_STATE = "fedtune.scaffold.c-local"
 
 
 def _float64(record) -> dict[str, np.ndarray]:
-    return {key: np.asarray(value.numpy(), dtype=np.float64) for key, value in record.items()}
+    return {key: np.asarray(value, dtype=np.float64) for key, value in unpack_arrays(record).items()}
 
 
 def local_control(site: SiteState, server_round: int, c_global: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -40,6 +40,7 @@ from client import task
 from client.site_state import server_round_of
 from federation.compression import decode_upload
 from federation.adapter import to_array_record
+from federation.packing import unpack_arrays
 from federation.privacy import clip_update
 from federation.protocol import RUN_CONFIG_KEY
 from federation.protocol import (ADAPTER_KEYS_KEY, CLIPPED_VALUES_METRIC, CLIPPING_RANGE_KEY, DP_CLIP_NORM_KEY,
@@ -72,7 +73,7 @@ def update_from_reply(train_fn: TrainFn) -> UpdateFn:
         reply = train_fn(msg, context)
         if reply.has_error():
             raise RuntimeError(f"local training failed: {reply.error.reason}")
-        delta = decode_upload({key: value.numpy() for key, value in reply.content["arrays"].items()})
+        delta = decode_upload(unpack_arrays(reply.content["arrays"]))
         return delta, dict(reply.content["metrics"])
 
     return update

@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message
 
+from federation.packing import pack_arrays, unpack_arrays
 from federation.store import FEDERATION_RUN_ID_KEY, atomic_write_bytes
 
 log = logging.getLogger("fedtune.client")
@@ -147,11 +148,11 @@ class ContextState:
     def load_arrays(self, name: str, server_round: int) -> dict[str, np.ndarray] | None:
         """The newest arrays saved under `name` in this Flower run."""
         record = self.state.array_records.get(name)
-        return None if record is None else {key: value.numpy() for key, value in record.items()}
+        return None if record is None else unpack_arrays(record)
 
     def save_arrays(self, name: str, server_round: int, arrays: dict[str, np.ndarray]) -> None:
         """Replace `name`'s arrays."""
-        self.state[name] = ArrayRecord({key: Array(np.ascontiguousarray(v)) for key, v in arrays.items()})
+        self.state[name] = pack_arrays(arrays)  # Context.state travels between SuperNode and ClientApp process
 
     def load_json(self, name: str, server_round: int) -> Any | None:
         """The newest JSON value saved under `name` in this Flower run."""

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.fast_train import FastLocalTrainer, FastPathSettings
 from client.site_state import server_round_of, site_state
@@ -35,6 +35,7 @@ from federation.adapter import (adapter_delta, from_array_record, get_adapter_ar
 from federation.compression import ErrorFeedback, UploadCodec
 from federation.config import PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS, RunConfig, fast_path_on
 from federation.compose import run_config_from_json
+from federation.packing import pack_arrays
 from federation.data import EVAL_FILE, TRAIN_FILE, SiteDataset, load_site_files, load_site_split
 from federation.model import LoadInfo, build_lora_model
 from federation.protocol import DATA_FINGERPRINT_RECORD, NODE_LOCAL_STEPS_KEY, NODE_RANK_KEY, RUN_CONFIG_KEY
@@ -274,7 +275,7 @@ def encode_delta(delta: dict, cfg: RunConfig, msg: Message, context: Context) ->
             feedback.load_state_dict(stored)
         encoded = feedback.encode(delta, codec)
         site.save_arrays(ERROR_FEEDBACK_KEY, server_round + 1, feedback.state_dict())
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in encoded.items()})
+    return pack_arrays(encoded)
 
 
 def _train_dp_sgd(trainer: LocalTrainer, train_ds: SiteDataset, cfg: RunConfig, msg: Message, context: Context):

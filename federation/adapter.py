@@ -79,12 +79,15 @@ def num_elements(arrays: Mapping[str, np.ndarray]) -> int:
 
 
 def to_array_record(arrays: Mapping[str, np.ndarray], dtype: str = "float32"):
-    """numpy dict -> Flower ArrayRecord, cast to the transport dtype."""
-    from flwr.app import Array, ArrayRecord
+    """numpy dict -> Flower ArrayRecord, cast to the transport dtype and packed into one Array
+    (federation/packing.py: one Flower object per message instead of one per tensor)."""
+    from federation.packing import pack_arrays
 
-    return ArrayRecord({k: Array(np.ascontiguousarray(np.asarray(v, dtype=dtype))) for k, v in arrays.items()})
+    return pack_arrays({k: np.asarray(v, dtype=dtype) for k, v in arrays.items()})
 
 
 def from_array_record(record) -> dict[str, np.ndarray]:
-    """Flower ArrayRecord -> numpy dict (float32 for arithmetic)."""
-    return {k: np.asarray(v.numpy(), dtype=np.float32) for k, v in record.items()}
+    """Flower ArrayRecord (packed, or one Array per tensor) -> numpy dict (float32 for arithmetic)."""
+    from federation.packing import unpack_arrays
+
+    return {k: np.asarray(v, dtype=np.float32) for k, v in unpack_arrays(record).items()}

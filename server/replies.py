@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from federation.compression import decode_upload
+from federation.compression import SEPARATOR, decode_upload
+from federation.packing import Entry, PackedLayoutError, is_packed, unpack_arrays
 from strategies.fedavg import UpdateRejected
 
 log = logging.getLogger("fedtune.server")
@@ -167,25 +168,50 @@ def array_view(array) -> np.ndarray:
     return np.frombuffer(array.data, dtype=dtype, count=count, offset=offset).reshape(array.shape)
 
 
-def decode_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """The arrays of a record as sent (any dtype; read-only views of the record's bytes where they can be);
-    UpdateRejected if they cannot be read."""
+def layout_check(expected: Mapping[str, np.ndarray]) -> Callable[[Entry], None]:
+    """check_entry for unpack_arrays: every packed entry is a part of an expected tensor (its key, or
+    ``key::<codec part>``) no larger than that tensor plus a codec's small shape header (1 + ndim values)."""
+    limits = {key: int(np.size(value)) + 1 + int(np.ndim(value)) for key, value in expected.items()}
+
+    def check(entry: Entry) -> None:
+        key = entry.name.split(SEPARATOR, 1)[0]
+        if key not in limits:
+            raise PackedLayoutError(f"packed entry {_short(entry.name)} is no part of the expected adapter")
+        if entry.size > limits[key]:
+            raise PackedLayoutError(f"packed entry {_short(entry.name)} declares {entry.size} elements, "
+                                    f"more than its tensor's {limits[key] - 1 - np.ndim(expected[key])}")
+
+    return check
+
+
+def decode_arrays(record: ArrayRecord, expected: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a record as sent (any dtype); UpdateRejected if they cannot be read.
+
+    A packed record (federation/packing.py) has its layout checked before anything is copied: structure, dtypes,
+    canonical offsets, and against `expected` (the adapter the reply must fit, when given) names and sizes.
+    """
     try:
-        return {key: array_view(value) for key, value in record.items()}
+        if not is_packed(record):  # one Array per tensor (older sites): read-only views where they can be
+            return {key: array_view(value) for key, value in record.items()}
+        return unpack_arrays(record, None if expected is None else layout_check(expected), copy=False)
+    except PackedLayoutError as exc:
+        raise UpdateRejected(f"malformed packed arrays: {exc}") from None
     except Exception as exc:  # undecodable bytes, pickled objects, ...: this site only
         raise UpdateRejected(f"undecodable arrays: {type(exc).__name__}: {exc}") from None
 
 
-def decode_train_reply(msg: Message, schema: MetricSchema, where: str, max_elements: int | None = None
+def decode_train_reply(msg: Message, schema: MetricSchema, where: str, max_elements: int | None = None,
+                       expected: Mapping[str, np.ndarray] | None = None
                        ) -> tuple[dict[str, np.ndarray], int, dict[str, int | float]]:
     """(delta as decoded from its upload codec, example count, checked metrics) of a train reply with exactly one
-    ArrayRecord and one MetricRecord; UpdateRejected when it is malformed."""
+    ArrayRecord and one MetricRecord; UpdateRejected when it is malformed. `expected`: the adapter the upload
+    must fit (checks a packed layout before it is unpacked)."""
     content = msg.content
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         raise UpdateRejected(f"reply must carry exactly one ArrayRecord and one MetricRecord, got "
                              f"{len(content.array_records)} and {len(content.metric_records)}")
     metrics = schema.check(next(iter(content.metric_records.values())), where)
-    encoded = decode_arrays(next(iter(content.array_records.values())))
+    encoded = decode_arrays(next(iter(content.array_records.values())), expected)
     try:
         arrays = decode_upload(encoded, max_elements)
     except Exception as exc:  # malformed encoding (parts, dtypes, shapes): this site only

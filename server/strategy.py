@@ -139,7 +139,8 @@ class LoraDeltaStrategy(FedAvg):
         """
         expected = reference(node)
         largest = max((int(np.size(value)) for value in expected.values()), default=0)
-        arrays, num_examples, metrics = decode_train_reply(msg, self.train_schema, f"node {node}", largest)
+        arrays, num_examples, metrics = decode_train_reply(msg, self.train_schema, f"node {node}", largest,
+                                                           expected)
         arrays = self.complete_update(arrays)
         validate_update(arrays, expected)
         check_update = getattr(self.aggregator, "check_update", None)

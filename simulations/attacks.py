@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import app as honest
 from federation.adapter import from_array_record, to_array_record
 from federation.compression import decode_upload
+from federation.packing import unpack_arrays
 
 
 def make_attacking_client_app(attacker_partition_ids: set[int], scale: float) -> ClientApp:
@@ -22,7 +23,7 @@ def make_attacking_client_app(attacker_partition_ids: set[int], scale: float) ->
         reply = honest.train(msg, context)
         if int(context.node_config.get("partition-id", -1)) not in attacker_partition_ids:
             return reply
-        delta = decode_upload({k: v.numpy() for k, v in reply.content["arrays"].items()})
+        delta = decode_upload(unpack_arrays(reply.content["arrays"]))
         corrupted = to_array_record({k: v * scale for k, v in delta.items()})
         return Message(content=RecordDict({"arrays": corrupted, "metrics": reply.content["metrics"]}),
                        reply_to=msg)
@@ -44,7 +45,7 @@ def _no_train_loss(msg: Message) -> RecordDict:
 
 
 def _transposed_delta(msg: Message) -> RecordDict:
-    arrays = ArrayRecord({key: Array(np.ascontiguousarray(value.T)) for key, value in _zero_delta(msg).items()})
+    arrays = to_array_record({key: value.T for key, value in _zero_delta(msg).items()})
     return RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 50, "train-loss": 1.0})})
 
 

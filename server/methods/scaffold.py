@@ -105,9 +105,10 @@ class ScaffoldStrategy(LoraDeltaStrategy):
         """The reply's delta_c (its own ArrayRecord, checked against c); the rest as LoraDeltaStrategy decodes it."""
         if DELTA_C_RECORD not in msg.content.array_records:
             raise UpdateRejected(f"SCAFFOLD reply without the ArrayRecord {DELTA_C_RECORD!r}")
-        delta_c = decode_arrays(msg.content.array_records[DELTA_C_RECORD])
+        control = self.aggregator.control(self.current_global)
+        delta_c = decode_arrays(msg.content.array_records[DELTA_C_RECORD], control)
         try:
-            validate_update(delta_c, self.aggregator.control(self.current_global))
+            validate_update(delta_c, control)
         except UpdateRejected as exc:
             raise UpdateRejected(f"control variate: {exc}") from None
         update = super().decode_reply(node, _without(msg, DELTA_C_RECORD), reference)

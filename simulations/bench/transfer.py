@@ -181,15 +181,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 64], help="LoRA ranks to send, ascending")
     parser.add_argument("--sites", type=int, default=2, help="site daemons (each gets and returns the adapter)")
     parser.add_argument("--packed", action="store_true",
-                        help="also send each adapter packed into one flat float32 array (same bytes, fewer objects)")
+                        help="also send each adapter as fedtune's messages carry it (federation/packing.py): one flat "
+                             "array plus its layout (same bytes, two objects)")
     parser.add_argument("--out", type=Path, help="also write the JSON result here")
     parser.add_argument("--in-memory", action="store_true", help="coordinator --in-memory (no SQLite database)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, credentials) in /tmp")
     args = parser.parse_args(argv)
 
+    import numpy as np
     import psutil
 
     from client.daemon import flower_env, load_site_config, supernode_command
+    from federation.packing import LAYOUT_KEY, PACKED_KEY, layout_json
     from federation.pki import generate_federation_credentials
     from server.coordinator import run_flwr
 
@@ -205,8 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         shapes = adapter_shapes(args.preset, rank)
         adapters[f"{args.preset} r={rank}"] = shapes
         if args.packed:
-            # Flower sends every Array as its own object (+ 5 MiB chunks), one HTTPS request each.
-            adapters[f"{args.preset} r={rank} packed"] = {"packed": [sum(math.prod(s) for s in shapes.values())]}
+            # Flower sends every Array as its own object (+ 5 MiB chunks), one HTTPS request each. fedtune's
+            # messages (federation/packing.py) carry the same bytes as one flat Array plus its JSON layout.
+            layout = layout_json(list(shapes), [np.dtype(np.float32)] * len(shapes), list(shapes.values()))
+            adapters[f"{args.preset} r={rank} packed"] = {
+                PACKED_KEY: [sum(math.prod(s) for s in shapes.values())], LAYOUT_KEY: [math.ceil(len(layout) / 4)]}
     (app / "shapes.json").write_text(json.dumps({"sites": args.sites, "adapters": adapters}))
     data = work / "site.jsonl"
     data.write_text(json.dumps({"text": "unused by the benchmark app"}) + "\n")

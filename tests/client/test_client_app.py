@@ -6,6 +6,7 @@ from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 
 import client.app as client_app
 from client import task
+from federation.packing import is_packed, unpack_arrays
 from federation.adapter import get_adapter_arrays, to_array_record
 from federation.compression import decode_upload
 from federation.config import run_config_to_json
@@ -21,7 +22,7 @@ def _message(cfg, arrays, message_type=MessageType.TRAIN, server_round=1):
 
 
 def _sent_delta(reply):
-    return decode_upload({k: v.numpy() for k, v in reply.content["arrays"].items()})
+    return decode_upload(unpack_arrays(reply.content["arrays"]))
 
 
 def _context(partition_id=0, num_partitions=3):
@@ -35,7 +36,8 @@ def test_train_reply_carries_only_the_lora_delta(make_cfg):
     reply = client_app.train(_message(cfg, global_adapter), _context())
     content = reply.content
     assert list(content.array_records) == ["arrays"]
-    wire = {k: v.numpy() for k, v in content["arrays"].items()}
+    assert is_packed(content["arrays"]) and len(content["arrays"]) == 2  # one flat Array + its layout
+    wire = unpack_arrays(content["arrays"])
     # Default transport is bf16 (16-bit words): half the bytes of the fp32 adapter.
     assert all(k.endswith("::bf16") and v.dtype == np.uint16 for k, v in wire.items())
     sent = decode_upload(wire)

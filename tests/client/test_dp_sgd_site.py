@@ -5,6 +5,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 
 import client.app as client_app
+from federation.packing import unpack_arrays
 from client.trainer import planned_steps
 from federation.adapter import to_array_record
 from federation.compression import decode_upload
@@ -28,7 +29,7 @@ def _context(partition_id=1):
 
 
 def _upload(reply) -> dict[str, np.ndarray]:
-    return decode_upload({k: v.numpy() for k, v in reply.content["arrays"].items()})
+    return decode_upload(unpack_arrays(reply.content["arrays"]))
 
 
 def _replay_twice(cfg):

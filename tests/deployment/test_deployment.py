@@ -1,8 +1,8 @@
 """A real deployment on 127.0.0.1: `fedtune coordinator` + 3 `fedtune site` daemons + `fedtune launch`, all separate
 processes, over TLS with SuperNode authentication.
 
-One coordinator and three sites serve the whole module (starting them costs ~10 s); the tests run in file order
-and the last one kills and restarts the coordinator. One uninterrupted two-round run (fixture ``two_round_run``)
+One coordinator and three sites (tests/deployment/conftest.py, shared with test_resident_worker.py) serve the
+whole module; the tests run in file order and the last one kills and restarts the coordinator. One uninterrupted two-round run (fixture ``two_round_run``)
 is both the happy path and the reference that the resumed run must reproduce bit for bit. Evaluation is switched
 off (strategy.fraction_evaluate=0, federation.evaluate_before_training=false) to keep the module short; the
 resident worker that answers each site's messages, with evaluation on, is tested in test_resident_worker.py.
@@ -12,137 +12,19 @@ Every process is started in its own session and killed with its whole tree at th
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.deployment.procs import Processes, free_port, tail, wait_for
+from tests.deployment.conftest import FAST_OVERRIDES, SITES, Deployment, site_yaml as _site_yaml
+from tests.deployment.procs import free_port, tail, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
-SITES = ("site-a", "site-b", "site-c")
-SKILLS = {"site-a": "reverse", "site-b": "uppercase", "site-c": "add"}
-COORDINATOR_READY = "coordinator ready"
-STARTUP_TIMEOUT_S = 90
-ROUND_TIMEOUT_S = 60
 RUN_TIMEOUT_S = 200
 RESUME_ROUND_TIMEOUT_S = 150
-# Small and fast; evaluation off (see module docstring).
-FAST_OVERRIDES = ["model=tiny", "train.local_steps=2", "train.batch_size=4", "strategy.fraction_evaluate=0.0",
-                  "federation.evaluate_before_training=false", f"federation.round_timeout_s={ROUND_TIMEOUT_S}"]
-
-
-@dataclass
-class Deployment:
-    """The module's running federation and where everything is."""
-
-    root: Path
-    procs: Processes
-    creds: Path
-    port: int
-    state_dir: Path
-    site_configs: dict[str, Path]
-    control_port: int = 0  # the SuperLink's loopback port (Control API); 0 would mean --port + 1
-    node_ids: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def flwr_home(self) -> Path:
-        """The `flwr` connection config the coordinator wrote."""
-        return self.state_dir / "flwr"
-
-    def coordinator_argv(self) -> list[str]:
-        return [sys.executable, "-m", "simulations.cli", "coordinator", "--certs", str(self.creds),
-                "--host", "127.0.0.1", "--port", str(self.port), "--control-port", str(self.control_port),
-                "--state-dir", str(self.state_dir)]
-
-    def start_coordinator(self, name: str = "coordinator") -> None:
-        self.procs.start(name, self.coordinator_argv())
-        wait_for(lambda: COORDINATOR_READY in self.procs.log(name) or self.procs.procs[name].poll() is not None,
-                 STARTUP_TIMEOUT_S, "the coordinator", lambda: tail(self.procs.log(name)))
-        assert COORDINATOR_READY in self.procs.log(name), tail(self.procs.log(name))
-
-    def site_argv(self, site: str) -> list[str]:
-        return [sys.executable, "-m", "simulations.cli", "site", "--config", str(self.site_configs[site])]
-
-    def launch_argv(self, *overrides: str) -> list[str]:
-        return [sys.executable, "-m", "simulations.cli", "launch", "--connection", "fedtune",
-                "--flwr-home", str(self.flwr_home), "--stream", *FAST_OVERRIDES,
-                f"model.cache_dir={self.root / 'model-cache'}", *overrides]
-
-    def site_process(self, site: str) -> str:
-        """The process name of the site's newest daemon (a test may have restarted it as '<site>-restarted')."""
-        return [name for name in self.procs.procs if name in (site, f"{site}-restarted")][-1]
-
-    def site_log(self, site: str) -> str:
-        """The output of the site's newest daemon."""
-        return self.procs.log(self.site_process(site))
-
-    def activations(self, coordinator_log: str = "coordinator") -> dict[int, int]:
-        """node id -> how often the SuperLink activated it (from its log)."""
-        text = self.procs.log(coordinator_log)
-        return {node: text.count(f"Activated node_id={node}") for node in self.node_ids.values()}
-
-
-def _write_site_data(root: Path) -> dict[str, Path]:
-    from federation.config import DemoTaskConfig
-    from federation.demo_task import generate_demo_task
-
-    train, held_out = generate_demo_task(DemoTaskConfig(examples_per_skill=24, eval_examples_per_skill=8))
-    paths = {}
-    for site, skill in SKILLS.items():
-        directory = root / "data" / site
-        directory.mkdir(parents=True)
-        for name, records in (("train.jsonl", train), ("eval.jsonl", held_out)):
-            (directory / name).write_text("".join(json.dumps(r) + "\n" for r in records if r["source"] == skill))
-        paths[site] = directory
-    return paths
-
-
-def _site_yaml(path: Path, **settings) -> Path:
-    path.write_text("".join(f"{k}: {json.dumps(v) if isinstance(v, str) else v}\n" for k, v in settings.items()))
-    return path
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    """Coordinator (TLS + node auth) and 3 registered, connected site daemons."""
-    from federation.pki import generate_federation_credentials
-
-    root = tmp_path_factory.mktemp("deployment")
-    creds = root / "creds"
-    generate_federation_credentials(creds, ["127.0.0.1"], list(SITES))
-    data = _write_site_data(root)
-    env = {**os.environ, "HOME": str(root), "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO)}
-    procs = Processes(root, env, REPO)
-    port = free_port()
-    site_configs = {
-        site: _site_yaml(root / f"{site}.yaml", name=site, coordinator=f"127.0.0.1:{port}",
-                         ca_cert=str(creds / "ca.crt"),
-                         private_key=str(creds / "sites" / f"{site}.key"), data_path=str(data[site]),
-                         device="cpu", clientappio_port=free_port(), state_dir=str(root / f"home-{site}"))
-        for site in SITES
-    }
-    dep = Deployment(root=root, procs=procs, creds=creds, port=port, control_port=free_port(),
-                     state_dir=root / "coordinator",
-                     site_configs=site_configs)
-    try:
-        dep.start_coordinator()
-        dep.node_ids = {name: entry["node_id"] for name, entry in
-                        json.loads((dep.state_dir / "sites.json").read_text()).items()}
-        assert sorted(dep.node_ids) == list(SITES)
-        for site in SITES:
-            procs.start(site, dep.site_argv(site))
-        wait_for(lambda: all(n >= 1 for n in dep.activations().values()), STARTUP_TIMEOUT_S,
-                 "all 3 sites to be activated", lambda: "\n".join(tail(procs.log(s), 15) for s in SITES))
-        yield dep
-    finally:
-        procs.stop_all()
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -275,8 +157,9 @@ def test_three_sites_finish_two_rounds_over_tls_with_node_auth(deployment, two_r
     for row in rows:
         assert row["missing"] == [] and row["aggregated"], row
         assert sorted(int(n) for n in row["per_site"]) == all_nodes
-        # Each site trained on its own 24 examples (its data-path), not on the demo partition.
-        assert [row["per_site"][str(n)]["num-examples"] for n in all_nodes] == [24, 24, 24]
+        # Each site trained on its own examples (its data-path), not on the demo partition.
+        assert [row["per_site"][str(deployment.node_ids[s])]["num-examples"] for s in SITES] == \
+            [deployment.train_examples[s] for s in SITES]
     assert (run_dir / "global_adapter").resolve().name == "round-0002"
     for site in SITES:
         assert deployment.procs.log(site).count("Receiving: train message") >= 2
@@ -303,7 +186,7 @@ def test_site_daemon_output_shows_round_examples_and_upload_bytes(deployment):
     if "Receiving: train message" not in deployment.procs.log("site-a"):
         pytest.skip("needs the two-round run above")
     for site in SITES:
-        assert "round 1: trained on 24 examples" in deployment.procs.log(site)
+        assert f"round 1: trained on {deployment.train_examples[site]} examples" in deployment.procs.log(site)
         assert "uploading" in deployment.procs.log(site)
 
 

@@ -1,17 +1,15 @@
 """The site's resident ClientApp worker (client/worker.py) and FAB approval (client/approval.py) in a real deployment.
 
-Fast in-process checks of the daemon's side first; then one coordinator and two `fedtune site` daemons on 127.0.0.1
-(TLS + node auth, real processes) serve, in order: an honest 3-round run (with evaluation), a run whose FAB
-carries a modified ClientApp that would send the site's training data to the coordinator, and a second honest
-run; then one site's worker is killed and the daemon starts a new one. Every process is started in its own
-session and killed with its whole tree at the end, pass or fail.
+Fast in-process checks of the daemon's side first; then, on the session's deployment (tests/deployment/conftest.py:
+one coordinator and three `fedtune site` daemons on 127.0.0.1, TLS + node auth, real processes, after
+test_deployment.py's runs), in order: an honest 3-round run (with evaluation), a run whose FAB carries a modified
+ClientApp that would send the site's training data to the coordinator, and a second honest run; then one site's
+worker is killed and the daemon starts a new one.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -20,11 +18,10 @@ import pytest
 
 from client.daemon import (ResidentWorker, SiteConfig, SiteConfigError, load_site_config, supernode_command,
                            worker_command)
-from tests.deployment.procs import Processes, free_port, tail, wait_for
+from tests.deployment.conftest import SITES, write_site_data
+from tests.deployment.procs import tail, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-SITES = ("site-a", "site-b")
-SKILLS = {"site-a": "reverse", "site-b": "uppercase"}
 BASE_MODEL_LOADED = "base model loaded"
 WORKER_READY = "resident ClientApp worker ready"
 STARTUP_TIMEOUT_S = 120
@@ -95,25 +92,6 @@ def test_resident_worker_is_restarted_after_it_dies(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------ real processes
 
 
-def _write_site_data(root: Path) -> tuple[dict[str, Path], dict[str, str]]:
-    """Each site's data, with one secret example (a canary) that must never reach the coordinator."""
-    from federation.config import DemoTaskConfig
-    from federation.demo_task import generate_demo_task
-
-    train, held_out = generate_demo_task(DemoTaskConfig(examples_per_skill=8, eval_examples_per_skill=4))
-    paths, canaries = {}, {}
-    for site, skill in SKILLS.items():
-        canary = f"CANARY-{site}-{secrets.token_hex(8)}"
-        secret = {"instruction": "patient record", "input": "", "output": canary, "source": skill}
-        directory = root / "data" / site
-        directory.mkdir(parents=True)
-        (directory / "train.jsonl").write_text(
-            "".join(json.dumps(r) + "\n" for r in [*(r for r in train if r["source"] == skill), secret]))
-        (directory / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out if r["source"] == skill))
-        paths[site], canaries[site] = directory, canary
-    return paths, canaries
-
-
 def _rogue_app(dest: Path) -> Path:
     """A copy of the project whose client/app.py train handler exfiltrates the site's training file."""
     from server.coordinator import APP_ENTRIES
@@ -142,96 +120,75 @@ def _texts_under(directory: Path) -> str:
 
 
 @pytest.mark.timeout(3 * RUN_TIMEOUT_S + 2 * STARTUP_TIMEOUT_S)
-def test_resident_worker_loads_base_once_and_refuses_a_modified_clientapp(tmp_path):
-    from federation.pki import generate_federation_credentials
-
-    creds = tmp_path / "creds"
-    generate_federation_credentials(creds, ["127.0.0.1"], list(SITES))
-    data, canaries = _write_site_data(tmp_path)
-    env = {**os.environ, "HOME": str(tmp_path), "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO)}
-    procs = Processes(tmp_path, env, REPO)
-    port = free_port()
-    state_dir = tmp_path / "coordinator"
-    cli = [sys.executable, "-m", "simulations.cli"]
+def test_resident_worker_loads_base_once_and_refuses_a_modified_clientapp(deployment, tmp_path):
+    procs, node_ids, canaries = deployment.procs, deployment.node_ids, deployment.canaries
 
     def launch(name: str, run_dir: Path, *overrides: str, app_dir: Path = REPO) -> int:
-        launch_args = [*OVERRIDES, f"model.cache_dir={tmp_path / 'model-cache'}", f"output_dir={run_dir}", *overrides]
+        launch_args = [*OVERRIDES, f"model.cache_dir={deployment.model_cache}", f"output_dir={run_dir}", *overrides]
         code = (f"import sys; from server.coordinator import launch; code, _ = launch({launch_args!r}, "
-                f"connection='fedtune', flwr_home={str(state_dir / 'flwr')!r}, stream=True, "
+                f"connection='fedtune', flwr_home={str(deployment.flwr_home)!r}, stream=True, "
                 f"app_dir={str(app_dir)!r}, timeout_s={RUN_TIMEOUT_S}); sys.exit(code)")
         proc = procs.start(name, [sys.executable, "-c", code])
         return proc.wait(timeout=RUN_TIMEOUT_S + 30)
 
     def site_logs() -> str:
-        return "\n".join(f"--- {s}\n{tail(procs.log(s), 30)}" for s in SITES)
+        return "\n".join(f"--- {s}\n{tail(deployment.site_log(s), 30)}" for s in SITES)
 
-    try:
-        procs.start("coordinator", [*cli, "coordinator", "--certs", str(creds), "--host", "127.0.0.1", "--port",
-                                    str(port), "--state-dir", str(state_dir)])
-        wait_for(lambda: "coordinator ready" in procs.log("coordinator"), STARTUP_TIMEOUT_S, "the coordinator",
-                 lambda: tail(procs.log("coordinator")))
-        node_ids = {name: entry["node_id"] for name, entry in json.loads((state_dir / "sites.json").read_text()).items()}
-        for site in SITES:
-            config = _site_yaml(tmp_path / f"{site}.yaml", name=site, coordinator=f"127.0.0.1:{port}",
-                                ca_cert=str(creds / "ca.crt"), private_key=str(creds / "sites" / f"{site}.key"),
-                                data_path=str(data[site]), device="cpu", clientappio_port=free_port(),
-                                state_dir=str(tmp_path / f"home-{site}"))
-            procs.start(site, [*cli, "site", "--config", str(config)])
-        wait_for(lambda: all(f"Activated node_id={n}" in procs.log("coordinator") for n in node_ids.values()),
-                 STARTUP_TIMEOUT_S, "both sites to be activated", site_logs)
+    # The newest daemon of each site (test_deployment.py restarts one) served every message below.
+    received = {site: (deployment.site_log(site).count("Receiving: train message"),
+                       deployment.site_log(site).count("Receiving: evaluate message")) for site in SITES}
+    # 1. An honest run: 3 rounds of train + evaluate messages.
+    first = tmp_path / "run-1"
+    assert launch("launch-1", first, "federation.rounds=3") == 0, tail(procs.log("launch-1"), 80)
+    rows = _metrics(first)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert all(r["clients_ok"] == len(SITES) and r["eval_loss"] is not None for r in rows), rows
 
-        # 1. An honest run: 3 rounds of train + evaluate messages.
-        first = tmp_path / "run-1"
-        assert launch("launch-1", first, "federation.rounds=3") == 0, tail(procs.log("launch-1"), 80)
-        rows = _metrics(first)
-        assert [r["round"] for r in rows] == [1, 2, 3]
-        assert all(r["clients_ok"] == 2 and r["eval_loss"] is not None for r in rows), rows
+    # 2. A run whose FAB carries the exfiltrating ClientApp: refused at every site before any of its code runs.
+    rogue = tmp_path / "run-rogue"
+    launch("launch-rogue", rogue, "federation.rounds=1", "strategy.fraction_evaluate=0.0",
+           app_dir=_rogue_app(tmp_path / "rogue-app"))
+    rows = _metrics(rogue)
+    assert [r["round"] for r in rows] == [1], tail(procs.log("launch-rogue"), 80)
+    assert rows[0]["clients_ok"] == 0 and not rows[0]["aggregated"], rows[0]
+    assert sorted(rows[0]["failed"]) == sorted(str(n) for n in node_ids.values()), rows[0]
+    for reason in rows[0]["failed"].values():
+        assert "is not approved by this site: client/app.py differs" in reason, reason
+    for site in SITES:
+        assert "REFUSED run" in deployment.site_log(site) and "client/app.py differs" in deployment.site_log(site), \
+            site_logs()
+        assert "EXFILTRATED" not in deployment.site_log(site)
+    coordinator_side = _texts_under(rogue) + deployment.coordinator_logs() + procs.log("launch-rogue")
+    for canary in canaries.values():
+        assert canary not in coordinator_side
 
-        # 2. A run whose FAB carries the exfiltrating ClientApp: refused at every site before any of its code runs.
-        rogue = tmp_path / "run-rogue"
-        launch("launch-rogue", rogue, "federation.rounds=1", "strategy.fraction_evaluate=0.0",
-               app_dir=_rogue_app(tmp_path / "rogue-app"))
-        rows = _metrics(rogue)
-        assert [r["round"] for r in rows] == [1], tail(procs.log("launch-rogue"), 80)
-        assert rows[0]["clients_ok"] == 0 and not rows[0]["aggregated"], rows[0]
-        assert sorted(rows[0]["failed"]) == sorted(str(n) for n in node_ids.values()), rows[0]
-        for reason in rows[0]["failed"].values():
-            assert "is not approved by this site: client/app.py differs" in reason, reason
-        for site in SITES:
-            assert "REFUSED run" in procs.log(site) and "client/app.py differs" in procs.log(site), site_logs()
-            assert "EXFILTRATED" not in procs.log(site)
-        coordinator_side = _texts_under(rogue) + procs.log("coordinator") + procs.log("launch-rogue")
-        for canary in canaries.values():
-            assert canary not in coordinator_side
+    # 3. The next honest run works, still on the base model each worker loaded for run 1.
+    second = tmp_path / "run-2"
+    assert launch("launch-2", second, "federation.rounds=2") == 0, tail(procs.log("launch-2"), 80)
+    assert [r["clients_ok"] for r in _metrics(second)] == [len(SITES)] * 2
 
-        # 3. The next honest run works, still on the base model each worker loaded for run 1.
-        second = tmp_path / "run-2"
-        assert launch("launch-2", second, "federation.rounds=2") == 0, tail(procs.log("launch-2"), 80)
-        assert [r["clients_ok"] for r in _metrics(second)] == [2, 2]
+    for site in SITES:
+        output = deployment.site_log(site)
+        # 5 train + 5 evaluate + 1 refused train message here (and the earlier runs' messages), all served by
+        # one resident worker that loaded the base model once.
+        trains, evaluates = received[site]
+        assert output.count("Receiving: train message") >= trains + 6, tail(output, 60)
+        assert output.count("Receiving: evaluate message") >= evaluates + 5, tail(output, 60)
+        assert output.count(BASE_MODEL_LOADED) == 1, tail(output, 60)
+        assert "resident ClientApp worker exited" not in output and output.count(WORKER_READY) == 1
+    for canary in canaries.values():
+        assert canary not in deployment.coordinator_logs()
 
-        for site in SITES:
-            output = procs.log(site)
-            # 5 train + 5 evaluate + 1 refused train message, all served by one resident worker.
-            assert output.count("Receiving: train message") >= 6, tail(output, 60)
-            assert output.count("Receiving: evaluate message") >= 5, tail(output, 60)
-            assert output.count(BASE_MODEL_LOADED) == 1, tail(output, 60)
-            assert "resident ClientApp worker exited" not in output and output.count(WORKER_READY) == 1
-        for canary in canaries.values():
-            assert canary not in procs.log("coordinator")
+    # 4. A worker that dies is replaced by the daemon.
+    import psutil
 
-        # 4. A worker that dies is replaced by the daemon.
-        import psutil
-
-        daemon = psutil.Process(procs.procs["site-a"].pid)
-        workers = [p for p in daemon.children(recursive=True) if "client.worker" in " ".join(p.cmdline())]
-        assert len(workers) == 1, [p.cmdline() for p in daemon.children(recursive=True)]
-        workers[0].kill()
-        wait_for(lambda: procs.log("site-a").count(WORKER_READY) == 2, STARTUP_TIMEOUT_S,
-                 "site-a's daemon to start a new worker", lambda: tail(procs.log("site-a")))
-        assert "the resident ClientApp worker exited (code -9); restarting it" in procs.log("site-a")
-    finally:
-        procs.stop_all()
+    daemon = psutil.Process(procs.procs[deployment.site_process("site-a")].pid)
+    workers = [p for p in daemon.children(recursive=True) if "client.worker" in " ".join(p.cmdline())]
+    assert len(workers) == 1, [p.cmdline() for p in daemon.children(recursive=True)]
+    workers[0].kill()
+    wait_for(lambda: deployment.site_log("site-a").count(WORKER_READY) == 2, STARTUP_TIMEOUT_S,
+             "site-a's daemon to start a new worker", lambda: tail(deployment.site_log("site-a")))
+    assert "the resident ClientApp worker exited (code -9); restarting it" in deployment.site_log("site-a")
 
 
 def test_the_modified_clientapp_really_exfiltrates_when_its_code_runs(tmp_path):
@@ -242,7 +199,7 @@ def test_the_modified_clientapp_really_exfiltrates_when_its_code_runs(tmp_path):
 
     from tests.flower_messages import instruction
 
-    data, canaries = _write_site_data(tmp_path)
+    data, canaries, _ = write_site_data(tmp_path)
     rogue = _rogue_app(tmp_path / "rogue-app")
     spec = importlib.util.spec_from_file_location("rogue_app", rogue / "client" / "app.py")
     module = importlib.util.module_from_spec(spec)

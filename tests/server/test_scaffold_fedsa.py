@@ -10,6 +10,7 @@ from flwr.app import MessageType
 
 import client.app as client_app
 import server.app
+from federation.packing import unpack_arrays
 from client.fedsa import LORA_B_STATE
 from client import task
 from client.scaffold import C_GLOBAL_RECORD, C_LOCAL_STATE, DELTA_C_RECORD
@@ -25,7 +26,7 @@ from tests.server.test_hetero import RecordingGrid, lora_methods_loop  # noqa: F
 
 
 def _float64(record):
-    return {key: np.asarray(value.numpy(), np.float64) for key, value in record.items()}
+    return {key: np.asarray(value, np.float64) for key, value in unpack_arrays(record).items()}
 
 
 def _site_state(cfg, node) -> SiteStateStore:
@@ -133,7 +134,7 @@ def test_fedsa_keeps_each_sites_b_and_averages_a(make_cfg, lora_methods_loop, mo
     global_after_1 = from_array_record(round2[1][0].content["arrays"])
     deltas, weights = [], []
     for _, reply in round2.values():
-        upload = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+        upload = unpack_arrays(reply.content["arrays"])
         assert not any(".lora_B." in key for key in upload)
         deltas.append(decode_upload(upload))
         weights.append(float(reply.content["metrics"]["num-examples"]))

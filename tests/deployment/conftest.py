@@ -1,0 +1,159 @@
+"""One real deployment on 127.0.0.1 for the whole test session: `fedtune coordinator` + 3 `fedtune site` daemons.
+
+test_deployment.py and test_resident_worker.py both run against it (starting a coordinator and its sites costs
+~10-30 s, and every daemon's first message loads the base model once more), in file order: test_deployment.py
+kills and restarts one site and the coordinator along the way; test_resident_worker.py then counts what the
+sites' newest daemons did across all runs. Every process is started in its own session and killed with its whole
+tree at the end, pass or fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.deployment.procs import Processes, free_port, tail, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+SITES = ("site-a", "site-b", "site-c")
+SKILLS = {"site-a": "reverse", "site-b": "uppercase", "site-c": "add"}
+COORDINATOR_READY = "coordinator ready"
+STARTUP_TIMEOUT_S = 90
+ROUND_TIMEOUT_S = 60
+# Small and fast; evaluation off (test_resident_worker.py turns it on for its runs).
+FAST_OVERRIDES = ["model=tiny", "train.local_steps=2", "train.batch_size=4", "strategy.fraction_evaluate=0.0",
+                  "federation.evaluate_before_training=false", f"federation.round_timeout_s={ROUND_TIMEOUT_S}"]
+EXAMPLES_PER_SKILL = 24
+
+
+@dataclass
+class Deployment:
+    """The session's running federation and where everything is."""
+
+    root: Path
+    procs: Processes
+    creds: Path
+    port: int
+    state_dir: Path
+    site_configs: dict[str, Path]
+    control_port: int = 0  # the SuperLink's loopback port (Control API); 0 would mean --port + 1
+    node_ids: dict[str, int] = field(default_factory=dict)
+    # site -> its secret training example (must never reach the coordinator), and its training example count
+    canaries: dict[str, str] = field(default_factory=dict)
+    train_examples: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def flwr_home(self) -> Path:
+        """The `flwr` connection config the coordinator wrote."""
+        return self.state_dir / "flwr"
+
+    @property
+    def model_cache(self) -> Path:
+        """model.cache_dir of every run (part of the model config: another one would reload the base)."""
+        return self.root / "model-cache"
+
+    def coordinator_argv(self) -> list[str]:
+        return [sys.executable, "-m", "simulations.cli", "coordinator", "--certs", str(self.creds),
+                "--host", "127.0.0.1", "--port", str(self.port), "--control-port", str(self.control_port),
+                "--state-dir", str(self.state_dir)]
+
+    def start_coordinator(self, name: str = "coordinator") -> None:
+        self.procs.start(name, self.coordinator_argv())
+        wait_for(lambda: COORDINATOR_READY in self.procs.log(name) or self.procs.procs[name].poll() is not None,
+                 STARTUP_TIMEOUT_S, "the coordinator", lambda: tail(self.procs.log(name)))
+        assert COORDINATOR_READY in self.procs.log(name), tail(self.procs.log(name))
+
+    def coordinator_logs(self) -> str:
+        """The output of every coordinator process so far (a test may have restarted it)."""
+        return "".join(self.procs.log(name) for name in self.procs.procs if name.startswith("coordinator"))
+
+    def site_argv(self, site: str) -> list[str]:
+        return [sys.executable, "-m", "simulations.cli", "site", "--config", str(self.site_configs[site])]
+
+    def launch_argv(self, *overrides: str) -> list[str]:
+        return [sys.executable, "-m", "simulations.cli", "launch", "--connection", "fedtune",
+                "--flwr-home", str(self.flwr_home), "--stream", *FAST_OVERRIDES,
+                f"model.cache_dir={self.model_cache}", *overrides]
+
+    def site_process(self, site: str) -> str:
+        """The process name of the site's newest daemon (a test may have restarted it as '<site>-restarted')."""
+        return [name for name in self.procs.procs if name in (site, f"{site}-restarted")][-1]
+
+    def site_log(self, site: str) -> str:
+        """The output of the site's newest daemon."""
+        return self.procs.log(self.site_process(site))
+
+    def activations(self, coordinator_log: str = "coordinator") -> dict[int, int]:
+        """node id -> how often the SuperLink activated it (from its log)."""
+        text = self.procs.log(coordinator_log)
+        return {node: text.count(f"Activated node_id={node}") for node in self.node_ids.values()}
+
+
+def write_site_data(root: Path) -> tuple[dict[str, Path], dict[str, str], dict[str, int]]:
+    """(data dir, canary, training example count) per site: its own demo skill plus one secret example (a canary
+    that must never reach the coordinator)."""
+    from federation.config import DemoTaskConfig
+    from federation.demo_task import generate_demo_task
+
+    train, held_out = generate_demo_task(DemoTaskConfig(examples_per_skill=EXAMPLES_PER_SKILL,
+                                                        eval_examples_per_skill=8))
+    paths, canaries, counts = {}, {}, {}
+    for site, skill in SKILLS.items():
+        canary = f"CANARY-{site}-{secrets.token_hex(8)}"
+        secret = {"instruction": "patient record", "input": "", "output": canary, "source": skill}
+        records = [*(r for r in train if r["source"] == skill), secret]
+        directory = root / "data" / site
+        directory.mkdir(parents=True)
+        (directory / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (directory / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out if r["source"] == skill))
+        paths[site], canaries[site], counts[site] = directory, canary, len(records)
+    return paths, canaries, counts
+
+
+def site_yaml(path: Path, **settings) -> Path:
+    """Write a site.yaml of `settings`."""
+    path.write_text("".join(f"{k}: {json.dumps(v) if isinstance(v, str) else v}\n" for k, v in settings.items()))
+    return path
+
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory):
+    """Coordinator (TLS + node auth) and 3 registered, connected site daemons."""
+    from federation.pki import generate_federation_credentials
+
+    root = tmp_path_factory.mktemp("deployment")
+    creds = root / "creds"
+    generate_federation_credentials(creds, ["127.0.0.1"], list(SITES))
+    data, canaries, counts = write_site_data(root)
+    env = {**os.environ, "HOME": str(root), "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}
+    procs = Processes(root, env, REPO)
+    port = free_port()
+    site_configs = {
+        site: site_yaml(root / f"{site}.yaml", name=site, coordinator=f"127.0.0.1:{port}",
+                        ca_cert=str(creds / "ca.crt"),
+                        private_key=str(creds / "sites" / f"{site}.key"), data_path=str(data[site]),
+                        device="cpu", clientappio_port=free_port(), state_dir=str(root / f"home-{site}"))
+        for site in SITES
+    }
+    dep = Deployment(root=root, procs=procs, creds=creds, port=port, control_port=free_port(),
+                     state_dir=root / "coordinator", site_configs=site_configs, canaries=canaries,
+                     train_examples=counts)
+    try:
+        dep.start_coordinator()
+        dep.node_ids = {name: entry["node_id"] for name, entry in
+                        json.loads((dep.state_dir / "sites.json").read_text()).items()}
+        assert sorted(dep.node_ids) == list(SITES)
+        for site in SITES:
+            procs.start(site, dep.site_argv(site))
+        wait_for(lambda: all(n >= 1 for n in dep.activations().values()), STARTUP_TIMEOUT_S,
+                 "all 3 sites to be activated", lambda: "\n".join(tail(procs.log(s), 15) for s in SITES))
+        yield dep
+    finally:
+        procs.stop_all()
