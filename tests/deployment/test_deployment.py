@@ -92,7 +92,8 @@ def _write_site_data(root: Path) -> dict[str, Path]:
     from federation.config import DemoTaskConfig
     from federation.demo_task import generate_demo_task
 
-    train, held_out = generate_demo_task(DemoTaskConfig(examples_per_skill=24, eval_examples_per_skill=8))
+    train, held_out = generate_demo_task(DemoTaskConfig(skills=list(SKILLS.values()), examples_per_skill=24,
+                                                        eval_examples_per_skill=8))
     paths = {}
     for site, skill in SKILLS.items():
         directory = root / "data" / site

@@ -100,7 +100,8 @@ def _write_site_data(root: Path) -> tuple[dict[str, Path], dict[str, str]]:
     from federation.config import DemoTaskConfig
     from federation.demo_task import generate_demo_task
 
-    train, held_out = generate_demo_task(DemoTaskConfig(examples_per_skill=8, eval_examples_per_skill=4))
+    train, held_out = generate_demo_task(DemoTaskConfig(skills=list(SKILLS.values()), examples_per_skill=8,
+                                                        eval_examples_per_skill=4))
     paths, canaries = {}, {}
     for site, skill in SKILLS.items():
         canary = f"CANARY-{site}-{secrets.token_hex(8)}"
