@@ -62,7 +62,8 @@ class LoraSettings:
 class DemoTaskConfig:
     """The built-in offline task: each source is a different skill."""
 
-    skills: list[str] = field(default_factory=lambda: ["reverse", "uppercase", "add", "vowels"])
+    # One source per skill (federation/demo_task.py SKILLS); also: reverse, uppercase, add, vowels.
+    skills: list[str] = field(default_factory=lambda: ["length", "parity", "sign", "compare"])
     examples_per_skill: int = 96
     eval_examples_per_skill: int = 32
     seed: int = 0

@@ -1,8 +1,11 @@
 """The built-in offline task: each skill is a different source with its own answer distribution.
 
-A site holding one skill learns only that skill's answers (lowercase letters, uppercase letters, 1-3 digit
-sums, or a single small count), so a federation of single-skill sites should beat any one site alone on the
-union of the held-out examples.
+The default skills are ones the tiny random-init model (conf/model/tiny.yaml) learns with LoRA in a CPU demo's
+budget, each answered from the input and each with answers no other skill gives: a word's length (a digit 3-7),
+a number's parity (even/odd), a number's sign (negative/positive) and the order of two numbers (less/more). A
+site holding one skill can score at most that skill's share of the union of held-out examples; a federation of
+single-skill sites learns all of them. The older skills (reverse, uppercase, add, vowels) stay selectable by
+name; on the tiny model they are not learned beyond each skill's most common answer (README, "The demo task").
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from federation.config import DemoTaskConfig
 WORD_MIN_LETTERS = 3
 WORD_MAX_LETTERS = 7
 ADDEND_MAX = 99
+NUMBER_MAX = 999
+COMPARED_MAX = 99
 VOWELS = "aeiou"
 # Give up drawing distinct examples after this many draws per example asked for (the skill's space is
 # too small for the requested counts).
@@ -47,11 +52,37 @@ def _vowels(rng: random.Random) -> tuple[str, str]:
     return f"Count vowels: {word}", str(sum(char in VOWELS for char in word))
 
 
+def _length(rng: random.Random) -> tuple[str, str]:
+    word = _random_word(rng)
+    return f"Length: {word}", str(len(word))
+
+
+def _parity(rng: random.Random) -> tuple[str, str]:
+    number = rng.randint(0, NUMBER_MAX)
+    return f"Parity: {number}", "even" if number % 2 == 0 else "odd"
+
+
+def _sign(rng: random.Random) -> tuple[str, str]:
+    number = rng.randint(1, NUMBER_MAX)
+    if rng.random() < 0.5:
+        return f"Sign: -{number}", "negative"
+    return f"Sign: {number}", "positive"
+
+
+def _compare(rng: random.Random) -> tuple[str, str]:
+    left, right = rng.sample(range(COMPARED_MAX + 1), 2)  # distinct: the answer is never a tie
+    return f"Compare: {left} {right}", "less" if left < right else "more"
+
+
 SKILLS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "reverse": _reverse,
     "uppercase": _uppercase,
     "add": _add,
     "vowels": _vowels,
+    "length": _length,
+    "parity": _parity,
+    "sign": _sign,
+    "compare": _compare,
 }
 
 

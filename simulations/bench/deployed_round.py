@@ -88,7 +88,8 @@ def _write_site_data(root: Path, sites: int) -> list[Path]:
     from federation.config import DemoTaskConfig
     from federation.demo_task import generate_demo_task
 
-    train, held_out = generate_demo_task(DemoTaskConfig(examples_per_skill=96, eval_examples_per_skill=16))
+    train, held_out = generate_demo_task(DemoTaskConfig(skills=list(SKILLS), examples_per_skill=96,
+                                                        eval_examples_per_skill=16))
     paths = []
     for index in range(sites):
         skill = SKILLS[index % len(SKILLS)]

@@ -101,7 +101,7 @@ def write_site_data(root: Path) -> tuple[dict[str, Path], dict[str, str], dict[s
     from federation.config import DemoTaskConfig
     from federation.demo_task import generate_demo_task
 
-    train, held_out = generate_demo_task(DemoTaskConfig(examples_per_skill=EXAMPLES_PER_SKILL,
+    train, held_out = generate_demo_task(DemoTaskConfig(skills=list(SKILLS.values()), examples_per_skill=EXAMPLES_PER_SKILL,
                                                         eval_examples_per_skill=8))
     paths, canaries, counts = {}, {}, {}
     for site, skill in SKILLS.items():

@@ -8,7 +8,7 @@ from federation.data import format_example, tokenize_example
 from federation.demo_task import generate_demo_task
 from federation.tokenizer import build_char_tokenizer
 
-SKILLS = ["reverse", "uppercase", "add", "vowels"]
+SKILLS = ["reverse", "uppercase", "add", "vowels", "length", "parity", "sign", "compare"]
 
 
 def small_cfg(**overrides):
@@ -24,7 +24,7 @@ def test_deterministic_and_seed_dependent():
 
 def test_counts_sources_and_record_shape():
     train, held_out = generate_demo_task(small_cfg())
-    assert len(train) == 4 * 40 and len(held_out) == 4 * 10
+    assert len(train) == len(SKILLS) * 40 and len(held_out) == len(SKILLS) * 10
     for skill in SKILLS:
         assert sum(r["source"] == skill for r in train) == 40
         assert sum(r["source"] == skill for r in held_out) == 10
@@ -45,6 +45,16 @@ def test_answers_are_correct():
     for record in train + held_out:
         skill, argument = record["instruction"].split(": ")
         output = record["output"]
+        if record["source"] in ("parity", "sign", "compare"):
+            numbers = [int(x) for x in argument.split()]
+            if record["source"] == "parity":
+                assert skill == "Parity" and output == ("odd" if numbers[0] % 2 else "even")
+            elif record["source"] == "sign":
+                assert skill == "Sign" and numbers[0] != 0 and output == ("negative" if numbers[0] < 0 else "positive")
+            else:
+                assert skill == "Compare" and numbers[0] != numbers[1]
+                assert output == ("less" if numbers[0] < numbers[1] else "more")
+            continue
         if record["source"] == "add":
             left, right = (int(x) for x in argument.split("+"))
             assert 0 <= left <= 99 and 0 <= right <= 99 and output == str(left + right)
@@ -52,6 +62,8 @@ def test_answers_are_correct():
         assert re.fullmatch(r"[a-z]{3,7}", argument)
         if record["source"] == "reverse":
             assert skill == "Reverse" and output == argument[::-1]
+        elif record["source"] == "length":
+            assert skill == "Length" and output == str(len(argument))
         elif record["source"] == "uppercase":
             assert skill == "Uppercase" and output == argument.upper()
         else:
@@ -66,6 +78,21 @@ def test_answer_distributions_differ_between_skills():
     assert all(len(o) == 1 and o.isdigit() for o in outputs["vowels"])
     # Sums of two numbers in 0..99 are below 10 in only 55 of 10000 draws.
     assert sum(len(o) >= 2 for o in outputs["add"]) >= 36
+    assert set(outputs["length"]) <= set("34567")
+    # The binary skills give both answers (no constant-answer skill), each its own pair of words.
+    assert set(outputs["parity"]) == {"even", "odd"}
+    assert set(outputs["sign"]) == {"negative", "positive"}
+    assert set(outputs["compare"]) == {"less", "more"}
+
+
+def test_default_skills_have_pairwise_disjoint_answers():
+    """A site trained on one default skill cannot score on another skill's held-out answers by its format alone."""
+    default_skills = DemoTaskConfig().skills
+    train, held_out = generate_demo_task(small_cfg(skills=default_skills))
+    answers = {skill: {r["output"] for r in train + held_out if r["source"] == skill} for skill in default_skills}
+    for skill in default_skills:
+        others = set().union(*(answers[other] for other in default_skills if other != skill))
+        assert not answers[skill] & others, skill
 
 
 def test_skill_examples_do_not_depend_on_other_skills():
@@ -75,7 +102,8 @@ def test_skill_examples_do_not_depend_on_other_skills():
 
 
 def test_unknown_skill_lists_supported():
-    with pytest.raises(ValueError, match="supported.*add.*reverse.*uppercase.*vowels"):
+    supported = "supported.*add.*compare.*length.*parity.*reverse.*sign.*uppercase.*vowels"
+    with pytest.raises(ValueError, match=supported):
         generate_demo_task(small_cfg(skills=["reverse", "juggle"]))
 
 
