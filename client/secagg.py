@@ -12,6 +12,9 @@ translates: it builds the plain train message local training expects, runs it (`
 float delta, never the lossy upload codec or its error feedback — masking hides the values anyway, and
 encoding then decoding would only add error), and returns the delta as FitRes parameters (in the key order
 the coordinator sent) with the example count as FitRes.num_examples, which secaggplus_mod uses as the weight.
+The site's data fingerprint (sha256 and example count: provenance, not secret) rides along in the reply as the
+same ConfigRecord a plain train reply carries: secaggplus_mod keeps every record of the app's reply, clears
+only its arrays and adds its own "secaggplus" record, so the fingerprint reaches the coordinator unmasked.
 
 Central DP over SecAgg+ needs each site to clip its own delta (the coordinator only sees the sum).
 Flower's fixedclipping_mod is not used: it computes ``reply - received params`` and writes back
@@ -43,9 +46,9 @@ from federation.adapter import to_array_record
 from federation.packing import unpack_arrays
 from federation.privacy import clip_update
 from federation.protocol import RUN_CONFIG_KEY
-from federation.protocol import (ADAPTER_KEYS_KEY, CLIPPED_VALUES_METRIC, CLIPPING_RANGE_KEY, DP_CLIP_NORM_KEY,
-                                 FEDERATION_RUN_ID_KEY, LEGACY_FIT_PARAMETERS, MASK_SCHEME, MASK_SCHEME_KEY,
-                                 MAX_WEIGHT_KEY, REQUIRE_SECAGG_NODE_KEY, SERVER_ROUND_KEY)
+from federation.protocol import (ADAPTER_KEYS_KEY, CLIPPED_VALUES_METRIC, CLIPPING_RANGE_KEY, DATA_FINGERPRINT_RECORD,
+                                 DP_CLIP_NORM_KEY, FEDERATION_RUN_ID_KEY, LEGACY_FIT_PARAMETERS, MASK_SCHEME,
+                                 MASK_SCHEME_KEY, MAX_WEIGHT_KEY, REQUIRE_SECAGG_NODE_KEY, SERVER_ROUND_KEY)
 from federation.secagg_masks import use_cryptographic_masks
 
 log = logging.getLogger("fedtune.client")
@@ -53,28 +56,31 @@ log = logging.getLogger("fedtune.client")
 use_cryptographic_masks("site")
 
 TrainFn = Callable[[Message, Context], Message]
-# (train message, context) -> (raw float delta, reply metrics)
-UpdateFn = Callable[[Message, Context], tuple[dict[str, np.ndarray], dict]]
+# (train message, context) -> (raw float delta, reply metrics, data fingerprint {"sha256", "examples"} or None)
+UpdateFn = Callable[[Message, Context], tuple[dict[str, np.ndarray], dict, dict | None]]
 
 
-def local_update(msg: Message, context: Context) -> tuple[dict[str, np.ndarray], dict]:
-    """Plain local training for SecAgg+: (the raw float delta, the train metrics); no upload codec, no feedback."""
+def local_update(msg: Message, context: Context) -> tuple[dict[str, np.ndarray], dict, dict | None]:
+    """Plain local training for SecAgg+: (the raw float delta, the train metrics, the data fingerprint); no upload
+    codec, no feedback."""
     update = task.train_update(task.for_this_site(msg, context, site_steps=False), context)
     result = update.result
     log.info("round %d: trained on %d examples (%d steps, %d tokens, loss %.4f, %.0f tok/s); masking for SecAgg+",
              server_round_of(msg), result.num_examples, result.steps, result.input_tokens, result.train_loss,
              result.tokens_per_second)
-    return update.delta, dict(task.train_metrics(context, result, update.extra_metrics))
+    fingerprint = task.data_fingerprint(task.get_runtime(update.cfg), update.cfg, context)
+    return update.delta, dict(task.train_metrics(context, result, update.extra_metrics)), fingerprint
 
 
 def update_from_reply(train_fn: TrainFn) -> UpdateFn:
     """An UpdateFn from a train handler that replies with a Message (stand-in sites: tests, attack simulations)."""
-    def update(msg: Message, context: Context) -> tuple[dict[str, np.ndarray], dict]:
+    def update(msg: Message, context: Context) -> tuple[dict[str, np.ndarray], dict, dict | None]:
         reply = train_fn(msg, context)
         if reply.has_error():
             raise RuntimeError(f"local training failed: {reply.error.reason}")
         delta = decode_upload(unpack_arrays(reply.content["arrays"]))
-        return delta, dict(reply.content["metrics"])
+        fingerprint = reply.content.config_records.get(DATA_FINGERPRINT_RECORD)
+        return delta, dict(reply.content["metrics"]), None if fingerprint is None else dict(fingerprint)
 
     return update
 
@@ -127,7 +133,7 @@ def secagg_fit(msg: Message, context: Context, update_fn: UpdateFn = local_updat
         metadata=copy.copy(msg.metadata),
         content=RecordDict({"arrays": to_array_record(global_arrays), "config": ConfigRecord(train_config)}),
     )
-    delta, metrics = update_fn(train_msg, context)
+    delta, metrics, fingerprint = update_fn(train_msg, context)
     update, weight, clipped = secagg_upload(delta, int(metrics["num-examples"]), float(config[MAX_WEIGHT_KEY]),
                                             float(config[CLIPPING_RANGE_KEY]), float(config[DP_CLIP_NORM_KEY]))
     metrics[CLIPPED_VALUES_METRIC] = clipped
@@ -137,7 +143,10 @@ def secagg_fit(msg: Message, context: Context, update_fn: UpdateFn = local_updat
     fit_res = FitRes(status=Status(code=Code.OK, message=""),
                      parameters=ndarrays_to_parameters([update[key] for key in keys]),
                      num_examples=weight, metrics={k: v for k, v in metrics.items() if not isinstance(v, list)})
-    return Message(compat.fitres_to_recorddict(fit_res, keep_input=False), reply_to=msg)
+    content = compat.fitres_to_recorddict(fit_res, keep_input=False)
+    if fingerprint is not None:  # outside the FitRes: never masked or summed, read per site by the coordinator
+        content.config_records[DATA_FINGERPRINT_RECORD] = ConfigRecord(fingerprint)
+    return Message(content, reply_to=msg)
 
 
 def _requires_secagg(context: Context) -> bool:

@@ -10,7 +10,8 @@ unmasked aggregate in aggregate_fit. The crypto, masking and dropout recovery ar
 What crosses the wire per site (the coordinator sees): public keys, encrypted key shares, ONE masked
 integer vector (mod ``modulus_range``, sent as uint32 for the default 2**32; masks are ChaCha20 streams keyed by
 the full shared secrets, federation/secagg_masks.py; no plaintext arrays), the site's plaintext FitRes metrics
-(train loss, example count, ...) and Shamir shares in the unmask stage.
+(train loss, example count, ...), its data fingerprint (sha256 + example count, a ConfigRecord of its own beside the
+FitRes, read per site here and never part of the sum) and Shamir shares in the unmask stage.
 
 Weighting and quantization (Flower's secaggplus_mod / workflow; notation of secagg_error_bound):
 site i with delta x_i and weight w_i (its example count; 1 under DP) sends r_i = round(w_i/M * Q)
@@ -55,7 +56,8 @@ from federation.protocol import (ADAPTER_KEYS_KEY, CLIPPING_RANGE_KEY, DP_CLIP_N
                                  MASK_SCHEME, MASK_SCHEME_KEY, MAX_WEIGHT_KEY, RUN_CONFIG_KEY, SERVER_ROUND_KEY)
 from federation.secagg_masks import narrow_dtype, use_cryptographic_masks
 from federation.validation import check_secagg_aggregator, check_secagg_params  # noqa: F401 (the first re-exported)
-from server.replies import NUM_EXAMPLES, POSITIVE_COUNT, TRAIN_REPLY, reply_node, sent_to
+from server.replies import (NUM_EXAMPLES, POSITIVE_COUNT, TRAIN_REPLY, decode_data_fingerprint, reply_node,
+                            sent_to)
 from strategies.fedavg import UpdateRejected, validate_update
 
 log = logging.getLogger("fedtune.server")
@@ -166,6 +168,7 @@ class SecAggRoundResult:
     total_examples: int = 0
     weights: dict[int, float] = field(default_factory=dict)
     site_metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
+    data_fingerprints: dict[int, dict[str, Any]] = field(default_factory=dict)  # {"sha256", "examples"} per site
     sampled_nodes: list[int] = field(default_factory=list)
     # node -> "stage: reason" for sampled sites that dropped out (no reply or an error reply)
     dropped_nodes: dict[int, str] = field(default_factory=dict)
@@ -266,7 +269,8 @@ class _RecordingGrid:
     """Passes the workflow's send_and_receive through and records, per stage, who replied and how much.
 
     At the collect stage each reply goes through check_masked_vector_reply(content, where) when given: a refused
-    reply is withheld from the workflow (recorded in `rejected`), the others' checked metrics kept in `site_metrics`.
+    reply is withheld from the workflow (recorded in `rejected`), the others' checked metrics kept in `site_metrics`
+    and their data fingerprints (when well-formed) in `data_fingerprints`.
     """
 
     def __init__(self, grid: Grid, check_masked_vector=None):
@@ -274,6 +278,7 @@ class _RecordingGrid:
         self.check_masked_vector = check_masked_vector
         self.rejected: dict[int, str] = {}
         self.site_metrics: dict[int, dict[str, int | float]] = {}
+        self.data_fingerprints: dict[int, dict[str, str | int]] = {}
         self.stage = ""
         self.sent: dict[str, list[int]] = {}
         self.ok: dict[str, list[int]] = {}
@@ -312,6 +317,9 @@ class _RecordingGrid:
                     log.warning("SecAgg+: REJECTED masked vector of node %d (handled as a dropout, not in the "
                                 "sum): %s", node, exc)
                     continue
+                fingerprint = decode_data_fingerprint(reply, f"node {node}")
+                if fingerprint is not None:
+                    self.data_fingerprints[node] = fingerprint
             self.ok[self.stage].append(node)
             passed.append(reply)
             configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
@@ -482,6 +490,8 @@ def secagg_train_round(
     result.aggregated_nodes = sorted(collector.site_results)
     result.weights = {node: float(n) for node, (n, _) in collector.site_results.items()}
     result.site_metrics = {node: recorder.site_metrics[node] for node in result.aggregated_nodes}
+    result.data_fingerprints = {node: recorder.data_fingerprints[node] for node in result.aggregated_nodes
+                                if node in recorder.data_fingerprints}
     result.total_examples = int(sum(metrics[NUM_EXAMPLES] for metrics in result.site_metrics.values()))
     result.error_bound = secagg_error_bound(list(result.weights.values()), params.clipping_range,
                                             params.quantization_range, max_weight)
@@ -556,6 +566,7 @@ def secure_train_round(strategy: Any, grid: Grid, server_round: int, arrays: Arr
     for node in result.aggregated_nodes:
         ledger.per_site[node] = {**result.site_metrics[node], "bytes_up": result.bytes_up.get(node, 0),
                                  "masked_bytes_up": result.masked_bytes_up.get(node, 0)}
+    ledger.data_fingerprints.update(result.data_fingerprints)
     if result.privacy_report is not None:
         strategy.privacy_reports[server_round] = result.privacy_report
     new_global = strategy.aggregator.aggregate(strategy.current_global, [result.mean_delta],

@@ -363,3 +363,27 @@ def test_site_refuses_a_secagg_round_without_the_cryptographic_mask_scheme():
         server_secagg._SecureSumCollector = original
     assert result.mean_delta is None and result.error
     assert all("mask scheme" in reason for reason in result.dropped_nodes.values()), result.dropped_nodes
+
+
+def test_metrics_rows_of_a_secagg_run_carry_each_sites_data_fingerprint(make_cfg):
+    """Provenance survives SecAgg+: every train row names each aggregated site's data fingerprint (sha256, count),
+    the one that site computes for its own training data, as the plain path records it."""
+    from pathlib import Path
+
+    from client.task import data_fingerprint, get_runtime
+    from server.app import run_federation
+
+    cfg = make_cfg("privacy=secagg", "federation.num_clients=3", "federation.rounds=2",
+                   "federation.evaluate_before_training=false", "strategy.fraction_evaluate=0.0")
+    run_federation(InProcessGrid(client_app.app, 3), cfg)
+    rows = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    runtime = get_runtime(cfg)
+    expected = {str(node): data_fingerprint(runtime, cfg, Context(
+        run_id=1, node_id=node, node_config={"partition-id": node - 1, "num-partitions": 3}, state=RecordDict(),
+        run_config={})) for node in (1, 2, 3)}
+    assert len({fp["sha256"] for fp in expected.values()}) == 3 and all(fp["examples"] > 0 for fp in expected.values())
+    train_rows = [row for row in rows if row["round"] > 0]
+    assert len(train_rows) == 2
+    for row in train_rows:
+        assert row["clients_ok"] == 3 and row["aggregated"]
+        assert row["data_fingerprints"] == expected
