@@ -34,6 +34,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.fast_train import FastLocalTrainer, causal_lm_parts, linear_cross_entropy_per_token, shift_labels
 from client.trainer import LocalTrainer, TrainResult, elapsed_and_peak, make_lr_scheduler, planned_steps
+from federation import progress
 from federation.adapter import ADAPTER_NAME, AdapterMismatch, check_adapter_keys, lora_parameters
 from federation.data import IGNORE_INDEX, SiteDataset
 
@@ -197,10 +198,11 @@ class MultiAdapterTrainer:
         return losses, combined["row_adapter"].to(device).index_select(0, row_of_token)
 
     def train(self, datasets: Sequence[SiteDataset], seeds: Sequence[int], initial: Mapping[str, np.ndarray],
-              proximal_mu: float = 0.0) -> list[tuple[TrainResult, dict[str, np.ndarray]]]:
+              proximal_mu: float = 0.0, label: str | None = None) -> list[tuple[TrainResult, dict[str, np.ndarray]]]:
         """Train one adapter per dataset from `initial`; returns (result, adapter arrays) per client, in order.
 
         Client k's data order is the solo trainer's for seeds[k]; every client runs the same number of steps.
+        Progress (steps, the group's input tokens/s) shows as "<label> training together" (default: "K clients").
         """
         from client.proximal import proximal_term
 
@@ -227,27 +229,32 @@ class MultiAdapterTrainer:
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             scheduler = make_lr_scheduler(optimizer, cfg, steps)
             start = time.perf_counter()
-            for _ in range(steps):
-                micro = [[self._next(iterators, loaders, k) for _ in range(cfg.grad_accum)] for k in range(k_clients)]
-                step_tokens = torch.tensor([max(sum(self.solo._target_tokens(b) for b in batches), 1)
-                                            for batches in micro], dtype=torch.float32, device=device)
-                for j in range(cfg.grad_accum):
-                    combined = combine_batches([micro[k][j] for k in range(k_clients)], self.solo.pad_token_id)
-                    stacked.row_adapter = combined["row_adapter"].to(device)
-                    losses, client_of_token = self._token_losses(combined, device)
-                    # Each client's loss normalised by its own step's tokens: its gradient is the solo one.
-                    (losses * step_tokens.index_select(0, client_of_token).reciprocal()).sum().backward()
-                    loss_sum.index_add_(0, client_of_token, losses.detach().double())
-                    target_tokens += torch.bincount(client_of_token, minlength=k_clients)
-                    for k in range(k_clients):
-                        input_tokens[k] += self.solo._input_tokens(micro[k][j])
-                if start_params is not None:
-                    proximal_term(params, start_params, proximal_mu).backward()
-                if cfg.max_grad_norm > 0:
-                    stacked.clip_grad_norm_per_adapter(cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            description = f"{label or f'{k_clients} clients'} training together"
+            with progress.track(description, steps, "steps", rate_unit="tokens") as bar:
+                for _ in range(steps):
+                    tokens_before = int(input_tokens.sum())
+                    micro = [[self._next(iterators, loaders, k) for _ in range(cfg.grad_accum)]
+                             for k in range(k_clients)]
+                    step_tokens = torch.tensor([max(sum(self.solo._target_tokens(b) for b in batches), 1)
+                                                for batches in micro], dtype=torch.float32, device=device)
+                    for j in range(cfg.grad_accum):
+                        combined = combine_batches([micro[k][j] for k in range(k_clients)], self.solo.pad_token_id)
+                        stacked.row_adapter = combined["row_adapter"].to(device)
+                        losses, client_of_token = self._token_losses(combined, device)
+                        # Each client's loss normalised by its own step's tokens: its gradient is the solo one.
+                        (losses * step_tokens.index_select(0, client_of_token).reciprocal()).sum().backward()
+                        loss_sum.index_add_(0, client_of_token, losses.detach().double())
+                        target_tokens += torch.bincount(client_of_token, minlength=k_clients)
+                        for k in range(k_clients):
+                            input_tokens[k] += self.solo._input_tokens(micro[k][j])
+                    if start_params is not None:
+                        proximal_term(params, start_params, proximal_mu).backward()
+                    if cfg.max_grad_norm > 0:
+                        stacked.clip_grad_norm_per_adapter(cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    bar.advance(1, int(input_tokens.sum()) - tokens_before)
             seconds, peak = elapsed_and_peak(device, start)
             stacked.row_adapter = None
             adapters = stacked.adapter_arrays()
@@ -302,7 +309,7 @@ def batchable(msg: Message, context: Context) -> bool:
 def train_replies(messages: Sequence[Message], contexts: Sequence[Context]) -> list[Message]:
     """Replies to batchable train messages with one run config, trained together; each as client.app.train gives."""
     from client.task import (build_train_reply, configure_trainable, get_runtime, make_trainer, parse_run_config,
-                             site_datasets, site_seed)
+                             progress_label, site_datasets, site_seed)
     from federation.protocol import RUN_CONFIG_KEY, TRAINED_TOGETHER
     from federation.adapter import adapter_delta, from_array_record
 
@@ -323,7 +330,8 @@ def train_replies(messages: Sequence[Message], contexts: Sequence[Context]) -> l
     rounds = [int(msg.content["config"].get("server-round", 0)) for msg in messages]
     seeds = [site_seed(cfg, r, ctx) for r, ctx in zip(rounds, contexts)]
     trainer = MultiAdapterTrainer(make_trainer(runtime, cfg))
-    results = trainer.train(datasets, seeds, global_arrays, proximal_mu=cfg.strategy.proximal_mu)
+    results = trainer.train(datasets, seeds, global_arrays, proximal_mu=cfg.strategy.proximal_mu,
+                            label=", ".join(progress_label(ctx) for ctx in contexts))
     log.info("round %d: %d virtual clients trained together in %.1fs", rounds[0], len(messages),
              sum(r.seconds for r, _ in results))
     together = {TRAINED_TOGETHER: len(messages)}

@@ -181,7 +181,7 @@ class LocalTrainer:
                             accountant=dp_cfg.accountant, accountant_state=accountant_state, **budget)
         start = time.perf_counter()
         try:
-            losses = dp_train_steps(setup, steps)
+            losses = dp_train_steps(setup, steps, label=self.label)
             epsilon = setup.epsilon(dp_cfg.delta)
         finally:
             state = setup.close()

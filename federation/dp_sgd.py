@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import default_collate
 
+from federation import progress
 from federation.privacy import DEFAULT_MAX_NOISE_MULTIPLIER, calibrate_noise_multiplier
 from federation.secure_random import os_entropy_torch_generator
 
@@ -212,27 +213,32 @@ def _noise_only_step(optimizer: DPOptimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def dp_train_steps(setup: DPSGDSetup, num_steps: int) -> list[float]:
+def dp_train_steps(setup: DPSGDSetup, num_steps: int, label: str = "local") -> list[float]:
     """Run `num_steps` DP-SGD steps on batches {input_ids, labels[, attention_mask]}; batch losses.
 
-    Empty Poisson batches still take a (noise-only) step and report NaN as their loss.
+    Empty Poisson batches still take a (noise-only) step and report NaN as their loss. Progress (steps, input
+    tokens/s) shows as "<label> DP-SGD training" (federation/progress.py), as the plain trainer's does.
     """
     model, optimizer = setup.model, setup.optimizer
     model.train()
     losses: list[float] = []
     device = next(p for p in model.parameters() if p.requires_grad).device
     batches = _poisson_batches(setup)
-    for _ in range(num_steps):
-        collated = next(batches)
-        if collated is None:
-            _noise_only_step(optimizer)
-            losses.append(math.nan)
-            continue
-        batch = {key: value.to(device) for key, value in collated.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-        loss = per_sequence_causal_lm_loss(logits, batch["labels"]).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+    with progress.track(f"{label} DP-SGD training", num_steps, "steps", rate_unit="tokens") as bar:
+        for _ in range(num_steps):
+            collated = next(batches)
+            if collated is None:
+                _noise_only_step(optimizer)
+                losses.append(math.nan)
+                bar.advance(1, 0)
+                continue
+            batch = {key: value.to(device) for key, value in collated.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+            loss = per_sequence_causal_lm_loss(logits, batch["labels"]).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            mask = collated.get("attention_mask")
+            bar.advance(1, int(mask.sum()) if mask is not None else collated["input_ids"].numel())
     return losses

@@ -100,3 +100,59 @@ def test_local_training_reports_its_steps_and_tokens_per_second(console_of, capl
     assert line.startswith("site 0 training: 2/2 steps, ") and " tokens/s, " in line
     rate = float(line.split(", ")[1].split()[0].replace(",", ""))
     assert rate == pytest.approx(result.tokens_per_second, rel=0.5)  # same tokens, timed a little differently
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_dp_sgd_training_reports_its_steps_and_tokens_per_second(console_of, caplog):
+    import time
+
+    import torch
+
+    from federation.dp_sgd import dp_train_steps
+    from tests.federation.test_dp_sgd import setup_dp, tiny_lora_model
+
+    console_of(terminal=False)
+    torch.manual_seed(0)
+    setup = setup_dp(tiny_lora_model())
+    tokens = []
+
+    def counting_collate(examples):
+        batch = setup.collate_fn(examples)
+        tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    start = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="fedtune.progress"):
+        dp_train_steps(setup._replace(collate_fn=counting_collate), 3, label="site 1")
+    seconds = time.perf_counter() - start
+    setup.close()
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "fedtune.progress"]
+    assert line.startswith("site 1 DP-SGD training: 3/3 steps, ") and " tokens/s, " in line
+    rate = float(line.split(", ")[1].split()[0].replace(",", ""))
+    assert sum(tokens) > 0 and rate == pytest.approx(sum(tokens) / seconds, rel=0.5)
+
+
+def test_multi_adapter_training_reports_the_groups_steps_and_tokens_per_second(console_of, caplog):
+    import torch
+
+    from client.multi_adapter import MultiAdapterTrainer
+    from client.trainer import LocalTrainer
+    from federation.adapter import get_adapter_arrays
+    from federation.compose import compose_config
+    from federation.data import load_site_split
+    from federation.model import build_lora_model
+
+    console_of(terminal=False)
+    cfg = compose_config(["train.local_steps=2", "data.demo.examples_per_skill=8", "data.demo.eval_examples_per_skill=2"])
+    torch.manual_seed(0)
+    model, tokenizer, _ = build_lora_model(cfg.model, cfg.lora)
+    datasets = [load_site_split(cfg.data, tokenizer, pid, 2)[0] for pid in range(2)]
+    trainer = MultiAdapterTrainer(LocalTrainer(model, tokenizer.pad_token_id, cfg.train))
+    with caplog.at_level(logging.INFO, logger="fedtune.progress"):
+        results = trainer.train(datasets, [0, 1], get_adapter_arrays(model), label="site 0, site 1")
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "fedtune.progress"]
+    assert line.startswith("site 0, site 1 training together: 2/2 steps, ") and " tokens/s, " in line
+    rate = float(line.split(", ")[2].split()[0].replace(",", ""))
+    # the clients' seconds are shares of the group's one wall clock, so they add up to it
+    group_rate = sum(r.input_tokens for r, _ in results) / sum(r.seconds for r, _ in results)
+    assert rate == pytest.approx(group_rate, rel=0.5)
