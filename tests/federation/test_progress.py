@@ -143,7 +143,8 @@ def test_multi_adapter_training_reports_the_groups_steps_and_tokens_per_second(c
     from federation.model import build_lora_model
 
     console_of(terminal=False)
-    cfg = compose_config(["train.local_steps=2", "data.demo.examples_per_skill=8", "data.demo.eval_examples_per_skill=2"])
+    cfg = compose_config(["train.local_steps=2", "data.demo.examples_per_skill=8",
+                          "data.demo.eval_examples_per_skill=2"])
     torch.manual_seed(0)
     model, tokenizer, _ = build_lora_model(cfg.model, cfg.lora)
     datasets = [load_site_split(cfg.data, tokenizer, pid, 2)[0] for pid in range(2)]
