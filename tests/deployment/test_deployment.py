@@ -195,8 +195,10 @@ def test_site_killed_in_round_one_is_missing_and_rejoins(deployment):
     run_dir = deployment.root / "run-dropout"
     node_c = deployment.node_ids["site-c"]
     received_before = deployment.procs.log("site-c").count("Receiving: train message")
-    launch = deployment.procs.start("launch-dropout", deployment.launch_argv("federation.rounds=3",
-                                                                               f"output_dir={run_dir}"))
+    # Rounds wait for all three sites to be connected: without that, rounds of a few seconds could all end while
+    # the restarted site-c is still starting (a loaded CI machine took 26 s), and "it rejoins" would go untested.
+    launch = deployment.procs.start("launch-dropout", deployment.launch_argv(
+        "federation.rounds=3", f"output_dir={run_dir}", f"strategy.min_available_clients={len(SITES)}"))
     round_started = {1: time.monotonic()}
     wait_for(lambda: deployment.procs.log("site-c").count("Receiving: train message") > received_before,
              RUN_TIMEOUT_S, "site-c to receive its round-1 train message",
