@@ -361,4 +361,10 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """`flwr run .` entry: hydra defaults from conf/ plus the run config's flat overrides."""
-    run_federation(grid, compose_config(overrides_from_flat(dict(context.run_config))))
+    cfg = compose_config(overrides_from_flat(dict(context.run_config)))
+    if cfg.federation.clients_per_batch > 1:
+        # Grouping virtual clients is `fedtune simulate`'s (simulations/virtual_grid.py); here every node is one
+        # client (a real site, or one of Flower's own simulated nodes), so say so rather than ignore it silently.
+        log.warning("federation.clients_per_batch=%d applies to `fedtune simulate` only; under `flwr run` each "
+                    "node trains on its own", cfg.federation.clients_per_batch)
+    run_federation(grid, cfg)
