@@ -17,8 +17,9 @@ and a bare ``<category>`` to the default one (flwr/clientapp/client_app.py). The
 | ``<category>.virtual_clients`` | ``virtual_clients`` (below) | a simulation's group of virtual clients (federation/virtual_clients.py) |
 
 The base model is loaded once per process and stays resident (client/task.py); every round only the LoRA
-tensors are copied in. The run config travels from the coordinator inside the message, so every site trains the
-model and adapter shape the coordinator chose; the only site-local input is where the data is (``data-path`` in
+tensors are copied in. The run config travels from the coordinator inside the message (in full until the site has
+answered one, then by its sha256: the mod ``run_config_from_context`` of client/run_config_cache.py puts it back
+before every handler), so every site trains the model and adapter shape the coordinator chose; the only site-local input is where the data is (``data-path`` in
 the node config, or the simulation's partition id). pyproject's ``clientapp``, the site's resident worker
 (client/worker.py) and the simulations all run this ``app``.
 """
@@ -38,12 +39,14 @@ from flwr.clientapp import ClientApp  # noqa: E402
 
 from client import fedex, fedsa, flora, scaffold, task  # noqa: E402
 from client.multi_adapter import answer_together  # noqa: E402
+from client.run_config_cache import run_config_from_context  # noqa: E402
 from client.secagg import secagg_fit, secaggplus_when_requested  # noqa: E402
 from federation.protocol import EVALUATE, LEGACY_FIT_PARAMETERS, QUERY, RUN_CONFIG_KEY, TRAIN  # noqa: E402
 from federation.virtual_clients import GROUP_ACTION, pack_replies, unpack_group  # noqa: E402
 from strategies.registry import strategy_spec  # noqa: E402
 
-app = ClientApp()
+# The mod runs before every handler (and before SecAgg+'s mod): a message may carry only the run config's sha256.
+app = ClientApp(mods=[run_config_from_context])
 
 # The method handlers, by action; registered below as "train.<action>" / "evaluate.<action>".
 TRAIN_HANDLERS = {"scaffold": scaffold.train, "fedsa_lora": fedsa.train, "flora": flora.train,

@@ -7,6 +7,8 @@ the strings on the wire: changing one breaks compatibility with sites running an
 
 from __future__ import annotations
 
+import hashlib
+
 # ------------------------------------------------------------------ message types
 # Flower routes "<category>.<action>" to the ClientApp handler registered as @app.<category>("<action>")
 # (flwr/clientapp/client_app.py); a bare "<category>" goes to the default handler.
@@ -25,6 +27,13 @@ CONFIG_RECORD = "config"
 ARRAYS_RECORD = "arrays"
 METRICS_RECORD = "metrics"
 RUN_CONFIG_KEY = "fedtune.run-config"  # the run config as JSON (federation.config.run_config_to_json)
+# The run config travels once per (coordinator process, site): every message names it by the sha256 of its JSON and
+# only messages to a site that has not yet answered one carry the JSON itself (server/run_config_once.py); the site
+# keeps it in its Context.state (client/run_config_cache.py).
+RUN_CONFIG_SHA256_KEY = "fedtune.run-config-sha256"
+# Error code of a site's reply to a message naming a run config the site does not hold (it restarted, so its
+# Context.state is new); the coordinator sends the full config with its next message to that site.
+UNKNOWN_RUN_CONFIG_ERROR = 4101
 SERVER_ROUND_KEY = "server-round"
 FEDERATION_RUN_ID_KEY = "fedtune.federation-run-id"  # keys the sites' round state (client/site_state.py)
 
@@ -89,3 +98,8 @@ CLIPPED_VALUES_METRIC = "secagg-clipped-values"
 METRIC_RANK = "lora-r"
 METRIC_LOCAL_STEPS = "local-steps"
 METRIC_FROZEN_COUNT = "frozen-updates"
+
+
+def run_config_sha256(run_config_json: str) -> str:
+    """The hex sha256 of a run config's JSON text: the name a message gives the run config it runs under."""
+    return hashlib.sha256(run_config_json.encode()).hexdigest()

@@ -33,6 +33,7 @@ from server.replies import (DP_SGD_EPSILON, EVAL_EXACT_MATCH, EVAL_GENERATED, EV
                             EVAL_ROUGE_L, EVAL_TOKEN_F1, TOKENS_PER_SECOND, TRAIN_LOSS, TRAIN_TOKENS, metric_or_none)
 from server.secagg import secagg_params_for_run, secure_train_round
 from server.report import plot_eval_metrics, plot_losses, summary_table
+from server.run_config_once import RunConfigOnceGrid
 from server import tracking
 from server.gold_set import GoldSetScorer
 from server.methods import build_coordinator
@@ -143,6 +144,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
     from federation import progress
 
     validate_coordinator_setup(cfg)  # the tracker's package, a readable eval.gold_set: before any work
+    grid = RunConfigOnceGrid(grid)  # the run config travels to each site once, then by its sha256
     console = progress.console()  # shared with the progress bars, so round lines print above them
     if not cfg.output_dir:
         cfg.output_dir = f"runs/{time.strftime('%Y-%m-%d_%H-%M-%S')}"

@@ -1,0 +1,98 @@
+"""The run config travels to each site once; later messages name it by sha256; a site that lost it recovers."""
+
+import pytest
+from flwr.app import ConfigRecord, Context, MessageType, RecordDict
+
+import server.app
+from client.app import app as client_app
+from client.run_config_cache import STATE_RECORD, UnknownRunConfigError, with_run_config
+from federation.adapter import to_array_record
+from federation.config import run_config_to_json
+from federation.model import initial_adapter
+from federation.protocol import (RUN_CONFIG_KEY, RUN_CONFIG_SHA256_KEY, UNKNOWN_RUN_CONFIG_ERROR,
+                                 run_config_sha256)
+from server.run_config_once import RunConfigOnceGrid
+from simulations.inprocess import InProcessGrid
+from tests.flower_messages import instruction
+from tests.server.test_hetero import RecordingGrid
+
+
+def _config_bytes(msg) -> int:
+    return sum(record.count_bytes() for record in msg.content.config_records.values())
+
+
+def test_only_the_first_message_to_a_site_carries_the_run_config(make_cfg):
+    cfg = make_cfg("federation.num_clients=2", "federation.rounds=2")
+    grid = RecordingGrid(client_app, 2)
+    rows = server.app.run_federation(grid, cfg)
+    assert rows[-1]["clients_ok"] == 2 and all(reply is not None and not reply.has_error()
+                                               for _, reply in grid.exchanges)
+    text = run_config_to_json(cfg)
+    for node in (1, 2):
+        sent = [msg for msg, _ in grid.exchanges if msg.metadata.dst_node_id == node]
+        assert len(sent) >= 4  # query, round-0 evaluate, 2 x (train, evaluate)
+        assert all(msg.content["config"][RUN_CONFIG_SHA256_KEY] == run_config_sha256(text) for msg in sent)
+        assert str(sent[0].content["config"][RUN_CONFIG_KEY]) == text
+        assert not any(RUN_CONFIG_KEY in msg.content["config"] for msg in sent[1:])
+        # What the config record costs: the first message pays for the JSON, every later one a few entries.
+        assert _config_bytes(sent[0]) > len(text)
+        assert all(_config_bytes(msg) < 256 < len(text) for msg in sent[1:])
+
+
+def _evaluate_message(cfg, node):
+    content = RecordDict({"arrays": to_array_record(initial_adapter(cfg.model, cfg.lora)),
+                          "config": ConfigRecord({RUN_CONFIG_KEY: run_config_to_json(cfg), "server-round": 1})})
+    return instruction(content, dst_node_id=node, message_type=MessageType.EVALUATE)
+
+
+def test_a_restarted_site_gets_a_clear_error_and_then_the_full_config(make_cfg):
+    cfg = make_cfg("federation.num_clients=2")
+    inner = InProcessGrid(client_app, 2)
+    grid = RunConfigOnceGrid(inner)
+    first = list(grid.send_and_receive([_evaluate_message(cfg, 1), _evaluate_message(cfg, 2)]))
+    assert not any(r.has_error() for r in first) and grid.confirmed == {1: {run_config_sha256(run_config_to_json(cfg))},
+                                                                        2: {run_config_sha256(run_config_to_json(cfg))}}
+    # Site 1 restarts: Flower gives it a new Context, so its state no longer holds the run config.
+    old = inner.contexts[1]
+    inner.contexts[1] = Context(run_id=old.run_id, node_id=1, node_config=old.node_config, state=RecordDict(),
+                                run_config={})
+    second = {r.metadata.src_node_id: r for r in grid.send_and_receive([_evaluate_message(cfg, 1),
+                                                                          _evaluate_message(cfg, 2)])}
+    assert not second[2].has_error()
+    assert second[1].has_error() and second[1].error.code == UNKNOWN_RUN_CONFIG_ERROR
+    assert "holds no run config with sha256" in second[1].error.reason
+    # The coordinator forgot that site 1 held it: the next message carries the JSON again and is answered.
+    third = list(grid.send_and_receive([_evaluate_message(cfg, 1)]))
+    assert not third[0].has_error() and STATE_RECORD in inner.contexts[1].state.config_records
+
+
+def test_a_site_stores_the_run_config_and_restores_it_by_hash(make_cfg):
+    text = run_config_to_json(make_cfg())
+    digest = run_config_sha256(text)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    by_hash = instruction(RecordDict({"config": ConfigRecord({RUN_CONFIG_SHA256_KEY: digest, "server-round": 2})}), 1)
+    with pytest.raises(UnknownRunConfigError):
+        with_run_config(by_hash, context)
+    full = instruction(RecordDict({"config": ConfigRecord({RUN_CONFIG_SHA256_KEY: digest, RUN_CONFIG_KEY: text})}), 1)
+    assert with_run_config(full, context) is full
+    restored = with_run_config(by_hash, context)
+    assert restored.content["config"][RUN_CONFIG_KEY] == text and restored.content["config"]["server-round"] == 2
+    assert RUN_CONFIG_KEY not in by_hash.content["config"]  # the received message is left as it came
+    tampered = instruction(RecordDict({"config": ConfigRecord({RUN_CONFIG_SHA256_KEY: digest,
+                                                               RUN_CONFIG_KEY: text + " "})}), 1)
+    with pytest.raises(ValueError, match="does not match its sha256"):
+        with_run_config(tampered, context)
+
+
+def test_secagg_rounds_name_the_run_config_by_hash(make_cfg):
+    """SecAgg+'s masked-vector stage carries the run config in Flower's legacy FitIns config: compacted there too."""
+    cfg = make_cfg("privacy=secagg", "federation.num_clients=3", "federation.rounds=1",
+                   "federation.evaluate_before_training=false", "strategy.fraction_evaluate=0.0")
+    grid = RecordingGrid(client_app, 3)
+    rows = server.app.run_federation(grid, cfg)
+    assert rows[-1]["clients_ok"] == 3 and rows[-1]["aggregated"]
+    named = [(msg, name) for msg, _ in grid.exchanges for name, record in msg.content.config_records.items()
+             if RUN_CONFIG_SHA256_KEY in record]
+    fit_configs = [(msg, name) for msg, name in named if name != "config"]  # the legacy FitIns config record
+    assert len(fit_configs) == 3  # one masked-vector stage message per site, after each site answered the query
+    assert not any(RUN_CONFIG_KEY in msg.content[name] for msg, name in fit_configs)
