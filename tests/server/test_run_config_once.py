@@ -96,3 +96,22 @@ def test_secagg_rounds_name_the_run_config_by_hash(make_cfg):
     fit_configs = [(msg, name) for msg, name in named if name != "config"]  # the legacy FitIns config record
     assert len(fit_configs) == 3  # one masked-vector stage message per site, after each site answered the query
     assert not any(RUN_CONFIG_KEY in msg.content[name] for msg, name in fit_configs)
+
+
+def test_the_client_app_itself_answers_a_message_that_names_the_run_config_by_hash(make_cfg):
+    """What a deployed site runs (client/worker.py calls the ClientApp per message, no simulation grouping)."""
+    cfg = make_cfg()
+    text = run_config_to_json(cfg)
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+                      run_config={})
+    full = _evaluate_message(cfg, 1)
+    full.content["config"] = ConfigRecord({**dict(full.content["config"]),
+                                           RUN_CONFIG_SHA256_KEY: run_config_sha256(text)})
+    assert not client_app(full, context).has_error()
+    by_hash = _evaluate_message(cfg, 1)
+    by_hash.content["config"] = ConfigRecord({RUN_CONFIG_SHA256_KEY: run_config_sha256(text), "server-round": 1})
+    reply = client_app(by_hash, context)
+    assert not reply.has_error() and reply.content["metrics"]["eval-tokens"] > 0
+    lost = client_app(by_hash, Context(run_id=1, node_id=1, node_config=context.node_config, state=RecordDict(),
+                                       run_config={}))
+    assert lost.has_error() and lost.error.code == UNKNOWN_RUN_CONFIG_ERROR
