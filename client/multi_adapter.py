@@ -352,12 +352,12 @@ def answer_together(app: Callable[[Message, Context], Message], messages: Sequen
                     contexts: Sequence[Context]) -> list[Message]:
     """Replies to messages (one per virtual client, in order): batchable train messages with one run config in
     groups of <= federation.clients_per_batch trained together, every other message by app one at a time."""
-    from client.run_config_cache import UnknownRunConfigError, with_run_config
+    from client.run_config_cache import UnknownRunConfigError, restore_run_config
     from federation.protocol import RUN_CONFIG_KEY
 
     def full(msg: Message, context: Context) -> Message:
         try:  # batchable() reads the run config: put it back where the message names it by hash only
-            return with_run_config(msg, context)
+            return restore_run_config(msg, context)
         except (UnknownRunConfigError, ValueError):  # app's mod answers it with the clear error
             return msg
 

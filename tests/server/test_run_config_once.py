@@ -5,7 +5,8 @@ from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 
 import server.app
 from client.app import app as client_app
-from client.run_config_cache import STATE_RECORD, UnknownRunConfigError, with_run_config
+from client.run_config_cache import (STATE_RECORD, UnknownRunConfigError, forget_recent_run_configs,
+                                     restore_run_config)
 from federation.adapter import to_array_record
 from federation.config import run_config_to_json
 from federation.model import initial_adapter
@@ -52,7 +53,8 @@ def test_a_restarted_site_gets_a_clear_error_and_then_the_full_config(make_cfg):
     first = list(grid.send_and_receive([_evaluate_message(cfg, 1), _evaluate_message(cfg, 2)]))
     assert not any(r.has_error() for r in first) and grid.confirmed == {1: {run_config_sha256(run_config_to_json(cfg))},
                                                                         2: {run_config_sha256(run_config_to_json(cfg))}}
-    # Site 1 restarts: Flower gives it a new Context, so its state no longer holds the run config.
+    # Site 1 restarts: a new process, and Flower gives it a new Context, so neither holds the run config.
+    forget_recent_run_configs()
     old = inner.contexts[1]
     inner.contexts[1] = Context(run_id=old.run_id, node_id=1, node_config=old.node_config, state=RecordDict(),
                                 run_config={})
@@ -70,18 +72,19 @@ def test_a_site_stores_the_run_config_and_restores_it_by_hash(make_cfg):
     text = run_config_to_json(make_cfg())
     digest = run_config_sha256(text)
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    forget_recent_run_configs()
     by_hash = instruction(RecordDict({"config": ConfigRecord({RUN_CONFIG_SHA256_KEY: digest, "server-round": 2})}), 1)
     with pytest.raises(UnknownRunConfigError):
-        with_run_config(by_hash, context)
+        restore_run_config(by_hash, context)
     full = instruction(RecordDict({"config": ConfigRecord({RUN_CONFIG_SHA256_KEY: digest, RUN_CONFIG_KEY: text})}), 1)
-    assert with_run_config(full, context) is full
-    restored = with_run_config(by_hash, context)
+    assert restore_run_config(full, context) is full
+    restored = restore_run_config(by_hash, context)
     assert restored.content["config"][RUN_CONFIG_KEY] == text and restored.content["config"]["server-round"] == 2
     assert RUN_CONFIG_KEY not in by_hash.content["config"]  # the received message is left as it came
     tampered = instruction(RecordDict({"config": ConfigRecord({RUN_CONFIG_SHA256_KEY: digest,
                                                                RUN_CONFIG_KEY: text + " "})}), 1)
     with pytest.raises(ValueError, match="does not match its sha256"):
-        with_run_config(tampered, context)
+        restore_run_config(tampered, context)
 
 
 def test_secagg_rounds_name_the_run_config_by_hash(make_cfg):
@@ -112,6 +115,24 @@ def test_the_client_app_itself_answers_a_message_that_names_the_run_config_by_ha
     by_hash.content["config"] = ConfigRecord({RUN_CONFIG_SHA256_KEY: run_config_sha256(text), "server-round": 1})
     reply = client_app(by_hash, context)
     assert not reply.has_error() and reply.content["metrics"]["eval-tokens"] > 0
+    forget_recent_run_configs()  # a restarted site: new process, new Context
     lost = client_app(by_hash, Context(run_id=1, node_id=1, node_config=context.node_config, state=RecordDict(),
                                        run_config={}))
     assert lost.has_error() and lost.error.code == UNKNOWN_RUN_CONFIG_ERROR
+
+
+def test_a_context_saved_after_the_reply_still_restores_the_run_config_in_the_same_process(make_cfg):
+    """The worker pushes the reply before the Context (Flower's order): the next message may come with the old
+    Context. The process's own copy answers it, where the Context alone would have cost the site a round."""
+    text = run_config_to_json(make_cfg())
+    digest = run_config_sha256(text)
+    forget_recent_run_configs()
+    full = instruction(RecordDict({"config": ConfigRecord({RUN_CONFIG_SHA256_KEY: digest, RUN_CONFIG_KEY: text})}), 1)
+    restore_run_config(full, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}))
+    stale = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    by_hash = instruction(RecordDict({"config": ConfigRecord({RUN_CONFIG_SHA256_KEY: digest})}), 1)
+    assert restore_run_config(by_hash, stale).content["config"][RUN_CONFIG_KEY] == text
+    assert STATE_RECORD in stale.state.config_records  # and the Context holds it again from now on
+    forget_recent_run_configs()
+    with pytest.raises(UnknownRunConfigError):
+        restore_run_config(by_hash, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}))
