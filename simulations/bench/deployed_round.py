@@ -75,13 +75,21 @@ def _gpu_memory_by_pid() -> dict[int, int]:
 
 
 def _tree(pid: int) -> set[int]:
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        return {pid, *(child.pid for child in proc.children(recursive=True))}
-    except psutil.NoSuchProcess:
-        return set()
+    """`pid` and all its descendants, from /proc (psutil is not in every GPU image)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        current = todo.pop()
+        if current not in found:
+            found.add(current)
+            todo.extend(children.get(current, []))
+    return found
 
 
 def _write_site_data(root: Path, sites: int) -> list[Path]:
@@ -168,11 +176,13 @@ def main(argv: list[str] | None = None) -> int:
             memory = _gpu_memory_by_pid()
             result["runs"].append({"rows": rows, "gpu_mib_after_run": {
                 name: sum(memory.get(pid, 0) for pid in _tree(procs[name].pid)) for name in names}})
-        result["base_model_loads"] = {name: log_of(name).count("base model loaded") for name in names}
-        result["node_of_site"] = {name: entry["node_id"] for name, entry in
-                                  json.loads((root / "coordinator" / "sites.json").read_text()).items()}
-        result["handler_seconds"] = {name: [(int(r), kind, float(s)) for r, kind, s in ANSWERED.findall(log_of(name))]
-                                     for name in names}
+            result["base_model_loads"] = {name: log_of(name).count("base model loaded") for name in names}
+            result["node_of_site"] = {name: entry["node_id"] for name, entry in
+                                      json.loads((root / "coordinator" / "sites.json").read_text()).items()}
+            result["handler_seconds"] = {name: [(int(r), kind, float(s))
+                                                for r, kind, s in ANSWERED.findall(log_of(name))] for name in names}
+            if args.out:  # after every run: a device call cut short still leaves the runs that finished
+                args.out.write_text(json.dumps(result, indent=1))
     finally:
         for proc in procs.values():
             try:
