@@ -4,7 +4,8 @@ test_deployment.py and test_resident_worker.py both run against it (starting a c
 ~10-30 s, and every daemon's first message loads the base model once more), in file order: test_deployment.py
 kills and restarts one site and the coordinator along the way; test_resident_worker.py then counts what the
 sites' newest daemons did across all runs. Every process is started in its own session and killed with its whole
-tree at the end, pass or fail.
+tree at the end, pass or fail. test_hostile_site.py starts a deployment of its own (running_deployment), whose
+third site runs hostile code.
 """
 
 from __future__ import annotations
@@ -104,8 +105,8 @@ def write_site_data(root: Path, skills: Mapping[str, str] = SKILLS
     from federation.config import DemoTaskConfig
     from federation.demo_task import generate_demo_task
 
-    train, held_out = generate_demo_task(DemoTaskConfig(skills=list(skills.values()), examples_per_skill=EXAMPLES_PER_SKILL,
-                                                        eval_examples_per_skill=8))
+    train, held_out = generate_demo_task(DemoTaskConfig(skills=list(skills.values()),
+                                                        examples_per_skill=EXAMPLES_PER_SKILL, eval_examples_per_skill=8))
     paths, canaries, counts = {}, {}, {}
     for site, skill in skills.items():
         canary = f"CANARY-{site}-{secrets.token_hex(8)}"

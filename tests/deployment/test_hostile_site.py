@@ -123,6 +123,8 @@ def test_hostile_site_is_rejected_with_a_reason_each_round_and_the_honest_sites_
     assert code == 0, tail(output, 80)
     for name in ("coordinator", *SKILLS):
         assert dep.procs.procs[name].poll() is None, (name, tail(dep.procs.log(name)))
+    for text in (output, dep.procs.log("coordinator")):  # the ServerApp's log (streamed) and the SuperLink's
+        assert "Traceback" not in text and "ERROR" not in text, tail(text, 80)
     rows = _metrics(run_dir)
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1)), tail(output, 80)
 

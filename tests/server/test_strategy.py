@@ -236,7 +236,8 @@ def test_finite_updates_whose_weighted_sum_overflows_fail_the_round_and_leave_th
     # The same updates one order of magnitude smaller sum fine.
     s = LoraDeltaStrategy(build_aggregator(aggregator, {}), min_train_nodes=1, min_available_nodes=1)
     s.current_global = {k: v.copy() for k, v in GLOBAL.items()}
-    arrays, _ = s.aggregate_train(1, [_train_reply(1, honest, 10), _train_reply(2, {KA: huge[KA] / 1e2, KB: huge[KB]}, 10)])
+    smaller = {KA: huge[KA] / 1e2, KB: huge[KB]}
+    arrays, _ = s.aggregate_train(1, [_train_reply(1, honest, 10), _train_reply(2, smaller, 10)])
     assert arrays is not None and all(np.all(np.isfinite(v)) for v in from_array_record(arrays).values())
 
 
