@@ -38,7 +38,7 @@ from server import tracking
 from server.gold_set import GoldSetScorer
 from server.methods import build_coordinator
 from server.methods.flora import check_site_ranks
-from server.strategy import LoraDeltaStrategy, RoundLedger
+from server.strategy import LoraDeltaStrategy, NonFiniteAggregate, RoundLedger, check_finite_aggregate
 from strategies.fedavg import UpdateRejected, validate_update
 
 log = logging.getLogger("fedtune.server")
@@ -238,10 +238,19 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
                           "global adapter unchanged", server_round, len(ledger.accepted),
                           cfg.federation.min_completed_clients)
                 new_arrays = None
+            adapter = None if new_arrays is None else from_array_record(new_arrays)
+            if adapter is not None:
+                try:  # every strategy's (and SecAgg+'s) new adapter, as it would be saved and sent
+                    check_finite_aggregate(adapter, "the new global adapter")
+                except NonFiniteAggregate as exc:
+                    ledger.aggregation_error = f"{type(exc).__name__}: {exc}"
+                    log.error("round %d: %s; global adapter unchanged", server_round, exc)
+                    adapter = new_arrays = None
             if new_arrays is not None:
                 arrays = new_arrays
             eval_columns = _evaluate(strategy, grid, server_round, arrays, config, cfg.federation.evaluate_timeout())
-            adapter = from_array_record(arrays)
+            if adapter is None:
+                adapter = from_array_record(arrays)
             if gold_set is not None:
                 eval_columns.update(gold_set.score(adapter, server_round))
             digest = checkpoint(server_round, adapter)
@@ -314,7 +323,10 @@ def _reason_line(reason: str) -> str:
 
 
 def round_failure_cause(cfg: RunConfig, ledger: RoundLedger) -> str:
-    """Why a round aggregated nothing, from its ledger: the first site error or rejection, else silence or too few."""
+    """Why a round aggregated nothing, from its ledger: its accepted updates could not be aggregated, else the first
+    site error or rejection, else silence or too few."""
+    if ledger.aggregation_error:
+        return f"the {len(ledger.accepted)} accepted updates could not be aggregated: {ledger.aggregation_error}"
     if ledger.failed:
         node, reason = next(iter(ledger.failed.items()))
         return f"node {node} failed: {_reason_line(reason)}"

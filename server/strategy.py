@@ -71,6 +71,23 @@ class RoundLedger:
         return sorted(set(self.sampled) - set(self.accepted))
 
 
+class NonFiniteAggregate(ValueError):
+    """Accepted updates (each finite) whose aggregate is not: a float overflow, e.g. of a float32 running sum."""
+
+
+def check_finite_aggregate(adapter: Mapping[str, np.ndarray], what: str, dtype: str = "float32") -> None:
+    """NonFiniteAggregate naming the first tensor of `adapter` that is not finite once cast to `dtype`.
+
+    Each update is checked for NaN/Inf on its own (validate_update), but finite updates can still sum past the
+    float range: a site may send values near float32's maximum with a large example count as their weight.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        for key, value in adapter.items():
+            if not np.all(np.isfinite(np.asarray(value, dtype=dtype))):
+                raise NonFiniteAggregate(f"{what} is not finite in {key} ({dtype} overflow: accepted updates whose "
+                                         "values times their example counts exceed the float range)")
+
+
 class LoraDeltaStrategy(FedAvg):
     """Sample sites, send the global adapter, aggregate their validated LoRA deltas with `aggregator`."""
 
@@ -285,6 +302,8 @@ class LoraDeltaStrategy(FedAvg):
             try:
                 if streaming is not None:
                     mean, streaming = streaming.result(), None
+                    # Before the aggregator sees it: a server optimizer would fold an overflowed mean into its state.
+                    check_finite_aggregate(mean, "the weighted mean of the accepted updates", self.transport_dtype)
                     new_global = self.aggregator.aggregate_mean(self.current_global, mean)
                     del mean  # the accumulator goes before the ArrayRecord is built
                 elif self.central_dp is not None:

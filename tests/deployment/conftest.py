@@ -4,7 +4,8 @@ test_deployment.py and test_resident_worker.py both run against it (starting a c
 ~10-30 s, and every daemon's first message loads the base model once more), in file order: test_deployment.py
 kills and restarts one site and the coordinator along the way; test_resident_worker.py then counts what the
 sites' newest daemons did across all runs. Every process is started in its own session and killed with its whole
-tree at the end, pass or fail.
+tree at the end, pass or fail. test_hostile_site.py starts a deployment of its own (running_deployment), whose
+third site runs hostile code.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import json
 import os
 import secrets
 import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,16 +98,17 @@ class Deployment:
         return {node: text.count(f"Activated node_id={node}") for node in self.node_ids.values()}
 
 
-def write_site_data(root: Path) -> tuple[dict[str, Path], dict[str, str], dict[str, int]]:
-    """(data dir, canary, training example count) per site: its own demo skill plus one secret example (a canary
-    that must never reach the coordinator)."""
+def write_site_data(root: Path, skills: Mapping[str, str] = SKILLS
+                    ) -> tuple[dict[str, Path], dict[str, str], dict[str, int]]:
+    """(data dir, canary, training example count) per site of `skills` (site -> demo skill): its own demo skill
+    plus one secret example (a canary that must never reach the coordinator)."""
     from federation.config import DemoTaskConfig
     from federation.demo_task import generate_demo_task
 
-    train, held_out = generate_demo_task(DemoTaskConfig(skills=list(SKILLS.values()), examples_per_skill=EXAMPLES_PER_SKILL,
-                                                        eval_examples_per_skill=8))
+    train, held_out = generate_demo_task(DemoTaskConfig(skills=list(skills.values()),
+                                                        examples_per_skill=EXAMPLES_PER_SKILL, eval_examples_per_skill=8))
     paths, canaries, counts = {}, {}, {}
-    for site, skill in SKILLS.items():
+    for site, skill in skills.items():
         canary = f"CANARY-{site}-{secrets.token_hex(8)}"
         secret = {"instruction": "patient record", "input": "", "output": canary, "source": skill}
         records = [*(r for r in train if r["source"] == skill), secret]
@@ -122,15 +126,18 @@ def site_yaml(path: Path, **settings) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def deployment(tmp_path_factory):
-    """Coordinator (TLS + node auth) and 3 registered, connected site daemons."""
+@contextmanager
+def running_deployment(root: Path, skills: Mapping[str, str] = SKILLS,
+                       site_argv: Callable[[Deployment, str], list[str]] = Deployment.site_argv
+                       ) -> Iterator[Deployment]:
+    """Coordinator (TLS + node auth) and one registered, connected daemon per site of `skills` (started with
+    site_argv(deployment, site)), all under `root`; every process tree is killed on exit."""
     from federation.pki import generate_federation_credentials
 
-    root = tmp_path_factory.mktemp("deployment")
+    sites = list(skills)
     creds = root / "creds"
-    generate_federation_credentials(creds, ["127.0.0.1"], list(SITES))
-    data, canaries, counts = write_site_data(root)
+    generate_federation_credentials(creds, ["127.0.0.1"], sites)
+    data, canaries, counts = write_site_data(root, skills)
     env = {**os.environ, "HOME": str(root), "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
     procs = Processes(root, env, REPO)
@@ -140,7 +147,7 @@ def deployment(tmp_path_factory):
                         ca_cert=str(creds / "ca.crt"),
                         private_key=str(creds / "sites" / f"{site}.key"), data_path=str(data[site]),
                         device="cpu", clientappio_port=free_port(), state_dir=str(root / f"home-{site}"))
-        for site in SITES
+        for site in sites
     }
     dep = Deployment(root=root, procs=procs, creds=creds, port=port, control_port=free_port(),
                      state_dir=root / "coordinator", site_configs=site_configs, canaries=canaries,
@@ -149,11 +156,19 @@ def deployment(tmp_path_factory):
         dep.start_coordinator()
         dep.node_ids = {name: entry["node_id"] for name, entry in
                         json.loads((dep.state_dir / "sites.json").read_text()).items()}
-        assert sorted(dep.node_ids) == list(SITES)
-        for site in SITES:
-            procs.start(site, dep.site_argv(site))
+        assert sorted(dep.node_ids) == sorted(sites)
+        for site in sites:
+            procs.start(site, site_argv(dep, site))
         wait_for(lambda: all(n >= 1 for n in dep.activations().values()), STARTUP_TIMEOUT_S,
-                 "all 3 sites to be activated", lambda: "\n".join(tail(procs.log(s), 15) for s in SITES))
+                 f"all {len(sites)} sites to be activated",
+                 lambda: "\n".join(tail(procs.log(s), 15) for s in sites))
         yield dep
     finally:
         procs.stop_all()
+
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory):
+    """Coordinator (TLS + node auth) and 3 registered, connected site daemons."""
+    with running_deployment(tmp_path_factory.mktemp("deployment")) as dep:
+        yield dep

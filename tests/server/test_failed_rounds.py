@@ -68,3 +68,38 @@ def test_reason_line_unwraps_flower_and_ray_errors():
     assert _reason_line(deployment_reason) == "DataFormatError: site.jsonl:3: invalid JSON"
     assert _reason_line("RuntimeError: boom\nTraceback (most recent call last):\nRuntimeError: boom") == \
         "RuntimeError: boom"
+
+
+def test_a_new_global_adapter_that_is_not_finite_is_never_adopted(make_cfg):
+    """Two of three sites send finite deltas at float32's maximum; the coordinate median takes them (a hostile
+    majority is beyond its guarantee), and round 2's global + delta overflows float32 (each update was finite, and
+    so was the median). The coordinator refuses that adapter (it used to checkpoint and send inf), says why, and
+    stops with the last finite one kept."""
+    import numpy as np
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from federation.adapter import from_array_record, to_array_record
+    from federation.store import read_peft_adapter
+
+    def app(msg, context):
+        if msg.metadata.message_type != MessageType.TRAIN or context.node_id == 3:
+            return client_app(msg, context)
+        sent = from_array_record(msg.content["arrays"])
+        huge = {key: np.full(value.shape, np.finfo(np.float32).max, np.float32) for key, value in sent.items()}
+        return Message(RecordDict({"arrays": to_array_record(huge), "metrics": MetricRecord(
+            {"num-examples": 5, "train-loss": 1.0})}), reply_to=msg)
+
+    cfg = make_cfg("federation.num_clients=3", "federation.rounds=3", "federation.evaluate_before_training=false",
+                   "strategy=median")
+    with pytest.raises(FederationFailed) as caught:
+        run_federation(InProcessGrid(app, 3), cfg)
+    rows = [json.loads(line) for line in open(f"{cfg.output_dir}/metrics.jsonl")]
+    assert [(r["round"], r["aggregated"], r["clients_ok"]) for r in rows] == [(1, True, 3), (2, False, 2)]
+    # (the honest site trained from round 1's wrecked adapter: its NaN loss is rejected on its own)
+    assert "got nan" in rows[1]["rejected"]["3"]
+    assert rows[1]["aggregation_error"].startswith("NonFiniteAggregate: the new global adapter is not finite in ")
+    assert "First cause, round 2: the 2 accepted updates could not be aggregated: NonFiniteAggregate" in \
+        str(caught.value)
+    saved = read_peft_adapter(f"{cfg.output_dir}/global_adapter")
+    assert all(np.all(np.isfinite(v)) for v in saved.values())
+    assert rows[1]["adapter_digest"] == rows[0]["adapter_digest"]  # round 2 kept round 1's adapter

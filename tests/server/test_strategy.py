@@ -210,3 +210,42 @@ def test_data_fingerprints_of_accepted_updates_are_recorded_and_malformed_ones_i
     arrays, _ = s.aggregate_train(1, replies)
     assert arrays is not None and s.ledger(1).accepted == [1, 2, 3, 4]  # provenance never rejects an update
     assert s.ledger(1).data_fingerprints == {1: {"sha256": "ab" * 32, "examples": 7}}
+
+
+@pytest.mark.parametrize("aggregator", ["fedavg", "fedadam"])
+def test_finite_updates_whose_weighted_sum_overflows_fail_the_round_and_leave_the_state_alone(aggregator):
+    """Each update is finite (so it passes validate_update), but near float32's maximum times its example count it
+    overflows the float32 running sum: the round is not aggregated (it used to save an inf/NaN global adapter and,
+    for FedAdam, fold the overflow into its moments)."""
+    from strategies.aggregators import build_aggregator
+
+    s = LoraDeltaStrategy(build_aggregator(aggregator, {}), min_train_nodes=1, min_available_nodes=1)
+    s.current_global = {k: v.copy() for k, v in GLOBAL.items()}
+    state_before = s.aggregator.state_dict()
+    huge = {KA: np.full((1, 2), np.finfo(np.float32).max, np.float32), KB: np.zeros((2, 1), np.float32)}
+    honest = {KA: np.full((1, 2), 0.5, np.float32), KB: np.ones((2, 1), np.float32)}
+    arrays, metrics = s.aggregate_train(1, [_train_reply(1, honest, 10), _train_reply(2, huge, 10)])
+    assert arrays is None and metrics is None
+    ledger = s.ledger(1)
+    assert ledger.accepted == [1, 2] and not ledger.rejected  # each update on its own is valid
+    assert ledger.aggregation_error.startswith("NonFiniteAggregate: the weighted mean of the accepted updates is "
+                                               f"not finite in {KA}"), ledger.aggregation_error
+    assert s.aggregator.state_dict().keys() == state_before.keys()
+    for key, value in state_before.items():
+        np.testing.assert_array_equal(s.aggregator.state_dict()[key], value)
+    # The same updates one order of magnitude smaller sum fine.
+    s = LoraDeltaStrategy(build_aggregator(aggregator, {}), min_train_nodes=1, min_available_nodes=1)
+    s.current_global = {k: v.copy() for k, v in GLOBAL.items()}
+    smaller = {KA: huge[KA] / 1e2, KB: huge[KB]}
+    arrays, _ = s.aggregate_train(1, [_train_reply(1, honest, 10), _train_reply(2, smaller, 10)])
+    assert arrays is not None and all(np.all(np.isfinite(v)) for v in from_array_record(arrays).values())
+
+
+def test_check_finite_aggregate_casts_to_the_transport_dtype():
+    from server.strategy import NonFiniteAggregate, check_finite_aggregate
+
+    check_finite_aggregate({KA: np.array([3e38])}, "x")  # float64, within float32's range
+    with pytest.raises(NonFiniteAggregate, match=f"new global is not finite in {KA}"):
+        check_finite_aggregate({KB: np.zeros(2), KA: np.array([1e39])}, "new global")  # finite float64, inf as float32
+    with pytest.raises(NonFiniteAggregate):
+        check_finite_aggregate({KA: np.array([np.nan], np.float32)}, "x")
