@@ -133,17 +133,23 @@ def packed_cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 def _torch_varlen_kernel(query, key, value, cu_seqlens, max_len, scale):
     """torch.nn.attention.varlen.varlen_attn, causal; (N, Hq, D), (N, Hkv, D) x2 -> (N, Hq, D).
 
-    Adapts to the installed signature: causal is window_size=(-1, 0) in newer torch, is_causal=True in older;
-    K/V are repeated to Hq heads only where the function has no enable_gqa.
+    Adapts to the installed signature, which changed between releases: the first one (torch 2.9/2.10 era) is
+    varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None), with no scale and no GQA;
+    later ones take keyword-only scale, window_size=(-1, 0) for causal, and enable_gqa. Without enable_gqa K/V
+    are repeated to Hq heads; without scale a non-default scale is folded into the query.
     """
     from torch.nn.attention.varlen import varlen_attn
 
     params = inspect.signature(varlen_attn).parameters
-    kwargs = {"scale": scale}
+    kwargs = {}
     if "is_causal" in params:
         kwargs["is_causal"] = True
     else:
         kwargs["window_size"] = (-1, 0)
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif scale is not None and abs(scale * query.shape[-1] ** 0.5 - 1.0) > 1e-6:
+        query = query * (scale * query.shape[-1] ** 0.5)  # the kernel's own scale is 1/sqrt(D)
     if key.shape[1] != query.shape[1]:
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True

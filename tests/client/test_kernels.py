@@ -166,3 +166,51 @@ def test_liger_linear_ce_sum_matches_the_chunked_loss_on_cuda():
     (grad,) = torch.autograd.grad(loss, hidden)
     assert _rel_err(loss.detach(), ref.detach()) < 1e-3
     assert _rel_err(grad.float(), ref_grad.float()) < 1e-2
+
+
+def _old_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    """The first torch signature (no scale, no GQA), computed by the reference kernel at its fixed 1/sqrt(D)."""
+    assert key.shape[1] == query.shape[1], "this signature has no GQA"
+    assert is_causal and torch.equal(cu_seq_q, cu_seq_k) and max_q == max_k
+    return kernels.reference_varlen_kernel(query, key, value, cu_seq_q, max_q, query.shape[-1] ** -0.5)
+
+
+def _new_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    """The later signature (keyword scale, window_size causal, enable_gqa)."""
+    assert window_size == (-1, 0) and enable_gqa == (key.shape[1] != query.shape[1])
+    return kernels.reference_varlen_kernel(query, key, value, cu_seq_q, max_q, scale)
+
+
+@pytest.mark.parametrize("fake", [_old_varlen_attn, _new_varlen_attn])
+@pytest.mark.parametrize("scale", [None, 0.25, 0.1])
+def test_torch_varlen_adapter_handles_both_signatures(monkeypatch, fake, scale):
+    """GQA (4 query heads, 2 K/V heads), a non-default scale: the adapter's result equals the reference's."""
+    import torch.nn.attention.varlen as varlen
+
+    monkeypatch.setattr(varlen, "varlen_attn", fake)
+    gen = torch.Generator().manual_seed(7)
+    query, key, value = (torch.randn(10, heads, 16, generator=gen) for heads in (4, 2, 2))
+    cu = torch.tensor([0, 4, 5, 10], dtype=torch.int32)
+    got = kernels._torch_varlen_kernel(query, key, value, cu, 5, scale)
+    want = kernels.reference_varlen_kernel(query, key, value, cu, 5, scale)
+    assert _rel_err(got, want) < 1e-6
+
+
+def test_trainer_with_varlen_and_checkpointing_matches_the_mask_path(monkeypatch, reference_varlen):
+    """FastLocalTrainer(attention=varlen), every layer checkpointed (the recompute in backward must see the same
+    sequence boundaries): loss and LoRA grads equal the sdpa trainer's to rel err < 1e-5."""
+    monkeypatch.setitem(kernels.ATTENTION_PATHS, "varlen", lambda device_type: None)  # allow it on a CPU
+    packed = pack_sequences(_examples([5, 11, 3, 8, 7], seed=8), max_len=16, pad_token_id=PAD)
+    results = {}
+    for attention in ("sdpa", "varlen"):
+        model = _tiny_lora_model()
+        model.train()
+        trainer = FastLocalTrainer(model, PAD, TrainConfig(), FastPathSettings(attention=attention, checkpoint_every=1))
+        loss, _ = trainer._batch_loss_sum(packed)
+        loss.backward()
+        results[attention] = (loss.detach(), _lora_grads(model))
+    assert len(reference_varlen) == 4  # 2 layers forward + 2 recomputed in backward
+    assert _rel_err(results["varlen"][0], results["sdpa"][0]) < 1e-5
+    for name, grad in results["varlen"][1].items():
+        assert _rel_err(grad, results["sdpa"][1][name]) < 1e-5, name
