@@ -480,13 +480,14 @@ def main(argv: list[str] | None = None) -> int:
     results, status = [], []
     for shape in args.shapes.split(","):
         for trainer in trainers:
-            result_path = out / f"{trainer}_{shape}.json"
+            stem = f"{trainer.replace('+', '-')}_{shape}"  # plain file names: ours-liger_llama-8b.json
+            result_path = out / f"{stem}.json"
             left = deadline - time.monotonic()
             if left < 20:
                 status.append((shape, trainer, "not run: budget spent"))
                 continue
             print(f"--- {trainer} {shape} ({left:.0f}s of the budget left)", flush=True)
-            outcome = run_worker(_worker_argv(args, shape, trainer, result_path), out / f"{trainer}_{shape}.log",
+            outcome = run_worker(_worker_argv(args, shape, trainer, result_path), out / f"{stem}.log",
                                  left)
             status.append((shape, trainer, outcome))
             if result_path.exists():
