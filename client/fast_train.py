@@ -21,10 +21,12 @@ Supports Llama-family decoders (no logit scaling/soft-capping in the head).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from client.kernels import packed_cu_seqlens, resolve_attention, resolve_kernel_set, use_packed_attention
 from client.trainer import LocalTrainer
 from federation.config import TrainConfig
 from federation.data import IGNORE_INDEX
@@ -180,11 +182,15 @@ def linear_cross_entropy_per_token(hidden: torch.Tensor, weight: torch.Tensor, t
 
 
 def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, target_ids: torch.Tensor,
-                           chunk_size: int = DEFAULT_LOSS_CHUNK_TOKENS) -> tuple[torch.Tensor, int]:
+                           chunk_size: int = DEFAULT_LOSS_CHUNK_TOKENS,
+                           linear_ce_sum: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                           ) -> tuple[torch.Tensor, int]:
     """(sum of CE over target tokens, number of target tokens) without materialising (tokens, vocab) logits.
 
     hidden (..., T, d) final hidden states; lm_head_weight (V, d); target_ids (..., T) already shifted
     (see shift_labels), -100 = no loss. Differentiable w.r.t. hidden (and lm_head_weight if it requires grad).
+    linear_ce_sum(selected hidden (n, d), weight, targets (n,)) -> 0-d sum replaces the pure-torch chunked loss
+    (a kernel set's fused one, client/kernels.py); it sees the target tokens only, as the chunked loss does.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -193,6 +199,8 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, t
     # Only target tokens go through the lm_head; the gather's backward scatters zeros to the rest.
     selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
     targets = flat_targets.index_select(0, keep)
+    if linear_ce_sum is not None:
+        return linear_ce_sum(selected, lm_head_weight, targets), int(keep.numel())
     compute_grad = torch.is_grad_enabled() and (selected.requires_grad or lm_head_weight.requires_grad)
     loss_sum = _LinearCrossEntropySum.apply(selected, lm_head_weight, targets, chunk_size, compute_grad)
     return loss_sum, int(keep.numel())
@@ -248,16 +256,30 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 def packed_loss_sum(model: torch.nn.Module, packed: dict[str, torch.Tensor],
                     chunk_size: int = DEFAULT_LOSS_CHUNK_TOKENS,
-                    autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int]:
-    """(sum of next-token CE over target tokens, number of target tokens) for one pack_sequences batch."""
+                    autocast_dtype: torch.dtype | None = None,
+                    linear_ce_sum: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                    varlen: bool = False) -> tuple[torch.Tensor, int]:
+    """(sum of next-token CE over target tokens, number of target tokens) for one pack_sequences batch.
+
+    varlen passes the packed sequences' boundaries (cu_seq_lens_q/k, max_length_q/k) down to the attention
+    layers, for client/kernels.py's varlen attention (the model must use it: kernels.use_packed_attention).
+    linear_ce_sum: see chunked_causal_lm_loss.
+    """
     _, decoder, lm_head = causal_lm_parts(model)
     device = lm_head.weight.device
+    extra = {}
+    if varlen:
+        cu_seqlens, longest = packed_cu_seqlens(packed["position_ids"])
+        cu_seqlens = cu_seqlens.to(device, non_blocking=True)
+        extra = {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": longest,
+                 "max_length_k": longest}
     with _autocast(device, autocast_dtype):
         out = decoder(input_ids=packed["input_ids"].to(device), position_ids=packed["position_ids"].to(device),
-                      attention_mask=None, use_cache=False)
+                      attention_mask=None, use_cache=False, **extra)
     hidden = out.last_hidden_state
     # lm_head in its own (frozen, bf16 on QLoRA) dtype; the CE itself is computed in fp32 chunk by chunk.
-    return chunked_causal_lm_loss(hidden.to(lm_head.weight.dtype), lm_head.weight, packed["target_ids"], chunk_size)
+    return chunked_causal_lm_loss(hidden.to(lm_head.weight.dtype), lm_head.weight, packed["target_ids"], chunk_size,
+                                  linear_ce_sum)
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -281,6 +303,10 @@ class FastPathSettings:
     # Pad every packed row to pack_len: one width for all steps (fewer shapes for the kernels), at the cost of
     # computing the padding; measured as marginal once cuDNN attention is off.
     fixed_width: bool = False
+    # Kernel set (client/kernels.py KERNEL_SETS): none | liger | auto (liger on CUDA when liger-kernel is installed).
+    kernels: str = "none"
+    # Attention over packed rows (client/kernels.py): sdpa (block mask) | varlen (flash over cu_seqlens) | auto.
+    attention: str = "sdpa"
 
 
 def apply_attention_backends(settings: FastPathSettings) -> None:
@@ -308,6 +334,12 @@ class FastLocalTrainer(LocalTrainer):
         self.autocast_dtype = getattr(torch, self.settings.compute_dtype) if quantized else None
         prepare_model_for_fast_training(model, self.autocast_dtype or torch.float32, self.settings.checkpoint_every)
         apply_attention_backends(self.settings)
+        device_type = next(model.parameters()).device.type
+        self.kernel_set = resolve_kernel_set(self.settings.kernels, device_type)
+        self.kernel_set.apply(model)
+        self.attention = resolve_attention(self.settings.attention, device_type)
+        if self.attention == "varlen":
+            use_packed_attention(model)
 
     def _collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         longest = max(len(ex["input_ids"]) for ex in examples)
@@ -315,7 +347,8 @@ class FastLocalTrainer(LocalTrainer):
                               fixed_width=self.settings.fixed_width)
 
     def _batch_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        return packed_loss_sum(self.model, batch, self.settings.loss_chunk_tokens, self.autocast_dtype)
+        return packed_loss_sum(self.model, batch, self.settings.loss_chunk_tokens, self.autocast_dtype,
+                               self.kernel_set.linear_ce_sum, varlen=self.attention == "varlen")
 
     def _target_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["target_ids"] != IGNORE_INDEX).sum())

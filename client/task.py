@@ -148,7 +148,9 @@ def make_trainer(runtime: SiteRuntime, cfg: RunConfig, label: str = "site") -> L
     device_type = next(runtime.model.parameters()).device.type
     if fast_path_on(cfg.train, device_type) and not cfg.privacy.local_dp_sgd.enabled:
         trainer = FastLocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train,
-                                   FastPathSettings(checkpoint_every=cfg.train.checkpoint_every))
+                                   FastPathSettings(checkpoint_every=cfg.train.checkpoint_every,
+                                                    kernels=str(cfg.train.kernels).lower(),
+                                                    attention=str(cfg.train.attention).lower()))
     else:
         trainer = LocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train)
     trainer.label = label

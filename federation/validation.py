@@ -24,7 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from federation.config import (CONF_DIR, FAST_PATH_CHOICES, FOLD_ORDERS, LR_SCHEDULES, PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS,
+from federation.config import (ATTENTION_CHOICES, CONF_DIR, FAST_PATH_CHOICES, FOLD_ORDERS, KERNEL_CHOICES, LR_SCHEDULES,
+                               PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS,
                                SECAGG_MAX_MODULUS_RANGE, SECAGG_MAX_QUANTIZATION_RANGE, TRACKERS, RunConfig,
                                group_options, sites_per_round)
 from strategies.aggregators import MixedRanksError
@@ -182,6 +183,8 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
     _check_adapter_fits_model(cfg)
     _check_choice("tracking.name", cfg.tracking.name, TRACKERS, "tracker")
     _check_choice("train.fast_path", str(cfg.train.fast_path).lower(), FAST_PATH_CHOICES)
+    _check_choice("train.kernels", str(cfg.train.kernels).lower(), KERNEL_CHOICES)
+    _check_choice("train.attention", str(cfg.train.attention).lower(), ATTENTION_CHOICES)
     _check_choice("train.lr_schedule", cfg.train.lr_schedule, LR_SCHEDULES)
     return cfg
 

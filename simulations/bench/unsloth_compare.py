@@ -1,6 +1,10 @@
 """Our trainer vs Unsloth, same shapes, settings and examples, each in its own process; prints the ratios.
 
     python -m simulations.bench.unsloth_compare --out DIR [--shapes llama-1b,llama-8b] [--reps 2] [--budget-s 500]
+        [--trainers ours,ours+liger,ours+varlen,ours+liger+varlen,unsloth]
+
+--trainers picks our variants (OUR_VARIANTS: train.kernels none|liger x train.attention sdpa|varlen) besides
+Unsloth; with more than one of ours, a second table compares every variant with plain `ours` (tok/s, peak, MFU).
 
 Unsloth patches transformers and peft when it is imported, so it never shares a process with our trainer: this
 process only starts one worker per (shape, trainer), reads what they wrote, and prints the table. Unsloth is an
@@ -49,7 +53,13 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 SHAPE_SETTINGS = {"llama-1b": (1024, 16), "llama-3b": (1024, 8), "llama-8b": (2048, 4), "tiny": (64, 4)}
 # regime -> (our checkpoint_every, Unsloth's use_gradient_checkpointing)
 REGIMES = {"memory-lean": (1, "unsloth"), "fastest": (0, False)}
-TRAINERS = ("ours", "unsloth")
+# Our trainer's variants: name -> FastPathSettings kernels / attention (train.kernels, train.attention).
+# Each runs in its own process: Liger patches transformers' Llama module functions process-wide.
+OUR_VARIANTS = {"ours": {"kernels": "none", "attention": "sdpa"},
+                "ours+liger": {"kernels": "liger", "attention": "sdpa"},
+                "ours+varlen": {"kernels": "none", "attention": "varlen"},
+                "ours+liger+varlen": {"kernels": "liger", "attention": "varlen"}}
+TRAINERS = (*OUR_VARIANTS, "unsloth")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
 
 
@@ -112,8 +122,10 @@ def comparison_rows(results: list[dict]) -> list[dict]:
     grouped: dict[tuple, dict[str, list[dict]]] = {}
     for result in results:
         for run in result.get("runs", []):
+            if not run.get("passes"):  # an error run (its message is in the worker's log and result JSON)
+                continue
             key = (result["shape"], run["regime"], run["scenario"])
-            grouped.setdefault(key, {}).setdefault(result["trainer"], []).extend(run.get("passes", []))
+            grouped.setdefault(key, {}).setdefault(result["trainer"], []).extend(run["passes"])
     rows = []
     for (shape, regime, scenario), sides in grouped.items():
         row = {"shape": shape, "regime": regime, "scenario": scenario}
@@ -126,6 +138,8 @@ def comparison_rows(results: list[dict]) -> list[dict]:
             row[trainer] = {"tokens_per_s": rates, "mean_tokens_per_s": mean,
                             "spread": (max(rates) - min(rates)) / mean if mean else 0.0,
                             "peak_gib": max(p["peak_bytes"] for p in passes) / 2**30,
+                            "mfu": (statistics.fmean(p["mfu"] for p in passes)
+                                    if all("mfu" in p for p in passes) else None),
                             "step0_loss": passes[0]["losses"][0] if passes[0]["losses"] else None}
         if "ours" in row and "unsloth" in row:
             row["speed_ratio"] = row["ours"]["mean_tokens_per_s"] / row["unsloth"]["mean_tokens_per_s"]
@@ -152,9 +166,32 @@ def format_table(rows: list[dict]) -> list[str]:
         speed = f"{row['speed_ratio']:.2f}x" if "speed_ratio" in row else "-"
         memory = f"{row['memory_ratio']:.2f}x" if row.get("memory_ratio") else "-"
         losses = " / ".join(f"{row[t]['step0_loss']:.4f}" if t in row and row[t]["step0_loss"] is not None else "-"
-                            for t in TRAINERS)
+                            for t in ("ours", "unsloth"))
         lines.append(f"| {row['shape']} | {row['regime']} | {row['scenario']} | {side(row, 'ours')} | "
                      f"{side(row, 'unsloth')} | {speed} | {memory} | {losses} |")
+    return lines
+
+
+def format_variant_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: every trainer of each row (our variants, Unsloth) against plain `ours`: tok/s, peak, MFU."""
+    lines = ["| shape | regime | data | trainer | mean tok/s | spread | peak GiB | MFU | speed / ours | memory / ours | "
+             "speed / Unsloth | step-0 loss |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ratio(side: dict, ref: dict | None, key: str) -> str:
+        return f"{side[key] / ref[key]:.2f}x" if ref and ref[key] else "-"
+
+    for row in rows:
+        for trainer in TRAINERS:
+            if trainer not in row:
+                continue
+            side = row[trainer]
+            mfu = f"{side['mfu']:.3f}" if side["mfu"] is not None else "-"
+            loss = f"{side['step0_loss']:.4f}" if side["step0_loss"] is not None else "-"
+            lines.append(
+                f"| {row['shape']} | {row['regime']} | {row['scenario']} | {trainer} | "
+                f"{side['mean_tokens_per_s']:,.0f} | {100 * side['spread']:.1f}% | {side['peak_gib']:.2f} | {mfu} | "
+                f"{ratio(side, row.get('ours'), 'mean_tokens_per_s')} | {ratio(side, row.get('ours'), 'peak_gib')} | "
+                f"{ratio(side, row.get('unsloth'), 'mean_tokens_per_s')} | {loss} |")
     return lines
 
 
@@ -193,17 +230,60 @@ def _log(line: str) -> None:
     print(line, flush=True)
 
 
-def _run_regimes(result: _ResultFile, args, vocab: int, device: torch.device, params, set_regime, make_step) -> None:
-    """For each regime and scenario: set_regime(regime), warm + timed passes of make_step(); saved after each."""
+def flops_counter(model) -> Callable[[list[dict]], float] | None:
+    """examples -> counted model FLOPs of one step (train_throughput's formula) for this LoRA model; None if uncountable."""
+    from simulations.bench.train_throughput import counted_flops
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = causal_lm.config
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_base = sum(m.in_features * m.out_features for _, m in model.named_modules()
+                 if hasattr(m, "base_layer") and hasattr(m.base_layer, "in_features"))
+    if n_base == 0:
+        return None
+    d_attn = config.num_attention_heads * (getattr(config, "head_dim", None)
+                                           or config.hidden_size // config.num_attention_heads)
+    args = (n_base, n_lora, config.vocab_size, config.hidden_size, config.num_hidden_layers, d_attn)
+    return lambda examples: counted_flops(examples, *args)
+
+
+def _peak_tflops(device: torch.device) -> float | None:
+    """Measured dense bf16 matmul peak (MFU denominator), CUDA only."""
+    if device.type != "cuda":
+        return None
+    from simulations.bench.train_throughput import matmul_peak_tflops
+
+    return matmul_peak_tflops(device)
+
+
+def _run_regimes(result: _ResultFile, args, vocab: int, device: torch.device, params, set_regime, make_step,
+                 flops_of: Callable[[list[dict]], float] | None = None) -> None:
+    """For each regime and scenario: set_regime(regime), warm + timed passes of make_step(); saved after each.
+
+    With flops_of and a measured peak (result.data["env"]["peak_tflops"]), each pass also gets its MFU.
+    """
+    peak = result.data["env"].get("peak_tflops")
     for regime in args.regimes.split(","):
-        set_regime(regime)
+        try:
+            set_regime(regime)
+        except Exception as exc:  # e.g. a kernel set that cannot run here: say so in the result, go on
+            error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            _log(f"[{result.data['trainer']} {args.shape}] {regime} {error}")
+            result.data["runs"].append({"regime": regime, "error": error})
+            result.save()
+            continue
         for scenario in args.scenarios.split(","):
             steps_examples = step_batches(args.seq, args.examples_per_step, args.steps, scenario, vocab)
             try:
                 passes = measure_passes(make_step(), params, steps_examples, args.reps, device)
+                if flops_of is not None and peak:
+                    flops = sum(flops_of(examples) for examples in steps_examples)
+                    for p in passes:
+                        p["mfu"] = flops / p["seconds"] / 1e12 / peak
                 run = {"regime": regime, "scenario": scenario, "passes": passes}
                 _log(f"[{result.data['trainer']} {args.shape}] {regime:11s} {scenario:8s} " + "  ".join(
-                    f"{p['tokens_per_s']:9.0f} tok/s peak {p['peak_bytes'] / 2**30:6.2f} GiB" for p in passes)
+                    f"{p['tokens_per_s']:9.0f} tok/s peak {p['peak_bytes'] / 2**30:6.2f} GiB"
+                    + (f" MFU {p['mfu']:.3f}" if "mfu" in p else "") for p in passes)
                     + f"  step0 loss {passes[0]['losses'][0]:.4f}")
             except Exception as exc:  # an OOM in one regime must not lose the others
                 run = {"regime": regime, "scenario": scenario, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
@@ -214,26 +294,43 @@ def _run_regimes(result: _ResultFile, args, vocab: int, device: torch.device, pa
             result.save()
 
 
+def _liger_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("liger-kernel")
+    except Exception:  # not installed: the `ours` variants without Liger still run
+        return None
+
+
 def ours_worker(args) -> int:
-    """Our site trainer (FastLocalTrainer's batch path) on the FlowerTune-style 4-bit model of train_throughput."""
+    """Our site trainer (FastLocalTrainer's batch path) on the FlowerTune-style 4-bit model of train_throughput.
+
+    args.worker names the variant (OUR_VARIANTS): its train.kernels / train.attention go to FastPathSettings.
+    """
     from client.fast_train import FastLocalTrainer, FastPathSettings
     from federation.config import TrainConfig
     from simulations.bench.train_throughput import load_baseline_model
 
+    variant = OUR_VARIANTS[args.worker]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     began = time.perf_counter()
     model, pad_id = load_baseline_model(args.shape, args.cache, device)
-    result = _ResultFile(args.result, {"trainer": "ours", "shape": args.shape, "seq": args.seq,
+    result = _ResultFile(args.result, {"trainer": args.worker, "shape": args.shape, "seq": args.seq,
                                        "examples_per_step": args.examples_per_step, "steps": args.steps,
-                                       "load_seconds": time.perf_counter() - began,
-                                       "env": _environment(device, {}), "runs": []})
-    _log(f"[ours {args.shape}] loaded in {result.data['load_seconds']:.1f}s on {result.data['env']['device']}")
+                                       "load_seconds": time.perf_counter() - began, **variant,
+                                       "env": _environment(device, {"liger_kernel": _liger_version(),
+                                                                    "peak_tflops": _peak_tflops(device)}),
+                                       "runs": []})
+    _log(f"[{args.worker} {args.shape}] loaded in {result.data['load_seconds']:.1f}s on "
+         f"{result.data['env']['device']} ({variant}, bf16 matmul peak {result.data['env']['peak_tflops']} TFLOP/s)")
     params = [p for p in model.parameters() if p.requires_grad]
     train_cfg = TrainConfig(lr=LR, max_grad_norm=MAX_GRAD_NORM)
     trainer: list[FastLocalTrainer] = []
 
     def set_regime(regime: str) -> None:
-        trainer[:] = [FastLocalTrainer(model, pad_id, train_cfg, FastPathSettings(checkpoint_every=REGIMES[regime][0]))]
+        trainer[:] = [FastLocalTrainer(model, pad_id, train_cfg,
+                                       FastPathSettings(checkpoint_every=REGIMES[regime][0], **variant))]
 
     def make_step():
         fast = trainer[0]
@@ -249,7 +346,7 @@ def ours_worker(args) -> int:
         return step
 
     model.train()
-    _run_regimes(result, args, model.config.vocab_size, device, params, set_regime, make_step)
+    _run_regimes(result, args, model.config.vocab_size, device, params, set_regime, make_step, flops_counter(model))
     return 0
 
 
@@ -277,7 +374,9 @@ def unsloth_worker(args) -> int:
     result = _ResultFile(args.result, {"trainer": "unsloth", "shape": args.shape, "seq": args.seq,
                                        "examples_per_step": args.examples_per_step, "steps": args.steps,
                                        "load_seconds": time.perf_counter() - began,
-                                       "env": _environment(device, {"unsloth": unsloth.__version__}), "runs": []})
+                                       "env": _environment(device, {"unsloth": unsloth.__version__,
+                                                                    "peak_tflops": _peak_tflops(device)}),
+                                       "runs": []})
     _log(f"[unsloth {args.shape}] Unsloth {unsloth.__version__} loaded in {result.data['load_seconds']:.1f}s")
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -294,7 +393,7 @@ def unsloth_worker(args) -> int:
 
         return step
 
-    _run_regimes(result, args, model.config.vocab_size, device, params, set_regime, make_step)
+    _run_regimes(result, args, model.config.vocab_size, device, params, set_regime, make_step, flops_counter(model))
     return 0
 
 
@@ -353,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--scenarios", default="full,variable")
     parser.add_argument("--regimes", default=",".join(REGIMES))
-    parser.add_argument("--trainers", default=",".join(TRAINERS))
+    parser.add_argument("--trainers", default="ours,unsloth", help=f"comma list of {', '.join(TRAINERS)}")
     parser.add_argument("--cache", default="/tmp/fedtune-models", help="preset directories (both sides load them)")
     parser.add_argument("--budget-s", type=float, default=500.0,
                         help="wall-clock budget of the whole comparison: a worker gets what is left, then is stopped")
@@ -362,11 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return ours_worker(args) if args.worker == "ours" else unsloth_worker(args)
+        return ours_worker(args) if args.worker in OUR_VARIANTS else unsloth_worker(args)
 
     unknown = sorted(set(args.shapes.split(",")) - set(SHAPE_SETTINGS))
     if unknown:
         parser.error(f"unknown shapes {unknown}; valid: {', '.join(SHAPE_SETTINGS)}")
+    unknown = sorted(set(filter(None, args.trainers.split(","))) - set(TRAINERS))
+    if unknown:
+        parser.error(f"unknown trainers {unknown}; valid: {', '.join(TRAINERS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.budget_s
@@ -378,13 +480,14 @@ def main(argv: list[str] | None = None) -> int:
     results, status = [], []
     for shape in args.shapes.split(","):
         for trainer in trainers:
-            result_path = out / f"{trainer}_{shape}.json"
+            stem = f"{trainer.replace('+', '-')}_{shape}"  # plain file names: ours-liger_llama-8b.json
+            result_path = out / f"{stem}.json"
             left = deadline - time.monotonic()
             if left < 20:
                 status.append((shape, trainer, "not run: budget spent"))
                 continue
             print(f"--- {trainer} {shape} ({left:.0f}s of the budget left)", flush=True)
-            outcome = run_worker(_worker_argv(args, shape, trainer, result_path), out / f"{trainer}_{shape}.log",
+            outcome = run_worker(_worker_argv(args, shape, trainer, result_path), out / f"{stem}.log",
                                  left)
             status.append((shape, trainer, outcome))
             if result_path.exists():
@@ -398,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"unsloth: skipped ({missing})")
     lines += [f"worker {trainer} {shape}: {outcome}" for shape, trainer, outcome in status]
     lines += format_table(rows)
+    if len([t for t in trainers if t in OUR_VARIANTS]) > 1:
+        lines += ["", *format_variant_table(rows)]
     (out / "unsloth_compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     return 0 if all(outcome == "ok" for _, _, outcome in status) else 1

@@ -73,3 +73,17 @@ def test_without_unsloth_only_ours_runs_with_a_note(tmp_path, monkeypatch, capsy
     assert "unsloth: skipped, unsloth is not installed" in out
     assert "| tiny | fastest | full | 100 / 104 |" in out
     assert json.loads((tmp_path / "unsloth_compare.json").read_text())["unsloth_skipped"]
+
+
+def test_variant_table_compares_each_of_our_variants_with_plain_ours():
+    from simulations.bench.unsloth_compare import format_variant_table
+
+    liger = _result("ours+liger", "fastest", "full", [150.0, 150.0], 1.5, 12.0)
+    for p in liger["runs"][0]["passes"]:
+        p["mfu"] = 0.6
+    rows = comparison_rows([_result("ours", "fastest", "full", [100.0, 100.0], 3.0, 12.0), liger,
+                            _result("unsloth", "fastest", "full", [50.0, 50.0], 6.0, 12.01)])
+    table = "\n".join(format_variant_table(rows))
+    assert "| llama-1b | fastest | full | ours+liger | 150 | 0.0% | 1.50 | 0.600 | 1.50x | 0.50x | 3.00x | 12.0000 |" \
+        in table
+    assert "| llama-1b | fastest | full | ours | 100 | 0.0% | 3.00 | - | 1.00x | 1.00x | 2.00x | 12.0000 |" in table

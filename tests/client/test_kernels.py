@@ -1,0 +1,236 @@
+"""train.kernels / train.attention: selection, the CPU default equals today's trainer, the loss and varlen seams."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import client.kernels as kernels
+from client.fast_train import FastLocalTrainer, FastPathSettings, chunked_causal_lm_loss, pack_sequences, packed_loss_sum
+from federation.config import ATTENTION_CHOICES, KERNEL_CHOICES, TrainConfig
+from federation.data import IGNORE_INDEX, collate_batch
+from tests.client.test_fast_train import PAD, _examples, _lora_grads, _rel_err, _tiny_lora_model
+
+
+@pytest.fixture
+def liger_installed(monkeypatch):
+    """find_spec answers as if liger-kernel were installed (CI has none); everything else is asked for real."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "liger_kernel" else real(name, *a))
+
+
+def test_registries_match_the_config_choices():
+    """One list of names: what validation accepts is what client/kernels.py can resolve."""
+    assert set(KERNEL_CHOICES) == {*kernels.KERNEL_SETS, "auto"}
+    assert set(ATTENTION_CHOICES) == {*kernels.ATTENTION_PATHS, "auto"}
+
+
+def test_auto_kernels_is_liger_only_on_cuda_with_liger_installed(monkeypatch, liger_installed):
+    assert kernels.resolve_kernel_set("auto", "cuda").name == "liger"
+    assert kernels.resolve_kernel_set("auto", "cpu").name == "none"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert kernels.resolve_kernel_set("auto", "cuda").name == "none"
+
+
+def test_explicit_liger_that_cannot_run_says_why():
+    with pytest.raises(ValueError, match="train.kernels=liger: .*CUDA"):
+        kernels.resolve_kernel_set("liger", "cpu")
+    with pytest.raises(ValueError, match="valid: none, liger, auto"):
+        kernels.resolve_kernel_set("fused", "cuda")
+
+
+def test_auto_attention_is_varlen_only_on_cuda(monkeypatch):
+    assert kernels.resolve_attention("auto", "cpu") == "sdpa"
+    assert kernels.resolve_attention("AUTO", "cuda") == ("varlen" if importlib.util.find_spec(
+        "torch.nn.attention.varlen") else "sdpa")
+    with pytest.raises(ValueError, match="train.attention=varlen: .*CUDA"):
+        kernels.resolve_attention("varlen", "cpu")
+    monkeypatch.setitem(kernels.ATTENTION_PATHS, "varlen", lambda device_type: "no varlen here")
+    assert kernels.resolve_attention("auto", "cuda") == "sdpa"
+
+
+def test_auto_on_cpu_trains_exactly_like_todays_fast_trainer():
+    """kernels=auto, attention=auto on a CPU: no patch, model still SDPA, loss and grads bit-identical to the default."""
+    model = _tiny_lora_model()
+    packed = pack_sequences(_examples([5, 11, 3, 8], seed=3), max_len=16, pad_token_id=PAD)
+    today = FastLocalTrainer(model, PAD, TrainConfig())
+    loss, n = today._batch_loss_sum(packed)
+    loss.backward()
+    ref_grads = _lora_grads(model)
+    model.zero_grad(set_to_none=True)
+
+    auto = FastLocalTrainer(model, PAD, TrainConfig(), FastPathSettings(kernels="auto", attention="auto"))
+    assert (auto.kernel_set.name, auto.attention) == ("none", "sdpa")
+    assert model.get_base_model().config._attn_implementation == "sdpa"
+    auto_loss, auto_n = auto._batch_loss_sum(packed)
+    auto_loss.backward()
+    assert auto_n == n and torch.equal(auto_loss, loss)
+    for name, grad in _lora_grads(model).items():
+        assert torch.equal(grad, ref_grads[name]), name
+
+
+def test_explicit_varlen_on_cpu_is_refused_by_the_trainer():
+    with pytest.raises(ValueError, match="train.attention=varlen"):
+        FastLocalTrainer(_tiny_lora_model(), PAD, TrainConfig(), FastPathSettings(attention="varlen"))
+
+
+def test_linear_ce_hook_sees_only_target_tokens_and_matches_the_chunked_loss():
+    """A kernel set's loss (here full-logits torch CE, the reference) replaces the chunked one: same loss and grads."""
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(3, 6, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(40, 16, generator=gen)
+    targets = torch.randint(0, 40, (3, 6), generator=gen)
+    targets[1, :4] = IGNORE_INDEX
+    seen = []
+
+    def full_ce_sum(h, w, t):
+        seen.append(h.shape[0])
+        return torch.nn.functional.cross_entropy(h @ w.t(), t, reduction="sum")
+
+    ref, ref_n = chunked_causal_lm_loss(hidden, weight, targets, chunk_size=4)
+    (ref_grad,) = torch.autograd.grad(ref, hidden)
+    loss, n = chunked_causal_lm_loss(hidden, weight, targets, linear_ce_sum=full_ce_sum)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    assert seen == [n] and n == ref_n == 14
+    assert _rel_err(loss.detach(), ref.detach()) < 1e-6
+    assert _rel_err(grad, ref_grad) < 1e-5
+    assert float(grad[1, :4].abs().sum()) == 0.0
+
+
+def test_packed_cu_seqlens_opens_a_sequence_at_every_restart_and_row():
+    position_ids = torch.tensor([[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]])  # test_fast_train's FFD layout
+    cu, longest = kernels.packed_cu_seqlens(position_ids)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 4, 5, 8, 10] and longest == 4
+
+
+@pytest.fixture
+def reference_varlen(monkeypatch):
+    """The varlen attention runs the pure-torch per-sequence kernel (flash needs CUDA); counts its calls."""
+    calls = []
+
+    def kernel(*args):
+        calls.append(args[0].shape)
+        return kernels.reference_varlen_kernel(*args)
+
+    monkeypatch.setattr(kernels, "varlen_kernel", kernel)
+    return calls
+
+
+def test_varlen_attention_equals_the_block_mask(reference_varlen):
+    """Packed loss and LoRA grads through the registered varlen attention vs today's mask: rel err < 1e-5 (fp32)."""
+    model = _tiny_lora_model()
+    packed = pack_sequences(_examples([5, 11, 3, 8, 7], seed=3), max_len=16, pad_token_id=PAD)
+    ref, ref_n = packed_loss_sum(model, packed, chunk_size=7)
+    ref.backward()
+    ref_grads = _lora_grads(model)
+    model.zero_grad(set_to_none=True)
+
+    kernels.use_packed_attention(model)
+    loss, n = packed_loss_sum(model, packed, chunk_size=7, varlen=True)
+    loss.backward()
+    rows, width = packed["input_ids"].shape
+    assert reference_varlen == [torch.Size([rows * width, 4, 16])] * 2  # both layers, flattened (tokens, heads, dim)
+    assert n == ref_n and _rel_err(loss.detach(), ref.detach()) < 1e-5
+    for name, grad in _lora_grads(model).items():
+        assert _rel_err(grad, ref_grads[name]) < 1e-5, name
+
+
+def test_varlen_model_still_evaluates_padded_batches_with_their_mask(reference_varlen):
+    """Calls without cu_seq_lens (evaluation's padded batches) go to SDPA with the padding mask: same logits."""
+    model = _tiny_lora_model()
+    batch = collate_batch(_examples([4, 9, 6], seed=6), PAD)
+    with torch.no_grad():
+        ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        kernels.use_packed_attention(model)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert reference_varlen == []
+    real = batch["attention_mask"].bool()
+    assert _rel_err(out[real], ref[real]) < 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+                    reason="Liger's fused linear cross-entropy needs CUDA and liger-kernel")
+def test_liger_linear_ce_sum_matches_the_chunked_loss_on_cuda():
+    """bf16 hidden and head as the fast path feeds them: loss rel err < 1e-3, hidden grad rel err < 1e-2."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(300, 64, device="cuda", generator=gen).bfloat16().requires_grad_()
+    weight = torch.randn(1000, 64, device="cuda", generator=gen).bfloat16() * 0.1
+    targets = torch.randint(0, 1000, (300,), device="cuda", generator=gen)
+    targets[:50] = IGNORE_INDEX
+    ref, _ = chunked_causal_lm_loss(hidden, weight, targets, chunk_size=64)
+    (ref_grad,) = torch.autograd.grad(ref, hidden)
+    loss, _ = chunked_causal_lm_loss(hidden, weight, targets, linear_ce_sum=kernels.liger_linear_ce_sum)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    assert _rel_err(loss.detach(), ref.detach()) < 1e-3
+    assert _rel_err(grad.float(), ref_grad.float()) < 1e-2
+
+
+def _old_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    """The first torch signature (no scale, no GQA), computed by the reference kernel at its fixed 1/sqrt(D)."""
+    assert key.shape[1] == query.shape[1], "this signature has no GQA"
+    assert is_causal and torch.equal(cu_seq_q, cu_seq_k) and max_q == max_k
+    return kernels.reference_varlen_kernel(query, key, value, cu_seq_q, max_q, query.shape[-1] ** -0.5)
+
+
+def _new_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    """The later signature (keyword scale, window_size causal, enable_gqa)."""
+    assert window_size == (-1, 0) and enable_gqa == (key.shape[1] != query.shape[1])
+    return kernels.reference_varlen_kernel(query, key, value, cu_seq_q, max_q, scale)
+
+
+@pytest.mark.parametrize("fake", [_old_varlen_attn, _new_varlen_attn])
+@pytest.mark.parametrize("scale", [None, 0.25, 0.1])
+def test_torch_varlen_adapter_handles_both_signatures(monkeypatch, fake, scale):
+    """GQA (4 query heads, 2 K/V heads), a non-default scale: the adapter's result equals the reference's."""
+    import torch.nn.attention.varlen as varlen
+
+    monkeypatch.setattr(varlen, "varlen_attn", fake)
+    gen = torch.Generator().manual_seed(7)
+    query, key, value = (torch.randn(10, heads, 16, generator=gen) for heads in (4, 2, 2))
+    cu = torch.tensor([0, 4, 5, 10], dtype=torch.int32)
+    got = kernels._torch_varlen_kernel(query, key, value, cu, 5, scale)
+    want = kernels.reference_varlen_kernel(query, key, value, cu, 5, scale)
+    assert _rel_err(got, want) < 1e-6
+
+
+def test_trainer_with_varlen_and_checkpointing_matches_the_mask_path(monkeypatch, reference_varlen):
+    """FastLocalTrainer(attention=varlen), every layer checkpointed (the recompute in backward must see the same
+    sequence boundaries): loss and LoRA grads equal the sdpa trainer's to rel err < 1e-5."""
+    monkeypatch.setitem(kernels.ATTENTION_PATHS, "varlen", lambda device_type: None)  # allow it on a CPU
+    packed = pack_sequences(_examples([5, 11, 3, 8, 7], seed=8), max_len=16, pad_token_id=PAD)
+    results = {}
+    for attention in ("sdpa", "varlen"):
+        model = _tiny_lora_model()
+        model.train()
+        trainer = FastLocalTrainer(model, PAD, TrainConfig(), FastPathSettings(attention=attention, checkpoint_every=1))
+        loss, _ = trainer._batch_loss_sum(packed)
+        loss.backward()
+        results[attention] = (loss.detach(), _lora_grads(model))
+    assert len(reference_varlen) == 4  # 2 layers forward + 2 recomputed in backward
+    assert _rel_err(results["varlen"][0], results["sdpa"][0]) < 1e-5
+    for name, grad in results["varlen"][1].items():
+        assert _rel_err(grad, results["sdpa"][1][name]) < 1e-5, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("torch.nn.attention.varlen") is None,
+                    reason="flash varlen attention needs CUDA and torch.nn.attention.varlen")
+def test_torch_varlen_kernel_matches_the_reference_on_cuda():
+    """Installed torch's varlen_attn (bf16, GQA 8/2 heads) vs per-sequence SDPA: output and q/k/v grads rel err < 2e-2."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = {"q": (300, 8, 64), "k": (300, 2, 64), "v": (300, 2, 64)}
+    leaves = {n: torch.randn(s, device="cuda", generator=gen).bfloat16().requires_grad_() for n, s in shapes.items()}
+    cu = torch.tensor([0, 17, 130, 131, 300], dtype=torch.int32, device="cuda")
+    upstream = torch.randn(300, 8, 64, device="cuda", generator=gen).bfloat16()
+    results = []
+    for kernel in (kernels._torch_varlen_kernel, kernels.reference_varlen_kernel):
+        out = kernel(leaves["q"], leaves["k"], leaves["v"], cu, 169, 64 ** -0.5)
+        grads = torch.autograd.grad(out, list(leaves.values()), upstream)
+        results.append((out.float(), [g.float() for g in grads]))
+    (out, grads), (ref_out, ref_grads) = results
+    assert _rel_err(out, ref_out) < 2e-2
+    for grad, ref in zip(grads, ref_grads):
+        assert _rel_err(grad, ref) < 2e-2
