@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -211,17 +212,23 @@ class LocalUpdate:
     result: object  # client.trainer.TrainResult
     delta: dict[str, np.ndarray]
     extra_metrics: dict = field(default_factory=dict)
+    # Seconds of the handler's steps outside the training loop ("prepare", "train-setup", "delta"): logged with the
+    # reply, so an operator sees where a round's site time goes besides training.
+    seconds: dict = field(default_factory=dict)
 
 
 def train_reply(msg: Message, context: Context, before_step=None) -> Message:
     """The train reply: the encoded delta and metrics; `before_step(params)` runs before every optimizer step."""
     update = train_update(msg, context, before_step)
-    return build_train_reply(msg, context, update.cfg, update.result, update.delta, update.extra_metrics)
+    return build_train_reply(msg, context, update.cfg, update.result, update.delta, update.extra_metrics,
+                             update.seconds)
 
 
 def train_update(msg: Message, context: Context, before_step=None) -> LocalUpdate:
     """Train on local data from the global adapter; the raw float delta (SecAgg+ masks it without any codec)."""
+    started = time.perf_counter()
     cfg, runtime, global_arrays, train_ds, _ = _prepare(msg, context)
+    prepared = time.perf_counter()
     server_round = int(msg.content["config"].get("server-round", 0))
     trainer = make_trainer(runtime, cfg, progress_label(context))
     seed = site_seed(cfg, server_round, context)
@@ -230,18 +237,25 @@ def train_update(msg: Message, context: Context, before_step=None) -> LocalUpdat
         result, extra_metrics["dp-sgd-epsilon"] = _train_dp_sgd(trainer, train_ds, cfg, msg, context)
     else:
         result = trainer.train(train_ds, seed=seed, proximal_mu=cfg.strategy.proximal_mu, before_step=before_step)
+    trained = time.perf_counter()
     delta = adapter_delta(get_adapter_arrays(runtime.model), global_arrays)
-    return LocalUpdate(cfg, result, delta, extra_metrics)
+    seconds = {"prepare": prepared - started, "train-setup": trained - prepared - result.seconds,
+               "delta": time.perf_counter() - trained}
+    return LocalUpdate(cfg, result, delta, extra_metrics, seconds)
 
 
 def build_train_reply(msg: Message, context: Context, cfg: RunConfig, result, delta: dict,
-                      extra_metrics: dict | None = None) -> Message:
+                      extra_metrics: dict | None = None, seconds: dict | None = None) -> Message:
     """The reply to a train message: the encoded delta and the round's metrics (logged on the site)."""
     server_round = int(msg.content["config"].get("server-round", 0))
+    started = time.perf_counter()
     record = encode_delta(delta, cfg, msg, context)
+    seconds = {**(seconds or {}), "encode+state": time.perf_counter() - started}
     log.info("round %d: trained on %d examples (%d steps, %d tokens, loss %.4f, %.0f tok/s); uploading %d bytes",
              server_round, result.num_examples, result.steps, result.input_tokens, result.train_loss,
              result.tokens_per_second, record.count_bytes())
+    log.info("round %d: outside the %.2f s training loop: %s", server_round, result.seconds,
+             ", ".join(f"{name} {value:.3f} s" for name, value in seconds.items()))
     metrics = train_metrics(context, result, extra_metrics)
     fingerprint = ConfigRecord(data_fingerprint(get_runtime(cfg), cfg, context))
     return Message(content=RecordDict({"arrays": record, "metrics": metrics, DATA_FINGERPRINT_RECORD: fingerprint}),

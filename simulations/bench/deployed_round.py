@@ -38,6 +38,7 @@ DEFAULT_OVERRIDES = ["model=llama-1b-random", "train.local_steps=10", "train.bat
 SKILLS = ("reverse", "uppercase", "add", "vowels")
 READY_TIMEOUT_S = 300
 ANSWERED = re.compile(r"run (\d+): answered (train|evaluate)\S* message in ([0-9.]+) s")
+PHASES = re.compile(r"round (\d+): outside the [0-9.]+ s training loop: (.*)")
 
 
 def _free_port() -> int:
@@ -181,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                                       json.loads((root / "coordinator" / "sites.json").read_text()).items()}
             result["handler_seconds"] = {name: [(int(r), kind, float(s))
                                                 for r, kind, s in ANSWERED.findall(log_of(name))] for name in names}
+            result["phase_seconds"] = {name: [{k: float(v) for k, v in re.findall(r"(\S+) (-?[0-9.]+) s", text)}
+                                              for _, text in PHASES.findall(log_of(name))] for name in names}
             if args.out:  # after every run: a device call cut short still leaves the runs that finished
                 args.out.write_text(json.dumps(result, indent=1))
     finally:
@@ -230,6 +233,9 @@ def _report(result: dict) -> None:
         print(f"{entry['site']:>7} {entry['run']:>3} {entry['round']:>5} {entry['round_s']:>8.2f} "
               f"{entry['handler_s']:>9.3f} {entry['train_s']:>8.3f} {entry['outside_s']:>9.3f} "
               f"{entry['outside_s'] / entry['train_s']:>13.1%} {entry['peak_gib']:>8.2f}")
+    for name, rounds in result.get("phase_seconds", {}).items():
+        for index, phases in enumerate(rounds):
+            print(f"{name} train message {index + 1}, seconds outside the loop: {phases}")
     for run_index, run in enumerate(result["runs"]):
         print(f"GPU MiB held by each site's processes after run {run_index}: {run['gpu_mib_after_run']}")
 

@@ -188,6 +188,9 @@ def test_site_daemon_output_shows_round_examples_and_upload_bytes(deployment):
     for site in SITES:
         assert f"round 1: trained on {deployment.train_examples[site]} examples" in deployment.procs.log(site)
         assert "uploading" in deployment.procs.log(site)
+        # Where the site's round time goes besides training, one line per round.
+        assert re.search(r"round 1: outside the [0-9.]+ s training loop: prepare [0-9.]+ s, train-setup -?[0-9.]+ s, "
+                         r"delta [0-9.]+ s, encode\+state [0-9.]+ s", deployment.procs.log(site))
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 60)
