@@ -1,9 +1,10 @@
 """Many virtual clients on one device: seconds per round and peak host / GPU memory while new clients keep joining.
 
-    python -m simulations.bench.many_clients --out DIR --clients 200 --per-round 20 --rounds 4      # CPU, tiny model
-    python -m simulations.bench.many_clients --out $OUT --clients 1000 --per-round 100 --rounds 5 --seq 256 \
-        --clients-per-batch 16 --strategy fedavg,scaffold model=llama-1b-random model.quantization=4bit lora.r=16 \
-        'lora.target_modules=[q_proj,v_proj]' train.fast_path=true
+    python -m simulations.bench.many_clients --out DIR --clients 200 --per-round 20 --seq 32    # CPU, tiny model
+    python -m simulations.bench.many_clients --out $OUT --work /tmp/many-work --clients 1000 --per-round 100 \
+        --rounds 4 --seq 256 --local-steps 4 --clients-per-batch 16 --strategy fedavg,scaffold --budget 150 \
+        model=llama-1b-random model.quantization=4bit lora.r=16 'lora.target_modules=[q_proj,v_proj]' \
+        train.fast_path=true                                                                      # one GPU
 
 One federation per strategy on the in-process engine (simulations/inprocess.py: the real coordinator round loop and
 ClientApp, one device, one process): N virtual clients, M sampled per round for training and M for evaluation
@@ -15,7 +16,8 @@ round brings new ones. "Bounded" shows as flat per-round peaks while clients_see
 * gpu_peak_mib: torch.cuda.max_memory_allocated over the round (the trainers reset the peak for their own
   figures; this bench folds every reset into the round's peak); gpu_allocated_end_mib after the round;
 * gpu_tensors_outside_model: live CUDA tensors after the round that are not the resident model's parameters,
-  buffers or gradients (per-client state left on the GPU would show here);
+  buffers or gradients (per-client state left on the GPU would show here; "before_round_1" has the count right
+  after the model load, e.g. a 4-bit base's quantization state);
 * datasets_cached: tokenized site datasets the process keeps (client/task.py, at most SITE_DATASETS_KEPT);
 * state_disk_mib: the sites' round state on disk (client/site_state.py: error-feedback residuals, SCAFFOLD c_i,
   FedSA-LoRA B, newest KEEP_ROUNDS rounds per client) under --work, not under --out.
@@ -34,6 +36,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -188,9 +191,14 @@ def run_strategy(args, strategy: str, pool: Path, work: Path, log) -> dict:
                  *args.overrides]
     cfg = compose_config(overrides)
     start = time.perf_counter()
-    task.get_runtime(cfg)  # the one-time base model load, outside round 1
+    runtime = task.get_runtime(cfg)  # the one-time base model load, outside round 1
     load_seconds = time.perf_counter() - start
     result = {"strategy": strategy, "overrides": overrides, "load_seconds": load_seconds, "rounds": []}
+    if torch.cuda.is_available():
+        # The baseline for the rounds' figures: quantization state and the like that are not parameters or buffers.
+        gc.collect()
+        result["before_round_1"] = {"gpu_allocated_mib": torch.cuda.memory_allocated() / MIB,
+                                    "gpu_tensors_outside_model": stray_device_tensors(runtime.model, "cuda")[0]}
 
     def on_round(row: dict) -> None:
         result["rounds"].append(row)
@@ -238,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one federation per --strategy and write many.json (and progress lines to the log) under --out."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="many.json and many.log go here (nothing large)")
-    parser.add_argument("--work", default="", help="run dirs, site state and the data pool (default: --out/work)")
+    parser.add_argument("--work", default="", help="run dirs, site state and the data pool: GBs at 1,000 clients of a "
+                        "real model, so not under --out (default: a new temporary directory)")
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=4)
@@ -256,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work) if args.work else out / "work"
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fedtune-many-"))
     work.mkdir(parents=True, exist_ok=True)
     log_path, json_path = out / "many.log", out / "many.json"
     began = time.time()
@@ -288,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         summary["runs"].append(result)
         write()
     write()
+    if not args.work and not args.keep_state:
+        shutil.rmtree(work, ignore_errors=True)
     log(f"wrote {json_path}")
     return 0
 

@@ -8,8 +8,8 @@ from client import task
 
 
 def _context(partition: int, partitions: int) -> Context:
-    return Context(run_id=1, node_id=partition + 1, node_config={"partition-id": partition, "num-partitions": partitions},
-                   state=RecordDict(), run_config={})
+    return Context(run_id=1, node_id=partition + 1, state=RecordDict(), run_config={},
+                   node_config={"partition-id": partition, "num-partitions": partitions})
 
 
 def _partitions(runtime) -> list[int]:
