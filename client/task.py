@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,16 +67,31 @@ DP_STATE_KEY = "fedtune.dp-sgd"
 ERROR_FEEDBACK_KEY = "fedtune.error-feedback"
 
 
+# Tokenized (train, eval) datasets a process keeps, least recently used dropped first. A deployed site has one; a
+# simulation process serves many virtual clients (1,000 in a federation, 100 a round), whose datasets would otherwise
+# stay in RAM for every client ever sampled. A dropped one is tokenized again from the shared partitioned pool
+# (federation/data.py partitioned_pools) when its client is next sampled: the same examples, the same fingerprint.
+SITE_DATASETS_KEPT = 256
+
+
+@dataclass
+class SiteData:
+    """One site's tokenized (train, eval) datasets and, once computed, its data fingerprint."""
+
+    train: SiteDataset
+    eval: SiteDataset
+    fingerprint: dict | None = None
+
+
 @dataclass
 class SiteRuntime:
-    """Everything a site keeps between rounds: the resident model and its datasets."""
+    """Everything a site keeps between rounds: the resident model and its (recently used) datasets."""
 
     model_key: str
     model: object
     tokenizer: object
     info: LoadInfo
-    datasets: dict[str, tuple[SiteDataset, SiteDataset]] = field(default_factory=dict)
-    fingerprints: dict[str, dict] = field(default_factory=dict)
+    datasets: OrderedDict[str, SiteData] = field(default_factory=OrderedDict)  # least recently used first
 
 
 _RUNTIME: SiteRuntime | None = None
@@ -106,17 +122,29 @@ def _dataset_key(cfg: RunConfig, context: Context) -> str:
     return f"partition:{pid}/{n}:{hashlib.sha256(json.dumps(asdict(cfg.data), sort_keys=True).encode()).hexdigest()}"
 
 
-def site_datasets(runtime: SiteRuntime, cfg: RunConfig, context: Context) -> tuple[SiteDataset, SiteDataset]:
-    """(train, eval) for this node: node config `data-path` in deployment, partition id in simulation."""
+def _site_data(runtime: SiteRuntime, cfg: RunConfig, context: Context) -> SiteData:
+    """This node's SiteData from the runtime's LRU (at most SITE_DATASETS_KEPT), loaded and tokenized if absent."""
     node = context.node_config
     key = _dataset_key(cfg, context)
-    if key not in runtime.datasets:
+    entry = runtime.datasets.get(key)
+    if entry is None:
         if "data-path" in node:
-            runtime.datasets[key] = load_site_files(str(node["data-path"]), cfg.data, runtime.tokenizer)
+            train_ds, eval_ds = load_site_files(str(node["data-path"]), cfg.data, runtime.tokenizer)
         else:
-            runtime.datasets[key] = load_site_split(cfg.data, runtime.tokenizer, int(node["partition-id"]),
-                                                    int(node["num-partitions"]))
-    return runtime.datasets[key]
+            train_ds, eval_ds = load_site_split(cfg.data, runtime.tokenizer, int(node["partition-id"]),
+                                                int(node["num-partitions"]))
+        entry = runtime.datasets[key] = SiteData(train_ds, eval_ds)
+        while len(runtime.datasets) > max(1, SITE_DATASETS_KEPT):
+            runtime.datasets.popitem(last=False)
+    else:
+        runtime.datasets.move_to_end(key)
+    return entry
+
+
+def site_datasets(runtime: SiteRuntime, cfg: RunConfig, context: Context) -> tuple[SiteDataset, SiteDataset]:
+    """(train, eval) for this node: node config `data-path` in deployment, partition id in simulation."""
+    entry = _site_data(runtime, cfg, context)
+    return entry.train, entry.eval
 
 
 def data_fingerprint(runtime: SiteRuntime, cfg: RunConfig, context: Context) -> dict[str, str | int]:
@@ -125,9 +153,8 @@ def data_fingerprint(runtime: SiteRuntime, cfg: RunConfig, context: Context) -> 
     Deployment: sha256 over the data files' bytes (train.jsonl [+ eval.jsonl], or the one file, names included);
     simulation (no file per site): over the site's tokenized training examples. `examples` counts training examples.
     """
-    key = _dataset_key(cfg, context)
-    if key not in runtime.fingerprints:
-        train_ds, _ = site_datasets(runtime, cfg, context)
+    entry = _site_data(runtime, cfg, context)
+    if entry.fingerprint is None:
         digest = hashlib.sha256()
         if "data-path" in context.node_config:
             path = Path(str(context.node_config["data-path"])).expanduser()
@@ -136,10 +163,10 @@ def data_fingerprint(runtime: SiteRuntime, cfg: RunConfig, context: Context) -> 
             for file in files:
                 digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
         else:
-            for example in train_ds.examples:
+            for example in entry.train.examples:
                 digest.update(example["input_ids"].numpy().tobytes() + example["labels"].numpy().tobytes())
-        runtime.fingerprints[key] = {"sha256": digest.hexdigest(), "examples": len(train_ds)}
-    return runtime.fingerprints[key]
+        entry.fingerprint = {"sha256": digest.hexdigest(), "examples": len(entry.train)}
+    return entry.fingerprint
 
 
 def make_trainer(runtime: SiteRuntime, cfg: RunConfig, label: str = "site") -> LocalTrainer:

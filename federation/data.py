@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -384,13 +385,52 @@ def _check_partition_id(partition_id: int, num_partitions: int) -> None:
         raise ValueError(f"partition_id must be in [0, {num_partitions}), got {partition_id}")
 
 
+@dataclass(frozen=True)
+class PartitionedPools:
+    """A simulated federation's train and eval pools and each site's indices into them."""
+
+    train_records: list[dict]
+    eval_records: list[dict]
+    train_parts: list[list[int]]
+    eval_parts: list[list[int]]
+
+
+def _source_stamp(path: str) -> tuple[int, int] | None:
+    """(mtime_ns, size) of a local data source, so a rewritten file is read again; None for a hub id / demo."""
+    try:
+        stat = Path(path).expanduser().stat()
+    except (OSError, ValueError):
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+# The one pool partitioning a process keeps (load_site_split): a simulation's virtual clients share it. Reading the
+# pool and partitioning it over all N sites costs O(pool + N) (flwr-datasets builds every partition), ~1.8 s for 1,000
+# sites on a CPU core; redoing that for each of 1,000 clients made a new client's first round O(N). One entry: the
+# memory is the data set itself, whatever the number of clients.
+_POOLS_CACHE: dict[str, PartitionedPools] = {}
+
+
+def partitioned_pools(data_cfg: DataConfig, num_partitions: int) -> PartitionedPools:
+    """The pools of data_cfg split over num_partitions sites, computed once per (data config, N, source files)."""
+    key = json.dumps([asdict(data_cfg), num_partitions, _source_stamp(data_cfg.source),
+                      _source_stamp(data_cfg.eval_path) if data_cfg.eval_path else None], sort_keys=True, default=str)
+    if key not in _POOLS_CACHE:
+        train_records, eval_records = _load_pools(data_cfg)
+        train_parts, eval_parts = _partition_pools(train_records, eval_records, num_partitions, data_cfg)
+        _POOLS_CACHE.clear()
+        _POOLS_CACHE[key] = PartitionedPools(train_records, eval_records, train_parts, eval_parts)
+    return _POOLS_CACHE[key]
+
+
 def load_site_split(
     data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, partition_id: int, num_partitions: int
 ) -> tuple[SiteDataset, SiteDataset]:
     """(train, eval) datasets of simulated site `partition_id` out of `num_partitions`."""
     _check_partition_id(partition_id, num_partitions)
-    train_records, eval_records = _load_pools(data_cfg)
-    train_parts, eval_parts = _partition_pools(train_records, eval_records, num_partitions, data_cfg)
+    pools = partitioned_pools(data_cfg, num_partitions)
+    train_records, eval_records = pools.train_records, pools.eval_records
+    train_parts, eval_parts = pools.train_parts, pools.eval_parts
     site_train = [train_records[i] for i in train_parts[partition_id]]
     site_eval = [eval_records[i] for i in eval_parts[partition_id]]
     return (
@@ -401,10 +441,9 @@ def load_site_split(
 
 def load_union_eval(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, num_partitions: int) -> SiteDataset:
     """All sites' eval examples together (the union of load_site_split's eval sets), in pool order."""
-    train_records, eval_records = _load_pools(data_cfg)
-    _, eval_parts = _partition_pools(train_records, eval_records, num_partitions, data_cfg)
-    union = sorted(i for part in eval_parts for i in part)
-    records = [eval_records[i] for i in union]
+    pools = partitioned_pools(data_cfg, num_partitions)
+    union = sorted(i for part in pools.eval_parts for i in part)
+    records = [pools.eval_records[i] for i in union]
     return SiteDataset(records, tokenizer, data_cfg.max_seq_len, data_cfg.prompt_template)
 
 

@@ -413,3 +413,30 @@ def test_load_site_files_errors_name_the_file(tmp_path, tokenizer):
     write_jsonl(tmp_path / "eval.jsonl", [""])
     with pytest.raises(DataFormatError, match="eval.jsonl: no examples"):
         load_site_files(str(tmp_path), DataConfig(), tokenizer)
+
+
+def test_sites_of_a_federation_share_one_partitioning_with_the_same_splits(tmp_path, tokenizer, monkeypatch):
+    import federation.data as data
+
+    partitionings, real = [], data._partition_pools
+    monkeypatch.setattr(data, "_partition_pools", lambda *args: partitionings.append(args[2]) or real(*args))
+    path = write_jsonl(tmp_path / "pool.jsonl", [{"text": f"t{i}", "source": "ab"[i % 2]} for i in range(40)])
+    cfg = DataConfig(source=str(path), partitioner="iid", eval_fraction=0.25, seed=0)
+    shared = [[as_keys(ds) for ds in load_site_split(cfg, tokenizer, site, 5)] for site in range(5)]
+    assert partitionings == [5]  # once for the five sites, not once per site
+    afresh = []
+    for site in range(5):
+        data._POOLS_CACHE.clear()
+        afresh.append([as_keys(ds) for ds in load_site_split(cfg, tokenizer, site, 5)])
+    assert shared == afresh
+    load_site_split(cfg, tokenizer, 0, 4)  # another number of sites is another partitioning
+    assert partitionings[-1] == 4
+
+
+def test_a_rewritten_pool_file_is_read_again(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "pool.jsonl", [{"text": f"t{i}"} for i in range(12)])
+    cfg = DataConfig(source=str(path), partitioner="iid", eval_fraction=0.25, seed=0)
+    before = as_keys(load_site_split(cfg, tokenizer, 0, 3)[0])
+    write_jsonl(path, [{"text": f"new text {i}"} for i in range(12)])
+    after = as_keys(load_site_split(cfg, tokenizer, 0, 3)[0])
+    assert before != after and len(after) == len(before)
