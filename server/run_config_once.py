@@ -8,18 +8,24 @@ Flower keeps per (Flower run, node): in deployment at the SuperNode, in simulati
 
 What this process knows is kept in memory only: a restarted coordinator (``federation.resume=true``, a new
 Flower run, so new Context.state at every site) sends the full config again with its first message to each
-site. A site that answers with an error (any code: ``UNKNOWN_RUN_CONFIG_ERROR`` when it lost its Context.state
-by restarting, or a crash) gets the full config again with the next message.
+site. A site that answers with an error gets the full config again with the next message. A site that restarted
+(so holds neither the Context.state nor the process copy) answers ``UNKNOWN_RUN_CONFIG_ERROR``: that reply is not
+handed to the caller; the same message goes again at once with the full config, and its reply is handed over
+under the original message id, so a restarted site does not lose the round it rejoins.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from federation.protocol import RUN_CONFIG_KEY, RUN_CONFIG_SHA256_KEY, run_config_sha256
+from federation.protocol import RUN_CONFIG_KEY, RUN_CONFIG_SHA256_KEY, UNKNOWN_RUN_CONFIG_ERROR, run_config_sha256
+from server.reply_stream import replies_as_they_arrive
+
+log = logging.getLogger("fedtune.server")
 
 
 class RunConfigOnceGrid(Grid):
@@ -30,6 +36,11 @@ class RunConfigOnceGrid(Grid):
         self.confirmed: dict[int, set[str]] = {}  # node -> run config hashes it has answered a message with
         self._pending: dict[int, set[str]] = {}  # node -> hashes sent in full, no reply yet
         self._hashes: dict[str, str] = {}  # JSON text -> its sha256 (one entry per run: the text never changes)
+        # The full form of the newest hash-only message to each node, resent if the site lost the run config:
+        # node -> (message id, full message). One per node, so nothing piles up when replies never come.
+        self._full: dict[int, tuple[str, Message]] = {}
+        self._retry_of: dict[str, str] = {}  # original message id -> id of its resend with the full config
+        self._original_of: dict[str, str] = {}  # the reverse
 
     def __getattr__(self, name: str):  # what test grids and Flower's grids offer beyond the Grid interface
         return getattr(self.inner, name)
@@ -49,13 +60,53 @@ class RunConfigOnceGrid(Grid):
         return self.inner.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages([self._compact(msg) for msg in messages])
+        messages = list(messages)
+        compact = [self._compact(msg) for msg in messages]
+        message_ids = list(self.inner.push_messages(compact))
+        for full, small, message_id in zip(messages, compact, message_ids):
+            if message_id and _names_run_config_by_hash_only(small):
+                self._full[full.metadata.dst_node_id] = (message_id, full)
+        return message_ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._observe(self.inner.pull_messages(message_ids))
+        message_ids = list(message_ids)
+        replies = []
+        for reply in self.inner.pull_messages([self._retry_of.get(mid, mid) for mid in message_ids]):
+            answered = reply.metadata.reply_to_message_id
+            original = self._original_of.pop(answered, answered)
+            self._retry_of.pop(original, None)
+            if self._resend_with_full_config(reply, answered, original):
+                continue
+            if original != answered:  # the caller waits for the id it pushed
+                reply.metadata.__dict__["_reply_to_message_id"] = original
+            replies.append(reply)
+        return self._observe(replies)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self._observe(self.inner.send_and_receive([self._compact(msg) for msg in messages], timeout=timeout))
+        # Built on this grid's own push/pull (as Flower's Grid.send_and_receive is on the inner grid's), so a
+        # site that lost the run config is answered within the same call.
+        return list(replies_as_they_arrive(self, messages, timeout, pull_batch=64))
+
+    def _resend_with_full_config(self, reply: Message, answered: str, original: str) -> bool:
+        """Push the full form of the message `reply` answers if the site lost the run config; True if pushed."""
+        node = reply.metadata.src_node_id
+        held = self._full.get(node)
+        if held is None or held[0] != answered:
+            return False
+        del self._full[node]
+        if not (reply.has_error() and reply.error.code == UNKNOWN_RUN_CONFIG_ERROR):
+            return False
+        full = held[1]
+        self.confirmed.pop(node, None)
+        retry = Message(full.content, node, full.metadata.message_type, ttl=full.metadata.ttl,
+                        group_id=full.metadata.group_id)
+        pushed = [mid for mid in self.inner.push_messages([self._compact(retry)]) if mid]
+        if not pushed:
+            return False
+        self._retry_of[original], self._original_of[pushed[0]] = pushed[0], original
+        log.info("node %d lost the run config (it restarted); its %s message goes again with it", node,
+                 full.metadata.message_type)
+        return True
 
     def _sha256(self, text: str) -> str:
         if text not in self._hashes:
@@ -96,3 +147,8 @@ class RunConfigOnceGrid(Grid):
             elif node in self._pending:
                 self.confirmed.setdefault(node, set()).update(self._pending.pop(node))
         return replies
+
+
+def _names_run_config_by_hash_only(msg: Message) -> bool:
+    return any(RUN_CONFIG_SHA256_KEY in record and RUN_CONFIG_KEY not in record
+               for record in msg.content.config_records.values())

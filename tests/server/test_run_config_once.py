@@ -60,12 +60,40 @@ def test_a_restarted_site_gets_a_clear_error_and_then_the_full_config(make_cfg):
                                 run_config={})
     second = {r.metadata.src_node_id: r for r in grid.send_and_receive([_evaluate_message(cfg, 1),
                                                                           _evaluate_message(cfg, 2)])}
-    assert not second[2].has_error()
-    assert second[1].has_error() and second[1].error.code == UNKNOWN_RUN_CONFIG_ERROR
-    assert "holds no run config with sha256" in second[1].error.reason
-    # The coordinator forgot that site 1 held it: the next message carries the JSON again and is answered.
-    third = list(grid.send_and_receive([_evaluate_message(cfg, 1)]))
-    assert not third[0].has_error() and STATE_RECORD in inner.contexts[1].state.config_records
+    # Site 1 answered the hash-only message with UNKNOWN_RUN_CONFIG_ERROR; the grid sent it again with the JSON,
+    # so the caller sees both sites answer, and site 1 holds the run config again.
+    assert not second[1].has_error() and not second[2].has_error()
+    assert STATE_RECORD in inner.contexts[1].state.config_records
+    assert set(second) == {1, 2}
+
+
+def test_a_restarted_site_answers_in_the_same_round_over_push_and_pull(make_cfg):
+    """The streaming path (push_messages + pull_messages by the pushed ids): the resend's reply comes back under
+    the id the caller pushed, and the site's lost-config error never reaches the caller."""
+    cfg = make_cfg("federation.num_clients=2")
+    inner = InProcessGrid(client_app, 2)
+    grid = RunConfigOnceGrid(inner)
+    list(grid.send_and_receive([_evaluate_message(cfg, 1), _evaluate_message(cfg, 2)]))
+    forget_recent_run_configs()
+    old = inner.contexts[1]
+    inner.contexts[1] = Context(run_id=old.run_id, node_id=1, node_config=old.node_config, state=RecordDict(),
+                                run_config={})
+    ids = list(grid.push_messages([_evaluate_message(cfg, 1), _evaluate_message(cfg, 2)]))
+    replies = []
+    for _ in range(20):
+        replies += list(grid.pull_messages([i for i in ids if i not in {r.metadata.reply_to_message_id
+                                                                         for r in replies}]))
+        if len(replies) == 2:
+            break
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(ids)
+    assert not any(r.has_error() for r in replies)
+    # Without the resend the restarted site's reply is the clear error (the site side, as before).
+    forget_recent_run_configs()
+    inner.contexts[1] = Context(run_id=old.run_id, node_id=1, node_config=old.node_config, state=RecordDict(),
+                                run_config={})
+    raw = list(inner.send_and_receive([grid._compact(_evaluate_message(cfg, 1))]))
+    assert raw[0].has_error() and raw[0].error.code == UNKNOWN_RUN_CONFIG_ERROR
+    assert "holds no run config with sha256" in raw[0].error.reason
 
 
 def test_a_site_stores_the_run_config_and_restores_it_by_hash(make_cfg):
