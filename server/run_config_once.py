@@ -27,6 +27,10 @@ from server.reply_stream import replies_as_they_arrive
 
 log = logging.getLogger("fedtune.server")
 
+# Message ids per pull in send_and_receive: it returns every reply at once anyway, so a large batch only saves
+# round trips to the SuperLink (replies_as_they_arrive's default of 1 is for the streaming fold's memory bound).
+SEND_AND_RECEIVE_PULL_BATCH = 64
+
 
 class RunConfigOnceGrid(Grid):
     """`inner` with the run config sent in full only until a site has answered a message that carried it."""
@@ -85,7 +89,7 @@ class RunConfigOnceGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         # Built on this grid's own push/pull (as Flower's Grid.send_and_receive is on the inner grid's), so a
         # site that lost the run config is answered within the same call.
-        return list(replies_as_they_arrive(self, messages, timeout, pull_batch=64))
+        return list(replies_as_they_arrive(self, messages, timeout, pull_batch=SEND_AND_RECEIVE_PULL_BATCH))
 
     def _resend_with_full_config(self, reply: Message, answered: str, original: str) -> bool:
         """Push the full form of the message `reply` answers if the site lost the run config; True if pushed."""
