@@ -93,6 +93,12 @@ def _tree(pid: int) -> set[int]:
     return found
 
 
+def _sampling(sites: int) -> list[str]:
+    """Overrides that wait for exactly `sites` sites (the strategy's minimums default to 2: --sites 1 would hang)."""
+    return [f"strategy.{key}={sites}" for key in ("min_train_clients", "min_evaluate_clients",
+                                                   "min_available_clients")]
+
+
 def _write_site_data(root: Path, sites: int) -> list[Path]:
     from federation.config import DemoTaskConfig
     from federation.demo_task import generate_demo_task
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             launch = subprocess.run(cli + ["launch", "--connection", "fedtune", "--flwr-home",
                                            str(root / "coordinator" / "flwr"), "--stream", *overrides,
                                            f"federation.rounds={args.rounds}", f"output_dir={run_dir}",
-                                           "federation.round_timeout_s=900"],
+                                           "federation.round_timeout_s=900", *_sampling(args.sites)],
                                     env=env, capture_output=True, text=True, timeout=3600)
             if launch.returncode != 0:
                 raise RuntimeError(f"run {run} failed:\n{launch.stdout[-3000:]}")

@@ -117,6 +117,41 @@ def measure_passes(step: Callable[[list[dict]], tuple[torch.Tensor, int]], param
     return timed
 
 
+def profile_pass(step: Callable[[list[dict]], tuple[torch.Tensor, int]], params: Sequence[torch.nn.Parameter],
+                 steps_examples: list[list[dict]], top: int = 12) -> dict:
+    """One pass under torch.profiler (after the timed ones, same start): wall vs summed CUDA kernel time per step,
+    and the kernels (and CPU ops) that took longest, per step; the parameters are restored afterwards."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    start = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=LR)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        began = time.perf_counter()
+        for examples in steps_examples:
+            step(examples)
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        sync()
+        wall = time.perf_counter() - began
+    with torch.no_grad():
+        for param, value in zip(params, start):
+            param.copy_(value)
+    n = len(steps_examples)
+    events = prof.key_averages()
+    device_events = [e for e in events if getattr(e, "self_device_time_total", 0) > 0]
+    return {"wall_ms_per_step": wall * 1e3 / n,
+            "gpu_kernel_ms_per_step": sum(e.self_device_time_total for e in device_events) / 1e3 / n,
+            "top_kernels_ms_per_step": {e.key[:100]: round(e.self_device_time_total / 1e3 / n, 3) for e in
+                                        sorted(device_events, key=lambda e: -e.self_device_time_total)[:top]},
+            "kernel_launches_per_step": sum(e.count for e in device_events) / n,
+            "top_cpu_ops_ms_per_step": {e.key[:100]: round(e.self_cpu_time_total / 1e3 / n, 3) for e in
+                                        sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]}}
+
+
 def comparison_rows(results: list[dict]) -> list[dict]:
     """Worker results -> one row per (shape, regime, scenario): each side's reps, spread, peak, and ours/Unsloth."""
     grouped: dict[tuple, dict[str, list[dict]]] = {}
@@ -281,6 +316,10 @@ def _run_regimes(result: _ResultFile, args, vocab: int, device: torch.device, pa
                     for p in passes:
                         p["mfu"] = flops / p["seconds"] / 1e12 / peak
                 run = {"regime": regime, "scenario": scenario, "passes": passes}
+                if scenario in args.profile.split(","):
+                    run["profile"] = profile_pass(make_step(), params, steps_examples)
+                    _log(f"[{result.data['trainer']} {args.shape}] {regime} {scenario} profile: "
+                         + json.dumps(run["profile"]))
                 _log(f"[{result.data['trainer']} {args.shape}] {regime:11s} {scenario:8s} " + "  ".join(
                     f"{p['tokens_per_s']:9.0f} tok/s peak {p['peak_bytes'] / 2**30:6.2f} GiB"
                     + (f" MFU {p['mfu']:.3f}" if "mfu" in p else "") for p in passes)
@@ -405,7 +444,8 @@ def _worker_argv(args, shape: str, trainer: str, result: Path) -> list[str]:
     return [sys.executable, "-m", "simulations.bench.unsloth_compare", "--worker", trainer, "--shape", shape,
             "--seq", str(args.seq or seq), "--examples-per-step", str(args.examples_per_step or per_step),
             "--steps", str(args.steps), "--reps", str(args.reps), "--scenarios", args.scenarios,
-            "--regimes", args.regimes, "--cache", args.cache, "--result", str(result), "--out", args.out]
+            "--regimes", args.regimes, "--profile", args.profile, "--cache", args.cache, "--result", str(result),
+            "--out", args.out]
 
 
 def run_worker(argv: list[str], log_path: Path, timeout: float) -> str:
@@ -456,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default="/tmp/fedtune-models", help="preset directories (both sides load them)")
     parser.add_argument("--budget-s", type=float, default=500.0,
                         help="wall-clock budget of the whole comparison: a worker gets what is left, then is stopped")
+    parser.add_argument("--profile", default="", help="comma list of scenarios to profile after their timed passes: "
+                        "GPU-busy share of a step and its top kernels, in the worker's JSON and log")
     parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)

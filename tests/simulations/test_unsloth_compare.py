@@ -7,7 +7,7 @@ import json
 import torch
 
 from simulations.bench import unsloth_compare
-from simulations.bench.unsloth_compare import comparison_rows, format_table, measure_passes
+from simulations.bench.unsloth_compare import comparison_rows, format_table, measure_passes, profile_pass
 
 
 def _linear_step(model):
@@ -30,6 +30,17 @@ def test_timed_passes_start_from_the_same_adapter_and_leave_it_unchanged():
     assert passes[0]["losses"] == passes[1]["losses"]  # same start, same data, fresh optimizer: same trajectory
     assert passes[0]["losses"][0] != passes[0]["losses"][-1]  # the optimizer really stepped
     assert all(p["real_tokens"] == 6 and p["tokens_per_s"] > 0 for p in passes)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_profiled_pass_reports_per_step_time_and_top_ops_and_leaves_the_adapter_unchanged():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = [[{"x": torch.randn(4)} for _ in range(2)] for _ in range(3)]
+    report = profile_pass(_linear_step(model), list(model.parameters()), steps)
+    assert report["wall_ms_per_step"] > 0
+    assert any("linear" in name or "addmm" in name for name in report["top_cpu_ops_ms_per_step"])
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
