@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from client.kernels import packed_cu_seqlens, resolve_attention, resolve_kernel_set, use_packed_attention
+from client.kernels import packed_attention_kwargs, resolve_attention, resolve_kernel_set, use_packed_attention
 from client.trainer import LocalTrainer
 from federation.config import TrainConfig
 from federation.data import IGNORE_INDEX
@@ -267,12 +267,7 @@ def packed_loss_sum(model: torch.nn.Module, packed: dict[str, torch.Tensor],
     """
     _, decoder, lm_head = causal_lm_parts(model)
     device = lm_head.weight.device
-    extra = {}
-    if varlen:
-        cu_seqlens, longest = packed_cu_seqlens(packed["position_ids"])
-        cu_seqlens = cu_seqlens.to(device, non_blocking=True)
-        extra = {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": longest,
-                 "max_length_k": longest}
+    extra = packed_attention_kwargs(packed["position_ids"], device) if varlen else {}
     with _autocast(device, autocast_dtype):
         out = decoder(input_ids=packed["input_ids"].to(device), position_ids=packed["position_ids"].to(device),
                       attention_mask=None, use_cache=False, **extra)

@@ -130,6 +130,13 @@ def packed_cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, int(cu.diff().max())
 
 
+def packed_attention_kwargs(position_ids: torch.Tensor, device: torch.device) -> dict:
+    """The decoder's keyword arguments that hand packed rows' sequence boundaries (packed_cu_seqlens) to varlen."""
+    cu_seqlens, longest = packed_cu_seqlens(position_ids)
+    cu_seqlens = cu_seqlens.to(device, non_blocking=True)
+    return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": longest, "max_length_k": longest}
+
+
 def _torch_varlen_kernel(query, key, value, cu_seqlens, max_len, scale):
     """torch.nn.attention.varlen.varlen_attn, causal; (N, Hq, D), (N, Hkv, D) x2 -> (N, Hq, D).
 

@@ -8,7 +8,9 @@ fills the GPU. Nothing couples the clients, so each client's adapter is the one 
 * the loss is sum_k L_k / tokens_k: the gradient of client k's factors is exactly its solo gradient;
 * gradient clipping is per client, with the formula of ``torch.nn.utils.clip_grad_norm_``;
 * AdamW is elementwise, so one AdamW over the stacked tensors is K independent AdamWs with one schedule;
-* each client's batches come from the solo trainer's own loader and seed (same data order).
+* each client's batches come from the solo trainer's own loader and seed (same data order);
+* train.kernels / train.attention run as the solo fast trainer resolved them: its kernel set's loss summed per
+  client, varlen attention over every packed row of the combined batch.
 
 Equal up to floating-point summation order (tests/client/test_multi_adapter.py bounds it). LoRA dropout > 0
 draws other masks than a solo run (same distribution). Not supported, so left to solo training by
@@ -33,6 +35,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.fast_train import FastLocalTrainer, causal_lm_parts, linear_cross_entropy_per_token, shift_labels
+from client.kernels import packed_attention_kwargs
 from client.trainer import LocalTrainer, TrainResult, elapsed_and_peak, make_lr_scheduler, planned_steps
 from federation import progress
 from federation.adapter import ADAPTER_NAME, AdapterMismatch, check_adapter_keys, lora_parameters
@@ -174,15 +177,23 @@ class MultiAdapterTrainer:
         self.solo = solo
         self.model = solo.model
         self.cfg = solo.cfg
-        self.autocast_dtype = solo.autocast_dtype if isinstance(solo, FastLocalTrainer) else None
-        self.loss_chunk_tokens = solo.settings.loss_chunk_tokens if isinstance(solo, FastLocalTrainer) else 2048
+        fast = isinstance(solo, FastLocalTrainer)
+        self.autocast_dtype = solo.autocast_dtype if fast else None
+        self.loss_chunk_tokens = solo.settings.loss_chunk_tokens if fast else 2048
+        # train.kernels / train.attention as the solo fast trainer resolved them (an explicit choice that cannot
+        # run here already raised there) and applied them to the resident model this trainer shares.
+        self.linear_ce_sum = solo.kernel_set.linear_ce_sum if fast else None
+        self.varlen = fast and solo.attention == "varlen"
 
-    def _token_losses(self, combined: dict[str, torch.Tensor], device: torch.device):
-        """(per-target-token CE (n,), the client of each target token (n,))."""
+    def _adapter_loss_sums(self, combined: dict[str, torch.Tensor], num_adapters: int,
+                           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each adapter's CE summed over its target tokens (K,) fp32, differentiable; its target tokens (K,))."""
         _, decoder, lm_head = causal_lm_parts(self.model)
         kwargs = {"input_ids": combined["input_ids"].to(device), "use_cache": False}
         if "position_ids" in combined:
             kwargs.update(position_ids=combined["position_ids"].to(device), attention_mask=None)
+            if self.varlen:  # every packed example and every padding tail of the combined rows is its own sequence
+                kwargs.update(packed_attention_kwargs(combined["position_ids"], device))
         else:
             kwargs.update(attention_mask=combined["attention_mask"].to(device))
         autocast = (torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
@@ -192,10 +203,19 @@ class MultiAdapterTrainer:
         targets = combined["targets"].to(device).reshape(-1)
         keep = (targets != IGNORE_INDEX).nonzero()[:, 0]
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep).to(lm_head.weight.dtype)
-        losses = linear_cross_entropy_per_token(selected, lm_head.weight, targets.index_select(0, keep),
-                                                self.loss_chunk_tokens)
-        row_of_token = keep // combined["targets"].shape[1]
-        return losses, combined["row_adapter"].to(device).index_select(0, row_of_token)
+        selected_targets = targets.index_select(0, keep)
+        adapter_of_token = combined["row_adapter"].to(device).index_select(0, keep // combined["targets"].shape[1])
+        tokens = torch.bincount(adapter_of_token, minlength=num_adapters)
+        if self.linear_ce_sum is None:
+            losses = linear_cross_entropy_per_token(selected, lm_head.weight, selected_targets, self.loss_chunk_tokens)
+            sums = torch.zeros(num_adapters, dtype=losses.dtype, device=device).index_add(0, adapter_of_token, losses)
+            return sums, tokens
+        # The kernel set's loss sums its input, so it runs once per adapter; combine_batches puts the rows in
+        # adapter order, so each adapter's target tokens are one contiguous run of `selected`.
+        counts = tokens.tolist()
+        sums = [self.linear_ce_sum(h, lm_head.weight, t).float()
+                for h, t in zip(selected.split(counts), selected_targets.split(counts))]
+        return torch.stack(sums), tokens
 
     def train(self, datasets: Sequence[SiteDataset], seeds: Sequence[int], initial: Mapping[str, np.ndarray],
               proximal_mu: float = 0.0, label: str | None = None) -> list[tuple[TrainResult, dict[str, np.ndarray]]]:
@@ -240,11 +260,11 @@ class MultiAdapterTrainer:
                     for j in range(cfg.grad_accum):
                         combined = combine_batches([micro[k][j] for k in range(k_clients)], self.solo.pad_token_id)
                         stacked.row_adapter = combined["row_adapter"].to(device)
-                        losses, client_of_token = self._token_losses(combined, device)
+                        sums, tokens = self._adapter_loss_sums(combined, k_clients, device)
                         # Each client's loss normalised by its own step's tokens: its gradient is the solo one.
-                        (losses * step_tokens.index_select(0, client_of_token).reciprocal()).sum().backward()
-                        loss_sum.index_add_(0, client_of_token, losses.detach().double())
-                        target_tokens += torch.bincount(client_of_token, minlength=k_clients)
+                        (sums / step_tokens).sum().backward()
+                        loss_sum += sums.detach().double()
+                        target_tokens += tokens
                         for k in range(k_clients):
                             input_tokens[k] += self.solo._input_tokens(micro[k][j])
                     if start_params is not None:

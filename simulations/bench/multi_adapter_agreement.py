@@ -47,9 +47,8 @@ def _batched_gradients(multi, model, start, batches, device) -> list[dict]:
     with StackedLoRA(model, start, len(batches)) as stacked:
         combined = combine_batches(batches, multi.solo.pad_token_id)
         stacked.row_adapter = combined["row_adapter"].to(device)
-        losses, client_of_token = multi._token_losses(combined, device)
-        tokens = torch.bincount(client_of_token, minlength=len(batches)).float()
-        (losses / tokens[client_of_token]).sum().backward()
+        sums, tokens = multi._adapter_loss_sums(combined, len(batches), device)
+        (sums / tokens).sum().backward()
         out = [{} for _ in batches]
         for layer in stacked.layers:
             for k in range(len(batches)):
@@ -94,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     contexts = [Context(run_id=1, node_id=k + 1, node_config={"partition-id": k, "num-partitions": args.clients},
                         state=RecordDict(), run_config={}) for k in range(args.clients)]
     datasets = [site_datasets(runtime, cfg, ctx)[0] for ctx in contexts]
-    solo = FastLocalTrainer(model, pad, cfg.train, FastPathSettings(checkpoint_every=cfg.train.checkpoint_every))
-    other = FastLocalTrainer(model, pad, cfg.train, FastPathSettings(pack_len=2 * args.seq,
-                                                                     checkpoint_every=cfg.train.checkpoint_every))
+    switches = {"checkpoint_every": cfg.train.checkpoint_every, "kernels": str(cfg.train.kernels).lower(),
+                "attention": str(cfg.train.attention).lower()}
+    solo = FastLocalTrainer(model, pad, cfg.train, FastPathSettings(**switches))
+    other = FastLocalTrainer(model, pad, cfg.train, FastPathSettings(pack_len=2 * args.seq, **switches))
     multi = MultiAdapterTrainer(solo)
 
     start = initial_adapter(cfg.model, cfg.lora)

@@ -19,6 +19,8 @@ second. Reload mode drops the datasets with the model, so each of its rounds is 
 K before resident+multi, each client's batched delta is compared with its one-by-one delta ("max_rel_delta_error":
 max over clients of ||batched - solo|| / ||solo||). --seq N replaces the demo data by random-character texts of
 >= N tokens truncated to N (the character tokenizer gives one token per character), so every example is N tokens.
+--kernels / --attention set train.kernels / train.attention (client/kernels.py) for the fast modes, one-by-one and
+batched alike, e.g. --modes resident+fast,resident+multi --kernels liger --attention varlen on a GPU.
 """
 
 from __future__ import annotations
@@ -137,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default="/tmp/fedtune-models")
     parser.add_argument("--clients-per-batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=0, help="random-character examples of exactly this many tokens")
+    parser.add_argument("--kernels", help="train.kernels for the fast modes: none | liger | auto (default: the config's)")
+    parser.add_argument("--attention", help="train.attention for the fast modes: sdpa | varlen | auto (default: the "
+                                            "config's)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
@@ -150,9 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         pool = write_char_pool(out / "pool.jsonl", 4096, args.seq)
         data = ["data=jsonl", f"data.source={pool}", f"data.max_seq_len={args.seq}", "data.eval_fraction=0.01"]
     # fp32 uploads so the batched and one-by-one deltas compare exactly (the bf16 codec would round both).
+    switches = [f"train.{name}={value}" for name, value in (("kernels", args.kernels), ("attention", args.attention))
+                if value is not None]
     base = ["model=llama-1b-random", "model.quantization=4bit", *data, "data.partitioner=iid", "train.local_steps=4",
             "train.batch_size=8", "federation.upload_codec=fp32", f"model.cache_dir={args.cache}",
-            f"output_dir={out / 'run'}", *args.overrides]
+            f"output_dir={out / 'run'}", *switches, *args.overrides]
     rows, solo_deltas = [], {}
     for mode in args.modes.split(","):
         fast = mode in ("resident+fast", "resident+multi")

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from client.fast_train import FastLocalTrainer, linear_cross_entropy_per_token
-from client.multi_adapter import MultiAdapterTrainer, StackedLoRA, combine_batches
+import client.kernels as kernels
+from client.fast_train import FastLocalTrainer, FastPathSettings, linear_cross_entropy_per_token
+from client.multi_adapter import MultiAdapterTrainer, StackedLoRA, combine_batches, train_replies
 from client.trainer import LocalTrainer
 from federation.adapter import get_adapter_arrays, lora_parameters, set_adapter_arrays
 from federation.data import IGNORE_INDEX, load_site_split
+from tests.flower_messages import instruction
 
 # fp32 on CPU: batched and solo gradients differ only in summation order (checked to GRAD_REL_TOL below). AdamW
 # divides by sqrt(v) + eps, which magnifies that rounding in coordinates whose gradient is near zero (peft starts
@@ -87,6 +89,102 @@ def test_batched_clients_match_solo_training(make_cfg, fast_path, variant):
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
+@pytest.fixture
+def cpu_kernels(monkeypatch):
+    """On a CPU: varlen attention allowed and run by the reference kernel, and a kernel set "reference" whose
+    linear_ce_sum is full-logits torch cross-entropy. Records each varlen call's cu_seqlens and each loss call's size."""
+    calls = {"varlen": [], "linear_ce_sum": [], "apply": []}
+
+    def varlen(*args):
+        calls["varlen"].append(args[3].tolist())
+        return kernels.reference_varlen_kernel(*args)
+
+    def linear_ce_sum(hidden, weight, targets):
+        calls["linear_ce_sum"].append(hidden.shape[0])
+        return torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+
+    monkeypatch.setattr(kernels, "varlen_kernel", varlen)
+    monkeypatch.setitem(kernels.ATTENTION_PATHS, "varlen", lambda device_type: None)
+    monkeypatch.setitem(kernels.KERNEL_SETS, "reference", kernels.KernelSet(
+        "reference", unavailable=lambda device_type: None, apply=calls["apply"].append, linear_ce_sum=linear_ce_sum))
+    return calls
+
+
+@pytest.mark.parametrize(("kernel_set", "attention"), [("none", "varlen"), ("reference", "sdpa"),
+                                                       ("reference", "varlen")])
+def test_batched_clients_match_solo_training_with_the_same_kernels(make_cfg, cpu_kernels, kernel_set, attention):
+    """train.kernels / train.attention on the batched path: each client's adapter and loss are its solo ones."""
+    cfg, model, tokenizer, datasets = _setup(make_cfg, "train.grad_accum=2")
+    start = get_adapter_arrays(model)
+    # Rows of two examples (the demo's are 18-24 tokens), of another width per client: varlen must keep every
+    # example and every padding tail of the combined batch its own sequence.
+    pack_len = 2 * max(len(ds[i]["input_ids"]) for ds in datasets for i in range(len(ds)))
+    trainer = FastLocalTrainer(model, tokenizer.pad_token_id, cfg.train,
+                               FastPathSettings(pack_len=pack_len, kernels=kernel_set, attention=attention))
+    seeds = [11, 12, 13]
+    solo = _solo_adapters(trainer, model, start, datasets, seeds)
+    solo_calls = {name: len(calls) for name, calls in cpu_kernels.items()}
+    set_adapter_arrays(model, start)
+    multi = MultiAdapterTrainer(trainer)
+    batched = multi.train(datasets, seeds, start)
+
+    for (b_result, b_arrays), (s_result, s_arrays) in zip(batched, solo):
+        assert _max_rel_update_error(b_arrays, s_arrays, start) < REL_TOL
+        assert b_result.target_tokens == s_result.target_tokens
+        assert b_result.train_loss == pytest.approx(s_result.train_loss, rel=1e-5)
+    # The batched loop itself ran the switches, not only the solo runs it is compared with.
+    varlen_calls = cpu_kernels["varlen"][solo_calls["varlen"]:]
+    loss_calls = cpu_kernels["linear_ce_sum"][solo_calls["linear_ce_sum"]:]
+    if attention == "varlen":
+        assert varlen_calls and multi.varlen
+    else:
+        assert cpu_kernels["varlen"] == [] and not multi.varlen
+    if kernel_set == "reference":
+        assert cpu_kernels["apply"] == [model]  # applied once, to the resident model both trainers share
+        micro_batches = cfg.train.local_steps * cfg.train.grad_accum
+        assert len(loss_calls) == len(datasets) * micro_batches  # one per client and micro-batch
+        assert sum(loss_calls) == sum(result.target_tokens for result, _ in batched)
+    else:
+        assert cpu_kernels["linear_ce_sum"] == [] and multi.linear_ce_sum is None
+
+
+def test_auto_kernels_and_attention_on_cpu_train_together_exactly_like_the_defaults(make_cfg):
+    """kernels=auto, attention=auto on a CPU: the batched adapters and losses are bit-identical to none/sdpa's."""
+    cfg, model, tokenizer, datasets = _setup(make_cfg)
+    start = get_adapter_arrays(model)
+    seeds = [11, 12, 13]
+    runs = []
+    for settings in (FastPathSettings(), FastPathSettings(kernels="auto", attention="auto")):
+        set_adapter_arrays(model, start)
+        multi = MultiAdapterTrainer(FastLocalTrainer(model, tokenizer.pad_token_id, cfg.train, settings))
+        assert multi.linear_ce_sum is None and not multi.varlen
+        runs.append(multi.train(datasets, seeds, start))
+    assert model.get_base_model().config._attn_implementation == "sdpa"
+    for (default_result, default_arrays), (auto_result, auto_arrays) in zip(*runs):
+        assert auto_result.train_loss == default_result.train_loss
+        assert all(np.array_equal(auto_arrays[k], default_arrays[k]) for k in default_arrays)
+
+
+@pytest.mark.parametrize("switch", ["train.kernels=liger", "train.attention=varlen"])
+def test_batched_path_refuses_an_explicit_kernel_choice_that_cannot_run_on_cpu(make_cfg, switch):
+    """The batched ClientApp path raises the solo trainer's error; it does not silently train without the switch."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from federation.adapter import to_array_record
+    from federation.config import run_config_to_json
+    from federation.model import initial_adapter
+    from federation.protocol import RUN_CONFIG_KEY
+
+    cfg = make_cfg("federation.num_clients=2", "train.fast_path=true", switch)
+    content = RecordDict({"arrays": to_array_record(initial_adapter(cfg.model, cfg.lora)),
+                          "config": ConfigRecord({RUN_CONFIG_KEY: run_config_to_json(cfg), "server-round": 1})})
+    messages = [instruction(content, dst_node_id=k + 1) for k in range(2)]
+    contexts = [Context(run_id=1, node_id=k + 1, node_config={"partition-id": k, "num-partitions": 2},
+                        state=RecordDict(), run_config={}) for k in range(2)]
+    with pytest.raises(ValueError, match=f"{switch}: .*CUDA device"):
+        train_replies(messages, contexts)
+
+
 def test_stacked_lora_routes_each_row_through_its_own_adapter(make_cfg):
     """Row k of a batch under StackedLoRA gives the logits of the model with adapter k loaded."""
     cfg, model, tokenizer, datasets = _setup(make_cfg)
@@ -133,9 +231,8 @@ def test_batched_gradients_equal_each_clients_solo_gradient(make_cfg, fast_path)
     with StackedLoRA(model, start, 3) as stacked:
         combined = combine_batches(batches, tokenizer.pad_token_id)
         stacked.row_adapter = combined["row_adapter"]
-        losses, client_of_token = multi._token_losses(combined, torch.device("cpu"))
-        tokens = torch.bincount(client_of_token, minlength=3).float()
-        (losses / tokens[client_of_token]).sum().backward()
+        sums, tokens = multi._adapter_loss_sums(combined, 3, torch.device("cpu"))
+        (sums / tokens).sum().backward()
         for layer in stacked.layers:
             for k in range(3):
                 for key, grad in ((layer.key_a, layer.lora_a.grad[k]), (layer.key_b, layer.lora_b.grad[k])):
@@ -161,6 +258,8 @@ def test_combine_batches_pads_rows_and_labels_each_with_its_client():
     assert out["position_ids"].tolist() == [[0, 1, 2], [0, 0, 1], [0, 0, 1]]  # padding: its own segment
     assert out["targets"].tolist() == [[6, 7, -100], [-100] * 3, [-100] * 3]
     assert out["row_adapter"].tolist() == [0, 1, 1]
+    # varlen attention over the combined rows: every row, example and padding tail is its own sequence
+    assert kernels.packed_cu_seqlens(out["position_ids"])[0].tolist() == [0, 3, 4, 6, 7, 9]
     padded_a = {"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.tensor([[1, 1]]),
                 "labels": torch.tensor([[-100, 6]])}
     padded_b = {"input_ids": torch.tensor([[8, 9, 4]]), "attention_mask": torch.tensor([[1, 1, 1]]),
