@@ -298,10 +298,11 @@ class FastPathSettings:
     # Pad every packed row to pack_len: one width for all steps (fewer shapes for the kernels), at the cost of
     # computing the padding; measured as marginal once cuDNN attention is off.
     fixed_width: bool = False
-    # Kernel set (client/kernels.py KERNEL_SETS): none | liger | auto (liger on CUDA when liger-kernel is installed).
-    kernels: str = "none"
-    # Attention over packed rows (client/kernels.py): sdpa (block mask) | varlen (flash over cu_seqlens) | auto.
-    attention: str = "sdpa"
+    # Kernel set (client/kernels.py KERNEL_SETS): none | liger | auto (liger where it can run this model, else none).
+    kernels: str = "auto"
+    # Attention over packed rows (client/kernels.py): sdpa (block mask) | varlen (flash over cu_seqlens) | auto
+    # (varlen where it can run this model, else sdpa).
+    attention: str = "auto"
 
 
 def apply_attention_backends(settings: FastPathSettings) -> None:
@@ -330,9 +331,9 @@ class FastLocalTrainer(LocalTrainer):
         prepare_model_for_fast_training(model, self.autocast_dtype or torch.float32, self.settings.checkpoint_every)
         apply_attention_backends(self.settings)
         device_type = next(model.parameters()).device.type
-        self.kernel_set = resolve_kernel_set(self.settings.kernels, device_type)
+        self.kernel_set = resolve_kernel_set(self.settings.kernels, device_type, model)
         self.kernel_set.apply(model)
-        self.attention = resolve_attention(self.settings.attention, device_type)
+        self.attention = resolve_attention(self.settings.attention, device_type, model)
         if self.attention == "varlen":
             use_packed_attention(model)
 

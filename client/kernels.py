@@ -1,15 +1,18 @@
-"""Optional kernels for the fast trainer: a kernel set (train.kernels) and the packed-attention path (train.attention).
+"""Kernels for the fast trainer: a kernel set (train.kernels) and the packed-attention path (train.attention).
 
-Kernel sets (registered in KERNEL_SETS; ``auto`` resolves through resolve_kernel_set):
+Every kernel set and attention path says why it cannot run on a device type (``unavailable``) and why it cannot
+run a given model (``unsupported``); ``auto`` (the default) takes the first in its preference order that can, and
+logs once per model what it took and why it skipped the others. Kernel sets (KERNEL_SETS; ``auto`` resolves
+through resolve_kernel_set):
 
-* ``none``  today's trainer: HF modules and client/fast_train's pure-torch chunked cross-entropy.
+* ``none``  the plain kernels: HF modules and client/fast_train's pure-torch chunked cross-entropy.
 * ``liger`` Liger-Kernel's Triton RMSNorm, SwiGLU and RoPE patched onto the resident model, and its fused linear
   cross-entropy (reduction="sum") for the loss over target tokens: like ours it never materialises the
   (tokens, vocab) logits and computes the hidden-state gradient during the forward pass, but in Triton.
 
 Attention paths for packed rows (ATTENTION_PATHS; ``auto`` resolves through resolve_attention):
 
-* ``sdpa``   today's: transformers builds a block-diagonal mask from the restarting position ids, which keeps
+* ``sdpa``   transformers' own: it builds a block-diagonal mask from the restarting position ids, which keeps
   SDPA off the flash kernel and repeats K/V for grouped-query attention.
 * ``varlen`` torch.nn.attention.varlen.varlen_attn (flash attention over cu_seqlens): every packed example is its
   own sequence, no mask, no K/V repeat where the installed torch takes enable_gqa. Registered with
@@ -21,13 +24,26 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+log = logging.getLogger("fedtune.client")
+
 # The transformers attention implementation name the varlen path registers (AttentionInterface.register).
 PACKED_ATTENTION = "fedtune_packed_varlen"
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF causal LM inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _runs_any_model(model: torch.nn.Module) -> str | None:
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- kernel sets
@@ -45,6 +61,8 @@ class KernelSet:
     # sum_i CE(hidden_i @ W^T, target_i) over hidden (n, d), W (V, d), targets (n,) -> 0-d fp32, or None:
     # client/fast_train's pure-torch chunked loss.
     linear_ce_sum: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None
+    # Why it cannot run this (peft-wrapped) model (None: it can); asked only where it is available.
+    unsupported: Callable[[torch.nn.Module], str | None] = _runs_any_model
 
 
 KERNEL_SETS: dict[str, KernelSet] = {}
@@ -60,7 +78,22 @@ def _liger_unavailable(device_type: str) -> str | None:
     if device_type != "cuda":
         return f"Liger's Triton kernels need a CUDA device (the model is on {device_type})"
     if importlib.util.find_spec("liger_kernel") is None:
-        return "the liger-kernel package is not installed (pip install liger-kernel)"
+        return "the liger-kernel package is not installed (fedtune's gpu extra: pip install -e '.[gpu]')"
+    return None
+
+
+def _liger_model_types() -> set[str]:
+    """The model types (config.model_type) Liger has kernels for."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    return set(MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+
+def _liger_unsupported(model: torch.nn.Module) -> str | None:
+    model_type = getattr(_causal_lm(model).config, "model_type", None)
+    supported = _liger_model_types()
+    if model_type not in supported:
+        return f"Liger has no kernels for model type {model_type!r}; it supports {', '.join(sorted(supported))}"
     return None
 
 
@@ -72,12 +105,11 @@ def _apply_liger(model: torch.nn.Module) -> None:
     """
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    model_type = getattr(causal_lm.config, "model_type", None)
-    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        raise ValueError(f"train.kernels=liger: Liger has no kernels for model type {model_type!r}; "
-                         f"it supports {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}")
-    apply_fn = MODEL_TYPE_TO_APPLY_LIGER_FN[model_type]
+    causal_lm = _causal_lm(model)
+    reason = _liger_unsupported(model)
+    if reason:
+        raise ValueError(f"train.kernels=liger: {reason}")
+    apply_fn = MODEL_TYPE_TO_APPLY_LIGER_FN[causal_lm.config.model_type]
     wanted = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
               "fused_linear_cross_entropy": False}
     accepted = inspect.signature(apply_fn).parameters
@@ -96,23 +128,19 @@ def liger_linear_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
 register_kernel_set(KernelSet("none", unavailable=lambda device_type: None, apply=lambda model: None,
                               linear_ce_sum=None))
 register_kernel_set(KernelSet("liger", unavailable=_liger_unavailable, apply=_apply_liger,
-                              linear_ce_sum=liger_linear_ce_sum))
+                              linear_ce_sum=liger_linear_ce_sum, unsupported=_liger_unsupported))
+
+# What train.kernels=auto tries, fastest first; the last must run anywhere.
+AUTO_KERNEL_ORDER = ("liger", "none")
 
 
-def resolve_kernel_set(name: str, device_type: str) -> KernelSet:
-    """train.kernels -> the KernelSet to run: auto = liger where it can run (CUDA + liger-kernel), else none.
+def resolve_kernel_set(name: str, device_type: str, model: torch.nn.Module | None = None) -> KernelSet:
+    """train.kernels -> the KernelSet to run: auto = liger where it can run (CUDA, liger-kernel, a model type Liger
+    supports), else none. Without a model only the device is checked.
 
     An explicit choice that cannot run here raises ValueError with the reason (no silent fallback).
     """
-    name = str(name).lower()
-    if name == "auto":
-        return next(KERNEL_SETS[n] for n in ("liger", "none") if KERNEL_SETS[n].unavailable(device_type) is None)
-    if name not in KERNEL_SETS:
-        raise ValueError(f"train.kernels {name!r} unknown; valid: {', '.join([*KERNEL_SETS, 'auto'])}")
-    reason = KERNEL_SETS[name].unavailable(device_type)
-    if reason:
-        raise ValueError(f"train.kernels={name}: {reason}")
-    return KERNEL_SETS[name]
+    return KERNEL_SETS[_resolve("train.kernels", name, KERNEL_SETS, AUTO_KERNEL_ORDER, device_type, model)]
 
 
 # ------------------------------------------------------------------------------------ packed varlen attention
@@ -216,6 +244,17 @@ def register_packed_attention() -> None:
     AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
 
 
+@dataclass(frozen=True)
+class AttentionPath:
+    """An attention path for packed rows and what it can run."""
+
+    name: str
+    # Why it cannot run on this device type (None: it can).
+    unavailable: Callable[[str], str | None]
+    # Why it cannot run this (peft-wrapped) model (None: it can); asked only where it is available.
+    unsupported: Callable[[torch.nn.Module], str | None] = _runs_any_model
+
+
 def _varlen_unavailable(device_type: str) -> str | None:
     if device_type != "cuda":
         return f"flash varlen attention needs a CUDA device (the model is on {device_type})"
@@ -224,26 +263,84 @@ def _varlen_unavailable(device_type: str) -> str | None:
     return None
 
 
-# attention path -> why it cannot run on a device type (None: it can)
-ATTENTION_PATHS: dict[str, Callable[[str], str | None]] = {"sdpa": lambda device_type: None,
-                                                           "varlen": _varlen_unavailable}
+def _varlen_unsupported(model: torch.nn.Module) -> str | None:
+    """What of the model's attention packed_attention_forward (plain causal softmax attention) does not compute."""
+    causal_lm = _causal_lm(model)
+    config = causal_lm.config
+    if not getattr(causal_lm, "is_backend_compatible", lambda: False)():
+        return f"{type(causal_lm).__name__} does not take attention implementations registered with transformers"
+    window = getattr(config, "sliding_window", None)
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()) or (
+            window is not None and getattr(config, "use_sliding_window", True) is not False):
+        return f"the model uses sliding-window attention (sliding_window={window}), which varlen does not apply"
+    if getattr(config, "attn_logit_softcapping", None):
+        return f"the model soft-caps attention logits (attn_logit_softcapping={config.attn_logit_softcapping})"
+    if (getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
+        return f"the model trains with attention dropout (attention_dropout={config.attention_dropout})"
+    return None
 
 
-def resolve_attention(name: str, device_type: str) -> str:
-    """train.attention -> sdpa | varlen: auto = varlen where it can run, else sdpa; an explicit one that cannot raises."""
+ATTENTION_PATHS: dict[str, AttentionPath] = {
+    "sdpa": AttentionPath("sdpa", unavailable=lambda device_type: None),
+    "varlen": AttentionPath("varlen", unavailable=_varlen_unavailable, unsupported=_varlen_unsupported)}
+
+# What train.attention=auto tries, fastest first; the last must run anywhere.
+AUTO_ATTENTION_ORDER = ("varlen", "sdpa")
+
+
+def resolve_attention(name: str, device_type: str, model: torch.nn.Module | None = None) -> str:
+    """train.attention -> sdpa | varlen: auto = varlen where it can run (CUDA, torch's varlen_attn, a model whose
+    attention it computes), else sdpa; an explicit one that cannot raises. Without a model only the device is checked.
+    """
+    return _resolve("train.attention", name, ATTENTION_PATHS, AUTO_ATTENTION_ORDER, device_type, model)
+
+
+# --------------------------------------------------------------------------------------------------- choosing
+
+
+# model -> {setting: the auto choice last logged for it}: a site trains one resident model many times a run.
+_logged_auto_choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _why_not(option: KernelSet | AttentionPath, device_type: str, model: torch.nn.Module | None) -> str | None:
+    """Why option cannot run on device_type (or this model), None where it can."""
+    return option.unavailable(device_type) or (option.unsupported(model) if model is not None else None)
+
+
+def _resolve(setting: str, name: str, options: dict, auto_order: tuple[str, ...], device_type: str,
+             model: torch.nn.Module | None) -> str:
+    """The option name a setting selects: auto = the first of auto_order that can run (logged once per model)."""
     name = str(name).lower()
     if name == "auto":
-        return "varlen" if ATTENTION_PATHS["varlen"](device_type) is None else "sdpa"
-    if name not in ATTENTION_PATHS:
-        raise ValueError(f"train.attention {name!r} unknown; valid: {', '.join([*ATTENTION_PATHS, 'auto'])}")
-    reason = ATTENTION_PATHS[name](device_type)
+        skipped = []
+        for candidate in auto_order:
+            reason = _why_not(options[candidate], device_type, model)
+            if reason is None:
+                break
+            skipped.append(f"{candidate}: {reason}")
+        else:
+            raise ValueError(f"{setting}=auto: nothing can run here ({'; '.join(skipped)})")
+        if model is not None:
+            _log_auto_choice(model, setting, candidate, skipped)
+        return candidate
+    if name not in options:
+        raise ValueError(f"{setting} {name!r} unknown; valid: {', '.join([*options, 'auto'])}")
+    reason = _why_not(options[name], device_type, model)
     if reason:
-        raise ValueError(f"train.attention={name}: {reason}")
+        raise ValueError(f"{setting}={name}: {reason}")
     return name
+
+
+def _log_auto_choice(model: torch.nn.Module, setting: str, chosen: str, skipped: list[str]) -> None:
+    """INFO in the site log, once per model and setting (again only if the choice changes)."""
+    message = f"{setting}=auto runs {chosen}" + (f" (skipped {'; '.join(skipped)})" if skipped else "")
+    logged = _logged_auto_choices.setdefault(model, {})
+    if logged.get(setting) != message:
+        logged[setting] = message
+        log.info(message)
 
 
 def use_packed_attention(model: torch.nn.Module) -> None:
     """Switch the model's attention implementation to PACKED_ATTENTION (registering it first)."""
     register_packed_attention()
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    causal_lm.config._attn_implementation = PACKED_ATTENTION
+    _causal_lm(model).config._attn_implementation = PACKED_ATTENTION

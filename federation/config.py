@@ -154,14 +154,17 @@ class TrainConfig:
     fast_path: str = "auto"
     # Fast path: gradient-checkpoint every k-th decoder layer (1: least memory, 2: usually faster, 0: none).
     checkpoint_every: int = 1
-    # Fast path: kernel set (client/kernels.py). none: HF modules + our pure-torch chunked cross-entropy (today's);
-    # liger: Liger-Kernel's Triton RMSNorm, SwiGLU, RoPE and fused linear cross-entropy (needs CUDA and the
-    # liger-kernel package); auto: liger where it can run, else none. Same losses up to bf16 rounding.
-    kernels: str = "none"
-    # Fast path: attention over packed rows. sdpa: a block-diagonal mask (today's; keeps SDPA off flash attention
-    # and repeats K/V); varlen: torch's flash varlen_attn over the packed examples' boundaries, no mask (CUDA,
-    # torch.nn.attention.varlen); auto: varlen where it can run, else sdpa.
-    attention: str = "sdpa"
+    # Fast path: kernel set (client/kernels.py). none: HF modules + our pure-torch chunked cross-entropy;
+    # liger: Liger-Kernel's Triton RMSNorm, SwiGLU, RoPE and fused linear cross-entropy (needs CUDA, the
+    # liger-kernel package: the gpu extra, and a model type Liger supports); auto: liger where liger-kernel is
+    # installed and supports the model, on CUDA; else none (the site log says which and why). Same losses up to
+    # bf16 rounding.
+    kernels: str = "auto"
+    # Fast path: attention over packed rows. sdpa: a block-diagonal mask (keeps SDPA off flash attention and
+    # repeats K/V); varlen: torch's flash varlen_attn over the packed examples' boundaries, no mask (CUDA,
+    # torch.nn.attention.varlen; plain causal attention: no sliding window, logit soft-capping or attention
+    # dropout); auto: varlen where it can run the model, on CUDA; else sdpa (the site log says which and why).
+    attention: str = "auto"
 
 
 FAST_PATH_CHOICES = ("auto", "true", "false")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import logging
 
 import pytest
 import torch
@@ -20,6 +22,13 @@ def liger_installed(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "liger_kernel" else real(name, *a))
+
+
+@pytest.fixture
+def varlen_available(monkeypatch):
+    """The varlen path counts as available (as on CUDA with torch's varlen_attn); its model check stays real."""
+    monkeypatch.setitem(kernels.ATTENTION_PATHS, "varlen",
+                        dataclasses.replace(kernels.ATTENTION_PATHS["varlen"], unavailable=lambda device_type: None))
 
 
 def test_registries_match_the_config_choices():
@@ -48,21 +57,84 @@ def test_auto_attention_is_varlen_only_on_cuda(monkeypatch):
         "torch.nn.attention.varlen") else "sdpa")
     with pytest.raises(ValueError, match="train.attention=varlen: .*CUDA"):
         kernels.resolve_attention("varlen", "cpu")
-    monkeypatch.setitem(kernels.ATTENTION_PATHS, "varlen", lambda device_type: "no varlen here")
+    monkeypatch.setitem(kernels.ATTENTION_PATHS, "varlen", kernels.AttentionPath(
+        "varlen", unavailable=lambda device_type: "no varlen here"))
     assert kernels.resolve_attention("auto", "cuda") == "sdpa"
 
 
+def test_defaults_are_auto(make_cfg):
+    """The composed config and the schema both default to auto (the fastest path that can run)."""
+    cfg = make_cfg()
+    assert (cfg.train.kernels, cfg.train.attention) == ("auto", "auto")
+    assert (TrainConfig().kernels, TrainConfig().attention) == ("auto", "auto")
+    assert (FastPathSettings().kernels, FastPathSettings().attention) == ("auto", "auto")
+
+
+def test_auto_kernels_skips_liger_for_a_model_type_it_does_not_support(monkeypatch, liger_installed, caplog):
+    """CUDA + liger-kernel, but a model type outside Liger's table: auto runs none and logs why; explicit raises."""
+    model = _tiny_lora_model()  # model_type "llama"
+    monkeypatch.setattr(kernels, "_liger_model_types", lambda: {"llama"})
+    assert kernels.resolve_kernel_set("auto", "cuda", model).name == "liger"
+    monkeypatch.setattr(kernels, "_liger_model_types", lambda: {"gemma", "mistral"})
+    with caplog.at_level(logging.INFO, logger="fedtune.client"):
+        assert kernels.resolve_kernel_set("auto", "cuda", model).name == "none"
+    assert "train.kernels=auto runs none (skipped liger: Liger has no kernels for model type 'llama'" in caplog.text
+    with pytest.raises(ValueError, match="train.kernels=liger: Liger has no kernels for model type 'llama'"):
+        kernels.resolve_kernel_set("liger", "cuda", model)
+
+
+@pytest.mark.parametrize(("setting", "value", "reason"), [
+    ("sliding_window", 8, "sliding-window attention"),
+    ("layer_types", ["sliding_attention", "full_attention"], "sliding-window attention"),
+    ("attn_logit_softcapping", 50.0, "soft-caps attention logits"),
+    ("attention_dropout", 0.1, "attention dropout")])
+def test_auto_attention_skips_varlen_for_attention_it_does_not_compute(varlen_available, caplog, setting, value,
+                                                                       reason):
+    """Varlen available, but the model's attention is not plain causal softmax: auto runs sdpa, explicit raises."""
+    model = _tiny_lora_model()
+    assert kernels.resolve_attention("auto", "cuda", model) == "varlen"
+    setattr(model.get_base_model().config, setting, value)
+    with caplog.at_level(logging.INFO, logger="fedtune.client"):
+        assert kernels.resolve_attention("auto", "cuda", model) == "sdpa"
+    (message,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train.attention=auto")]
+    assert message.startswith("train.attention=auto runs sdpa (skipped varlen: ") and reason in message
+    with pytest.raises(ValueError, match=f"train.attention=varlen: .*{reason}"):
+        kernels.resolve_attention("varlen", "cuda", model)
+
+
+def test_sliding_window_switched_off_keeps_varlen(varlen_available):
+    """Qwen2-style configs carry a sliding_window that use_sliding_window=False leaves unused."""
+    model = _tiny_lora_model()
+    config = model.get_base_model().config
+    config.sliding_window, config.use_sliding_window = 4096, False
+    assert kernels.resolve_attention("auto", "cuda", model) == "varlen"
+
+
+def test_trainer_resolves_auto_for_its_model_and_logs_it_once(varlen_available, caplog):
+    """FastLocalTrainer hands its model to the resolution; a resident model trained again is not logged again."""
+    model = _tiny_lora_model()
+    model.get_base_model().config.sliding_window = 8
+    with caplog.at_level(logging.INFO, logger="fedtune.client"):
+        for _ in range(3):
+            trainer = FastLocalTrainer(model, PAD, TrainConfig())
+            assert (trainer.kernel_set.name, trainer.attention) == ("none", "sdpa")
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("train.attention=auto runs sdpa (skipped varlen: the model uses sliding-window")
+               for m in messages) == 1
+    assert sum(m.startswith("train.kernels=auto runs none (skipped liger: ") for m in messages) == 1
+
+
 def test_auto_on_cpu_trains_exactly_like_todays_fast_trainer():
-    """kernels=auto, attention=auto on a CPU: no patch, model still SDPA, loss and grads bit-identical to the default."""
+    """The defaults (auto) on a CPU: no patch, model still SDPA, loss and grads bit-identical to none/sdpa."""
     model = _tiny_lora_model()
     packed = pack_sequences(_examples([5, 11, 3, 8], seed=3), max_len=16, pad_token_id=PAD)
-    today = FastLocalTrainer(model, PAD, TrainConfig())
+    today = FastLocalTrainer(model, PAD, TrainConfig(), FastPathSettings(kernels="none", attention="sdpa"))
     loss, n = today._batch_loss_sum(packed)
     loss.backward()
     ref_grads = _lora_grads(model)
     model.zero_grad(set_to_none=True)
 
-    auto = FastLocalTrainer(model, PAD, TrainConfig(), FastPathSettings(kernels="auto", attention="auto"))
+    auto = FastLocalTrainer(model, PAD, TrainConfig())
     assert (auto.kernel_set.name, auto.attention) == ("none", "sdpa")
     assert model.get_base_model().config._attn_implementation == "sdpa"
     auto_loss, auto_n = auto._batch_loss_sum(packed)
@@ -200,7 +272,8 @@ def test_torch_varlen_adapter_handles_both_signatures(monkeypatch, fake, scale):
 def test_trainer_with_varlen_and_checkpointing_matches_the_mask_path(monkeypatch, reference_varlen):
     """FastLocalTrainer(attention=varlen), every layer checkpointed (the recompute in backward must see the same
     sequence boundaries): loss and LoRA grads equal the sdpa trainer's to rel err < 1e-5."""
-    monkeypatch.setitem(kernels.ATTENTION_PATHS, "varlen", lambda device_type: None)  # allow it on a CPU
+    # allow it on a CPU
+    monkeypatch.setitem(kernels.ATTENTION_PATHS, "varlen", kernels.AttentionPath("varlen", lambda device_type: None))
     packed = pack_sequences(_examples([5, 11, 3, 8, 7], seed=8), max_len=16, pad_token_id=PAD)
     results = {}
     for attention in ("sdpa", "varlen"):
