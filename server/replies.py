@@ -31,6 +31,12 @@ from federation.protocol import (DATA_FINGERPRINT_RECORD, DP_SGD_EPSILON, EVAL_E
 # Counts are summed and used as weights in float64, which represents whole numbers exactly up to 2**53;
 # a larger claimed count could also overflow the weighted sums.
 MAX_COUNT = 2**53
+# A reply's MetricRecord may carry at most this many metrics (several times what the schemas below name): every kept
+# metric lands in the round's metrics.jsonl row, so a reply with thousands is refused rather than stored.
+MAX_METRICS = 64
+# Metrics a schema does not name are kept only under names of at most this many characters (well above the protocol's
+# own, federation/protocol.py); a longer one is ignored rather than written to metrics.jsonl.
+MAX_METRIC_NAME_CHARS = 64
 _NUMBER_TYPES = (int, float, np.integer, np.floating)
 
 
@@ -80,7 +86,8 @@ UNIT_INTERVAL = Number(minimum=0.0, maximum=1.0)
 @dataclass(frozen=True)
 class MetricSchema:
     """The metrics of one kind of reply: required ones refuse the reply when absent or malformed; optional
-    ones are dropped when malformed; metrics it does not name are kept only as finite numbers."""
+    ones are dropped when malformed; metrics it does not name are kept only as finite numbers under short names;
+    a reply with more than MAX_METRICS metrics is refused."""
 
     required: Mapping[str, Number]
     optional: Mapping[str, Number] = field(default_factory=dict)
@@ -91,6 +98,8 @@ class MetricSchema:
 
     def check(self, metrics: Mapping[str, object], where: str) -> dict[str, int | float]:
         """Checked copy of `metrics` (UpdateRejected naming the metric if a required one is missing or malformed)."""
+        if len(metrics) > MAX_METRICS:
+            raise UpdateRejected(f"{len(metrics)} metrics, more than the {MAX_METRICS} a reply may carry")
         checked: dict[str, int | float] = {}
         for name, kind in self.required.items():
             if name not in metrics:
@@ -101,6 +110,10 @@ class MetricSchema:
                 raise UpdateRejected(f"metric {name!r} {exc}") from None
         for name, value in metrics.items():
             if name in self.required:
+                continue
+            if name not in self.optional and not (isinstance(name, str) and len(name) <= MAX_METRIC_NAME_CHARS):
+                log.warning("%s: ignoring metric %s: a name of more than %d characters is no protocol metric", where,
+                            _short(name), MAX_METRIC_NAME_CHARS)
                 continue
             try:
                 checked[name] = self.optional.get(name, FINITE)(value)

@@ -31,7 +31,7 @@ import copy
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,8 +46,10 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation import secaggplus_workflow as flower_workflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
+from flwr.supercore.primitives.asymmetric import bytes_to_public_key, generate_key_pairs
 
 from federation.adapter import to_array_record
 from federation.config import SECAGG_MAX_MODULUS_RANGE as DEFAULT_MODULUS_RANGE
@@ -250,6 +252,9 @@ def check_masked_vector_reply(content: RecordDict, shapes: Sequence[tuple[int, .
         if vector.shape != shape or vector.dtype != narrow_dtype(modulus_range):
             raise UpdateRejected(f"masked vector part {index} is {vector.dtype} {vector.shape}, expected "
                                  f"{narrow_dtype(modulus_range)} of shape {shape}")
+        if vector.size and int(vector.max()) >= modulus_range:
+            raise UpdateRejected(f"masked vector part {index} holds {int(vector.max())}, outside the modulus range "
+                                 f"[0, {modulus_range})")
     try:
         fit_res = compat.recorddict_to_fitres(content, keep_input=True)
     except Exception as exc:  # missing or mistyped FitRes records
@@ -265,15 +270,86 @@ def check_masked_vector_reply(content: RecordDict, shapes: Sequence[tuple[int, .
     return TRAIN_REPLY.check(fit_res.metrics, where)
 
 
+# The elliptic curve of the sites' SecAgg+ key pairs (Flower's secaggplus_mod: generate_key_pairs).
+_SITE_KEY_CURVE = generate_key_pairs()[1].curve.name
+
+
+def _public_key_problem(value: object) -> str | None:
+    """Why `value` is not a public key a site's secaggplus_mod can agree a shared key with (None: it is one)."""
+    if not isinstance(value, bytes):
+        return f"not bytes but {type(value).__name__}"
+    try:
+        key = bytes_to_public_key(value)
+    except Exception as exc:  # not PEM, not a public key, a point off its curve
+        return f"unreadable: {type(exc).__name__}"
+    curve = getattr(key, "curve", None)
+    return None if curve is not None and curve.name == _SITE_KEY_CURVE else \
+        f"not an elliptic-curve key on {_SITE_KEY_CURVE}"
+
+
+def _node_list(value: object, what: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise UpdateRejected(f"{what} must be a list of node ids, got {type(value).__name__}")
+    if len(set(value)) != len(value):
+        raise UpdateRejected(f"{what} names a node more than once")
+    return value
+
+
+def _bytes_list(value: object, what: str, length: int) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
+        raise UpdateRejected(f"{what} must be a list of bytes, got {type(value).__name__}")
+    if len(value) != length:
+        raise UpdateRejected(f"{what} has {len(value)} entries for {length} nodes")
+
+
+def check_key_reply(stage: str, node: int, sent: RecordDict, content: RecordDict) -> None:
+    """UpdateRejected unless node `node`'s setup, share-keys or unmask reply holds what an honest site's
+    secaggplus_mod sends for the request `sent`: two distinct readable public keys; one ciphertext for each
+    neighbour it was sent the keys of; one key share for each node the request named.
+
+    Flower's workflow reads these fields unchecked: a missing or mistyped one raised out of it and lost the round for
+    everyone, and a share sent for a node nobody asked about, or ciphertexts for other nodes than the neighbours,
+    would leave masks in the sum that nothing removes.
+    """
+    configs = content.config_records.get(RECORD_KEY_CONFIGS)
+    if configs is None:
+        raise UpdateRejected(f"no {RECORD_KEY_CONFIGS!r} ConfigRecord")
+    asked = sent.config_records.get(RECORD_KEY_CONFIGS, {})  # the coordinator's own request
+    if stage == "setup":
+        keys = [configs.get(Key.PUBLIC_KEY_1), configs.get(Key.PUBLIC_KEY_2)]
+        for name, key in zip((Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2), keys):
+            problem = _public_key_problem(key)
+            if problem is not None:
+                raise UpdateRejected(f"public key {name!r} {problem}")
+        if keys[0] == keys[1]:
+            raise UpdateRejected("its two public keys are the same key")
+    elif stage == "share_keys":
+        others = {int(name) for name in asked if name != Key.STAGE} - {node}
+        destinations = _node_list(configs.get(Key.DESTINATION_LIST), "destination list")
+        _bytes_list(configs.get(Key.CIPHERTEXT_LIST), "ciphertext list", len(destinations))
+        if set(destinations) != others:
+            raise UpdateRejected(f"ciphertexts for nodes {sorted(destinations)}, expected one for each of its "
+                                 f"neighbours {sorted(others)}")
+    elif stage == "unmask":
+        expected = [*asked[Key.ACTIVE_NODE_ID_LIST], *asked[Key.DEAD_NODE_ID_LIST]]
+        owners = _node_list(configs.get(Key.NODE_ID_LIST), "share owner list")
+        _bytes_list(configs.get(Key.SHARE_LIST), "share list", len(owners))
+        if sorted(owners) != sorted(expected):
+            raise UpdateRejected(f"key shares of nodes {sorted(owners)}, asked for {sorted(expected)}")
+    else:
+        raise ValueError(f"no key reply in SecAgg+ stage {stage!r}")
+
+
 class _RecordingGrid:
     """Passes the workflow's send_and_receive through and records, per stage, who replied and how much.
 
-    At the collect stage each reply goes through check_masked_vector_reply(content, where) when given: a refused
-    reply is withheld from the workflow (recorded in `rejected`), the others' checked metrics kept in `site_metrics`
-    and their data fingerprints (when well-formed) in `data_fingerprints`.
+    Every reply is checked before the workflow reads it: at the collect stage by check_masked_vector(content, where)
+    (check_masked_vector_reply; the checked metrics are kept in `site_metrics`, well-formed data fingerprints in
+    `data_fingerprints`), at the others by check_key_reply. A refused reply is withheld from the workflow, so the
+    site counts as dropped out at that stage, and its reason is recorded in `rejected` ("<stage>: <reason>").
     """
 
-    def __init__(self, grid: Grid, check_masked_vector=None):
+    def __init__(self, grid: Grid, check_masked_vector: Callable[[RecordDict, str], dict[str, int | float]]):
         self.grid = grid
         self.check_masked_vector = check_masked_vector
         self.rejected: dict[int, str] = {}
@@ -300,6 +376,7 @@ class _RecordingGrid:
         self.bytes_down += sum(_content_bytes(m.content) for m in messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         destinations = sent_to(messages)
+        requests = {m.metadata.dst_node_id: m.content for m in messages}
         self.ok[self.stage], self.errors[self.stage] = [], {}
         passed = []
         for reply in replies:
@@ -309,14 +386,19 @@ class _RecordingGrid:
                 passed.append(reply)
                 continue
             self.bytes_up[node] = self.bytes_up.get(node, 0) + _content_bytes(reply.content)
-            if self.stage == COLLECT_STAGE and self.check_masked_vector is not None:
-                try:
+            try:
+                if node not in requests:
+                    raise UpdateRejected("a reply to no request of this stage")
+                if self.stage == COLLECT_STAGE:
                     self.site_metrics[node] = self.check_masked_vector(reply.content, f"node {node}")
-                except UpdateRejected as exc:
-                    self.rejected[node] = str(exc)
-                    log.warning("SecAgg+: REJECTED masked vector of node %d (handled as a dropout, not in the "
-                                "sum): %s", node, exc)
-                    continue
+                else:
+                    check_key_reply(self.stage, node, requests[node], reply.content)
+            except UpdateRejected as exc:
+                self.rejected[node] = f"{self.stage}: {exc}"
+                log.warning("SecAgg+: REJECTED %s reply of node %d (handled as a dropout at this stage): %s",
+                            self.stage, node, exc)
+                continue
+            if self.stage == COLLECT_STAGE:
                 fingerprint = decode_data_fingerprint(reply, f"node {node}")
                 if fingerprint is not None:
                     self.data_fingerprints[node] = fingerprint
@@ -346,20 +428,74 @@ def _value_bytes(value: Any) -> int:
 
 
 class _StagedSecAggPlusWorkflow(SecAggPlusWorkflow):
-    """Flower's workflow with its four-stage loop written out, to report where a round stopped.
+    """Flower's workflow with its four-stage loop written out, to report where a round stopped, forget the sites
+    that dropped out before sharing their keys, and keep the unmasked sum for check_unmasked_sum.
 
     SecAggPlusWorkflow.__call__ only logs "halted"; the stages themselves are Flower's, unchanged.
     """
+
+    unmasked_sum: list[np.ndarray] | None = None
 
     def run_stages(self, grid: _RecordingGrid, context: LegacyContext) -> tuple[str | None, WorkflowState]:
         """Run setup, share_keys, collect_masked_vectors, unmask; (name of the stage that halted or None, state)."""
         state = WorkflowState()
         steps = (self.setup_stage, self.share_keys_stage, self.collect_masked_vectors_stage, self.unmask_stage)
-        for name, step in zip(STAGES, steps):
-            grid.stage = name
-            if not step(grid, context, state):  # type: ignore[arg-type]
-                return name, state
+        self.unmasked_sum = None
+        flower_factor_extract = flower_workflow.factor_extract
+
+        def keeping_unmasked_sum(parameters: list[np.ndarray]):
+            # Flower's unmask stage splits the unmasked sum (modulo the range) into weight factor and arrays here.
+            self.unmasked_sum = list(parameters)
+            return flower_factor_extract(parameters)
+
+        flower_workflow.factor_extract = keeping_unmasked_sum
+        try:
+            for name, step in zip(STAGES, steps):
+                grid.stage = name
+                if not step(grid, context, state):  # type: ignore[arg-type]
+                    return name, state
+                if name in ("setup", "share_keys"):
+                    _forget_sites_without_shared_keys(state)
+        finally:
+            flower_workflow.factor_extract = flower_factor_extract
         return None, state
+
+
+def _forget_sites_without_shared_keys(state: WorkflowState) -> None:
+    """Leave the sites that dropped out (or were refused) before their key shares were forwarded out of the round.
+
+    A site masks only with the neighbours whose key shares it received (secaggplus_mod), so such a site is in no
+    mask of the sum, and no site holds shares of its keys. Flower 1.41 still counts it as sampled: at unmask it asks
+    the others for its shares and fails the round for want of them.
+    """
+    live = set(state.active_node_ids)
+    state.sampled_node_ids = live
+    state.nid_to_neighbours = {node: neighbours & live for node, neighbours in state.nid_to_neighbours.items()
+                               if node in live}
+
+
+def check_unmasked_sum(unmasked: Sequence[np.ndarray], weights: Sequence[float], max_weight: float,
+                       quantization_range: int) -> None:
+    """ValueError unless `unmasked` (the weight factor, then the arrays) is what the masked vectors of sites with
+    these plaintext weights add up to: the factor is the sum of their quantized weights (secaggplus_mod sends
+    round(w / max_weight * Q)), every other value lies in [0, n * Q] (n values in [0, Q] each).
+
+    Masks that did not cancel (a site sent wrong key shares, or masked with other neighbours than it shared keys
+    with) leave every value uniform over the modulus: the factor alone then matches with probability 1 / modulus.
+    A site that tampers with its own masked vector is caught when the sum leaves that range.
+    """
+    q = int(quantization_range)
+    expected = sum(round(weight / max_weight * q) for weight in weights)
+    factor = int(np.asarray(unmasked[0]).reshape(-1)[0])
+    if factor != expected:
+        raise ValueError(f"its weight factor is {factor}, but the weights {sorted(weights)} of the sites in the sum "
+                         f"quantize to {expected}")
+    top = len(weights) * q
+    for index, values in enumerate(unmasked[1:]):
+        values = np.asarray(values)
+        if values.size and (int(values.min()) < 0 or int(values.max()) > top):
+            raise ValueError(f"array {index} holds values in [{int(values.min())}, {int(values.max())}], outside the "
+                             f"[0, {top}] that {len(weights)} sites' quantized values add up to")
 
 
 def _dropped(recorder: _RecordingGrid) -> dict[int, str]:
@@ -478,6 +614,15 @@ def secagg_train_round(
         log.error("round %d: %s", server_round, result.error)
         return result
 
+    try:
+        check_unmasked_sum(workflow.unmasked_sum, [weight for weight, _ in collector.site_results.values()],
+                           max_weight, params.quantization_range)
+    except ValueError as exc:
+        result.error = (f"SecAgg+ round {server_round}: the unmasked sum is no sum of the sites' masked vectors "
+                        f"({exc}): a site sent wrong key shares or a tampered masked vector. Nothing aggregated; the "
+                        "global adapter stays at the previous round")
+        log.error("round %d: %s", server_round, result.error)
+        return result
     mean = {key: np.asarray(value, dtype=np.float64).reshape(np.shape(global_arrays[key]))
             for key, value in zip(keys, collector.mean)}
     try:

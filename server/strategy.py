@@ -9,7 +9,7 @@ and a bad one is dropped, where Flower's consistency check would abort the whole
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -337,8 +337,7 @@ class LoraDeltaStrategy(FedAvg):
         the generation scores weighted by each site's number of generated answers (checked replies only)."""
         ledger = self.ledger(server_round)
         destinations = sent_to(self._sent_eval)
-        loss_sum, tokens, examples = 0.0, 0, 0
-        generated, score_sums = 0, dict.fromkeys(GENERATION_SCORES, 0.0)
+        counted: list[Mapping[str, int | float]] = []
         for msg in replies:
             node = reply_node(msg, destinations)
             if msg.has_error():
@@ -353,24 +352,21 @@ class LoraDeltaStrategy(FedAvg):
                 log.warning("round %d: REJECTED evaluation from node %d, not counted: %s", server_round, node, exc)
                 self.note_reply(node, None)
                 continue
-            loss_sum += metrics[EVAL_LOSS] * metrics[EVAL_TOKENS]
-            tokens += metrics[EVAL_TOKENS]
-            examples += metrics[NUM_EXAMPLES]
-            # A site's scores count only with their answer count (each was checked on its own, so one may be gone).
-            if EVAL_GENERATED in metrics and all(name in metrics for name in GENERATION_SCORES):
-                generated += metrics[EVAL_GENERATED]
-                for name in GENERATION_SCORES:
-                    score_sums[name] += metrics[name] * metrics[EVAL_GENERATED]
+            counted.append(metrics)
             ledger.eval_ok.append(node)
             ledger.eval_per_site[node] = dict(metrics)
             self.note_reply(node, metrics)
-        if tokens == 0:
+        if not counted:
             return None
-        out = {EVAL_LOSS: loss_sum / tokens, EVAL_PERPLEXITY: perplexity(loss_sum / tokens), EVAL_TOKENS: tokens,
-               NUM_EXAMPLES: examples}
-        if generated:
-            out[EVAL_GENERATED] = generated
-            out.update({name: total / generated for name, total in score_sums.items()})
+        loss = weighted_mean([m[EVAL_LOSS] for m in counted], [m[EVAL_TOKENS] for m in counted])
+        out = {EVAL_LOSS: loss, EVAL_PERPLEXITY: perplexity(loss), EVAL_TOKENS: sum(m[EVAL_TOKENS] for m in counted),
+               NUM_EXAMPLES: sum(m[NUM_EXAMPLES] for m in counted)}
+        # A site's scores count only with their answer count (each was checked on its own, so one may be gone).
+        scored = [m for m in counted if EVAL_GENERATED in m and all(name in m for name in GENERATION_SCORES)]
+        if scored:
+            out[EVAL_GENERATED] = sum(m[EVAL_GENERATED] for m in scored)
+            out.update({name: weighted_mean([m[name] for m in scored], [m[EVAL_GENERATED] for m in scored])
+                        for name in GENERATION_SCORES})
         return MetricRecord(out)
 
 
@@ -397,10 +393,18 @@ def _partition_of(metrics: Mapping[str, int | float]) -> int:
     return partition if isinstance(partition, int) and not isinstance(partition, bool) else -1
 
 
+def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
+    """sum(w * v) / sum(w) of checked metric values, summed as sum((w / sum(w)) * v) and kept within the values'
+    range, so it stays finite for any finite values: a site may claim a loss near the float maximum and a count up
+    to 2**53, whose product overflows."""
+    total = float(sum(weights))
+    mean = sum((w / total) * v for w, v in zip(weights, values))
+    return float(min(max(mean, min(values)), max(values)))
+
+
 def weighted_metrics(rows: list[Mapping[str, int | float]], weights: list[float]) -> MetricRecord:
     """Example-weighted mean of the (checked, scalar) train metrics; token and time counts are summed."""
     summed_keys = {TRAIN_TOKENS, INPUT_TOKENS, TRAIN_STEPS, NUM_EXAMPLES}
-    total = sum(weights)
     out: dict[str, float] = {}
     for key in rows[0]:
         values = [row.get(key) for row in rows]
@@ -411,7 +415,7 @@ def weighted_metrics(rows: list[Mapping[str, int | float]], weights: list[float]
         elif key in (TRAIN_SECONDS, PEAK_MEMORY_BYTES):
             out[key] = float(max(values))
         else:
-            out[key] = float(sum(w * v for w, v in zip(weights, values)) / total)
+            out[key] = weighted_mean(values, weights)
     return MetricRecord(out)
 
 

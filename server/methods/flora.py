@@ -35,7 +35,8 @@ from federation.protocol import (EVALUATE, TRAIN, FROZEN_ACCUMULATE, FROZEN_FROM
                                  METRIC_FROZEN_COUNT, METRIC_LOCAL_STEPS, METRIC_RANK, RUN_CONFIG_KEY,
                                  message_type as wire_message_type)
 from federation.validation import check_rank_plan, mixed_ranks_message  # noqa: F401 (check_rank_plan re-exported)
-from server.replies import COUNT, EVAL_REPLY, POSITIVE_COUNT, TRAIN_REPLY, MetricSchema, reply_node, sent_to
+from server.replies import (COUNT, EVAL_REPLY, POSITIVE_COUNT, TRAIN_REPLY, MetricSchema, Number, reply_node,
+                            sent_to)
 from server.strategy import LoraDeltaStrategy, sampling_kwargs, weighted_metrics
 from strategies.aggregators import MixedRanksError
 from strategies.fedavg import AdapterArrays, UpdateRejected
@@ -61,9 +62,13 @@ class SiteProfile:
     frozen_updates: int
 
 
-def query_site_profiles(grid: Grid, node_ids: Sequence[int], config: ConfigRecord,
-                        timeout: float | None) -> tuple[dict[int, SiteProfile], dict[int, str]]:
-    """({node: profile}, {node: why no profile}) from one query message per node (client.flora.site_profile)."""
+def query_site_profiles(grid: Grid, node_ids: Sequence[int], config: ConfigRecord, timeout: float | None,
+                        max_rank: int | None = None) -> tuple[dict[int, SiteProfile], dict[int, str]]:
+    """({node: profile}, {node: why no profile}) from one query message per node (client.flora.site_profile).
+
+    max_rank: the largest LoRA rank a site may report (the coordinator builds each site's LoRA at its rank)."""
+    schema = SITE_PROFILE_REPLY if max_rank is None else MetricSchema(
+        {**SITE_PROFILE_REPLY.required, METRIC_RANK: Number(whole=True, minimum=1, maximum=max_rank)})
     content = RecordDict({"config": ConfigRecord({RUN_CONFIG_KEY: str(config[RUN_CONFIG_KEY])})})
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=node) for node in node_ids]
     replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
@@ -78,7 +83,7 @@ def query_site_profiles(grid: Grid, node_ids: Sequence[int], config: ConfigRecor
             metric_records = list(reply.content.metric_records.values())
             if len(metric_records) != 1:
                 raise UpdateRejected(f"site profile must be one MetricRecord, got {len(metric_records)}")
-            metrics = SITE_PROFILE_REPLY.check(metric_records[0], f"node {node}")
+            metrics = schema.check(metric_records[0], f"node {node}")
         except UpdateRejected as exc:
             errors[node] = f"malformed site profile: {exc}"
             continue
@@ -237,7 +242,10 @@ class HeteroLoraStrategy(LoraDeltaStrategy):
     def _profiles_for(self, grid: Grid, nodes: Sequence[int], config: ConfigRecord, ledger_failed: dict) -> list[int]:
         unknown = [node for node in nodes if node not in self.profiles]
         if unknown:
-            profiles, errors = query_site_profiles(grid, unknown, config, self.query_timeout)
+            # A rank beyond every layer's min(in, out) adds nothing B @ A can hold; a site asking for one would only
+            # make the coordinator build (rank x features) factors for it, up to 2**53 rows.
+            max_rank = max(min(dims) for dims in _layer_dims(self.current_global).values())
+            profiles, errors = query_site_profiles(grid, unknown, config, self.query_timeout, max_rank)
             self.profiles.update(profiles)
             for node, reason in errors.items():
                 ledger_failed[node] = f"site-profile query failed: {reason}"

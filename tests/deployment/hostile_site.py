@@ -2,15 +2,17 @@
 
 It runs the stock `fedtune site` daemon with its registered key, so it connects, authenticates and is sampled
 like any site; but its resident worker answers every train message with round r's malformed reply, KINDS[r - 1],
-instead of training (other messages get the installed ClientApp's honest answer). A real attacker controls its
-machine, so nothing at the site stops this; only the coordinator's checks (server/replies.py, server/strategy.py,
-strategies/) stand between these replies and the global adapter.
+instead of training, and every evaluate message with EVAL_KINDS[r - 1]. In a SecAgg+ run it takes part in the
+protocol with the installed ClientApp and rewrites one stage's reply per round, SECAGG_KINDS[r - 1]. Anything else
+gets the installed ClientApp's honest answer. A real attacker controls its machine, so nothing at the site stops
+this; only the coordinator's checks (server/replies.py, server/strategy.py, server/secagg.py, strategies/) stand
+between these replies and the global adapter.
 
     python -m tests.deployment.hostile_site --config site.yaml                      # the site daemon
     python -m tests.deployment.hostile_site worker --runtime-api-address HOST:PORT  # its worker (the daemon starts it)
 
-Every reply is logged on the site as ``HOSTILE round <r>: <kind> (<detail>)``, so the test can tell that the
-coordinator saw what was sent.
+Every reply is logged on the site as ``HOSTILE round <r>: <kind> (<detail>)`` (``HOSTILE evaluate round <r>: ...``,
+``HOSTILE secagg round <r>: ...``), so the test can tell that the coordinator saw what was sent.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ log = logging.getLogger("fedtune.site.hostile")
 CLAIMED_EXAMPLES = 25
 SCALE = 1e6
 HOSTILE_LINE = "HOSTILE round {round}: {kind} ({detail})"
+HOSTILE_EVAL_LINE = "HOSTILE evaluate round {round}: {kind}"
+HOSTILE_SECAGG_LINE = "HOSTILE secagg round {round}: {kind} ({stage} reply)"
 
 
 def _packed(arrays: dict[str, np.ndarray], change: Callable[[dict], dict] | None = None, buffer_bytes: int = 0):
@@ -128,12 +132,135 @@ def hostile_train_reply(msg, server_round: int):
     return Message(content=content, reply_to=msg), kind, detail
 
 
-def hostile_app(message, context):
-    """The worker's ClientApp: a malformed reply to every train message, the installed app for anything else."""
-    from client.app import app as installed_app
-    from federation.protocol import TRAIN
+def _metrics(values: dict):
+    from flwr.app import MetricRecord
 
-    if message.metadata.message_type.split(".")[0] != TRAIN:
+    return MetricRecord(values)
+
+
+# What an honest evaluate reply claims (the other kinds change one thing of it).
+HONEST_EVAL = {"num-examples": 8, "eval-loss": 2.0, "eval-tokens": 40}
+
+# Round r's evaluate reply is EVAL_KINDS[r - 1] (cycled): its records (name -> record), built fresh each time.
+# Only what Flower's wire format carries: a MetricRecord holds integers and floats (and lists of them).
+EVAL_KINDS: dict[str, Callable[[], dict]] = {
+    "NaN loss": lambda: {"metrics": _metrics({**HONEST_EVAL, "eval-loss": float("nan")})},
+    "negative examples": lambda: {"metrics": _metrics({**HONEST_EVAL, "num-examples": -3})},
+    "no token count": lambda: {"metrics": _metrics({"num-examples": 8, "eval-loss": 2.0})},
+    "metrics as text": lambda: {"metrics": _config({key: str(value) for key, value in HONEST_EVAL.items()})},
+    "arrays besides the metrics": lambda: {"metrics": _metrics(HONEST_EVAL), "arrays": _arrays()},
+    "thousands of metrics": lambda: {"metrics": _metrics({**HONEST_EVAL, **{f"m{i}": 1.0 for i in range(5000)}})},
+    # Within the rules, each of them; their product overflows a plain weighted sum.
+    "claims near the float maximum": lambda: {"metrics": _metrics({**HONEST_EVAL, "eval-loss": 1e308,
+                                                                   "eval-tokens": 2**53})},
+}
+
+
+def _config(values: dict):
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord(values)
+
+
+def _arrays():
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({"x": Array(np.zeros(4, np.float32))})
+
+
+def eval_kind_of_round(server_round: int) -> str:
+    """The kind of malformed evaluate reply the hostile site sends in `server_round` (1-based)."""
+    return list(EVAL_KINDS)[(server_round - 1) % len(EVAL_KINDS)]
+
+
+def hostile_eval_reply(msg, server_round: int):
+    """(reply, kind): round `server_round`'s malformed answer to the evaluate message `msg`."""
+    from flwr.app import Message, RecordDict
+
+    kind = eval_kind_of_round(server_round)
+    return Message(content=RecordDict(EVAL_KINDS[kind]()), reply_to=msg), kind
+
+
+def _unreadable_public_key(values: dict) -> None:
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+
+    values[Key.PUBLIC_KEY_2] = b"-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n"
+
+
+def _masked_vector_of_int64(values: dict) -> None:
+    from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+
+    values[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(bytes_to_ndarray(b).astype(np.int64))
+                                     for b in values[Key.MASKED_PARAMETERS]]
+
+
+def _wrong_shares(values: dict) -> None:
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+
+    # A share is a 4-byte index, then 16 bytes per chunk of the padded secret: a changed first chunk still
+    # combines (the padding is intact), into a wrong secret, so the masks it removes are wrong.
+    values[Key.SHARE_LIST] = [share[:4] + bytes([share[4] ^ 1]) + share[5:] for share in values[Key.SHARE_LIST]]
+
+
+# Round r's SecAgg+ reply change is SECAGG_KINDS[r - 1] (cycled): (the stage whose reply it rewrites, a change
+# of that reply's "secaggplus" ConfigRecord values, Flower 1.41's keys). One per way a round ends: refused before
+# its keys were shared, refused with its masked vector, a wrong sum (tests/server/test_secagg.py has the rest).
+SECAGG_KINDS: dict[str, tuple[str, Callable[[dict], None]]] = {
+    "unreadable public key": ("setup", _unreadable_public_key),
+    "wrong key shares": ("unmask", _wrong_shares),
+    "masked vector of int64": ("collect_masked_vectors", _masked_vector_of_int64),
+}
+
+
+def secagg_kind_of_round(server_round: int) -> str:
+    """The SecAgg+ reply change the hostile site makes in `server_round` (1-based)."""
+    return list(SECAGG_KINDS)[(server_round - 1) % len(SECAGG_KINDS)]
+
+
+def secagg_stage_of(msg) -> str | None:
+    """The SecAgg+ stage a message asks for (None: no SecAgg+ protocol message); read it before the ClientApp
+    runs."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    return None if configs is None else str(configs.get(Key.STAGE))
+
+
+def hostile_secagg_reply(stage: str, reply, server_round: int) -> str | None:
+    """Rewrite the honest reply to a SecAgg+ message of `stage` with round `server_round`'s change if it is that
+    change's stage; the kind, or None when the reply goes out unchanged."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    kind = secagg_kind_of_round(server_round)
+    if reply.has_error() or SECAGG_KINDS[kind][0] != stage:
+        return None
+    change = SECAGG_KINDS[kind][1]
+    change(reply.content.config_records[RECORD_KEY_CONFIGS].__dict__["_data"])  # past Flower's type checks
+    return kind
+
+
+def hostile_app(message, context):
+    """The worker's ClientApp: a malformed reply to every train and evaluate message, a rewritten one in SecAgg+
+    rounds, the installed app's for anything else."""
+    from client.app import app as installed_app
+    from federation.protocol import EVALUATE, TRAIN
+
+    category = message.metadata.message_type.split(".")[0]
+    stage = secagg_stage_of(message)  # before the app runs: secaggplus_mod takes its record out of the message
+    if stage is not None:  # every SecAgg+ message is a train message; the round is its group id
+        reply = installed_app(message, context)
+        server_round = int(message.metadata.group_id)
+        kind = hostile_secagg_reply(stage, reply, server_round)
+        if kind is not None:
+            log.warning(HOSTILE_SECAGG_LINE.format(round=server_round, kind=kind, stage=stage))
+        return reply
+    if category == EVALUATE:
+        server_round = int(message.content["config"].get("server-round", 0))
+        reply, kind = hostile_eval_reply(message, server_round)
+        log.warning(HOSTILE_EVAL_LINE.format(round=server_round, kind=kind))
+        return reply
+    if category != TRAIN:
         return installed_app(message, context)
     server_round = int(message.content["config"].get("server-round", 0))
     reply, kind, detail = hostile_train_reply(message, server_round)

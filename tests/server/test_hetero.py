@@ -295,3 +295,24 @@ def test_site_ranks_from_node_configs_under_fedavg_are_refused_by_the_query_and_
     flora_cfg = make_cfg("federation.num_clients=3", "strategy=flora")
     profiles = check_site_ranks(grid, flora_cfg, ConfigRecord({RUN_CONFIG_KEY: run_config_to_json(flora_cfg)}), None)
     assert {node: p.rank for node, p in profiles.items()} == {1: 8, 2: 4, 3: 8}
+
+
+@pytest.mark.parametrize("strategy", ["flora", "flexlora"])
+def test_site_profile_asking_for_a_rank_no_layer_can_use_is_refused_before_anything_is_built(make_cfg, strategy):
+    """A site that reported LoRA rank 2**40 made the coordinator build a (2**40, in) factor for it: MemoryError out of
+    configure_train, the run gone. Now that site gets no message this round, with the reason; the others train."""
+    set_task_identity()
+    cfg = make_cfg(f"strategy={strategy}", "federation.num_clients=3")
+    layers = {"m.l0": (5, 4), "m.l1": (6, 3)}  # prefix -> (in, out): no layer can use a rank above 4
+    adapter = {**{f"{p}.lora_A.weight": np.zeros((2, i), np.float32) for p, (i, _) in layers.items()},
+               **{f"{p}.lora_B.weight": np.zeros((o, 2), np.float32) for p, (_, o) in layers.items()}}
+    profile = {METRIC_RANK: 2, METRIC_LOCAL_STEPS: 2, METRIC_FROZEN_COUNT: 0}
+    grid = ProfileRepliesGrid({1: RecordDict({"metrics": MetricRecord(profile)}),
+                               2: RecordDict({"metrics": MetricRecord({**profile, METRIC_RANK: 2**40})}),
+                               3: RecordDict({"metrics": MetricRecord({**profile, METRIC_RANK: 4})})})
+    strategy_ = server.app.build_strategy(cfg)
+    messages = list(strategy_.configure_train(1, to_array_record(adapter), ConfigRecord(
+        {RUN_CONFIG_KEY: run_config_to_json(cfg)}), grid))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 3]
+    assert strategy_.ledger(1).failed == {2: "site-profile query failed: malformed site profile: metric 'lora-r' "
+                                              "must be a whole number in [1, 4], got 1099511627776"}

@@ -9,7 +9,7 @@ from federation.packing import unpack_arrays
 from federation.compression import decode_upload
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.common import bytes_to_ndarray
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 import client.app as client_app
@@ -121,21 +121,139 @@ def test_coordinator_sees_only_masked_vectors_and_gets_the_fedavg_aggregate():
     assert result.site_metrics[3]["train-loss"] == 3.0 and result.site_metrics[3][CLIPPED_VALUES_METRIC] == 0
 
 
-@pytest.mark.parametrize("stage, aggregated", [(Stage.COLLECT_MASKED_VECTORS, [1, 2, 3]),
+# Everyone is everyone's neighbour (num_shares = 1.0), 3 of 4 shares unmask: one site of four may drop out.
+ALL_NEIGHBOURS = SecAggParams(num_shares=1.0, reconstruction_threshold=3, clipping_range=0.125, max_weight=64)
+
+
+@pytest.mark.parametrize("stage, aggregated", [(Stage.SETUP, [1, 2, 3]), (Stage.SHARE_KEYS, [1, 2, 3]),
+                                               (Stage.COLLECT_MASKED_VECTORS, [1, 2, 3]),
                                                (Stage.UNMASK, [1, 2, 3, 4])])
 def test_dropout_above_threshold_still_gives_the_aggregate_of_the_sites_in_the_sum(stage, aggregated):
-    # Everyone is everyone's neighbour (num_shares = 1.0), 3 of 4 shares unmask.
-    params = SecAggParams(num_shares=1.0, reconstruction_threshold=3, clipping_range=0.125, max_weight=64)
     grid = StageDropGrid(make_secagg_app(stub_train), 4, drop_at={4: stage})
-    result = secagg_train_round(grid, 1, GLOBAL, "{}", params, timeout=30)
+    result = secagg_train_round(grid, 1, GLOBAL, "{}", ALL_NEIGHBOURS, timeout=30)
     assert result.error is None
-    # Dropping before its masked vector: its pairwise masks are rebuilt from shares and it is left out;
-    # dropping after it: its own mask is removed with the others' shares and it counts.
+    # Dropping before its keys were shared: nobody masked with it, it is left out (Flower 1.41 alone would ask the
+    # others for its key shares at unmask and fail the round); before its masked vector: its pairwise masks are
+    # rebuilt from shares and it is left out; after it: its own mask is removed with the others' shares, it counts.
     assert result.aggregated_nodes == aggregated and result.dropped_nodes == {4: f"{stage}: no reply"}
     pids = [n - 1 for n in aggregated]
     assert max_error(result.mean_delta, fedavg_of(pids)) <= secagg_error_bound(
         [WEIGHTS[p] for p in pids], 0.125, Q, 64)
     assert max_error(fedavg_of([0, 1, 2]), fedavg_of([0, 1, 2, 3])) > 100 * result.error_bound
+
+
+HOSTILE = 4
+# The stage whose reply carries this key of the "secaggplus" ConfigRecord.
+_STAGE_OF_REPLY = {Key.PUBLIC_KEY_1: Stage.SETUP, Key.CIPHERTEXT_LIST: Stage.SHARE_KEYS,
+                   Key.MASKED_PARAMETERS: Stage.COLLECT_MASKED_VECTORS, Key.SHARE_LIST: Stage.UNMASK}
+
+
+class HostileStageGrid(StageDropGrid):
+    """Four sites; node HOSTILE runs the real protocol but rewrites its reply at one stage: change(values), values
+    being its "secaggplus" ConfigRecord as a plain dict (Flower's type checks bypassed, as a hostile site can)."""
+
+    def __init__(self, stage: str, change):
+        super().__init__(make_secagg_app(stub_train), 4)
+        self.stage, self.change = stage, change
+
+    def pull_messages(self, message_ids):
+        replies = list(super().pull_messages(message_ids))
+        for reply in replies:
+            configs = None if reply.has_error() else reply.content.config_records.get(RECORD_KEY_CONFIGS)
+            if reply.metadata.src_node_id != HOSTILE or configs is None:
+                continue
+            if next((stage for key, stage in _STAGE_OF_REPLY.items() if key in configs), None) == self.stage:
+                self.change(configs.__dict__["_data"])
+        return replies
+
+
+def _set(key, value_of):
+    return lambda values: values.__setitem__(key, value_of(values))
+
+
+def _shifted_own_vector(part: int, shift: int):
+    def change(values):
+        vectors = [bytes_to_ndarray(b) for b in values[Key.MASKED_PARAMETERS]]
+        vectors[part] = vectors[part] + vectors[part].dtype.type(shift)  # wraps like the modular sum
+        values[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(v) for v in vectors]
+
+    return change
+
+
+# A Shamir share is a 4-byte index, then 16 bytes per chunk of the padded secret: changing the first chunk gives a
+# share that still combines (the padding in the last chunk is intact) into a wrong secret.
+_WRONG_SHARES = _set(Key.SHARE_LIST, lambda v: [s[:4] + bytes([s[4] ^ 1]) + s[5:] for s in v[Key.SHARE_LIST]])
+
+# stage, change, what the round does: ("dropped", reason) - the hostile site is refused at that stage and the
+# round aggregates the others exactly (at unmask its masked vector is already in the sum and is unmasked with the
+# others' shares); ("failed", reason) - no aggregate, the reason in the round's error.
+HOSTILE_STAGE_REPLIES = {
+    "no public key": (Stage.SETUP, lambda v: v.pop(Key.PUBLIC_KEY_1), ("dropped", "'pk1' not bytes but NoneType")),
+    "unreadable public key": (Stage.SETUP, _set(Key.PUBLIC_KEY_2, lambda v: b"-----BEGIN junk"),
+                              ("dropped", "'pk2' unreadable")),
+    "one key twice": (Stage.SETUP, _set(Key.PUBLIC_KEY_2, lambda v: v[Key.PUBLIC_KEY_1]),
+                      ("dropped", "its two public keys are the same key")),
+    "public key as text": (Stage.SETUP, _set(Key.PUBLIC_KEY_1, lambda v: v[Key.PUBLIC_KEY_1].decode()),
+                           ("dropped", "'pk1' not bytes but str")),
+    "a ciphertext short": (Stage.SHARE_KEYS, _set(Key.CIPHERTEXT_LIST, lambda v: v[Key.CIPHERTEXT_LIST][:-1]),
+                           ("dropped", "ciphertext list has 2 entries for 3 nodes")),
+    "no ciphertexts": (Stage.SHARE_KEYS, lambda v: v.pop(Key.CIPHERTEXT_LIST),
+                       ("dropped", "ciphertext list must be a list of bytes")),
+    # It would mask with a neighbour that never got its share, a mask nothing removes.
+    "ciphertext for a stranger": (Stage.SHARE_KEYS,
+                                  _set(Key.DESTINATION_LIST, lambda v: [999, *v[Key.DESTINATION_LIST][1:]]),
+                                  ("dropped", "expected one for each of its neighbours [1, 2, 3]")),
+    "masked vector of int64": (Stage.COLLECT_MASKED_VECTORS, _set(Key.MASKED_PARAMETERS, lambda v: [
+        ndarray_to_bytes(bytes_to_ndarray(b).astype(np.int64)) for b in v[Key.MASKED_PARAMETERS]]),
+        ("dropped", "expected uint32")),
+    "shares of a stranger": (Stage.UNMASK, _set(Key.NODE_ID_LIST, lambda v: [999, *v[Key.NODE_ID_LIST][1:]]),
+                             ("dropped", "key shares of nodes [2, 3, 4, 999], asked for [1, 2, 3, 4]")),
+    "a share twice": (Stage.UNMASK,
+                      _set(Key.NODE_ID_LIST, lambda v: [v[Key.NODE_ID_LIST][1], *v[Key.NODE_ID_LIST][1:]]),
+                      ("dropped", "names a node more than once")),
+    "a share short": (Stage.UNMASK, _set(Key.SHARE_LIST, lambda v: v[Key.SHARE_LIST][:-1]),
+                      ("dropped", "share list has 3 entries for 4 nodes")),
+    "shares as text": (Stage.UNMASK, _set(Key.SHARE_LIST, lambda v: ["x"] * len(v[Key.SHARE_LIST])),
+                       ("dropped", "share list must be a list of bytes")),
+    # Well-formed but wrong: only the unmasked sum can tell (each used to be aggregated into a wrong adapter).
+    "own masked vector shifted": (Stage.COLLECT_MASKED_VECTORS, _shifted_own_vector(1, 2**31),
+                                  ("failed", "outside the [0, 16777216] that 4 sites' quantized values add up to")),
+    "own weight inflated": (Stage.COLLECT_MASKED_VECTORS, _shifted_own_vector(0, Q),
+                            ("failed", "its weight factor is 9437184, but the weights [8, 16, 24, 32]")),
+    "wrong shares": (Stage.UNMASK, _WRONG_SHARES,
+                     ("failed", "the unmasked sum is no sum of the sites' masked vectors")),
+    # Undecryptable key shares: the others cannot mask and drop out; the coordinator cannot tell (they are
+    # encrypted for the neighbours), so the round fails.
+    "undecryptable ciphertexts": (Stage.SHARE_KEYS, _set(Key.CIPHERTEXT_LIST, lambda v: [
+        b[:-1] + bytes([b[-1] ^ 1]) for b in v[Key.CIPHERTEXT_LIST]]),
+        ("failed", "failed at stage 'collect_masked_vectors'")),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_STAGE_REPLIES)
+def test_hostile_secagg_reply_is_dropped_with_its_reason_or_fails_the_round_never_a_wrong_sum(name):
+    stage, change, (outcome, reason) = HOSTILE_STAGE_REPLIES[name]
+    grid = HostileStageGrid(stage, change)
+    result = secagg_train_round(grid, 1, GLOBAL, "{}", ALL_NEIGHBOURS, timeout=30)
+    if outcome == "failed":
+        assert result.mean_delta is None and reason in result.error, result.error
+        return
+    assert result.error is None, result.error
+    assert list(result.rejected_nodes) == [HOSTILE] and result.rejected_nodes[HOSTILE].startswith(f"{stage}: ")
+    assert reason in result.rejected_nodes[HOSTILE], result.rejected_nodes
+    aggregated = [1, 2, 3, 4] if stage == Stage.UNMASK else [1, 2, 3]
+    assert result.aggregated_nodes == aggregated and HOSTILE not in result.dropped_nodes
+    assert max_error(result.mean_delta, fedavg_of([n - 1 for n in aggregated])) <= result.error_bound
+
+
+def test_masked_values_beyond_the_modulus_are_refused():
+    # 2**20 needs uint32 like 2**32 does: a value the sites' modular sum cannot produce fits the dtype.
+    params = SecAggParams(num_shares=1.0, reconstruction_threshold=3, clipping_range=0.125, max_weight=64,
+                          quantization_range=2**16, modulus_range=2**20)
+    grid = HostileStageGrid(Stage.COLLECT_MASKED_VECTORS, _shifted_own_vector(1, 2**20))
+    result = secagg_train_round(grid, 1, GLOBAL, "{}", params, timeout=30)
+    assert result.error is None and result.aggregated_nodes == [1, 2, 3]
+    assert "outside the modulus range [0, 1048576)" in result.rejected_nodes[HOSTILE]
 
 
 def test_site_over_max_weight_drops_out_with_its_reason_and_the_rest_aggregate():

@@ -163,6 +163,71 @@ def test_malformed_and_failed_evaluations_are_recorded_and_left_out_of_the_union
                                     4: "metric 'eval-tokens' must be a whole number >= 1, got 0"}
 
 
+def _eval_reply(node: int, metrics: dict, records: int = 1) -> Message:
+    """An evaluate reply of `records` MetricRecords holding `metrics` (Flower's type checks bypassed, as a hostile
+    site can)."""
+    ins = instruction(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="evaluate")
+    content = RecordDict()
+    for index in range(records):
+        record = MetricRecord()
+        record.__dict__["_data"].update(metrics)
+        content[f"metrics-{index}"] = record
+    return reply(ins, content)
+
+
+HONEST_EVAL = {"eval-loss": 2.0, "eval-tokens": 10, "num-examples": 3}
+HOSTILE_EVALS = {
+    "inf loss": ({**HONEST_EVAL, "eval-loss": float("inf")}, 1, "'eval-loss' must be a finite number >= 0, got inf"),
+    "negative loss": ({**HONEST_EVAL, "eval-loss": -1.0}, 1, "'eval-loss' must be a finite number >= 0, got -1.0"),
+    "loss as text": ({**HONEST_EVAL, "eval-loss": "0.1"}, 1, "must be a finite number >= 0, got str '0.1'"),
+    "negative examples": ({**HONEST_EVAL, "num-examples": -5}, 1, "'num-examples' must be a whole number >= 1, got -5"),
+    "enormous examples": ({**HONEST_EVAL, "num-examples": 2**64}, 1, "of at most 2**53, got an int of 65 bits"),
+    "tokens as a list": ({**HONEST_EVAL, "eval-tokens": [10, 10]}, 1,
+                         "'eval-tokens' must be a whole number >= 1, got list"),
+    "no tokens": ({"eval-loss": 2.0, "num-examples": 3}, 1, "metric 'eval-tokens' is missing"),
+    "two records": (HONEST_EVAL, 2, "exactly one MetricRecord and no ArrayRecord, got 2 and 0"),
+    "thousands of metrics": ({**HONEST_EVAL, **{f"m{i}": 1.0 for i in range(10_000)}}, 1,
+                             "10003 metrics, more than the 64 a reply may carry"),
+}
+
+
+@pytest.mark.parametrize("kind", HOSTILE_EVALS)
+def test_hostile_evaluation_is_rejected_with_its_reason_and_the_union_is_the_honest_sites(kind):
+    metrics, records, reason = HOSTILE_EVALS[kind]
+    s = _strategy()
+    out = s.aggregate_evaluate(1, [_eval_reply(1, HONEST_EVAL), _eval_reply(2, metrics, records),
+                                   _eval_reply(3, {**HONEST_EVAL, "eval-loss": 4.0, "eval-tokens": 30})])
+    ledger = s.ledger(1)
+    assert ledger.eval_ok == [1, 3] and list(ledger.eval_rejected) == [2] and 2 not in ledger.eval_per_site
+    assert reason in ledger.eval_rejected[2], ledger.eval_rejected[2]
+    assert out["eval-loss"] == pytest.approx((2.0 * 10 + 4.0 * 30) / 40) and out["num-examples"] == 6
+
+
+def test_claims_whose_weighted_sum_overflows_still_give_a_finite_union_and_train_mean():
+    from server.strategy import weighted_metrics
+
+    s = _strategy()
+    huge = {"eval-loss": 1e308, "eval-tokens": 2**53, "num-examples": 2**53, "eval-generated": 2**53,
+            "eval-exact-match": 1.0, "eval-token-f1": 1.0, "eval-rouge-l": 1.0}
+    out = s.aggregate_evaluate(1, [_eval_reply(1, HONEST_EVAL), _eval_reply(2, huge), _eval_reply(3, huge)])
+    assert s.ledger(1).eval_ok == [1, 2, 3]  # every claim is within the rules: the union reflects them, finitely
+    assert np.isfinite(out["eval-loss"]) and 1e307 < out["eval-loss"] <= 1e308
+    assert np.isfinite(out["eval-perplexity"]) and out["eval-exact-match"] == 1.0
+    train = weighted_metrics([{"train-loss": 1.0}, {"train-loss": 1.7e308}, {"train-loss": 1.7e308}],
+                             [1.0, 2.0**53, 2.0**53])
+    assert np.isfinite(train["train-loss"]) and train["train-loss"] == pytest.approx(1.7e308)
+
+
+def test_unnamed_metrics_are_kept_only_under_short_names(caplog):
+    s = _strategy()
+    with caplog.at_level(logging.WARNING, logger="fedtune.server"):
+        s.aggregate_evaluate(1, [_eval_reply(1, {**HONEST_EVAL, "x" * 1_000_000: 1.0, "site-note": 2.0})])
+    assert s.ledger(1).eval_per_site[1] == {**HONEST_EVAL, "site-note": 2.0}
+    assert "ignoring metric of length 1000000 'xxxxxxxxxxxxxxxxxxxx'...: a name of more than 64 characters" \
+        in caplog.text
+    assert len(caplog.text) < 1000
+
+
 def test_topk_upload_declaring_a_huge_shape_is_rejected_before_allocation():
     from federation.compression import UploadCodec
     from strategies.fedavg import UpdateRejected
