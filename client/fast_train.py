@@ -14,6 +14,8 @@ tests/client/test_fast_train.py); they only remove work that does not change the
 * frozen non-quantized weights (embeddings, norms, lm_head) kept in the compute dtype instead of peft's
   fp32 upcast, plus autocast, so the residual stream, attention and the 128k-wide lm_head run in bf16.
 * gradient checkpointing without re-entrance, on every ``checkpoint_every``-th decoder layer only.
+* each LoRA linear adds its update into the base layer's output with one in-place addmm (client/fused_lora.py)
+  instead of PEFT's out-of-place clone, scale and add over (tokens, out_features) tensors.
 
 Supports Llama-family decoders (no logit scaling/soft-capping in the head).
 """
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from client.fused_lora import use_fused_lora
 from client.kernels import packed_attention_kwargs, resolve_attention, resolve_kernel_set, use_packed_attention
 from client.trainer import LocalTrainer
 from federation.config import TrainConfig
@@ -236,8 +239,9 @@ def set_checkpointing_policy(model: torch.nn.Module, checkpoint_every: int) -> i
 
 
 def prepare_model_for_fast_training(model: torch.nn.Module, compute_dtype: torch.dtype = torch.bfloat16,
-                                    checkpoint_every: int = 1) -> None:
-    """Undo peft's fp32 upcast of frozen non-quantized weights (QLoRA only) and set the checkpoint policy; idempotent.
+                                    checkpoint_every: int = 1, fused_lora: bool = True) -> None:
+    """Undo peft's fp32 upcast of frozen non-quantized weights (QLoRA only), set the checkpoint policy and the LoRA
+    layers' forward (fused_lora: client/fused_lora.py's, else PEFT's); idempotent.
 
     LoRA parameters (trainable) stay fp32 for the optimizer; autocast runs their matmuls in compute_dtype.
     """
@@ -246,6 +250,7 @@ def prepare_model_for_fast_training(model: torch.nn.Module, compute_dtype: torch
             if not param.requires_grad and param.dtype == torch.float32 and type(param).__name__ != "Params4bit":
                 param.data = param.data.to(compute_dtype)
     set_checkpointing_policy(model, checkpoint_every)
+    use_fused_lora(model, fused_lora)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -303,6 +308,9 @@ class FastPathSettings:
     # Attention over packed rows (client/kernels.py): sdpa (block mask) | varlen (flash over cu_seqlens) | auto
     # (varlen where it can run this model, else sdpa).
     attention: str = "auto"
+    # LoRA update added into the base layer's output by one in-place addmm (client/fused_lora.py) instead of PEFT's
+    # out-of-place clone, scale and add; same result up to rounding. A switch so benchmarks can compare both.
+    fused_lora: bool = True
 
 
 def apply_attention_backends(settings: FastPathSettings) -> None:
@@ -328,7 +336,8 @@ class FastLocalTrainer(LocalTrainer):
         self.settings = settings or FastPathSettings()
         quantized = is_quantized(model)
         self.autocast_dtype = getattr(torch, self.settings.compute_dtype) if quantized else None
-        prepare_model_for_fast_training(model, self.autocast_dtype or torch.float32, self.settings.checkpoint_every)
+        prepare_model_for_fast_training(model, self.autocast_dtype or torch.float32, self.settings.checkpoint_every,
+                                        self.settings.fused_lora)
         apply_attention_backends(self.settings)
         device_type = next(model.parameters()).device.type
         self.kernel_set = resolve_kernel_set(self.settings.kernels, device_type, model)

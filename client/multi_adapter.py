@@ -64,6 +64,7 @@ class StackedLoRA:
             raise ValueError(f"num_adapters must be >= 1, got {num_adapters}")
         self.num_adapters = num_adapters
         self.row_adapter: torch.Tensor | None = None
+        self._previous_forwards: list[Callable | None] = []
         live = lora_parameters(model)
         check_adapter_keys(live, initial)
         self.layers: list[_StackedLayer] = []
@@ -127,13 +128,18 @@ class StackedLoRA:
         return forward
 
     def __enter__(self) -> StackedLoRA:
+        # The forward each layer had (PEFT's, or the fast trainer's fused one, an instance attribute) is put back.
+        self._previous_forwards = [layer.module.__dict__.get("forward") for layer in self.layers]
         for layer in self.layers:
             layer.module.forward = self._forward(layer)  # an instance attribute shadows the class's forward
         return self
 
     def __exit__(self, *exc) -> None:
-        for layer in self.layers:
-            layer.module.__dict__.pop("forward", None)
+        for layer, previous in zip(self.layers, self._previous_forwards):
+            if previous is None:
+                layer.module.__dict__.pop("forward", None)
+            else:
+                layer.module.forward = previous
 
 
 def _pad_right(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:

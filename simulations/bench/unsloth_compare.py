@@ -1,10 +1,11 @@
 """Our trainer vs Unsloth, same shapes, settings and examples, each in its own process; prints the ratios.
 
     python -m simulations.bench.unsloth_compare --out DIR [--shapes llama-1b,llama-8b] [--reps 2] [--budget-s 500]
-        [--trainers ours,ours+liger,ours+varlen,ours+liger+varlen,unsloth]
+        [--trainers ours,ours+liger,ours+varlen,ours+liger+varlen,ours+liger+varlen+fused,unsloth]
 
---trainers picks our variants (OUR_VARIANTS: train.kernels none|liger x train.attention sdpa|varlen) besides
-Unsloth; with more than one of ours, a second table compares every variant with plain `ours` (tok/s, peak, MFU).
+--trainers picks our variants (OUR_VARIANTS: train.kernels none|liger x train.attention sdpa|varlen, and
+ours+liger+varlen+fused with the fused LoRA forward) besides Unsloth; with more than one of ours, a second table
+compares every variant with plain `ours` (tok/s, peak, MFU).
 
 Unsloth patches transformers and peft when it is imported, so it never shares a process with our trainer: this
 process only starts one worker per (shape, trainer), reads what they wrote, and prints the table. Unsloth is an
@@ -53,12 +54,14 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 SHAPE_SETTINGS = {"llama-1b": (1024, 16), "llama-3b": (1024, 8), "llama-8b": (2048, 4), "tiny": (64, 4)}
 # regime -> (our checkpoint_every, Unsloth's use_gradient_checkpointing)
 REGIMES = {"memory-lean": (1, "unsloth"), "fastest": (0, False)}
-# Our trainer's variants: name -> FastPathSettings kernels / attention (train.kernels, train.attention).
-# Each runs in its own process: Liger patches transformers' Llama module functions process-wide.
-OUR_VARIANTS = {"ours": {"kernels": "none", "attention": "sdpa"},
-                "ours+liger": {"kernels": "liger", "attention": "sdpa"},
-                "ours+varlen": {"kernels": "none", "attention": "varlen"},
-                "ours+liger+varlen": {"kernels": "liger", "attention": "varlen"}}
+# Our trainer's variants: name -> FastPathSettings kernels / attention (train.kernels, train.attention) and
+# fused_lora (client/fused_lora.py; `+fused` turns it on). Each runs in its own process: Liger patches
+# transformers' Llama module functions process-wide.
+OUR_VARIANTS = {"ours": {"kernels": "none", "attention": "sdpa", "fused_lora": False},
+                "ours+liger": {"kernels": "liger", "attention": "sdpa", "fused_lora": False},
+                "ours+varlen": {"kernels": "none", "attention": "varlen", "fused_lora": False},
+                "ours+liger+varlen": {"kernels": "liger", "attention": "varlen", "fused_lora": False},
+                "ours+liger+varlen+fused": {"kernels": "liger", "attention": "varlen", "fused_lora": True}}
 TRAINERS = (*OUR_VARIANTS, "unsloth")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
 
@@ -346,7 +349,8 @@ def _liger_version() -> str | None:
 def ours_worker(args) -> int:
     """Our site trainer (FastLocalTrainer's batch path) on the FlowerTune-style 4-bit model of train_throughput.
 
-    args.worker names the variant (OUR_VARIANTS): its train.kernels / train.attention go to FastPathSettings.
+    args.worker names the variant (OUR_VARIANTS): its train.kernels / train.attention / fused_lora go to
+    FastPathSettings.
     """
     from client.fast_train import FastLocalTrainer, FastPathSettings
     from federation.config import TrainConfig

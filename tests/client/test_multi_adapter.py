@@ -65,6 +65,8 @@ def test_batched_clients_match_solo_training(make_cfg, fast_path, variant):
     start = get_adapter_arrays(model)
     solo_cls = FastLocalTrainer if fast_path else LocalTrainer
     trainer = solo_cls(model, tokenizer.pad_token_id, cfg.train)
+    forwards = {name: m.__dict__.get("forward") for name, m in model.named_modules()}
+    assert any(forwards.values()) == fast_path  # the fast trainer's fused LoRA forward (client/fused_lora.py)
     seeds = [11, 12, 13]
     mu = 0.5 if variant.startswith("clipped") else 0.0
     solo = _solo_adapters(trainer, model, start, datasets, seeds, mu)
@@ -84,9 +86,9 @@ def test_batched_clients_match_solo_training(make_cfg, fast_path, variant):
     if variant == "ffa":
         for _, arrays in batched:
             assert all(np.array_equal(arrays[k], start[k]) for k in start if ".lora_A." in k)
-    # The model's own LoRA layers are untouched and back to peft's forward.
+    # The model's own LoRA layers are untouched and back to the forward they had (PEFT's, or the fused one).
     assert all(np.array_equal(v, start[k]) for k, v in get_adapter_arrays(model).items())
-    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert {name: m.__dict__.get("forward") for name, m in model.named_modules()} == forwards
 
 
 @pytest.fixture
