@@ -14,8 +14,18 @@ would drift away from an uninterrupted one. So the state lives in files at the s
   site state as the first time, and overwrites what that first attempt saved for round t+1.
 
 Layout: ``<directory>/<run id>/<name>/round-NNNN.npz`` (arrays) or ``.json`` (JSON values). Every file is
-written atomically (temp file, fsync, rename, fsync of the directory); each name keeps its newest
-``keep_rounds`` rounds. Where the directory comes from (``site_state``): the node config
+written atomically (temp file, fsync, rename, fsync of the directory; a reader never sees a half-written file);
+each name keeps its newest ``keep_rounds`` rounds.
+
+The process keeps the arrays it saved last per (directory, run, name) in memory (a few, least recently saved
+dropped first) and a later load takes them from there when the file it would read is still the one this process
+wrote (same inode, size and mtime; another process, e.g. a simulation's other worker, may have replaced it):
+a resident site reads back nothing it wrote itself. ``save_arrays(..., background=True)`` leaves the file's
+serialization and fsync to one writer thread of the process, in order, off the reply's critical path; every
+later load, save or listing of that name first waits for it. A crash before it lands leaves the state of the
+round before, as a crash before any save does; so only state whose loss costs accuracy and not correctness
+uses it (the upload codec's error-feedback residual: never the DP-SGD accountant). Pending writes finish at
+interpreter exit. Where the directory comes from (``site_state``): the node config
 ``round-state-dir`` in deployment (client/daemon.py: ``<state_dir>/round-state``), else
 ``<output_dir>/sites/partition-<id>`` in simulation. Without either, or without a run id in the message,
 the state stays in ``Context.state`` as before (``ContextState``), and a resumed run is not bit-identical.
@@ -26,7 +36,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,6 +63,11 @@ KEEP_ROUNDS = 3
 # Run ids and state names become path components: nothing that could leave the directory.
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _ROUND_FILE = re.compile(r"round-(\d+)\.(npz|json)")
+# Saved arrays the process keeps in memory, newest saves: a deployed site's one run needs one per state name; a
+# simulation process serving many partitions gains little from them, so a handful bounds its memory.
+SAVED_KEPT_IN_MEMORY = 4
+# Background writes that may wait at once (each holds its arrays until written); one more waits for a slot.
+MAX_PENDING_WRITES = 2
 
 
 def _checked(value: str, what: str) -> str:
@@ -61,11 +81,72 @@ class SiteState(Protocol):
 
     def load_arrays(self, name: str, server_round: int) -> dict[str, np.ndarray] | None: ...
 
-    def save_arrays(self, name: str, server_round: int, arrays: dict[str, np.ndarray]) -> None: ...
+    def save_arrays(self, name: str, server_round: int, arrays: dict[str, np.ndarray],
+                    background: bool = False) -> None: ...
 
     def load_json(self, name: str, server_round: int) -> Any | None: ...
 
     def save_json(self, name: str, server_round: int, value: Any) -> None: ...
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _file_identity(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        return _identity(path.stat())
+    except FileNotFoundError:
+        return None
+
+
+@dataclass
+class _SavedArrays:
+    """Arrays this process saved to `path`; `identity` is the file's once written, `pending` a background write."""
+
+    path: Path
+    arrays: dict[str, np.ndarray]
+    identity: tuple[int, int, int, int] | None = None
+    pending: Future | None = None
+
+
+_SAVED: OrderedDict[tuple[str, str], _SavedArrays] = OrderedDict()  # (run dir, name) -> newest save
+_SAVED_LOCK = threading.Lock()
+_PENDING_SLOTS = threading.BoundedSemaphore(MAX_PENDING_WRITES)
+_WRITER: ThreadPoolExecutor | None = None
+
+
+def _writer() -> ThreadPoolExecutor:
+    """The process's one state-writing thread (in order); concurrent.futures lets its queue finish at exit."""
+    global _WRITER
+    with _SAVED_LOCK:
+        if _WRITER is None:
+            _WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="site-state-writer")
+        return _WRITER
+
+
+def wait_for_background_writes() -> None:
+    """Return once every background write this process started has landed (or failed: its next use raises)."""
+    with _SAVED_LOCK:
+        writer = _WRITER
+    if writer is not None:
+        writer.submit(lambda: None).result()  # one thread, in order: everything queued before it is done
+
+
+def _forget_in_child() -> None:
+    """A forked child has no writer thread and did not write the parent's files: it starts afresh."""
+    global _WRITER, _SAVED_LOCK, _PENDING_SLOTS
+    _WRITER, _SAVED_LOCK, _PENDING_SLOTS = None, threading.Lock(), threading.BoundedSemaphore(MAX_PENDING_WRITES)
+    _SAVED.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def _after_background_write(future: Future, slots: threading.BoundedSemaphore) -> None:
+    slots.release()
+    if future.exception() is not None:
+        log.error("writing site state in the background failed (its next use raises it): %s", future.exception())
 
 
 class SiteStateStore:
@@ -90,7 +171,27 @@ class SiteStateStore:
 
     def rounds(self, name: str) -> list[int]:
         """The rounds that `name` has state saved for (the state entering them), oldest first."""
+        self._settled(name)
         return sorted(self._rounds(name))
+
+    def _key(self, name: str) -> tuple[str, str]:
+        return os.path.abspath(self.run_dir), _checked(name, "state name")
+
+    def _settled(self, name: str) -> _SavedArrays | None:
+        """This process's newest save of `name`, after its background write landed (whose error it raises, once)."""
+        key = self._key(name)
+        with _SAVED_LOCK:
+            saved = _SAVED.get(key)
+        if saved is None or saved.pending is None:
+            return saved
+        try:
+            saved.pending.result()
+        except BaseException:
+            with _SAVED_LOCK:
+                if _SAVED.get(key) is saved:
+                    del _SAVED[key]
+            raise
+        return saved
 
     def _entry(self, name: str, server_round: int) -> Path | None:
         """The file of the state entering `server_round`: the newest saved for a round <= server_round."""
@@ -98,9 +199,12 @@ class SiteStateStore:
         entering = [r for r in rounds if r <= server_round]
         return rounds[max(entering)] if entering else None
 
-    def _save(self, name: str, server_round: int, data: bytes, suffix: str) -> None:
-        path = self.run_dir / _checked(name, "state name") / f"round-{int(server_round):04d}.{suffix}"
-        atomic_write_bytes(path, data)
+    def _path(self, name: str, server_round: int, suffix: str) -> Path:
+        return self.run_dir / _checked(name, "state name") / f"round-{int(server_round):04d}.{suffix}"
+
+    def _save(self, name: str, server_round: int, data: bytes, suffix: str) -> os.stat_result:
+        """Write the file (atomically), then drop the rounds it makes obsolete; the written file's stat."""
+        written = atomic_write_bytes(self._path(name, server_round, suffix), data)
         # Entries after this round belong to an abandoned attempt (a resume went back further); older ones
         # beyond keep_rounds are no longer needed.
         rounds = self._rounds(name)
@@ -108,25 +212,60 @@ class SiteStateStore:
         for other, other_path in rounds.items():
             if other not in kept:
                 other_path.unlink(missing_ok=True)
+        return written
 
     def load_arrays(self, name: str, server_round: int) -> dict[str, np.ndarray] | None:
         """The arrays `name` holds when the site enters `server_round`; None if nothing was saved up to it."""
+        saved = self._settled(name)
         path = self._entry(name, server_round)
         if path is None:
             return None
         if path.suffix != ".npz":
             raise ValueError(f"{path}: site state {name!r} was saved as JSON, not arrays")
+        if saved is not None and saved.path == path and saved.identity == _file_identity(path):
+            return {key: value.copy(order="K") for key, value in saved.arrays.items()}  # callers may change them
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
 
-    def save_arrays(self, name: str, server_round: int, arrays: dict[str, np.ndarray]) -> None:
-        """Save `arrays` (dtypes kept) as what `name` holds when the site enters `server_round`."""
+    def save_arrays(self, name: str, server_round: int, arrays: dict[str, np.ndarray],
+                    background: bool = False) -> None:
+        """Save `arrays` (dtypes kept) as what `name` holds when the site enters `server_round`.
+
+        The process keeps `arrays` as given (not copied): the caller must not change them afterwards.
+        background: return at once and let the process's writer thread write the file (module docstring).
+        """
+        self._settled(name)  # in order: the name's previous write first (and its error)
+        saved = _SavedArrays(self._path(name, server_round, "npz"),
+                             {key: np.asarray(value) for key, value in arrays.items()})
+        if background:
+            slots = _PENDING_SLOTS
+            slots.acquire()
+            try:
+                saved.pending = _writer().submit(self._write_arrays, name, server_round, saved)
+            except BaseException:
+                slots.release()
+                raise
+            saved.pending.add_done_callback(lambda future: _after_background_write(future, slots))
+        else:
+            self._write_arrays(name, server_round, saved)
+        key = self._key(name)
+        with _SAVED_LOCK:
+            _SAVED[key] = saved
+            _SAVED.move_to_end(key)
+            for old_key in [k for k, v in _SAVED.items() if v.pending is None or v.pending.done()]:
+                if len(_SAVED) <= SAVED_KEPT_IN_MEMORY:
+                    break
+                del _SAVED[old_key]
+
+    def _write_arrays(self, name: str, server_round: int, saved: _SavedArrays) -> None:
         buffer = io.BytesIO()
-        np.savez(buffer, **{key: np.asarray(value) for key, value in arrays.items()})
-        self._save(name, server_round, buffer.getvalue(), "npz")
+        np.savez(buffer, **saved.arrays)
+        saved.identity = _identity(self._save(name, server_round, buffer.getvalue(), "npz"))
+
 
     def load_json(self, name: str, server_round: int) -> Any | None:
         """The JSON value `name` holds when the site enters `server_round`; None if nothing was saved up to it."""
+        self._settled(name)
         path = self._entry(name, server_round)
         if path is None:
             return None
@@ -136,6 +275,7 @@ class SiteStateStore:
 
     def save_json(self, name: str, server_round: int, value: Any) -> None:
         """Save a JSON-able `value` as what `name` holds when the site enters `server_round`."""
+        self._settled(name)
         self._save(name, server_round, json.dumps(value, sort_keys=True).encode("utf-8"), "json")
 
 
@@ -150,8 +290,9 @@ class ContextState:
         record = self.state.array_records.get(name)
         return None if record is None else unpack_arrays(record)
 
-    def save_arrays(self, name: str, server_round: int, arrays: dict[str, np.ndarray]) -> None:
-        """Replace `name`'s arrays."""
+    def save_arrays(self, name: str, server_round: int, arrays: dict[str, np.ndarray],
+                    background: bool = False) -> None:
+        """Replace `name`'s arrays (in memory: `background` changes nothing)."""
         self.state[name] = pack_arrays(arrays)  # Context.state travels between SuperNode and ClientApp process
 
     def load_json(self, name: str, server_round: int) -> Any | None:

@@ -49,6 +49,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 
 from client.approval import check_fab, installed_file_hashes
 from client.app import app as client_app
+from client.task import freeze_resident_objects
 
 log = logging.getLogger("fedtune.site.worker")
 
@@ -187,6 +188,7 @@ def answer(task: ClaimedTask, approved_fab_hashes: Collection[str], installed: M
         sub_status, details = SubStatus.FAILED, f"reply not delivered: {exc}"
     finally:
         finish(task, sub_status, details)
+    freeze_resident_objects()  # off the reply's path: once per base model load
 
 
 def serve(address: str, approved_fab_hashes: Collection[str], installed: Mapping[str, str], stop: threading.Event,

@@ -48,9 +48,13 @@ def check_adapter_keys(params: Mapping[str, torch.Tensor], arrays: Mapping[str, 
 
 
 @torch.no_grad()
-def set_adapter_arrays(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
-    """Copy adapter arrays into the model's LoRA parameters in place (the base stays resident)."""
-    params = lora_parameters(model)
+def set_adapter_arrays(model: torch.nn.Module, arrays: Mapping[str, np.ndarray],
+                       params: Mapping[str, torch.nn.Parameter] | None = None) -> None:
+    """Copy adapter arrays into the model's LoRA parameters in place (the base stays resident).
+
+    params: lora_parameters(model), where the caller keeps it (it walks every module of the model).
+    """
+    params = lora_parameters(model) if params is None else params
     check_adapter_keys(params, arrays)
     for key, param in params.items():
         param.copy_(torch.from_numpy(np.ascontiguousarray(arrays[key])).to(param.device, param.dtype))
@@ -59,6 +63,14 @@ def set_adapter_arrays(model: torch.nn.Module, arrays: Mapping[str, np.ndarray])
 def adapter_delta(local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """local - global, key by key (what a site uploads)."""
     return {k: (np.asarray(local[k], np.float32) - np.asarray(global_[k], np.float32)) for k in global_}
+
+
+@torch.no_grad()
+def trained_delta(params: Mapping[str, torch.nn.Parameter], global_: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """adapter_delta(get_adapter_arrays(model), global_) from the LoRA parameters (lora_parameters(model)), bit for
+    bit, with one host copy per tensor (the difference) instead of two."""
+    return {k: np.asarray(params[k].detach().float().cpu().numpy(), np.float32) - np.asarray(global_[k], np.float32)
+            for k in global_}
 
 
 def adapter_digest(arrays: Mapping[str, np.ndarray]) -> str:

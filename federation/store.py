@@ -51,8 +51,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves the old file or the new one: temp file, fsync, rename."""
+def atomic_write_bytes(path: str | Path, data: bytes) -> os.stat_result:
+    """Write `data` to `path` so that a crash leaves the old file or the new one: temp file, fsync, rename.
+
+    Returns the written file's stat (taken before the rename, which keeps its inode, size and mtime), so a
+    writer can later tell its own file from one that replaced it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
@@ -61,11 +65,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+            written = os.fstat(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    return written
 
 
 def write_peft_adapter(directory: Path, arrays: Mapping[str, np.ndarray], peft_config) -> None:

@@ -1,17 +1,20 @@
-"""The site's round state (client/site_state.py): durable, keyed by federation run id and round, bounded."""
+"""The site's round state (client/site_state.py): durable, keyed by federation run id and round, bounded; what the
+process saved is read back from memory, and a background save is waited for by every later use."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import time
 
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from client.site_state import (ContextState, NODE_STATE_DIR_KEY, SiteStateStore, site_state,
-                               site_state_dir)
-from federation.store import FEDERATION_RUN_ID_KEY
+                               site_state_dir, wait_for_background_writes)
+from federation.store import FEDERATION_RUN_ID_KEY, atomic_write_bytes
 from tests.flower_messages import instruction
 
 RUN = "0123456789abcdef0123456789abcdef"
@@ -144,3 +147,89 @@ def test_without_a_run_id_or_a_directory_state_stays_in_context_state_with_one_w
     again = site_state(_train_message(None), context, str(tmp_path))
     assert again.load_arrays(NAME, 1)["a"][0, 0] == 4.0  # Context.state has no rounds: the newest value
     assert again.load_json("fedtune.dp-sgd", 1) == {"k": 1}
+
+
+def _written_file(store: SiteStateStore, server_round: int) -> dict[str, np.ndarray]:
+    """What the file holds (as another process would read it), bypassing this process's copy."""
+    wait_for_background_writes()
+    with np.load(store.run_dir / NAME / f"round-{server_round:04d}.npz") as data:
+        return {key: data[key] for key in data.files}
+
+
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return {k: (v.dtype, v.shape, v.tobytes()) for k, v in a.items()} == \
+        {k: (v.dtype, v.shape, v.tobytes()) for k, v in b.items()}
+
+
+def test_a_background_save_lands_on_disk_bit_for_bit_and_later_uses_wait_for_it(tmp_path, monkeypatch):
+    import client.site_state
+
+    real_write = client.site_state.atomic_write_bytes
+
+    def slow_write(*args, **kwargs):
+        time.sleep(0.3)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(client.site_state, "atomic_write_bytes", slow_write)
+    store = SiteStateStore(tmp_path, RUN)
+    arrays = _arrays(2.5)
+    started = time.perf_counter()
+    store.save_arrays(NAME, 2, arrays, background=True)
+    assert time.perf_counter() - started < 0.2  # the caller does not wait for the file
+    assert store.rounds(NAME) == [2]  # ... but every later use of the name does
+    assert _same(store.load_arrays(NAME, 2), arrays)
+    assert _same(_written_file(store, 2), arrays)
+
+
+def test_the_process_reads_back_what_it_saved_from_memory_and_callers_cannot_change_it(tmp_path, monkeypatch):
+    store = SiteStateStore(tmp_path, RUN)
+    arrays = _arrays(3.0)
+    store.save_arrays(NAME, 2, arrays, background=True)
+    wait_for_background_writes()
+
+    def no_disk_read(*args, **kwargs):
+        raise AssertionError("read from disk")
+
+    monkeypatch.setattr(np, "load", no_disk_read)
+    loaded = SiteStateStore(tmp_path, RUN).load_arrays(NAME, 3)  # any store of the same directory and run
+    assert _same(loaded, arrays)
+    loaded["a"][0, 0] = 99.0
+    assert store.load_arrays(NAME, 2)["a"][0, 0] == 3.0
+
+
+def test_a_file_replaced_by_another_process_is_read_from_disk_not_from_memory(tmp_path):
+    store = SiteStateStore(tmp_path, RUN)
+    store.save_arrays(NAME, 2, _arrays(1.0), background=True)
+    wait_for_background_writes()
+    other = io.BytesIO()  # another worker of a simulation trained this partition since, and re-ran round 1
+    np.savez(other, **_arrays(7.0))
+    atomic_write_bytes(store.run_dir / NAME / "round-0002.npz", other.getvalue())
+    assert store.load_arrays(NAME, 2)["a"][0, 0] == 7.0
+
+
+def test_a_half_written_file_is_never_read(tmp_path):
+    store = SiteStateStore(tmp_path, RUN)
+    store.save_arrays(NAME, 2, _arrays(2.0), background=True)
+    wait_for_background_writes()
+    (store.run_dir / NAME / ".round-0003.npz.tmp-crashed").write_bytes(b"PK\x03\x04 cut off")  # a crash mid-write
+    assert store.rounds(NAME) == [2]
+    assert store.load_arrays(NAME, 3)["a"][0, 0] == 2.0
+
+
+def test_a_failed_background_write_fails_the_next_use_once_and_keeps_the_old_state(tmp_path, monkeypatch, caplog):
+    store = SiteStateStore(tmp_path, RUN)
+    store.save_arrays(NAME, 2, _arrays(2.0))
+
+    def crash(*args, **kwargs):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with caplog.at_level(logging.ERROR, logger="fedtune.client"):
+        store.save_arrays(NAME, 3, _arrays(3.0), background=True)  # returns: the write fails later
+        wait_for_background_writes()
+    monkeypatch.undo()
+    assert "disk gone" in caplog.text
+    with pytest.raises(OSError, match="disk gone"):
+        store.load_arrays(NAME, 3)
+    assert store.load_arrays(NAME, 3)["a"][0, 0] == 2.0
+    assert _files(store) == ["round-0002.npz"]

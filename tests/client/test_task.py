@@ -1,10 +1,23 @@
-"""client/task.py: the tokenized site datasets a process keeps are bounded (least recently used dropped first)."""
+"""client/task.py: the tokenized site datasets a process keeps are bounded (least recently used dropped first); what a
+resident site reuses across messages (its trainer, its error-feedback residual) leaves its replies bit for bit."""
 
 from __future__ import annotations
 
-from flwr.app import Context, RecordDict
+import pytest
+from flwr.app import ConfigRecord, Context, RecordDict
 
-from client import task
+import client.app as client_app
+from client import site_state, task
+from client.site_state import NODE_STATE_DIR_KEY, wait_for_background_writes
+from federation.adapter import to_array_record
+from federation.compression import decode_upload
+from federation.config import run_config_to_json
+from federation.model import initial_adapter
+from federation.packing import unpack_arrays
+from federation.protocol import FEDERATION_RUN_ID_KEY, RUN_CONFIG_KEY
+from tests.flower_messages import instruction
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
 def _context(partition: int, partitions: int) -> Context:
@@ -39,3 +52,87 @@ def test_site_datasets_are_a_bounded_lru_and_a_dropped_one_comes_back_identical(
     assert (_keys(again_train), _keys(again_eval)) == (_keys(first_train), _keys(first_eval))  # ... to the same data
     assert task.data_fingerprint(runtime, cfg, _context(0, 4)) == first_fingerprint
     assert _partitions(runtime) == [3, 0]
+
+
+def _train_message(cfg, arrays, server_round: int):
+    config = ConfigRecord({RUN_CONFIG_KEY: run_config_to_json(cfg), "server-round": server_round,
+                           FEDERATION_RUN_ID_KEY: "0123456789abcdef"})
+    return instruction(RecordDict({"arrays": to_array_record(arrays), "config": config}), dst_node_id=1)
+
+
+def _site_context(state_dir) -> Context:
+    return Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
+                   node_config={"partition-id": 0, "num-partitions": 2, NODE_STATE_DIR_KEY: str(state_dir)})
+
+
+def _wire(reply) -> dict[str, bytes]:
+    return {key: value.tobytes() for key, value in unpack_arrays(reply.content["arrays"]).items()}
+
+
+def test_a_resident_site_answers_with_the_bytes_a_restarted_site_answers_with(make_cfg, tmp_path):
+    """The trainer reused across messages and the error-feedback residual read back from memory give the reply a
+    site started afresh gives (its trainer built anew, its residual read from the file)."""
+    cfg = make_cfg("train.fast_path=true")
+    assert cfg.federation.upload_codec == "bf16" and cfg.federation.upload_error_feedback
+    context = _site_context(tmp_path / "round-state")
+    global_adapter = initial_adapter(cfg.model, cfg.lora)
+    first = client_app.app(_train_message(cfg, global_adapter, 1), context)
+    upload = decode_upload(unpack_arrays(first.content["arrays"]))
+    global_adapter = {key: value + upload[key] for key, value in global_adapter.items()}
+    resident = client_app.app(_train_message(cfg, global_adapter, 2), context)
+
+    wait_for_background_writes()
+    task._RUNTIME = None  # a restarted site: the base model loaded again, nothing of the last round in memory
+    site_state._SAVED.clear()
+    restarted = client_app.app(_train_message(cfg, global_adapter, 2), _site_context(tmp_path / "round-state"))
+    assert _wire(restarted) == _wire(resident)
+
+
+def test_the_trainer_and_its_model_preparation_are_reused_across_messages_of_one_run(make_cfg, tmp_path,
+                                                                                    monkeypatch):
+    from client import fast_train
+
+    prepared = []
+    real_prepare = fast_train.prepare_model_for_fast_training
+    monkeypatch.setattr(fast_train, "prepare_model_for_fast_training",
+                        lambda *args, **kwargs: prepared.append(1) or real_prepare(*args, **kwargs))
+    cfg = make_cfg("train.fast_path=true")
+    runtime = task.get_runtime(cfg)
+    runtime.trainer = None
+    embedding_hooks = runtime.model.get_input_embeddings()._forward_hooks
+    hooks_before = len(embedding_hooks)
+    context = _site_context(tmp_path / "round-state")
+    adapter = initial_adapter(cfg.model, cfg.lora)
+    for server_round in (1, 2, 3):
+        client_app.app(_train_message(cfg, adapter, server_round), context)
+    assert len(prepared) == 1
+    assert len(embedding_hooks) == hooks_before + 1  # preparing per message hooked the embeddings once more each time
+
+    client_app.app(_train_message(make_cfg("train.fast_path=true", "train.lr=0.001"), adapter, 4), context)
+    assert len(prepared) == 2  # other train settings: a trainer of their own
+    base = runtime.model.get_base_model()
+    client_app.app(_train_message(make_cfg("train.fast_path=true", "privacy=dp_sgd"), adapter, 5), context)
+    assert not base.is_gradient_checkpointing  # DP-SGD switched it off ...
+    client_app.app(_train_message(cfg, adapter, 6), context)
+    assert len(prepared) == 3 and base.is_gradient_checkpointing  # ... and the fast path set it up again
+
+
+def test_the_resident_model_is_left_out_of_garbage_collections_once_per_load_and_freed_when_replaced(make_cfg,
+                                                                                                     monkeypatch):
+    import gc
+    import weakref
+
+    collections = []
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *args: collections.append(1) or real_collect(*args))
+    task._RUNTIME = None
+    gc.unfreeze()
+    first = weakref.ref(task.get_runtime(make_cfg()).model)
+    assert gc.get_freeze_count() == 0  # loading freezes nothing: a simulation may reload at every message
+    task.freeze_resident_objects()
+    task.freeze_resident_objects()
+    assert gc.get_freeze_count() > 0 and len(collections) == 1  # once per load: full collections skip the model
+    task.get_runtime(make_cfg("lora.r=4"))  # another adapter shape: a reload ...
+    assert first() is None and gc.get_freeze_count() == 0  # ... which neither keeps the replaced model alive
+    task.freeze_resident_objects()
+    assert len(collections) == 2

@@ -4,7 +4,7 @@ import torch
 from peft import get_peft_model_state_dict
 
 from federation.adapter import (AdapterMismatch, adapter_delta, from_array_record, get_adapter_arrays,
-                                set_adapter_arrays, to_array_record)
+                                lora_parameters, set_adapter_arrays, to_array_record, trained_delta)
 from federation.model import initial_adapter, lora_shapes
 
 
@@ -34,6 +34,21 @@ def test_set_then_get_is_identity_and_delta_is_exact(tiny_lora):
         np.testing.assert_array_equal(got[key], target[key])
     zero = adapter_delta(got, target)
     assert all(not np.any(v) for v in zero.values())
+
+
+def test_trained_delta_is_adapter_delta_bit_for_bit_and_shares_no_memory_with_the_model(tiny_lora):
+    _, model, _, _ = tiny_lora
+    rng = np.random.default_rng(1)
+    start = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in get_adapter_arrays(model).items()}
+    trained = {k: v + rng.normal(scale=1e-3, size=v.shape).astype(np.float32) for k, v in start.items()}
+    params = lora_parameters(model)
+    set_adapter_arrays(model, trained, params)
+    expected = adapter_delta(get_adapter_arrays(model), start)
+    delta = trained_delta(params, start)
+    assert list(delta) == list(expected)
+    assert all(delta[k].dtype == np.float32 and delta[k].tobytes() == expected[k].tobytes() for k in expected)
+    set_adapter_arrays(model, start, params)  # the model trains on: the delta stays what it was
+    assert all(delta[k].tobytes() == expected[k].tobytes() for k in expected)
 
 
 def test_set_refuses_wrong_keys_and_shapes(tiny_lora):
