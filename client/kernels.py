@@ -103,6 +103,9 @@ def _apply_liger(model: torch.nn.Module) -> None:
     Liger's own fused-CE forward stays off: the fast trainer calls the decoder and computes the loss itself from
     the hidden states (liger_linear_ce_sum), so model.forward is left as it is.
     """
+    # Liger 0.8.5 tries its optional backends (CuTe DSL, Ascend) at first use and logs a WARNING for each one it
+    # cannot import; on CUDA without them that is expected and only flooded the site log (seen on the H200).
+    logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     causal_lm = _causal_lm(model)
