@@ -88,6 +88,7 @@ def is_packed(record) -> bool:
 def pack_arrays(arrays: Mapping[str, np.ndarray]):
     """numpy dict (any allowed dtypes and shapes) -> Flower ArrayRecord of one flat uint8 Array and its layout."""
     from flwr.app import Array, ArrayRecord
+    from flwr.common.constant import SType
 
     values = [np.asarray(value) for value in arrays.values()]
     dtypes = [value.dtype for value in values]
@@ -96,11 +97,26 @@ def pack_arrays(arrays: Mapping[str, np.ndarray]):
             raise PackedLayoutError(f"{name}: dtype {dtype} cannot be packed (allowed: {sorted(ALLOWED_DTYPES)})")
     shapes = [tuple(int(d) for d in value.shape) for value in values]  # 0-d stays 0-d
     offsets, nbytes = canonical_offsets(dtypes, shapes)
-    buffer = np.zeros(nbytes, np.uint8)  # zeros: the alignment padding is deterministic
+    # The packed Array's bytes are what np.save writes for the flat uint8 buffer (Array(ndarray) would call it),
+    # joined straight from the tensors: one copy of the payload, where zeros + fill + np.save + BytesIO made three.
+    pieces, end = [npy_header(nbytes)], 0
     for value, offset in zip(values, offsets):
-        buffer[offset:offset + value.nbytes] = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+        pieces.append(bytes(offset - end))  # the alignment padding: zeros, so it is deterministic
+        pieces.append(np.ascontiguousarray(value).reshape(-1).view(np.uint8).data)
+        end = offset + value.nbytes
+    packed = Array(dtype=str(np.dtype(np.uint8)), shape=(nbytes,), stype=SType.NUMPY, data=b"".join(pieces))
     layout_bytes = np.frombuffer(layout_json(list(arrays), dtypes, shapes), np.uint8)
-    return ArrayRecord({PACKED_KEY: Array(buffer), LAYOUT_KEY: Array(layout_bytes)})
+    return ArrayRecord({PACKED_KEY: packed, LAYOUT_KEY: Array(layout_bytes)})
+
+
+def npy_header(nbytes: int) -> bytes:
+    """The npy header np.save writes before a C-ordered 1-D uint8 array of `nbytes` elements."""
+    from numpy.lib import format as npy
+
+    stream = io.BytesIO()
+    npy.write_array_header_1_0(stream, {"descr": npy.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                                        "shape": (nbytes,)})
+    return stream.getvalue()
 
 
 def layout_json(names: list[str], dtypes: list[np.dtype], shapes: list[tuple[int, ...]]) -> bytes:

@@ -46,6 +46,24 @@ def test_pack_unpack_is_bit_identical_in_order_dtype_and_shape():
         assert back[key].flags.writeable and back[key].flags.aligned
 
 
+@pytest.mark.parametrize("arrays", [_mixed(), {"only": np.float32([1.5])}, {"empty": np.zeros((0,), np.int8)}, {},
+                                    {"transposed": np.arange(12, dtype=np.float16).reshape(3, 4).T,
+                                     "fortran": np.asfortranarray(np.arange(6, dtype=np.int64).reshape(2, 3)),
+                                     "strided": np.arange(10, dtype=np.uint8)[::3]}])
+def test_the_packed_array_is_byte_identical_to_np_save_of_the_flat_buffer(arrays):
+    # What pack_arrays wrote before it joined the bytes itself: the flat buffer, zero-padded, as Array(ndarray).
+    record = pack_arrays(arrays)
+    layout, _ = _layout(record)
+    buffer = np.zeros(layout["nbytes"], np.uint8)
+    for value, offset in zip(arrays.values(), layout["offsets"]):
+        buffer[offset:offset + value.nbytes] = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+    expected = Array(buffer)
+    packed = record[PACKED_KEY]
+    assert (packed.dtype, packed.shape, packed.stype) == (expected.dtype, expected.shape, expected.stype)
+    assert isinstance(packed.data, bytes) and packed.data == expected.data
+    assert packed.object_id == expected.object_id
+
+
 def test_an_adapter_is_one_flower_array_whatever_its_tensor_count():
     adapter = {f"layers.{i}.lora_A.weight": np.full((2, 3), i, np.float32) for i in range(300)}
     record = to_array_record(adapter)
