@@ -40,7 +40,7 @@ from federation.config import PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS, RunConfi
 from federation.compose import run_config_from_json
 from federation.packing import pack_arrays
 from federation.data import EVAL_FILE, TRAIN_FILE, SiteDataset, load_site_files, load_site_split
-from federation.model import LoadInfo, build_lora_model
+from federation.model import LoadInfo, build_lora_model, resolve_device, wants_qlora
 from federation.protocol import DATA_FINGERPRINT_RECORD, NODE_LOCAL_STEPS_KEY, NODE_RANK_KEY, RUN_CONFIG_KEY
 from strategies.aggregators import MixedRanksError
 
@@ -118,6 +118,9 @@ def get_runtime(cfg: RunConfig) -> SiteRuntime:
     global _RUNTIME
     key = _model_key(cfg)
     if _RUNTIME is None or _RUNTIME.model_key != key:
+        # A model this process cannot load at all (4-bit without CUDA) is refused before the resident one is
+        # dropped: a run with an impossible config must not cost the next honest run a reload.
+        wants_qlora(cfg.model, resolve_device(cfg.model))
         _RUNTIME = None  # the replaced model is freed before the next one loads ...
         gc.unfreeze()  # ... and whatever of it freeze_resident_objects froze can be collected again
         model, tokenizer, info = build_lora_model(cfg.model, cfg.lora)

@@ -136,3 +136,12 @@ def test_the_resident_model_is_left_out_of_garbage_collections_once_per_load_and
     assert first() is None and gc.get_freeze_count() == 0  # ... which neither keeps the replaced model alive
     task.freeze_resident_objects()
     assert len(collections) == 2
+
+
+def test_a_model_this_process_cannot_load_leaves_the_resident_one_in_place(make_cfg):
+    """A run asking for 4-bit on a CPU site fails its messages, and the next honest run needs no reload."""
+    task._RUNTIME = None
+    resident = task.get_runtime(make_cfg())
+    with pytest.raises(RuntimeError, match="4bit needs a CUDA device"):
+        task.get_runtime(make_cfg("model.quantization=4bit", "model.device=cpu"))
+    assert task.get_runtime(make_cfg()) is resident
