@@ -69,8 +69,8 @@ def adapter_delta(local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndar
 def trained_delta(params: Mapping[str, torch.nn.Parameter], global_: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """adapter_delta(get_adapter_arrays(model), global_) from the LoRA parameters (lora_parameters(model)), bit for
     bit, with one host copy per tensor (the difference) instead of two."""
-    return {k: np.asarray(params[k].detach().float().cpu().numpy(), np.float32) - np.asarray(global_[k], np.float32)
-            for k in global_}
+    # .numpy() without get_adapter_arrays' .copy(): the subtraction makes the one copy.
+    return adapter_delta({k: params[k].detach().float().cpu().numpy() for k in global_}, global_)
 
 
 def adapter_digest(arrays: Mapping[str, np.ndarray]) -> str:

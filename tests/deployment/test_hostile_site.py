@@ -201,24 +201,28 @@ def _norm(arrays: dict[str, np.ndarray]) -> float:
     return float(np.sqrt(sum(np.sum(np.square(v, dtype=np.float64)) for v in arrays.values())))
 
 
+def _run_to_completion(dep, name: str, *overrides: str) -> str:
+    """Launch a run (process `name`) and wait for it; it must exit 0 (launch --stream exits 0 only on
+    finished:completed) with every daemon, the coordinator's included, still up. Returns the launch's output."""
+    code = dep.procs.start(name, dep.launch_argv(*overrides)).wait(timeout=RUN_TIMEOUT_S)
+    output = dep.procs.log(name)
+    assert code == 0, tail(output, 80)
+    for process in ("coordinator", *SKILLS):
+        assert dep.procs.procs[process].poll() is None, (process, tail(dep.procs.log(process)))
+    return output
+
+
 @pytest.mark.timeout(RUN_TIMEOUT_S + 60)
 def test_hostile_site_is_rejected_with_a_reason_each_round_and_the_honest_sites_carry_on(hostile_deployment):
     dep = hostile_deployment
     hostile, honest = dep.node_ids[HOSTILE], sorted(dep.node_ids[s] for s in HONEST)
     run_dir = dep.root / "run"
-    launch = dep.procs.start("launch", dep.launch_argv(
-        f"federation.rounds={ROUNDS}", f"output_dir={run_dir}", "strategy=norm_bound",
+    # Nothing crashed: the run completed and every daemon is still up, with no traceback or ERROR anywhere.
+    output = _run_to_completion(
+        dep, "launch", f"federation.rounds={ROUNDS}", f"output_dir={run_dir}", "strategy=norm_bound",
         f"strategy.params.max_norm={MAX_NORM}", f"strategy.min_available_clients={len(SKILLS)}",
-        "strategy.fraction_evaluate=1.0", "eval.generate=false", "tracking=mlflow"))
-    code = launch.wait(timeout=RUN_TIMEOUT_S)
-    output = dep.procs.log("launch")
+        "strategy.fraction_evaluate=1.0", "eval.generate=false", "tracking=mlflow")
     hostile_log = dep.site_log(HOSTILE)
-
-    # Nothing crashed: the run completed (launch --stream exits 0 only on finished:completed) and every daemon,
-    # the coordinator's included, is still up.
-    assert code == 0, tail(output, 80)
-    for name in ("coordinator", *SKILLS):
-        assert dep.procs.procs[name].poll() is None, (name, tail(dep.procs.log(name)))
     for text in (output, dep.procs.log("coordinator")):  # the ServerApp's log (streamed) and the SuperLink's
         assert "Traceback" not in text and "ERROR" not in text, tail(text, 80)
     rows = _metrics(run_dir)
@@ -308,16 +312,10 @@ def test_hostile_site_in_a_secagg_run_drops_out_or_fails_that_round_and_the_hone
     hostile, honest = dep.node_ids[HOSTILE], sorted(dep.node_ids[s] for s in HONEST)
     run_dir = dep.root / "secagg-run"
     # The wrong-shares round aggregates nothing by design: one such round must not stop the run.
-    launch = dep.procs.start("launch-secagg", dep.launch_argv(
-        f"federation.rounds={SECAGG_ROUNDS}", f"output_dir={run_dir}", "privacy=secagg",
-        f"strategy.min_available_clients={len(SKILLS)}", "federation.max_failed_rounds=2"))
-    code = launch.wait(timeout=RUN_TIMEOUT_S)
-    output = dep.procs.log("launch-secagg")
+    output = _run_to_completion(
+        dep, "launch-secagg", f"federation.rounds={SECAGG_ROUNDS}", f"output_dir={run_dir}", "privacy=secagg",
+        f"strategy.min_available_clients={len(SKILLS)}", "federation.max_failed_rounds=2")
     hostile_log = dep.site_log(HOSTILE)
-
-    assert code == 0, tail(output, 80)
-    for name in ("coordinator", *SKILLS):
-        assert dep.procs.procs[name].poll() is None, (name, tail(dep.procs.log(name)))
     assert "Traceback" not in output and "Traceback" not in dep.procs.log("coordinator"), tail(output, 80)
     rows = _metrics(run_dir)
     assert [r["round"] for r in rows] == list(range(1, SECAGG_ROUNDS + 1)), tail(output, 80)
