@@ -15,7 +15,8 @@ tests/client/test_fast_train.py); they only remove work that does not change the
   fp32 upcast, plus autocast, so the residual stream, attention and the 128k-wide lm_head run in bf16.
 * gradient checkpointing without re-entrance, on every ``checkpoint_every``-th decoder layer only.
 * each LoRA linear adds its update into the base layer's output with one in-place addmm (client/fused_lora.py)
-  instead of PEFT's out-of-place clone, scale and add over (tokens, out_features) tensors.
+  instead of PEFT's out-of-place clone, scale and add over (tokens, out_features) tensors; a SwiGLU MLP of LoRA
+  projections recomputes silu(gate) * up in backward instead of keeping it.
 
 Supports Llama-family decoders (no logit scaling/soft-capping in the head).
 """
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from client.fused_lora import use_fused_lora
+from client.fused_lora import use_fused_lora, use_fused_mlp
 from client.kernels import packed_attention_kwargs, resolve_attention, resolve_kernel_set, use_packed_attention
 from client.trainer import LocalTrainer
 from federation.config import TrainConfig
@@ -311,6 +312,10 @@ class FastPathSettings:
     # LoRA update added into the base layer's output by one in-place addmm (client/fused_lora.py) instead of PEFT's
     # out-of-place clone, scale and add; same result up to rounding. A switch so benchmarks can compare both.
     fused_lora: bool = True
+    # A SwiGLU MLP whose three projections are LoRA layers runs as one autograd function that recomputes
+    # silu(gate) * up in backward instead of keeping it (client/fused_lora.py _LoRASwiGLU): one
+    # (tokens, intermediate) activation less per layer. Needs fused_lora; same result up to rounding.
+    fused_mlp: bool = True
 
 
 def apply_attention_backends(settings: FastPathSettings) -> None:
@@ -342,6 +347,9 @@ class FastLocalTrainer(LocalTrainer):
         device_type = next(model.parameters()).device.type
         self.kernel_set = resolve_kernel_set(self.settings.kernels, device_type, model)
         self.kernel_set.apply(model)
+        # After the kernel set: it may give the MLP its own forward (Liger's SwiGLU), which the fused MLP keeps
+        # for the calls it cannot run.
+        use_fused_mlp(model, self.settings.fused_mlp)
         self.attention = resolve_attention(self.settings.attention, device_type, model)
         if self.attention == "varlen":
             use_packed_attention(model)

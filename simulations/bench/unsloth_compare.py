@@ -1,10 +1,12 @@
 """Our trainer vs Unsloth, same shapes, settings and examples, each in its own process; prints the ratios.
 
     python -m simulations.bench.unsloth_compare --out DIR [--shapes llama-1b,llama-8b] [--reps 2] [--budget-s 500]
-        [--trainers ours,ours+liger,ours+varlen,ours+liger+varlen,ours+liger+varlen+fused,unsloth]
+        [--trainers ours,ours+liger,ours+varlen,ours+liger+varlen,ours+liger+varlen+fused,ours+liger+varlen+fused+mlp,
+                    unsloth]
 
 --trainers picks our variants (OUR_VARIANTS: train.kernels none|liger x train.attention sdpa|varlen, and
-ours+liger+varlen+fused with the fused LoRA forward) besides Unsloth; with more than one of ours, a second table
+ours+liger+varlen+fused with the fused LoRA forward, +mlp adding the fused LoRA SwiGLU MLP: the defaults) besides
+Unsloth; with more than one of ours, a second table
 compares every variant with plain `ours` (tok/s, peak, MFU).
 
 Unsloth patches transformers and peft when it is imported, so it never shares a process with our trainer: this
@@ -54,14 +56,18 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 SHAPE_SETTINGS = {"llama-1b": (1024, 16), "llama-3b": (1024, 8), "llama-8b": (2048, 4), "tiny": (64, 4)}
 # regime -> (our checkpoint_every, Unsloth's use_gradient_checkpointing)
 REGIMES = {"memory-lean": (1, "unsloth"), "fastest": (0, False)}
-# Our trainer's variants: name -> FastPathSettings kernels / attention (train.kernels, train.attention) and
-# fused_lora (client/fused_lora.py; `+fused` turns it on). Each runs in its own process: Liger patches
-# transformers' Llama module functions process-wide.
-OUR_VARIANTS = {"ours": {"kernels": "none", "attention": "sdpa", "fused_lora": False},
-                "ours+liger": {"kernels": "liger", "attention": "sdpa", "fused_lora": False},
-                "ours+varlen": {"kernels": "none", "attention": "varlen", "fused_lora": False},
-                "ours+liger+varlen": {"kernels": "liger", "attention": "varlen", "fused_lora": False},
-                "ours+liger+varlen+fused": {"kernels": "liger", "attention": "varlen", "fused_lora": True}}
+# Our trainer's variants: name -> FastPathSettings kernels / attention (train.kernels, train.attention),
+# fused_lora (client/fused_lora.py; `+fused` turns it on) and fused_mlp (its _LoRASwiGLU; `+mlp`). Each runs in its
+# own process: Liger patches transformers' Llama module functions process-wide.
+_PLAIN = {"fused_lora": False, "fused_mlp": False}
+OUR_VARIANTS = {"ours": {"kernels": "none", "attention": "sdpa", **_PLAIN},
+                "ours+liger": {"kernels": "liger", "attention": "sdpa", **_PLAIN},
+                "ours+varlen": {"kernels": "none", "attention": "varlen", **_PLAIN},
+                "ours+liger+varlen": {"kernels": "liger", "attention": "varlen", **_PLAIN},
+                "ours+liger+varlen+fused": {"kernels": "liger", "attention": "varlen", "fused_lora": True,
+                                            "fused_mlp": False},
+                "ours+liger+varlen+fused+mlp": {"kernels": "liger", "attention": "varlen", "fused_lora": True,
+                                                "fused_mlp": True}}
 TRAINERS = (*OUR_VARIANTS, "unsloth")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
 
@@ -349,7 +355,7 @@ def _liger_version() -> str | None:
 def ours_worker(args) -> int:
     """Our site trainer (FastLocalTrainer's batch path) on the FlowerTune-style 4-bit model of train_throughput.
 
-    args.worker names the variant (OUR_VARIANTS): its train.kernels / train.attention / fused_lora go to
+    args.worker names the variant (OUR_VARIANTS): its train.kernels / train.attention / fused_lora / fused_mlp go to
     FastPathSettings.
     """
     from client.fast_train import FastLocalTrainer, FastPathSettings

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from client.fused_lora import fused_adapter, fused_lora_forward, is_fused, use_fused_lora
+from client.fused_lora import fused_adapter, fused_lora_forward, is_fused, is_fused_mlp, use_fused_lora, use_fused_mlp
 
 IN, OUT, RANK = 32, 24, 4
 
@@ -165,3 +165,168 @@ def test_fast_trainer_trains_the_same_adapter_with_and_without_fusion(tiny_lora)
     delta = sum(float(((plain_adapter[k] - start[k]) ** 2).sum()) for k in start) ** 0.5
     diff = sum(float(((fused_adapter_arrays[k] - plain_adapter[k]) ** 2).sum()) for k in start) ** 0.5
     assert delta > 0 and diff / delta < 1e-4
+
+
+# ---------------------------------------------------------------------------------------- fused SwiGLU MLP
+
+HIDDEN, INTERMEDIATE = 16, 40
+
+
+def _lora_mlp(dtype: torch.dtype = torch.float64, bits4: bool = False, **lora_kwargs) -> nn.Module:
+    """transformers' LlamaMLP with PEFT LoRA on gate/up/down (B random), on nn.Linear or bitsandbytes NF4 bases."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, hidden_act="silu", num_attention_heads=2,
+                                 num_key_value_heads=2))
+    if bits4:
+        bnb = pytest.importorskip("bitsandbytes")
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            dense = getattr(mlp, name)
+            layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=False, compute_dtype=dtype,
+                                      quant_type="nf4")
+            layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+            setattr(mlp, name, layer.to("cpu"))  # quantizes
+    else:
+        mlp.to(dtype)
+    lora = LoraConfig(r=RANK, lora_alpha=8, init_lora_weights=False,
+                      target_modules=["gate_proj", "up_proj", "down_proj"], **lora_kwargs)
+    model = get_peft_model(mlp, lora)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(dtype)
+    use_fused_lora(model, True)
+    return model
+
+
+def _mlp_module(model: nn.Module) -> nn.Module:
+    return model.get_base_model()
+
+
+def _mlp_run(model: nn.Module, x: torch.Tensor):
+    """(output, x grad, every LoRA grad by name) for loss = sum(output * fixed weights)."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    out = _mlp_module(model)(x)
+    probe = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape)
+    (out.double() * probe).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.detach(), x.grad, grads
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward of the MLP (distinct storages)."""
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        _mlp_module(model)(x.detach().clone().requires_grad_(True))
+    return sum(seen.values())
+
+
+def test_fused_mlp_equals_the_module_by_module_path_float64():
+    """Output, input grad and all six LoRA grads equal the unfused path's to float64 rounding."""
+    model = _lora_mlp()
+    x = torch.randn(3, 7, HIDDEN, dtype=torch.float64)
+    expected = _mlp_run(model, x)
+    assert use_fused_mlp(model, True) == 1 and is_fused_mlp(_mlp_module(model))
+    fused = _mlp_run(model, x)
+    assert "_LoRASwiGLUBackward" in _grad_fn_names(_mlp_module(model)(x.requires_grad_(True)))
+    assert _rel_err(fused[0], expected[0]) < 1e-12 and _rel_err(fused[1], expected[1]) < 1e-12
+    assert set(fused[2]) == set(expected[2]) and len(fused[2]) == 6
+    for name, grad in expected[2].items():
+        assert grad.abs().sum() > 0 and _rel_err(fused[2][name], grad) < 1e-12, name
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "autocast-bf16"])
+def test_fused_mlp_on_bitsandbytes_4bit_bases(compute_dtype):
+    """On NF4 bases (dequantized in forward and backward) the fused MLP gives the unfused outputs and grads."""
+    model = _lora_mlp(torch.float32, bits4=True)
+    x = torch.randn(2, 5, HIDDEN, dtype=compute_dtype)
+    bf16 = compute_dtype == torch.bfloat16
+    context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    with context():
+        expected = _mlp_run(model, x)
+        use_fused_mlp(model, True)
+        fused = _mlp_run(model, x)
+        assert "_LoRASwiGLUBackward" in _grad_fn_names(_mlp_module(model)(x.requires_grad_(True)))
+    tolerance = 2e-2 if bf16 else 1e-5
+    assert fused[0].dtype == expected[0].dtype and _rel_err(fused[0], expected[0]) < tolerance
+    assert _rel_err(fused[1], expected[1]) < tolerance
+    for name, grad in expected[2].items():
+        assert fused[2][name].dtype == grad.dtype and _rel_err(fused[2][name], grad) < tolerance, name
+
+
+def test_fused_mlp_keeps_one_intermediate_activation_less():
+    """What autograd keeps: the unfused path saves h = silu(gate) * up for down's lora_A; the fused one does not."""
+    model = _lora_mlp(torch.float32)
+    tokens = 64
+    x = torch.randn(tokens, HIDDEN)
+    unfused = _saved_bytes(model, x)
+    use_fused_mlp(model, True)
+    fused = _saved_bytes(model, x)
+    intermediate_bytes = tokens * INTERMEDIATE * 4
+    assert unfused - fused >= intermediate_bytes
+
+
+def test_fused_mlp_falls_back_where_it_is_not_exact():
+    """LoRA dropout, projections that are not fused (multi-adapter stacking) or unequal dtypes: the previous forward."""
+    x = torch.randn(4, HIDDEN, dtype=torch.float64)
+    dropout = _lora_mlp(lora_dropout=0.5)
+    assert use_fused_mlp(dropout, True) == 1
+    mlp = _mlp_module(dropout).train()
+    torch.manual_seed(3)
+    expected = type(mlp).forward(mlp, x)
+    torch.manual_seed(3)
+    assert torch.equal(mlp(x), expected)  # the same dropout masks: the module-by-module forward ran
+
+    stacked = _lora_mlp()
+    use_fused_mlp(stacked, True)
+    mlp = _mlp_module(stacked)
+    mlp.up_proj.forward = lambda t: torch.zeros(*t.shape[:-1], INTERMEDIATE, dtype=t.dtype)  # another owner's
+    assert torch.equal(mlp(x), torch.zeros(4, HIDDEN, dtype=torch.float64))
+
+    mixed = _lora_mlp(torch.float32)  # float32 bases, float64 adapters, no autocast: PEFT adds across dtypes
+    for param in mixed.parameters():
+        if param.requires_grad:
+            param.data = param.data.double()
+    use_fused_mlp(mixed, True)
+    out = _mlp_module(mixed)(x.float().requires_grad_(True))
+    assert "_LoRASwiGLUBackward" not in _grad_fn_names(out, depth=8)
+    use_fused_mlp(mixed, False)
+    assert torch.equal(out, _mlp_module(mixed)(x.float()))
+
+
+def test_use_fused_mlp_keeps_and_restores_a_kernel_sets_forward():
+    """An instance forward from a kernel set (Liger's SwiGLU) is kept for fallbacks and put back when disabled."""
+    model = _lora_mlp()
+    mlp = _mlp_module(model)
+    kernel_set_forward = lambda t: mlp.down_proj(mlp.act_fn(mlp.gate_proj(t)) * mlp.up_proj(t))  # noqa: E731
+    mlp.forward = kernel_set_forward
+    assert use_fused_mlp(model, True) == 1 and use_fused_mlp(model, True) == 1
+    assert mlp._fedtune_unfused_forward is kernel_set_forward
+    assert use_fused_mlp(model, False) == 0 and mlp.forward is kernel_set_forward
+    plain = _lora_mlp()
+    use_fused_mlp(plain, True)
+    use_fused_mlp(plain, False)
+    assert "forward" not in _mlp_module(plain).__dict__
+    assert use_fused_mlp(nn.Sequential(_lora_linear()), True) == 0  # no SwiGLU MLP: nothing to fuse
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bitsandbytes NF4 kernels, Liger's SwiGLU)")
+def test_fused_mlp_on_cuda_nf4_under_autocast():
+    """On the GPU path the trainer runs (NF4 bases, bf16 autocast, Liger's kernels if installed): grads agree."""
+    model = _lora_mlp(torch.float32, bits4=True).to("cuda")
+    x = torch.randn(2, 64, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = _mlp_run(model, x)
+        use_fused_mlp(model, True)
+        fused = _mlp_run(model, x)
+    assert _rel_err(fused[0], expected[0]) < 2e-2 and _rel_err(fused[1], expected[1]) < 2e-2
+    for name, grad in expected[2].items():
+        assert _rel_err(fused[2][name], grad) < 2e-2, name
