@@ -126,6 +126,23 @@ def measure_passes(step: Callable[[list[dict]], tuple[torch.Tensor, int]], param
     return timed
 
 
+# Kernel kinds for the profile's per-kind sums, first match wins (lower-case substrings of the kernel name):
+# where two trainers' GPU time differs is then one line per kind, not a list of mangled names.
+KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "attn")),
+                ("dequantize", ("dequant",)),
+                ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "cublas")),
+                ("triton (Liger, Unsloth)", ("triton", "swiglu", "rope", "rms_norm", "cross_entropy", "geglu")),
+                ("copy/cast", ("copy", "cast", "memcpy", "memset", "fill")),
+                ("elementwise", ("elementwise", "vectorized", "unrolled")),
+                ("reduction", ("reduce", "norm", "softmax", "sum")))
+
+
+def kernel_kind(name: str) -> str:
+    """The KERNEL_KINDS kind of a CUDA kernel name ("other" when none matches)."""
+    lowered = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(mark in lowered for mark in marks)), "other")
+
+
 def profile_pass(step: Callable[[list[dict]], tuple[torch.Tensor, int]], params: Sequence[torch.nn.Parameter],
                  steps_examples: list[list[dict]], top: int = 12) -> dict:
     """One pass under torch.profiler (after the timed ones, same start): wall vs summed CUDA kernel time per step,
@@ -157,9 +174,18 @@ def profile_pass(step: Callable[[list[dict]], tuple[torch.Tensor, int]], params:
             "gpu_kernel_ms_per_step": sum(e.self_device_time_total for e in device_events) / 1e3 / n,
             "top_kernels_ms_per_step": {e.key[:100]: round(e.self_device_time_total / 1e3 / n, 3) for e in
                                         sorted(device_events, key=lambda e: -e.self_device_time_total)[:top]},
+            "kernel_ms_per_step_by_kind": _sum_by_kind(device_events, n),
             "kernel_launches_per_step": sum(e.count for e in device_events) / n,
             "top_cpu_ops_ms_per_step": {e.key[:100]: round(e.self_cpu_time_total / 1e3 / n, 3) for e in
                                         sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]}}
+
+
+def _sum_by_kind(device_events, steps: int) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for event in device_events:
+        kind = kernel_kind(event.key)
+        totals[kind] = totals.get(kind, 0.0) + event.self_device_time_total / 1e3 / steps
+    return {kind: round(ms, 3) for kind, ms in sorted(totals.items(), key=lambda item: -item[1])}
 
 
 def comparison_rows(results: list[dict]) -> list[dict]:

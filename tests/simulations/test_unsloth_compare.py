@@ -7,7 +7,7 @@ import json
 import torch
 
 from simulations.bench import unsloth_compare
-from simulations.bench.unsloth_compare import comparison_rows, format_table, measure_passes, profile_pass
+from simulations.bench.unsloth_compare import comparison_rows, format_table, kernel_kind, measure_passes, profile_pass
 
 
 def _linear_step(model):
@@ -42,6 +42,15 @@ def test_profiled_pass_reports_per_step_time_and_top_ops_and_leaves_the_adapter_
     assert report["wall_ms_per_step"] > 0
     assert any("linear" in name or "addmm" in name for name in report["top_cpu_ops_ms_per_step"])
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_kernel_kinds_sort_cuda_kernel_names():
+    assert kernel_kind("flash_fwd_kernel<Flash_fwd_kernel_traits<128>>") == "attention"
+    assert kernel_kind("kDequantize4bit<__nv_bfloat16, 512, 64, 8, NF4>") == "dequantize"
+    assert kernel_kind("nvjet_hsh_256x128_64x4_1x2_h_bz_coopB_NTT") == "matmul"
+    assert kernel_kind("_swiglu_backward_kernel") == "triton (Liger, Unsloth)"
+    assert kernel_kind("some_kernel") == "other"
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>") == "elementwise"
 
 
 def _result(trainer, regime, scenario, rates, peak_gib, loss):
