@@ -8,10 +8,13 @@ scaling once more. The fused forward (as Unsloth's fast_lora) computes
     result = base(x)                                       # bnb's own 4-bit matmul, or nn.Linear
     result.addmm_(x @ A^T, B^T, alpha=scaling)             # in place: reads and writes result once
 
-and autograd's addmm backward applies the scaling to the small (tokens, r) and (r, out) gradients only. The
-in-place add is allowed because no base layer saves its output for backward (bnb's MatMul4Bit keeps only the
-quantized weight); the base runs on 2-D input so its output is not a view (autograd forbids in-place changes to
-a view made inside a custom Function, the reason PEFT's 4-bit forward clones).
+and the backward applies the scaling to the small (tokens, r) and (r, out) gradients only. Where the base is an
+nn.Linear or a bitsandbytes 4-bit layer this runs as one autograd function (_LoRALinear) whose backward also
+writes the input gradient once (dy W, then the LoRA part added by addmm) instead of autograd's separate base and
+LoRA input gradients and their sum. Otherwise base(x) then the in-place addmm: allowed because no base layer
+saves its output for backward (bnb's MatMul4Bit keeps only the quantized weight); the base runs on 2-D input so
+its output is not a view (autograd forbids in-place changes to a view made inside a custom Function, the reason
+PEFT's 4-bit forward clones).
 
 Only where it is exact: one active adapter, LoRA dropout 0, no DoRA or other variant, no LoRA bias, not merged,
 no hooks on the LoRA modules (Opacus's per-example gradients hook them), no extra forward arguments; any other
@@ -56,14 +59,91 @@ def fused_adapter(layer: nn.Module) -> str | None:
     return name
 
 
+def dense_weight(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The base layer's weight (out, in) in dtype: dequantized for a bitsandbytes 4-bit layer (PEFT's helper)."""
+    weight = base_layer.weight
+    if type(weight).__name__ == "Params4bit":
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        return dequantize_bnb_weight(weight).to(dtype)
+    return weight.to(dtype)
+
+
+class _LoRALinear(torch.autograd.Function):
+    """x W^T (+ bias) + s (x A^T) B^T whose backward writes dL/dx once: dy W, then (s dy B) A added by addmm.
+
+    Autograd over the module-by-module forward computes the base's and the LoRA path's input gradients apart
+    and adds them with one more (tokens, in) pass per layer (4 per decoder layer on q/k/v/o); this keeps x and
+    x A^T (N, r) as autograd would and dequantizes W again in backward, as bitsandbytes' own 4-bit matmul does.
+    x (N, in), A (r, in), B (out, r); base: the nn.Linear or 4-bit layer (frozen); dtype of every matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_a, weight_b, base, scaling, dtype):  # noqa: D102
+        xc = x.to(dtype)
+        weight = dense_weight(base, dtype)
+        out = F.linear(xc, weight, None if base.bias is None else base.bias.to(dtype))
+        del weight
+        down = F.linear(xc, weight_a.to(dtype))  # (N, r)
+        out.addmm_(down, weight_b.to(dtype).t(), alpha=scaling)
+        ctx.save_for_backward(xc, down, weight_a, weight_b)
+        ctx.base, ctx.scaling, ctx.dtype, ctx.x_dtype = base, scaling, dtype, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: D102
+        xc, down, weight_a, weight_b = ctx.saved_tensors
+        dtype, scaling = ctx.dtype, ctx.scaling
+        dy = dy.to(dtype)
+        a, b = weight_a.to(dtype), weight_b.to(dtype)
+        d_down = (dy @ b) * scaling  # (N, r)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            weight = dense_weight(ctx.base, dtype)
+            grad_x = (dy @ weight).addmm_(d_down, a).to(ctx.x_dtype)
+            del weight
+        grad_a = (d_down.t() @ xc).to(weight_a.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = ((dy.t() @ down) * scaling).to(weight_b.dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_a, grad_b, None, None, None
+
+
+def _dense_base(base_layer: nn.Module) -> bool:
+    """A base layer dense_weight reads as (out, in): nn.Linear or bitsandbytes 4-bit, with no trainable bias."""
+    kind = type(base_layer)
+    if not (kind is nn.Linear or (kind.__name__ == "Linear4bit" and type(base_layer.weight).__name__ == "Params4bit")):
+        return False
+    return base_layer.bias is None or not base_layer.bias.requires_grad
+
+
+def _exact_dtype(x: torch.Tensor, layers: list[nn.Module], names: list[str]) -> torch.dtype | None:
+    """The dtype a fused function computes in where it is exact for these LoRA layers, else None.
+
+    Under autocast: its dtype, as every matmul of PEFT's forward. Without it PEFT computes the LoRA term in the
+    adapter's dtype and adds it in the base's: exact only when they are all x's dtype.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    dtypes = {x.dtype} | {layer.lora_A[name].weight.dtype for layer, name in zip(layers, names)}
+    dtypes |= {getattr(layer.base_layer, "compute_dtype", None) or layer.base_layer.weight.dtype for layer in layers}
+    return x.dtype if len(dtypes) == 1 else None
+
+
 def fused_lora_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """base(x) + scaling * (x A^T) B^T with the LoRA term added in place by one addmm; PEFT's forward where unsafe."""
+    """base(x) + scaling * (x A^T) B^T with the LoRA term added in place by one addmm; PEFT's forward where unsafe.
+
+    Where the base is dense or 4-bit and the dtypes allow (_exact_dtype), one autograd function (_LoRALinear)
+    that also writes the input gradient once; otherwise base(x) then the in-place addmm.
+    """
     name = None if args or kwargs else fused_adapter(layer)
     if name is None:
         return type(layer).forward(layer, x, *args, **kwargs)
     weight_a, weight_b = layer.lora_A[name].weight, layer.lora_B[name].weight  # (r, in), (out, r)
     scaling = layer.scaling[name]
     rows = x.reshape(-1, x.shape[-1])
+    dtype = _exact_dtype(x, [layer], [name]) if _dense_base(layer.base_layer) else None
+    if dtype is not None:
+        result = _LoRALinear.apply(rows, weight_a, weight_b, layer.base_layer, scaling, dtype)
+        return result.reshape(*x.shape[:-1], result.shape[-1])
     result = layer.base_layer(rows)
     # As PEFT: the LoRA matmuls in the adapter's dtype, unless autocast picks the compute dtype.
     lora_in = rows if torch.is_autocast_enabled(x.device.type) else rows.to(weight_a.dtype)
@@ -133,16 +213,6 @@ def _silu_mul_ops(device: torch.device):
 
         return (lambda e, g: swiglu_forward(e, g)[2]), swiglu_backward
     return _silu_mul_torch, _silu_mul_backward_torch
-
-
-def dense_weight(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The base layer's weight (out, in) in dtype: dequantized for a bitsandbytes 4-bit layer (PEFT's helper)."""
-    weight = base_layer.weight
-    if type(weight).__name__ == "Params4bit":
-        from peft.utils.integrations import dequantize_bnb_weight
-
-        return dequantize_bnb_weight(weight).to(dtype)
-    return weight.to(dtype)
 
 
 class _LoRASwiGLU(torch.autograd.Function):
@@ -238,13 +308,10 @@ def _fused_mlp_inputs(mlp: nn.Module, x: torch.Tensor):
     names = [fused_adapter(p) for p in projections]
     if None in names or any(p.base_layer.bias is not None for p in projections) or _hooked(mlp):
         return None
-    if torch.is_autocast_enabled(x.device.type):
-        return names, torch.get_autocast_dtype(x.device.type)
-    # Without autocast PEFT computes the LoRA term in the adapter's dtype and adds it in the base's: exact only
-    # when they are all x's dtype.
-    dtypes = {x.dtype} | {p.lora_A[n].weight.dtype for p, n in zip(projections, names)}
-    dtypes |= {getattr(p.base_layer, "compute_dtype", None) or p.base_layer.weight.dtype for p in projections}
-    return (names, x.dtype) if len(dtypes) == 1 else None
+    if not all(_dense_base(p.base_layer) for p in projections):
+        return None
+    dtype = _exact_dtype(x, projections, names)
+    return None if dtype is None else (names, dtype)
 
 
 def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,7 @@ def test_fused_forward_and_backward_equal_peft_on_a_linear_base(autocast):
     with context():
         expected = _forward_backward(layer, lambda t: type(layer).forward(layer, t), x)
         fused = _forward_backward(layer, lambda t: fused_lora_forward(layer, t), x)
-        assert "AddmmBackward0" in _grad_fn_names(fused_lora_forward(layer, x.requires_grad_(True)))
+        assert "_LoRALinearBackward" in _grad_fn_names(fused_lora_forward(layer, x.requires_grad_(True)))
     tolerance = 1e-2 if autocast else 1e-6
     for got, want, what in zip(fused, expected, ("output", "x grad", "A grad", "B grad")):
         assert got.shape == want.shape and got.dtype == want.dtype, what
@@ -89,11 +89,29 @@ def test_fused_forward_adds_in_place_into_bitsandbytes_4bit_output(compute_dtype
         expected = _forward_backward(layer, lambda t: type(layer).forward(layer, t), x)
         fused = _forward_backward(layer, lambda t: fused_lora_forward(layer, t), x)
         names = _grad_fn_names(fused_lora_forward(layer, x.requires_grad_(True)))
-    assert "AddmmBackward0" in names  # the in-place path, not the out-of-place fallback
+    assert "_LoRALinearBackward" in names  # the fused function, not PEFT's or the out-of-place fallback
     tolerance = 1e-2 if bf16 else 1e-5
     for got, want, what in zip(fused, expected, ("output", "x grad", "A grad", "B grad")):
         assert got.dtype == want.dtype, what
         assert _rel_err(got, want) < tolerance, what
+
+
+def test_fused_function_equals_peft_in_float64_with_a_frozen_bias_and_without_input_grad():
+    """_LoRALinear to float64 rounding (bias included); with x not requiring grad only the LoRA grads are made."""
+    from peft.tuners.lora.layer import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(nn.Linear(IN, OUT, bias=True), "default", _lora_config(), r=RANK, lora_alpha=8).double()
+    layer.base_layer.requires_grad_(False)
+    x = torch.randn(3, 4, IN, dtype=torch.float64)
+    expected = _forward_backward(layer, lambda t: type(layer).forward(layer, t), x)
+    fused = _forward_backward(layer, lambda t: fused_lora_forward(layer, t), x)
+    assert "_LoRALinearBackward" in _grad_fn_names(fused_lora_forward(layer, x.requires_grad_(True)))
+    for got, want, what in zip(fused, expected, ("output", "x grad", "A grad", "B grad")):
+        assert _rel_err(got, want) < 1e-12, what
+    layer.zero_grad(set_to_none=True)
+    fused_lora_forward(layer, x.detach()).sum().backward()
+    assert layer.lora_A["default"].weight.grad is not None and layer.lora_B["default"].weight.grad.abs().sum() > 0
 
 
 def test_bf16_base_without_autocast_adds_out_of_place_as_peft():
