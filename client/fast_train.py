@@ -300,6 +300,8 @@ class FastPathSettings:
     # cuDNN's fused attention builds an execution plan for every new sequence shape; packed variable-length
     # batches have a new shape almost every step, so on an H100 it ran 2.4x slower than the memory-efficient
     # kernel when cold (BENCHMARKS.md, "cold-process" table). Off by default: SDPA then picks flash/efficient.
+    # On, maskless causal calls (rows that are one whole sequence each) try cuDNN first (kernels.cuda_sdpa_priority):
+    # faster on Hopper where shapes repeat (full rows, fixed lengths).
     cudnn_attention: bool = False
     # Pad every packed row to pack_len: one width for all steps (fewer shapes for the kernels), at the cost of
     # computing the padding; measured as marginal once cuDNN attention is off.

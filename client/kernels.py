@@ -22,6 +22,7 @@ Attention paths for packed rows (ATTENTION_PATHS; ``auto`` resolves through reso
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import logging
@@ -162,8 +163,15 @@ def packed_cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def packed_attention_kwargs(position_ids: torch.Tensor, device: torch.device) -> dict:
-    """The decoder's keyword arguments that hand packed rows' sequence boundaries (packed_cu_seqlens) to varlen."""
+    """The decoder's keyword arguments that hand packed rows' sequence boundaries (packed_cu_seqlens) to varlen.
+
+    None when every row is one whole sequence (full rows: nothing packed, no padding tail): plain causal
+    attention over (R, T) is exact then, and transformers' SDPA call (packed_attention_forward's fallback, no
+    mask) runs it in the (B, H, T, D) layout the model already has, where cuDNN may run it (cuda_sdpa_priority).
+    """
     cu_seqlens, longest = packed_cu_seqlens(position_ids)
+    if cu_seqlens.numel() == position_ids.shape[0] + 1 and longest == position_ids.shape[-1]:
+        return {}
     cu_seqlens = cu_seqlens.to(device, non_blocking=True)
     return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": longest, "max_length_k": longest}
 
@@ -215,6 +223,21 @@ def reference_varlen_kernel(query, key, value, cu_seqlens, max_len, scale):
 varlen_kernel: Callable = _torch_varlen_kernel
 
 
+def cuda_sdpa_priority(query: torch.Tensor, attention_mask: torch.Tensor | None):
+    """Where cuDNN's SDPA backend is enabled (train.cudnn_attention) and the call is plain causal attention (no
+    mask) on CUDA: SDPA tries cuDNN first (PyTorch's own order puts it last, after flash); otherwise nothing.
+
+    cuDNN's Hopper kernels ran the backward ~1.6x faster than flash on an H200 at llama-8b full rows
+    (BENCHMARKS.md), but build an execution plan per new shape: worth it where shapes repeat.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not (query.is_cuda and attention_mask is None and torch.backends.cuda.cudnn_sdp_enabled()):
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH], set_priority=True)
+
+
 def packed_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention interface: varlen over cu_seq_lens_q when the caller packed, else SDPA.
 
@@ -224,8 +247,9 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
 
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is None or dropout:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        with cuda_sdpa_priority(query, attention_mask):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                          dropout=dropout, **kwargs)
     batch, heads, length, head_dim = query.shape
     dtype = query.dtype
     # Flash kernels take fp16/bf16 only; an fp32 model (no autocast) runs them in bf16 and gets fp32 back.

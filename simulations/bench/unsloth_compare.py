@@ -57,8 +57,8 @@ SHAPE_SETTINGS = {"llama-1b": (1024, 16), "llama-3b": (1024, 8), "llama-8b": (20
 # regime -> (our checkpoint_every, Unsloth's use_gradient_checkpointing)
 REGIMES = {"memory-lean": (1, "unsloth"), "fastest": (0, False)}
 # Our trainer's variants: name -> FastPathSettings kernels / attention (train.kernels, train.attention),
-# fused_lora (client/fused_lora.py; `+fused` turns it on) and fused_mlp (its _LoRASwiGLU; `+mlp`). Each runs in its
-# own process: Liger patches transformers' Llama module functions process-wide.
+# fused_lora (client/fused_lora.py; `+fused` turns it on), fused_mlp (its _LoRASwiGLU; `+mlp`) and cudnn_attention
+# (`+cudnn`). Each runs in its own process: Liger patches transformers' Llama module functions process-wide.
 _PLAIN = {"fused_lora": False, "fused_mlp": False}
 OUR_VARIANTS = {"ours": {"kernels": "none", "attention": "sdpa", **_PLAIN},
                 "ours+liger": {"kernels": "liger", "attention": "sdpa", **_PLAIN},
@@ -67,7 +67,11 @@ OUR_VARIANTS = {"ours": {"kernels": "none", "attention": "sdpa", **_PLAIN},
                 "ours+liger+varlen+fused": {"kernels": "liger", "attention": "varlen", "fused_lora": True,
                                             "fused_mlp": False},
                 "ours+liger+varlen+fused+mlp": {"kernels": "liger", "attention": "varlen", "fused_lora": True,
-                                                "fused_mlp": True}}
+                                                "fused_mlp": True},
+                # + cuDNN's SDPA first for rows that are one whole sequence each (train.cudnn_attention, off by
+                # default: it builds a plan per new shape).
+                "ours+liger+varlen+fused+mlp+cudnn": {"kernels": "liger", "attention": "varlen", "fused_lora": True,
+                                                      "fused_mlp": True, "cudnn_attention": True}}
 TRAINERS = (*OUR_VARIANTS, "unsloth")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
 

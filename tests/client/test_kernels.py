@@ -178,6 +178,45 @@ def test_packed_cu_seqlens_opens_a_sequence_at_every_restart_and_row():
     assert cu.dtype == torch.int32 and cu.tolist() == [0, 4, 5, 8, 10] and longest == 4
 
 
+def test_rows_that_are_each_one_whole_sequence_need_no_varlen_boundaries():
+    """Full rows (one sequence each, no padding tail) go to plain causal attention; any restart or tail does not."""
+    full = torch.arange(6).repeat(3, 1)
+    assert kernels.packed_attention_kwargs(full, torch.device("cpu")) == {}
+    for packed in (torch.tensor([[0, 1, 2, 0, 1, 2]] * 2), torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 1]])):
+        kwargs = kernels.packed_attention_kwargs(packed, torch.device("cpu"))
+        assert kwargs["cu_seq_lens_q"].numel() > packed.shape[0] + 1
+
+
+def test_full_rows_through_the_varlen_setting_equal_the_mask_path(reference_varlen):
+    """Full rows with varlen on run transformers' causal SDPA (no kernel call, no mask): same loss and grads."""
+    model = _tiny_lora_model()
+    packed = pack_sequences(_examples([9, 9, 9], seed=4), max_len=9, pad_token_id=PAD)
+    assert packed["input_ids"].shape == (3, 9)
+    ref, _ = packed_loss_sum(model, packed, chunk_size=7)
+    ref.backward()
+    ref_grads = _lora_grads(model)
+    model.zero_grad(set_to_none=True)
+    kernels.use_packed_attention(model)
+    masks = []
+    sdpa = kernels.packed_attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        masks.append(attention_mask)
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    from transformers import AttentionInterface
+    AttentionInterface.register(kernels.PACKED_ATTENTION, spy)
+    try:
+        loss, _ = packed_loss_sum(model, packed, chunk_size=7, varlen=True)
+    finally:
+        kernels.register_packed_attention()
+    loss.backward()
+    assert reference_varlen == [] and masks == [None, None]  # plain causal attention in both layers
+    assert _rel_err(loss.detach(), ref.detach()) < 1e-5
+    for name, grad in _lora_grads(model).items():
+        assert _rel_err(grad, ref_grads[name]) < 1e-5, name
+
+
 @pytest.fixture
 def reference_varlen(monkeypatch):
     """The varlen attention runs the pure-torch per-sequence kernel (flash needs CUDA); counts its calls."""
@@ -287,6 +326,31 @@ def test_trainer_with_varlen_and_checkpointing_matches_the_mask_path(monkeypatch
     assert _rel_err(results["varlen"][0], results["sdpa"][0]) < 1e-5
     for name, grad in results["varlen"][1].items():
         assert _rel_err(grad, results["sdpa"][1][name]) < 1e-5, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN attention needs CUDA")
+def test_cudnn_first_causal_attention_matches_flash_on_cuda():
+    """With cuDNN SDPA enabled, maskless causal calls run cuDNN (where it takes them): output and grads as flash's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 8, 256, 64, device="cuda", generator=gen).bfloat16().requires_grad_()
+    kv = [torch.randn(2, 2, 256, 64, device="cuda", generator=gen).bfloat16().requires_grad_() for _ in range(2)]
+    upstream = torch.randn(2, 8, 256, 64, device="cuda", generator=gen).bfloat16()
+    previous = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        results = []
+        for context in (lambda: kernels.cuda_sdpa_priority(q, None), lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)):
+            with context():
+                out = torch.nn.functional.scaled_dot_product_attention(q, *kv, is_causal=True, enable_gqa=True)
+            results.append((out.float(), [g.float() for g in torch.autograd.grad(out, [q, *kv], upstream)]))
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(previous)
+    (out, grads), (ref_out, ref_grads) = results
+    assert _rel_err(out, ref_out) < 2e-2
+    for grad, ref in zip(grads, ref_grads):
+        assert _rel_err(grad, ref) < 2e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("torch.nn.attention.varlen") is None,
