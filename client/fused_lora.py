@@ -195,24 +195,30 @@ def _silu_mul_torch(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return F.silu(e) * g
 
 
-def _silu_mul_backward_torch(e: torch.Tensor, g: torch.Tensor, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/de, dL/dg) of h = silu(e) * g given dL/dh, each (..., I)."""
+def _silu_mul_backward_torch(e: torch.Tensor, g: torch.Tensor,
+                             dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h = silu(e) * g, dL/de, dL/dg) given dL/dh, each (..., I)."""
     sig = torch.sigmoid(e)
     silu = e * sig
-    return dh * g * sig * (1 + e * (1 - sig)), dh * silu
+    return silu * g, dh * g * sig * (1 + e * (1 - sig)), dh * silu
 
 
 def _silu_mul_ops(device: torch.device):
-    """(forward, backward) of silu(e) * g: Liger's Triton kernels on CUDA where installed, else torch's.
+    """(forward, backward) of silu(e) * g: Triton kernels on CUDA where installed, else torch's.
 
-    Liger's backward writes dL/de and dL/dg into e's and g's buffers (no new (tokens, I) tensors); it computes
-    the sigmoid in fp32 as its own SwiGLU module does.
+    The backward returns (h, dL/de, dL/dg); client/swiglu_kernel.py's writes them into dL/dh's, e's and g's
+    buffers (no new (tokens, I) tensor). The forward is Liger's SwiGLU kernel where Liger is installed (fp32
+    sigmoid, as its own SwiGLU module).
     """
-    if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
-        from liger_kernel.ops.swiglu import swiglu_backward, swiglu_forward
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return _silu_mul_torch, _silu_mul_backward_torch
+    from client.swiglu_kernel import swiglu_backward_with_h
 
-        return (lambda e, g: swiglu_forward(e, g)[2]), swiglu_backward
-    return _silu_mul_torch, _silu_mul_backward_torch
+    if importlib.util.find_spec("liger_kernel") is not None:
+        from liger_kernel.ops.swiglu import swiglu_forward
+
+        return (lambda e, g: swiglu_forward(e, g)[2]), swiglu_backward_with_h
+    return _silu_mul_torch, swiglu_backward_with_h
 
 
 class _LoRASwiGLU(torch.autograd.Function):
@@ -249,7 +255,7 @@ class _LoRASwiGLU(torch.autograd.Function):
     def backward(ctx, dy):  # noqa: D102
         xc, e, g, down_gate, down_up, down_down, *params = ctx.saved_tensors
         dtype, bases, (s_gate, s_up, s_down) = ctx.dtype, ctx.bases, ctx.scalings
-        silu_mul, silu_mul_backward = _silu_mul_ops(dy.device)
+        _, silu_mul_backward = _silu_mul_ops(dy.device)
         a_gate, b_gate, a_up, b_up, a_down, b_down = (p.to(dtype) for p in params)
         dy = dy.reshape(-1, dy.shape[-1]).to(dtype)  # (N, d)
         # down: y = h Wd^T + s (h Ad^T) Bd^T
@@ -259,11 +265,11 @@ class _LoRASwiGLU(torch.autograd.Function):
         dh = dy @ weight  # (N, I)
         del weight
         dh.addmm_(d_down_down, a_down)
-        h = silu_mul(e, g)  # recomputed instead of saved
+        # h recomputed instead of saved; the CUDA kernel writes h, dL/de, dL/dg over dh, e, g (not read again)
+        h, de, dg = silu_mul_backward(e, g, dh)
+        del dh
         grad_a_down = d_down_down.t() @ h  # (r, I)
         del h
-        de, dg = silu_mul_backward(e, g, dh)  # may overwrite e and g: they are not read again
-        del dh
         # gate and up: e = x Wg^T + s (x Ag^T) Bg^T, g likewise
         grad_b_gate = (de.t() @ down_gate) * s_gate
         grad_b_up = (dg.t() @ down_up) * s_up

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 
 import pytest
 import torch
@@ -348,3 +349,22 @@ def test_fused_mlp_on_cuda_nf4_under_autocast():
     assert _rel_err(fused[0], expected[0]) < 2e-2 and _rel_err(fused[1], expected[1]) < 2e-2
     for name, grad in expected[2].items():
         assert _rel_err(fused[2][name], grad) < 2e-2, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_kernel_writes_h_and_both_gradients_in_place(dtype):
+    """client/swiglu_kernel.py vs the torch formulas: h over dh, dL/de over e, dL/dg over g."""
+    from client.fused_lora import _silu_mul_backward_torch
+    from client.swiglu_kernel import swiglu_backward_with_h
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    e, g, dh = (torch.randn(37, 1000, device="cuda", generator=gen).to(dtype) for _ in range(3))
+    expected = _silu_mul_backward_torch(e.float(), g.float(), dh.float())
+    pointers = [t.data_ptr() for t in (dh, e, g)]
+    got = swiglu_backward_with_h(e, g, dh)
+    assert [t.data_ptr() for t in got] == pointers
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for value, want in zip(got, expected):
+        assert _rel_err(value, want) < tolerance
