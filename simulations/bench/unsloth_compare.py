@@ -58,7 +58,7 @@ SHAPE_SETTINGS = {"llama-1b": (1024, 16), "llama-3b": (1024, 8), "llama-8b": (20
 REGIMES = {"memory-lean": (1, "unsloth"), "fastest": (0, False)}
 # Our trainer's variants: name -> FastPathSettings kernels / attention (train.kernels, train.attention),
 # fused_lora (client/fused_lora.py; `+fused` turns it on), fused_mlp (its _LoRASwiGLU; `+mlp`) and cudnn_attention
-# (`+cudnn`). Each runs in its own process: Liger patches transformers' Llama module functions process-wide.
+# (`+cudnn`), offload_checkpoints (`+offload`). Each runs in its own process: Liger patches transformers' Llama module functions process-wide.
 _PLAIN = {"fused_lora": False, "fused_mlp": False}
 OUR_VARIANTS = {"ours": {"kernels": "none", "attention": "sdpa", **_PLAIN},
                 "ours+liger": {"kernels": "liger", "attention": "sdpa", **_PLAIN},
@@ -71,7 +71,13 @@ OUR_VARIANTS = {"ours": {"kernels": "none", "attention": "sdpa", **_PLAIN},
                 # + cuDNN's SDPA first for rows that are one whole sequence each (train.cudnn_attention, off by
                 # default: it builds a plan per new shape).
                 "ours+liger+varlen+fused+mlp+cudnn": {"kernels": "liger", "attention": "varlen", "fused_lora": True,
-                                                      "fused_mlp": True, "cudnn_attention": True}}
+                                                      "fused_mlp": True, "cudnn_attention": True},
+                # + checkpointed layers' inputs in pinned host memory (offload_checkpoints; memory-lean only).
+                "ours+liger+varlen+fused+mlp+offload": {"kernels": "liger", "attention": "varlen", "fused_lora": True,
+                                                        "fused_mlp": True, "offload_checkpoints": True},
+                "ours+liger+varlen+fused+mlp+cudnn+offload": {"kernels": "liger", "attention": "varlen",
+                                                              "fused_lora": True, "fused_mlp": True,
+                                                              "cudnn_attention": True, "offload_checkpoints": True}}
 TRAINERS = (*OUR_VARIANTS, "unsloth")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
 
