@@ -219,7 +219,9 @@ def make_trainer(runtime: SiteRuntime, cfg: RunConfig, label: str = "site") -> L
             trainer = FastLocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train,
                                        FastPathSettings(checkpoint_every=cfg.train.checkpoint_every,
                                                         kernels=str(cfg.train.kernels).lower(),
-                                                        attention=str(cfg.train.attention).lower()))
+                                                        attention=str(cfg.train.attention).lower(),
+                                                        offload_checkpoints=bool(cfg.train.offload_checkpoints),
+                                                        cudnn_attention=bool(cfg.train.cudnn_attention)))
         else:
             trainer = LocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train)
         runtime.trainer = (key, trainer)

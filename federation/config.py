@@ -165,6 +165,14 @@ class TrainConfig:
     # torch.nn.attention.varlen; plain causal attention: no sliding window, logit soft-capping or attention
     # dropout); auto: varlen where it can run the model, on CUDA; else sdpa (the site log says which and why).
     attention: str = "auto"
+    # Fast path, checkpointed layers: their inputs wait in pinned host memory until backward instead of on the GPU
+    # (client/offload_checkpoint.py; ~1.7 GB less at llama-8b with 8k tokens a step, copies overlap compute);
+    # no effect without checkpointing or on a CPU.
+    offload_checkpoints: bool = True
+    # Fast path: rows that are each one whole sequence (full rows) try cuDNN's attention first (CUDA; 1.04x at
+    # llama-8b full rows on an H200, BENCHMARKS.md). cuDNN builds an execution plan per new shape, so it pays only
+    # where shapes repeat (fixed-length data); off by default.
+    cudnn_attention: bool = False
 
 
 FAST_PATH_CHOICES = ("auto", "true", "false")
