@@ -108,11 +108,14 @@ class _LoRALinear(torch.autograd.Function):
 
 
 def _dense_base(base_layer: nn.Module) -> bool:
-    """A base layer dense_weight reads as (out, in): nn.Linear or bitsandbytes 4-bit, with no trainable bias."""
+    """A frozen base layer dense_weight reads as (out, in): nn.Linear or bitsandbytes 4-bit, bias frozen or none.
+
+    The fused functions return no gradient for the base's weight and bias, so a trainable one is not fused.
+    """
     kind = type(base_layer)
     if not (kind is nn.Linear or (kind.__name__ == "Linear4bit" and type(base_layer.weight).__name__ == "Params4bit")):
         return False
-    return base_layer.bias is None or not base_layer.bias.requires_grad
+    return not base_layer.weight.requires_grad and (base_layer.bias is None or not base_layer.bias.requires_grad)
 
 
 def _exact_dtype(x: torch.Tensor, layers: list[nn.Module], names: list[str]) -> torch.dtype | None:

@@ -30,7 +30,8 @@ def _lora_linear(**kwargs) -> nn.Module:
     from peft.tuners.lora.layer import Linear
 
     torch.manual_seed(0)
-    return Linear(nn.Linear(IN, OUT, bias=False), "default", _lora_config(**kwargs), r=RANK, lora_alpha=8)
+    base = nn.Linear(IN, OUT, bias=False).requires_grad_(False)  # frozen, as get_peft_model leaves it
+    return Linear(base, "default", _lora_config(**kwargs), r=RANK, lora_alpha=8)
 
 
 def _lora_linear_4bit(compute_dtype: torch.dtype) -> nn.Module:
@@ -113,6 +114,16 @@ def test_fused_function_equals_peft_in_float64_with_a_frozen_bias_and_without_in
     layer.zero_grad(set_to_none=True)
     fused_lora_forward(layer, x.detach()).sum().backward()
     assert layer.lora_A["default"].weight.grad is not None and layer.lora_B["default"].weight.grad.abs().sum() > 0
+
+
+def test_a_trainable_base_weight_is_not_fused_away():
+    """The fused function gives no base-weight gradient, so an unfrozen base runs the addmm path and gets one."""
+    layer = _lora_linear()
+    layer.base_layer.weight.requires_grad_(True)
+    out = fused_lora_forward(layer, torch.randn(3, IN))
+    assert "_LoRALinearBackward" not in _grad_fn_names(out, depth=8)
+    out.sum().backward()
+    assert layer.base_layer.weight.grad is not None
 
 
 def test_bf16_base_without_autocast_adds_out_of_place_as_peft():
