@@ -1,12 +1,12 @@
 """Our trainer vs Unsloth, same shapes, settings and examples, each in its own process; prints the ratios.
 
     python -m simulations.bench.unsloth_compare --out DIR [--shapes llama-1b,llama-8b] [--reps 2] [--budget-s 500]
-        [--trainers ours,ours+liger,ours+varlen,ours+liger+varlen,ours+liger+varlen+fused,ours+liger+varlen+fused+mlp,
-                    unsloth]
+        [--trainers default,unsloth | ours,ours+liger,...,ours+liger+varlen+fused+mlp+cudnn+offload,unsloth]
 
---trainers picks our variants (OUR_VARIANTS: train.kernels none|liger x train.attention sdpa|varlen, and
-ours+liger+varlen+fused with the fused LoRA forward, +mlp adding the fused LoRA SwiGLU MLP: the defaults) besides
-Unsloth; with more than one of ours, a second table
+--trainers picks our variants (OUR_VARIANTS: `default` = the site trainer's defaults, the rest switch pieces on one
+by one from plain `ours`: train.kernels none|liger x train.attention sdpa|varlen, +fused the fused LoRA forward,
++mlp the fused LoRA SwiGLU MLP, +cudnn cuDNN attention for full rows, +offload offloaded checkpoints) besides
+Unsloth; the first of ours is paired with Unsloth in the main table; with more than one of ours, a second table
 compares every variant with plain `ours` (tok/s, peak, MFU).
 
 Unsloth patches transformers and peft when it is imported, so it never shares a process with our trainer: this
@@ -59,19 +59,23 @@ REGIMES = {"memory-lean": (1, "unsloth"), "fastest": (0, False)}
 # Our trainer's variants: name -> FastPathSettings kernels / attention (train.kernels, train.attention),
 # fused_lora (client/fused_lora.py; `+fused` turns it on), fused_mlp (its _LoRASwiGLU; `+mlp`) and cudnn_attention
 # (`+cudnn`), offload_checkpoints (`+offload`). Each runs in its own process: Liger patches transformers' Llama module functions process-wide.
-_PLAIN = {"fused_lora": False, "fused_mlp": False}
-OUR_VARIANTS = {"ours": {"kernels": "none", "attention": "sdpa", **_PLAIN},
+_PLAIN = {"fused_lora": False, "fused_mlp": False, "offload_checkpoints": False}
+# "default": FastPathSettings as the site trainer runs it (train.kernels/attention auto, fused forwards, offloaded
+# checkpoints): what --trainers compares with Unsloth unless told otherwise. "ours" and the rest switch pieces off.
+OUR_VARIANTS = {"default": {},
+                "ours": {"kernels": "none", "attention": "sdpa", **_PLAIN},
                 "ours+liger": {"kernels": "liger", "attention": "sdpa", **_PLAIN},
                 "ours+varlen": {"kernels": "none", "attention": "varlen", **_PLAIN},
                 "ours+liger+varlen": {"kernels": "liger", "attention": "varlen", **_PLAIN},
                 "ours+liger+varlen+fused": {"kernels": "liger", "attention": "varlen", "fused_lora": True,
-                                            "fused_mlp": False},
+                                            "fused_mlp": False, "offload_checkpoints": False},
                 "ours+liger+varlen+fused+mlp": {"kernels": "liger", "attention": "varlen", "fused_lora": True,
-                                                "fused_mlp": True},
+                                                "fused_mlp": True, "offload_checkpoints": False},
                 # + cuDNN's SDPA first for rows that are one whole sequence each (train.cudnn_attention, off by
                 # default: it builds a plan per new shape).
                 "ours+liger+varlen+fused+mlp+cudnn": {"kernels": "liger", "attention": "varlen", "fused_lora": True,
-                                                      "fused_mlp": True, "cudnn_attention": True},
+                                                      "fused_mlp": True, "cudnn_attention": True,
+                                                      "offload_checkpoints": False},
                 # + checkpointed layers' inputs in pinned host memory (offload_checkpoints; memory-lean only).
                 "ours+liger+varlen+fused+mlp+offload": {"kernels": "liger", "attention": "varlen", "fused_lora": True,
                                                         "fused_mlp": True, "offload_checkpoints": True},
@@ -198,8 +202,11 @@ def _sum_by_kind(device_events, steps: int) -> dict[str, float]:
     return {kind: round(ms, 3) for kind, ms in sorted(totals.items(), key=lambda item: -item[1])}
 
 
-def comparison_rows(results: list[dict]) -> list[dict]:
-    """Worker results -> one row per (shape, regime, scenario): each side's reps, spread, peak, and ours/Unsloth."""
+def comparison_rows(results: list[dict], ours: str = "ours") -> list[dict]:
+    """Worker results -> one row per (shape, regime, scenario): each side's reps, spread, peak, and ours/Unsloth.
+
+    ours names the variant paired with Unsloth in the ratios (row["ours_variant"]).
+    """
     grouped: dict[tuple, dict[str, list[dict]]] = {}
     for result in results:
         for run in result.get("runs", []):
@@ -209,7 +216,7 @@ def comparison_rows(results: list[dict]) -> list[dict]:
             grouped.setdefault(key, {}).setdefault(result["trainer"], []).extend(run["passes"])
     rows = []
     for (shape, regime, scenario), sides in grouped.items():
-        row = {"shape": shape, "regime": regime, "scenario": scenario}
+        row = {"shape": shape, "regime": regime, "scenario": scenario, "ours_variant": ours}
         for trainer in TRAINERS:
             passes = sides.get(trainer, [])
             if not passes:
@@ -222,17 +229,17 @@ def comparison_rows(results: list[dict]) -> list[dict]:
                             "mfu": (statistics.fmean(p["mfu"] for p in passes)
                                     if all("mfu" in p for p in passes) else None),
                             "step0_loss": passes[0]["losses"][0] if passes[0]["losses"] else None}
-        if "ours" in row and "unsloth" in row:
-            row["speed_ratio"] = row["ours"]["mean_tokens_per_s"] / row["unsloth"]["mean_tokens_per_s"]
+        if ours in row and "unsloth" in row:
+            row["speed_ratio"] = row[ours]["mean_tokens_per_s"] / row["unsloth"]["mean_tokens_per_s"]
             unsloth_peak = row["unsloth"]["peak_gib"]
-            row["memory_ratio"] = row["ours"]["peak_gib"] / unsloth_peak if unsloth_peak else None
+            row["memory_ratio"] = row[ours]["peak_gib"] / unsloth_peak if unsloth_peak else None
         rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict]) -> list[str]:
     """Markdown lines of comparison_rows (tok/s of each rep, spread, peak GiB, ratios ours/Unsloth)."""
-    lines = ["| shape | regime | data | ours tok/s (reps) | spread | peak GiB | Unsloth tok/s (reps) | spread | "
+    lines = ["| shape | regime | data | ours (variant) tok/s (reps) | spread | peak GiB | Unsloth tok/s (reps) | spread | "
              "peak GiB | speed ours/Unsloth | memory ours/Unsloth | step-0 loss ours / Unsloth |",
              "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---|"]
 
@@ -246,9 +253,10 @@ def format_table(rows: list[dict]) -> list[str]:
     for row in rows:
         speed = f"{row['speed_ratio']:.2f}x" if "speed_ratio" in row else "-"
         memory = f"{row['memory_ratio']:.2f}x" if row.get("memory_ratio") else "-"
+        ours = row.get("ours_variant", "ours")
         losses = " / ".join(f"{row[t]['step0_loss']:.4f}" if t in row and row[t]["step0_loss"] is not None else "-"
-                            for t in ("ours", "unsloth"))
-        lines.append(f"| {row['shape']} | {row['regime']} | {row['scenario']} | {side(row, 'ours')} | "
+                            for t in (ours, "unsloth"))
+        lines.append(f"| {row['shape']} | {row['regime']} | {row['scenario']} | ({ours}) {side(row, ours)} | "
                      f"{side(row, 'unsloth')} | {speed} | {memory} | {losses} |")
     return lines
 
@@ -539,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--scenarios", default="full,variable")
     parser.add_argument("--regimes", default=",".join(REGIMES))
-    parser.add_argument("--trainers", default="ours,unsloth", help=f"comma list of {', '.join(TRAINERS)}")
+    parser.add_argument("--trainers", default="default,unsloth", help=f"comma list of {', '.join(TRAINERS)}")
     parser.add_argument("--cache", default="/tmp/fedtune-models", help="preset directories (both sides load them)")
     parser.add_argument("--budget-s", type=float, default=500.0,
                         help="wall-clock budget of the whole comparison: a worker gets what is left, then is stopped")
@@ -581,11 +589,12 @@ def main(argv: list[str] | None = None) -> int:
             status.append((shape, trainer, outcome))
             if result_path.exists():
                 results.append(json.loads(result_path.read_text()))
-    rows = comparison_rows(results)
+    ours_first = next((t for t in trainers if t in OUR_VARIANTS), "ours")  # the one paired with Unsloth
+    rows = comparison_rows(results, ours_first)
     envs = {r["trainer"]: r["env"] for r in results}
     summary = {"args": vars(args), "unsloth_skipped": missing, "env": envs, "workers": status, "rows": rows}
     (out / "unsloth_compare.json").write_text(json.dumps(summary, indent=1))
-    lines = [f"env: {json.dumps(envs.get('unsloth') or envs.get('ours'))}"]
+    lines = [f"env: {json.dumps(envs.get('unsloth') or envs.get(ours_first))}"]
     if missing:
         lines.append(f"unsloth: skipped ({missing})")
     lines += [f"worker {trainer} {shape}: {outcome}" for shape, trainer, outcome in status]

@@ -89,9 +89,9 @@ def test_without_unsloth_only_ours_runs_with_a_note(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(unsloth_compare, "run_worker", fake_worker)
     assert unsloth_compare.main(["--out", str(tmp_path), "--shapes", "tiny"]) == 0
     out = capsys.readouterr().out
-    assert started == ["ours"]
+    assert started == ["default"]  # the site trainer's defaults unless --trainers says otherwise
     assert "unsloth: skipped, unsloth is not installed" in out
-    assert "| tiny | fastest | full | 100 / 104 |" in out
+    assert "| tiny | fastest | full | (default) 100 / 104 |" in out
     assert json.loads((tmp_path / "unsloth_compare.json").read_text())["unsloth_skipped"]
 
 
