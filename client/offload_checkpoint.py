@@ -5,12 +5,16 @@ backward: 32 x 67 MB = 2.1 GB at llama-8b with 8,192 tokens. Here each input is 
 side CUDA stream while the next layers compute, and the GPU copy is freed; backward brings it back (the previous
 layer's input is prefetched while this one recomputes), reruns the layer with gradients on and backpropagates
 through it, as torch's reentrant checkpoint does (torch.utils.checkpoint). Unsloth's "unsloth" gradient
-checkpointing is the same idea. Hand-written because torch has no checkpoint with offloaded inputs: its
-save_on_cpu hook offloads tensors autograd saves, not the checkpoint's own inputs.
+checkpointing is the same idea. Hand-written rather than torch's save_on_cpu hook around the usual checkpoint
+(transformers' activation_checkpointing_enable(offload=True)), which offloads the same inputs but copies on the
+compute stream both ways: the copies queue between the layers' kernels instead of overlapping them, and nothing
+is prefetched.
 
-Exact only without randomness in the layer (no dropout: the recompute would draw new masks) and where the layer
-input is the only tensor argument needing a gradient; set_offloaded_checkpointing installs it only there. On a
-CPU the "host copy" is the tensor itself, so the recompute path runs (and is tested) without CUDA.
+Exact only without randomness in the layer (no dropout: the recompute would draw new masks, and no RNG state is
+kept to replay them) and where the layer input is the only tensor argument needing a gradient;
+set_offloaded_checkpointing installs it only on layers without dropout, offloaded_checkpoint falls back to the
+usual checkpoint for the rest. On a CPU the "host copy" is the tensor itself, so the recompute path runs (and is
+tested) without CUDA.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ def _previous_pending(saved: _SavedInput) -> _SavedInput | None:
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
-    """run(hidden, *args) -> output tensor, recomputed in backward from hidden kept in host memory."""
+    """run(hidden, *args) -> a tensor or a tuple, recomputed in backward from hidden kept in host memory."""
 
     @staticmethod
     def forward(ctx, run, hidden, *args):  # noqa: D102
@@ -107,7 +111,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             return run(hidden, *args)
 
     @staticmethod
-    def backward(ctx, grad_output):  # noqa: D102
+    def backward(ctx, *grad_outputs):  # noqa: D102
         saved = ctx.saved
         previous = _previous_pending(saved)
         hidden = saved.fetch().detach().requires_grad_(True)
@@ -115,26 +119,31 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             previous.prefetch(_side_stream(saved.device))  # overlaps this layer's recompute and backward
         device_type, autocast, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=autocast):
-            output = ctx.run(hidden, *ctx.args)
-        torch.autograd.backward(output, grad_output)
+            outputs = ctx.run(hidden, *ctx.args)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        # Outputs without a gradient path (non-tensors, integer tensors) have nothing to propagate: skipped.
+        pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs, strict=True)
+                 if isinstance(out, torch.Tensor) and out.requires_grad and grad is not None]
+        torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
         ctx.saved = None
         return (None, hidden.grad, *(None for _ in ctx.args))
 
 
-def offloaded_checkpoint(run: Callable[..., torch.Tensor], hidden: torch.Tensor, *args) -> torch.Tensor:
-    """transformers' _gradient_checkpointing_func: run(hidden, *args) with hidden offloaded until backward.
+def offloaded_checkpoint(run: Callable[..., torch.Tensor | tuple], *args) -> torch.Tensor | tuple:
+    """transformers' _gradient_checkpointing_func: run(hidden, *rest) with hidden = args[0] offloaded until backward.
 
-    Falls back to torch's non-reentrant checkpoint where offloading is not exact: another tensor argument that
-    needs a gradient, or an output that is not one tensor.
+    Falls back to torch's non-reentrant checkpoint where offloading is not exact: no tensor first argument, a first
+    argument that needs no gradient (this Function's backward would never run, so the layer's LoRA weights would
+    silently get none, the reentrant checkpoint's pitfall), or another tensor argument that needs a gradient.
     """
     from torch.utils.checkpoint import checkpoint
 
-    if not torch.is_grad_enabled() or any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        return checkpoint(run, hidden, *args, use_reentrant=False)
-    output = _OffloadedCheckpoint.apply(run, hidden, *args)
-    if not isinstance(output, torch.Tensor):
-        raise TypeError(f"offloaded checkpointing needs a layer that returns one tensor, got {type(output).__name__}")
-    return output
+    hidden = args[0] if args else None
+    offloadable = (torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad
+                   and not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args[1:]))
+    if not offloadable:
+        return checkpoint(run, *args, use_reentrant=False)
+    return _OffloadedCheckpoint.apply(run, *args)
 
 
 def has_dropout(layer: nn.Module, config) -> bool:

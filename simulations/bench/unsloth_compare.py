@@ -57,8 +57,9 @@ SHAPE_SETTINGS = {"llama-1b": (1024, 16), "llama-3b": (1024, 8), "llama-8b": (20
 # regime -> (our checkpoint_every, Unsloth's use_gradient_checkpointing)
 REGIMES = {"memory-lean": (1, "unsloth"), "fastest": (0, False)}
 # Our trainer's variants: name -> FastPathSettings kernels / attention (train.kernels, train.attention),
-# fused_lora (client/fused_lora.py; `+fused` turns it on), fused_mlp (its _LoRASwiGLU; `+mlp`) and cudnn_attention
-# (`+cudnn`), offload_checkpoints (`+offload`). Each runs in its own process: Liger patches transformers' Llama module functions process-wide.
+# fused_lora (client/fused_lora.py; `+fused` turns it on), fused_mlp (its _LoRASwiGLU; `+mlp`), cudnn_attention
+# (`+cudnn`) and offload_checkpoints (client/offload_checkpoint.py; `+offload`). Each runs in its own process: Liger
+# patches transformers' Llama module functions process-wide.
 _PLAIN = {"fused_lora": False, "fused_mlp": False, "offload_checkpoints": False}
 # "default": FastPathSettings as the site trainer runs it (train.kernels/attention auto, fused forwards, offloaded
 # checkpoints): what --trainers compares with Unsloth unless told otherwise. "ours" and the rest switch pieces off.
@@ -399,8 +400,8 @@ def _liger_version() -> str | None:
 def ours_worker(args) -> int:
     """Our site trainer (FastLocalTrainer's batch path) on the FlowerTune-style 4-bit model of train_throughput.
 
-    args.worker names the variant (OUR_VARIANTS): its train.kernels / train.attention / fused_lora / fused_mlp go to
-    FastPathSettings.
+    args.worker names the variant (OUR_VARIANTS): its train.kernels / train.attention / fused_lora / fused_mlp /
+    cudnn_attention / offload_checkpoints go to FastPathSettings.
     """
     from client.fast_train import FastLocalTrainer, FastPathSettings
     from federation.config import TrainConfig
