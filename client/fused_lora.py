@@ -84,26 +84,28 @@ class _LoRALinear(torch.autograd.Function):
         weight = dense_weight(base, dtype)
         out = F.linear(xc, weight, None if base.bias is None else base.bias.to(dtype))
         del weight
-        down = F.linear(xc, weight_a.to(dtype))  # (N, r)
-        out.addmm_(down, weight_b.to(dtype).t(), alpha=scaling)
-        ctx.save_for_backward(xc, down, weight_a, weight_b)
+        a, b = weight_a.to(dtype), weight_b.to(dtype)  # kept for backward: tiny, and no second cast kernel
+        down = F.linear(xc, a)  # (N, r)
+        out.addmm_(down, b.t(), alpha=scaling)
+        ctx.save_for_backward(xc, down, a, b)
         ctx.base, ctx.scaling, ctx.dtype, ctx.x_dtype = base, scaling, dtype, x.dtype
+        ctx.param_dtypes = (weight_a.dtype, weight_b.dtype)
         return out
 
     @staticmethod
     def backward(ctx, dy):  # noqa: D102
-        xc, down, weight_a, weight_b = ctx.saved_tensors
+        xc, down, a, b = ctx.saved_tensors
         dtype, scaling = ctx.dtype, ctx.scaling
+        a_dtype, b_dtype = ctx.param_dtypes
         dy = dy.to(dtype)
-        a, b = weight_a.to(dtype), weight_b.to(dtype)
         d_down = (dy @ b) * scaling  # (N, r)
         grad_x = None
         if ctx.needs_input_grad[0]:
             weight = dense_weight(ctx.base, dtype)
             grad_x = (dy @ weight).addmm_(d_down, a).to(ctx.x_dtype)
             del weight
-        grad_a = (d_down.t() @ xc).to(weight_a.dtype) if ctx.needs_input_grad[1] else None
-        grad_b = ((dy.t() @ down) * scaling).to(weight_b.dtype) if ctx.needs_input_grad[2] else None
+        grad_a = (d_down.t() @ xc).to(a_dtype) if ctx.needs_input_grad[1] else None
+        grad_b = ((dy.t() @ down) * scaling).to(b_dtype) if ctx.needs_input_grad[2] else None
         return grad_x, grad_a, grad_b, None, None, None
 
 
@@ -250,16 +252,17 @@ class _LoRASwiGLU(torch.autograd.Function):
 
         e, g = project(xc, 0), project(xc, 1)  # (N, I) each
         y = project(silu_mul(e, g), 2)  # h (N, I) is freed when project returns
-        ctx.save_for_backward(xc, e, g, *downs, a_gate, b_gate, a_up, b_up, a_down, b_down)
+        # The compute-dtype copies of A and B are kept (tiny) so backward casts nothing again.
+        ctx.save_for_backward(xc, e, g, *downs, *(w for pair in loras for w in pair))
         ctx.bases, ctx.scalings, ctx.dtype, ctx.x_dtype = bases, scalings, dtype, x.dtype
+        ctx.param_dtypes = tuple(w.dtype for w in (a_gate, b_gate, a_up, b_up, a_down, b_down))
         return y
 
     @staticmethod
     def backward(ctx, dy):  # noqa: D102
-        xc, e, g, down_gate, down_up, down_down, *params = ctx.saved_tensors
+        xc, e, g, down_gate, down_up, down_down, a_gate, b_gate, a_up, b_up, a_down, b_down = ctx.saved_tensors
         dtype, bases, (s_gate, s_up, s_down) = ctx.dtype, ctx.bases, ctx.scalings
         _, silu_mul_backward = _silu_mul_ops(dy.device)
-        a_gate, b_gate, a_up, b_up, a_down, b_down = (p.to(dtype) for p in params)
         dy = dy.reshape(-1, dy.shape[-1]).to(dtype)  # (N, d)
         # down: y = h Wd^T + s (h Ad^T) Bd^T
         grad_b_down = (dy.t() @ down_down) * s_down  # (d, r)
@@ -288,7 +291,7 @@ class _LoRASwiGLU(torch.autograd.Function):
         grad_a_gate = d_down_gate.t() @ xc
         grad_a_up = d_down_up.t() @ xc
         grads = (grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down)
-        return (dx.to(ctx.x_dtype), *(grad.to(p.dtype) for grad, p in zip(grads, params)), None, None, None)
+        return (dx.to(ctx.x_dtype), *(grad.to(d) for grad, d in zip(grads, ctx.param_dtypes)), None, None, None)
 
 
 _MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
