@@ -45,13 +45,18 @@ _PART_CODEC = {"bf16": "bf16", "fp16": "fp16", "q": "int8", "scale": "int8", "id
 
 
 def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 (any shape) -> uint16 bfloat16 bit patterns, round-to-nearest-even as torch.bfloat16; same shape."""
-    # numpy has no bfloat16; this is the rounding in c10/util/BFloat16.h, written out on the bits.
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounding_bias = ((bits >> 16) & np.uint32(1)) + np.uint32(0x7FFF)
-    out = ((bits + rounding_bias) >> 16).astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():  # the bias could carry a NaN's payload into the exponent and make it Inf
+    """float32 (any shape) -> uint16 bfloat16 bit patterns, round-to-nearest-even as torch.bfloat16; same shape.
+
+    torch's own conversion (c10/util/BFloat16.h's rounding): one vectorised, multi-threaded pass, where the same
+    rounding written out on the bits in numpy took several (~10x slower on a site's upload). Every NaN becomes
+    BF16_QUIET_NAN (torch's vectorised CPU cast may give another NaN pattern).
+    """
+    import torch
+
+    values = np.ascontiguousarray(x, dtype=np.float32)
+    out = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
         out[nan] = BF16_QUIET_NAN
     return out
 

@@ -47,8 +47,12 @@ def test_bf16_matches_torch_rounding_exactly():
         np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45], dtype=np.float32),
     ])
     bits = float32_to_bf16_bits(x)
-    expected = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    # Reference written out on the bits (c10/util/BFloat16.h's round-to-nearest-even), independent of torch's cast.
+    raw = x.astype(np.float32).view(np.uint32)  # the function takes any float array as float32
+    expected = ((raw + ((raw >> 16) & np.uint32(1)) + np.uint32(0x7FFF)) >> 16).astype(np.uint16)
+    expected[np.isnan(x)] = 0x7FC0  # a NaN's payload must not carry into the exponent
     np.testing.assert_array_equal(bits, expected)
+    assert bits[np.isnan(x)][0] == 0x7FC0 and bits.dtype == np.uint16 and bits.shape == x.shape
     np.testing.assert_array_equal(bf16_bits_to_float32(bits), torch.from_numpy(x).to(torch.bfloat16).float().numpy())
     out = np.full(x.shape, 7.0, np.float32)
     assert bf16_bits_to_float32(bits, out=out) is out
