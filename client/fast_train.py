@@ -13,7 +13,8 @@ tests/client/test_fast_train.py); they only remove work that does not change the
   target tokens only (prompt tokens, label -100, skip the lm_head entirely).
 * frozen non-quantized weights (embeddings, norms, lm_head) kept in the compute dtype instead of peft's
   fp32 upcast, plus autocast, so the residual stream, attention and the 128k-wide lm_head run in bf16.
-* gradient checkpointing without re-entrance, on every ``checkpoint_every``-th decoder layer only.
+* gradient checkpointing on every ``checkpoint_every``-th decoder layer only: without re-entrance, or with the
+  layers' saved inputs in pinned host memory (offload_checkpoints, client/offload_checkpoint.py).
 * each LoRA linear adds its update into the base layer's output with one in-place addmm (client/fused_lora.py)
   instead of PEFT's out-of-place clone, scale and add over (tokens, out_features) tensors; a SwiGLU MLP of LoRA
   projections recomputes silu(gate) * up in backward instead of keeping it.

@@ -23,6 +23,7 @@ call runs PEFT's own forward. Equal to PEFT's forward up to rounding (tests/clie
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from functools import partial
 
@@ -69,6 +70,23 @@ def dense_weight(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return weight.to(dtype)
 
 
+def _lora_project(inputs: torch.Tensor, base: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                  dtype: torch.dtype, bias: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs W^T (+ bias) + s (inputs A^T) B^T (N, out), inputs A^T (N, r)); inputs, a (r, in), b (out, r) in dtype."""
+    weight = dense_weight(base, dtype)
+    out = F.linear(inputs, weight, base.bias.to(dtype) if bias and base.bias is not None else None)
+    del weight  # a dequantized copy is freed before the next one is made
+    down = F.linear(inputs, a)
+    out.addmm_(down, b.t(), alpha=scaling)
+    return out, down
+
+
+def _lora_output_grads(dy: torch.Tensor, down: torch.Tensor, b: torch.Tensor,
+                       scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/d(inputs A^T) (N, r), dL/dB (out, r)) of _lora_project given dL/dout dy (N, out)."""
+    return (dy @ b) * scaling, (dy.t() @ down) * scaling
+
+
 class _LoRALinear(torch.autograd.Function):
     """x W^T (+ bias) + s (x A^T) B^T whose backward writes dL/dx once: dy W, then (s dy B) A added by addmm.
 
@@ -81,12 +99,8 @@ class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, base, scaling, dtype):  # noqa: D102
         xc = x.to(dtype)
-        weight = dense_weight(base, dtype)
-        out = F.linear(xc, weight, None if base.bias is None else base.bias.to(dtype))
-        del weight
         a, b = weight_a.to(dtype), weight_b.to(dtype)  # kept for backward: tiny, and no second cast kernel
-        down = F.linear(xc, a)  # (N, r)
-        out.addmm_(down, b.t(), alpha=scaling)
+        out, down = _lora_project(xc, base, a, b, scaling, dtype, bias=True)
         ctx.save_for_backward(xc, down, a, b)
         ctx.base, ctx.scaling, ctx.dtype, ctx.x_dtype = base, scaling, dtype, x.dtype
         ctx.param_dtypes = (weight_a.dtype, weight_b.dtype)
@@ -98,14 +112,14 @@ class _LoRALinear(torch.autograd.Function):
         dtype, scaling = ctx.dtype, ctx.scaling
         a_dtype, b_dtype = ctx.param_dtypes
         dy = dy.to(dtype)
-        d_down = (dy @ b) * scaling  # (N, r)
+        d_down, grad_b = _lora_output_grads(dy, down, b, scaling)
         grad_x = None
         if ctx.needs_input_grad[0]:
             weight = dense_weight(ctx.base, dtype)
             grad_x = (dy @ weight).addmm_(d_down, a).to(ctx.x_dtype)
             del weight
         grad_a = (d_down.t() @ xc).to(a_dtype) if ctx.needs_input_grad[1] else None
-        grad_b = ((dy.t() @ down) * scaling).to(b_dtype) if ctx.needs_input_grad[2] else None
+        grad_b = grad_b.to(b_dtype) if ctx.needs_input_grad[2] else None
         return grad_x, grad_a, grad_b, None, None, None
 
 
@@ -208,14 +222,10 @@ def _silu_mul_backward_torch(e: torch.Tensor, g: torch.Tensor,
     return silu * g, dh * g * sig * (1 + e * (1 - sig)), dh * silu
 
 
-def _silu_mul_ops(device: torch.device):
-    """(forward, backward) of silu(e) * g: Triton kernels on CUDA where installed, else torch's.
-
-    The backward returns (h, dL/de, dL/dg); client/swiglu_kernel.py's writes them into dL/dh's, e's and g's
-    buffers (no new (tokens, I) tensor). The forward is Liger's SwiGLU kernel where Liger is installed (fp32
-    sigmoid, as its own SwiGLU module).
-    """
-    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+@functools.cache
+def _silu_mul_ops_for(device_type: str):
+    """_silu_mul_ops by device type, decided once per process (it runs on every MLP forward and backward)."""
+    if device_type != "cuda" or importlib.util.find_spec("triton") is None:
         return _silu_mul_torch, _silu_mul_backward_torch
     from client.swiglu_kernel import swiglu_backward_with_h
 
@@ -224,6 +234,16 @@ def _silu_mul_ops(device: torch.device):
 
         return (lambda e, g: swiglu_forward(e, g)[2]), swiglu_backward_with_h
     return _silu_mul_torch, swiglu_backward_with_h
+
+
+def _silu_mul_ops(device: torch.device):
+    """(forward, backward) of silu(e) * g: Triton kernels on CUDA where installed, else torch's.
+
+    The backward returns (h, dL/de, dL/dg); client/swiglu_kernel.py's writes them into dL/dh's, e's and g's
+    buffers (no new (tokens, I) tensor). The forward is Liger's SwiGLU kernel where Liger is installed (fp32
+    sigmoid, as its own SwiGLU module).
+    """
+    return _silu_mul_ops_for(device.type)
 
 
 class _LoRASwiGLU(torch.autograd.Function):
@@ -239,21 +259,11 @@ class _LoRASwiGLU(torch.autograd.Function):
         silu_mul, _ = _silu_mul_ops(x.device)
         xc = x.to(dtype)
         loras = [(a.to(dtype), b.to(dtype)) for a, b in ((a_gate, b_gate), (a_up, b_up), (a_down, b_down))]
-        downs = []  # x A^T (N, r) of each projection, kept for B's gradient
-
-        def project(inputs, index):
-            weight = dense_weight(bases[index], dtype)
-            out = F.linear(inputs, weight)
-            del weight  # the dequantized copy is freed before the next one is made
-            down = F.linear(inputs, loras[index][0])
-            out.addmm_(down, loras[index][1].t(), alpha=scalings[index])
-            downs.append(down)
-            return out
-
-        e, g = project(xc, 0), project(xc, 1)  # (N, I) each
-        y = project(silu_mul(e, g), 2)  # h (N, I) is freed when project returns
+        e, down_gate = _lora_project(xc, bases[0], *loras[0], scalings[0], dtype)  # (N, I), (N, r)
+        g, down_up = _lora_project(xc, bases[1], *loras[1], scalings[1], dtype)
+        y, down_down = _lora_project(silu_mul(e, g), bases[2], *loras[2], scalings[2], dtype)  # h freed here
         # The compute-dtype copies of A and B are kept (tiny) so backward casts nothing again.
-        ctx.save_for_backward(xc, e, g, *downs, *(w for pair in loras for w in pair))
+        ctx.save_for_backward(xc, e, g, down_gate, down_up, down_down, *(w for pair in loras for w in pair))
         ctx.bases, ctx.scalings, ctx.dtype, ctx.x_dtype = bases, scalings, dtype, x.dtype
         ctx.param_dtypes = tuple(w.dtype for w in (a_gate, b_gate, a_up, b_up, a_down, b_down))
         return y
@@ -265,8 +275,7 @@ class _LoRASwiGLU(torch.autograd.Function):
         _, silu_mul_backward = _silu_mul_ops(dy.device)
         dy = dy.reshape(-1, dy.shape[-1]).to(dtype)  # (N, d)
         # down: y = h Wd^T + s (h Ad^T) Bd^T
-        grad_b_down = (dy.t() @ down_down) * s_down  # (d, r)
-        d_down_down = (dy @ b_down) * s_down  # (N, r)
+        d_down_down, grad_b_down = _lora_output_grads(dy, down_down, b_down, s_down)  # (N, r), (d, r)
         weight = dense_weight(bases[2], dtype)
         dh = dy @ weight  # (N, I)
         del weight
@@ -277,10 +286,8 @@ class _LoRASwiGLU(torch.autograd.Function):
         grad_a_down = d_down_down.t() @ h  # (r, I)
         del h
         # gate and up: e = x Wg^T + s (x Ag^T) Bg^T, g likewise
-        grad_b_gate = (de.t() @ down_gate) * s_gate
-        grad_b_up = (dg.t() @ down_up) * s_up
-        d_down_gate = (de @ b_gate) * s_gate
-        d_down_up = (dg @ b_up) * s_up
+        d_down_gate, grad_b_gate = _lora_output_grads(de, down_gate, b_gate, s_gate)
+        d_down_up, grad_b_up = _lora_output_grads(dg, down_up, b_up, s_up)
         weight = dense_weight(bases[0], dtype)
         dx = de @ weight  # (N, d)
         del weight, de

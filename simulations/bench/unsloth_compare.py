@@ -56,33 +56,30 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 SHAPE_SETTINGS = {"llama-1b": (1024, 16), "llama-3b": (1024, 8), "llama-8b": (2048, 4), "tiny": (64, 4)}
 # regime -> (our checkpoint_every, Unsloth's use_gradient_checkpointing)
 REGIMES = {"memory-lean": (1, "unsloth"), "fastest": (0, False)}
-# Our trainer's variants: name -> FastPathSettings kernels / attention (train.kernels, train.attention),
-# fused_lora (client/fused_lora.py; `+fused` turns it on), fused_mlp (its _LoRASwiGLU; `+mlp`), cudnn_attention
-# (`+cudnn`) and offload_checkpoints (client/offload_checkpoint.py; `+offload`). Each runs in its own process: Liger
-# patches transformers' Llama module functions process-wide.
-_PLAIN = {"fused_lora": False, "fused_mlp": False, "offload_checkpoints": False}
-# "default": FastPathSettings as the site trainer runs it (train.kernels/attention auto, fused forwards, offloaded
-# checkpoints): what --trainers compares with Unsloth unless told otherwise. "ours" and the rest switch pieces off.
-OUR_VARIANTS = {"default": {},
-                "ours": {"kernels": "none", "attention": "sdpa", **_PLAIN},
-                "ours+liger": {"kernels": "liger", "attention": "sdpa", **_PLAIN},
-                "ours+varlen": {"kernels": "none", "attention": "varlen", **_PLAIN},
-                "ours+liger+varlen": {"kernels": "liger", "attention": "varlen", **_PLAIN},
-                "ours+liger+varlen+fused": {"kernels": "liger", "attention": "varlen", "fused_lora": True,
-                                            "fused_mlp": False, "offload_checkpoints": False},
-                "ours+liger+varlen+fused+mlp": {"kernels": "liger", "attention": "varlen", "fused_lora": True,
-                                                "fused_mlp": True, "offload_checkpoints": False},
-                # + cuDNN's SDPA first for rows that are one whole sequence each (train.cudnn_attention, off by
-                # default: it builds a plan per new shape).
-                "ours+liger+varlen+fused+mlp+cudnn": {"kernels": "liger", "attention": "varlen", "fused_lora": True,
-                                                      "fused_mlp": True, "cudnn_attention": True,
-                                                      "offload_checkpoints": False},
-                # + checkpointed layers' inputs in pinned host memory (offload_checkpoints; memory-lean only).
-                "ours+liger+varlen+fused+mlp+offload": {"kernels": "liger", "attention": "varlen", "fused_lora": True,
-                                                        "fused_mlp": True, "offload_checkpoints": True},
-                "ours+liger+varlen+fused+mlp+cudnn+offload": {"kernels": "liger", "attention": "varlen",
-                                                              "fused_lora": True, "fused_mlp": True,
-                                                              "cudnn_attention": True, "offload_checkpoints": True}}
+# Our trainer's variants. "default": FastPathSettings as the site trainer runs it (train.kernels/attention auto,
+# fused forwards, offloaded checkpoints): what --trainers compares with Unsloth unless told otherwise. The others
+# are plain `ours` with the switches their name lists after "ours+" (_SWITCHES): +liger / +varlen train.kernels /
+# train.attention, +fused the fused LoRA forward (client/fused_lora.py), +mlp its _LoRASwiGLU, +cudnn cuDNN's SDPA
+# first for rows that are one whole sequence each (off by default: it plans each new shape), +offload checkpointed
+# layers' inputs in pinned host memory (memory-lean only). Each runs in its own process: Liger patches
+# transformers' Llama module functions process-wide.
+_OURS = {"kernels": "none", "attention": "sdpa", "fused_lora": False, "fused_mlp": False, "offload_checkpoints": False}
+_SWITCHES = {"liger": {"kernels": "liger"}, "varlen": {"attention": "varlen"}, "fused": {"fused_lora": True},
+             "mlp": {"fused_mlp": True}, "cudnn": {"cudnn_attention": True}, "offload": {"offload_checkpoints": True}}
+
+
+def _variant(name: str) -> dict:
+    """FastPathSettings keywords of an `ours+switch+...` variant name."""
+    settings = dict(_OURS)
+    for switch in name.split("+")[1:]:
+        settings.update(_SWITCHES[switch])
+    return settings
+
+
+OUR_VARIANTS = {"default": {}, **{name: _variant(name) for name in (
+    "ours", "ours+liger", "ours+varlen", "ours+liger+varlen", "ours+liger+varlen+fused", "ours+liger+varlen+fused+mlp",
+    "ours+liger+varlen+fused+mlp+cudnn", "ours+liger+varlen+fused+mlp+offload",
+    "ours+liger+varlen+fused+mlp+cudnn+offload")}}
 TRAINERS = (*OUR_VARIANTS, "unsloth")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
 
