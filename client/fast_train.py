@@ -187,6 +187,19 @@ def linear_cross_entropy_per_token(hidden: torch.Tensor, weight: torch.Tensor, t
     return _LinearCrossEntropyPerToken.apply(hidden, weight, targets, chunk_size, compute_grad)
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """tensor on device; a host tensor bound for CUDA goes through pinned memory without waiting on the stream.
+
+    A blocking host-to-device copy synchronizes the stream: every step would wait there for all the work already
+    queued (the previous step's backward and optimizer) before queuing more, leaving the GPU idle while Python
+    catches up. Pinned + non_blocking keeps the CPU ahead; the caching host allocator keeps the pinned buffer
+    alive until the copy has run.
+    """
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, target_ids: torch.Tensor,
                            chunk_size: int = DEFAULT_LOSS_CHUNK_TOKENS,
                            linear_ce_sum: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -200,11 +213,14 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, t
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    flat_targets = target_ids.reshape(-1).to(hidden.device)
+    flat_targets = target_ids.reshape(-1)
+    # Found where the batch is (the host, for packed batches): nonzero on the GPU would wait for the whole
+    # queued forward before the loss could be queued.
     keep = (flat_targets != IGNORE_INDEX).nonzero()[:, 0]
+    targets = host_to_device(flat_targets.index_select(0, keep), hidden.device)
+    keep = host_to_device(keep, hidden.device)
     # Only target tokens go through the lm_head; the gather's backward scatters zeros to the rest.
     selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
-    targets = flat_targets.index_select(0, keep)
     if linear_ce_sum is not None:
         return linear_ce_sum(selected, lm_head_weight, targets), int(keep.numel())
     compute_grad = torch.is_grad_enabled() and (selected.requires_grad or lm_head_weight.requires_grad)
@@ -284,7 +300,8 @@ def packed_loss_sum(model: torch.nn.Module, packed: dict[str, torch.Tensor],
     device = lm_head.weight.device
     extra = packed_attention_kwargs(packed["position_ids"], device) if varlen else {}
     with _autocast(device, autocast_dtype):
-        out = decoder(input_ids=packed["input_ids"].to(device), position_ids=packed["position_ids"].to(device),
+        out = decoder(input_ids=host_to_device(packed["input_ids"], device),
+                      position_ids=host_to_device(packed["position_ids"], device),
                       attention_mask=None, use_cache=False, **extra)
     hidden = out.last_hidden_state
     # lm_head in its own (frozen, bf16 on QLoRA) dtype; the CE itself is computed in fp32 chunk by chunk.

@@ -34,7 +34,8 @@ from flwr.app import Context, Error, Message, MessageType
 from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client.fast_train import FastLocalTrainer, causal_lm_parts, linear_cross_entropy_per_token, shift_labels
+from client.fast_train import (FastLocalTrainer, causal_lm_parts, host_to_device, linear_cross_entropy_per_token,
+                               shift_labels)
 from client.kernels import packed_attention_kwargs
 from client.trainer import LocalTrainer, TrainResult, elapsed_and_peak, make_lr_scheduler, planned_steps
 from federation import progress
@@ -195,32 +196,36 @@ class MultiAdapterTrainer:
                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(each adapter's CE summed over its target tokens (K,) fp32, differentiable; its target tokens (K,))."""
         _, decoder, lm_head = causal_lm_parts(self.model)
-        kwargs = {"input_ids": combined["input_ids"].to(device), "use_cache": False}
+        kwargs = {"input_ids": host_to_device(combined["input_ids"], device), "use_cache": False}
         if "position_ids" in combined:
-            kwargs.update(position_ids=combined["position_ids"].to(device), attention_mask=None)
+            kwargs.update(position_ids=host_to_device(combined["position_ids"], device), attention_mask=None)
             if self.varlen:  # every packed example and every padding tail of the combined rows is its own sequence
                 kwargs.update(packed_attention_kwargs(combined["position_ids"], device))
         else:
-            kwargs.update(attention_mask=combined["attention_mask"].to(device))
+            kwargs.update(attention_mask=host_to_device(combined["attention_mask"], device))
         autocast = (torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype is not None and device.type == "cuda" else contextlib.nullcontext())
         with autocast:
             hidden = decoder(**kwargs).last_hidden_state
-        targets = combined["targets"].to(device).reshape(-1)
+        # Target positions and each one's adapter are found on the host, where combine_batches built them:
+        # on the GPU, nonzero and tolist would wait for the whole queued forward.
+        targets = combined["targets"].reshape(-1)
         keep = (targets != IGNORE_INDEX).nonzero()[:, 0]
-        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep).to(lm_head.weight.dtype)
-        selected_targets = targets.index_select(0, keep)
-        adapter_of_token = combined["row_adapter"].to(device).index_select(0, keep // combined["targets"].shape[1])
-        tokens = torch.bincount(adapter_of_token, minlength=num_adapters)
+        adapter_of_token = combined["row_adapter"].index_select(0, keep // combined["targets"].shape[1])
+        counts = torch.bincount(adapter_of_token, minlength=num_adapters)
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, host_to_device(keep, device))
+        selected = selected.to(lm_head.weight.dtype)
+        selected_targets = host_to_device(targets.index_select(0, keep), device)
+        tokens = host_to_device(counts, device)
+        adapter_of_token = host_to_device(adapter_of_token, device)
         if self.linear_ce_sum is None:
             losses = linear_cross_entropy_per_token(selected, lm_head.weight, selected_targets, self.loss_chunk_tokens)
             sums = torch.zeros(num_adapters, dtype=losses.dtype, device=device).index_add(0, adapter_of_token, losses)
             return sums, tokens
         # The kernel set's loss sums its input, so it runs once per adapter; combine_batches puts the rows in
         # adapter order, so each adapter's target tokens are one contiguous run of `selected`.
-        counts = tokens.tolist()
         sums = [self.linear_ce_sum(h, lm_head.weight, t).float()
-                for h, t in zip(selected.split(counts), selected_targets.split(counts))]
+                for h, t in zip(selected.split(counts.tolist()), selected_targets.split(counts.tolist()))]
         return torch.stack(sums), tokens
 
     def train(self, datasets: Sequence[SiteDataset], seeds: Sequence[int], initial: Mapping[str, np.ndarray],
@@ -265,7 +270,7 @@ class MultiAdapterTrainer:
                                                 for batches in micro], dtype=torch.float32, device=device)
                     for j in range(cfg.grad_accum):
                         combined = combine_batches([micro[k][j] for k in range(k_clients)], self.solo.pad_token_id)
-                        stacked.row_adapter = combined["row_adapter"].to(device)
+                        stacked.row_adapter = host_to_device(combined["row_adapter"], device)
                         sums, tokens = self._adapter_loss_sums(combined, k_clients, device)
                         # Each client's loss normalised by its own step's tokens: its gradient is the solo one.
                         (sums / step_tokens).sum().backward()

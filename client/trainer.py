@@ -124,7 +124,9 @@ class LocalTrainer:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self.model.train()
-        loss_sum, token_sum, input_tokens = 0.0, 0, 0
+        # The loss sum stays on the device until the end: float() per micro-batch would wait for each step's
+        # backward to finish before the next step could be queued.
+        loss_sum, token_sum, input_tokens = torch.zeros((), dtype=torch.float64, device=device), 0, 0
         start = time.perf_counter()
         with progress.track(f"{self.label} training", steps, "steps", rate_unit="tokens") as bar:
             for _ in range(steps):
@@ -141,7 +143,7 @@ class LocalTrainer:
                     summed, n_tok = self._batch_loss_sum(batch)
                     # Normalise by the step's token count so accumulation equals one big batch.
                     (summed / max(step_tokens, 1)).backward()
-                    loss_sum += float(summed.detach())
+                    loss_sum += summed.detach().double()
                     token_sum += n_tok
                     input_tokens += self._input_tokens(batch)
                 if start_params is not None:
@@ -155,7 +157,8 @@ class LocalTrainer:
                 optimizer.zero_grad(set_to_none=True)
                 bar.advance(1, input_tokens - tokens_before)
         seconds, peak = elapsed_and_peak(device, start)
-        return TrainResult(len(dataset), steps, loss_sum / max(token_sum, 1), token_sum, input_tokens, seconds, peak)
+        return TrainResult(len(dataset), steps, float(loss_sum) / max(token_sum, 1), token_sum, input_tokens, seconds,
+                           peak)
 
     def train_dp_sgd(self, dataset: SiteDataset, dp_cfg, rounds: int,
                      accountant_state: dict | None) -> tuple[TrainResult, dict, float]:

@@ -182,14 +182,43 @@ def profile_pass(step: Callable[[list[dict]], tuple[torch.Tensor, int]], params:
     events = prof.key_averages()
     # Kernel events only: a CPU op's self device time is its kernels' time again (counting both doubles it).
     device_events = [e for e in events if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    timeline = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type.name == "CUDA"]
     return {"wall_ms_per_step": wall * 1e3 / n,
             "gpu_kernel_ms_per_step": sum(e.self_device_time_total for e in device_events) / 1e3 / n,
+            **gpu_idle_gaps(timeline, n),
             "top_kernels_ms_per_step": {e.key[:100]: round(e.self_device_time_total / 1e3 / n, 3) for e in
                                         sorted(device_events, key=lambda e: -e.self_device_time_total)[:top]},
             "kernel_ms_per_step_by_kind": _sum_by_kind(device_events, n),
             "kernel_launches_per_step": sum(e.count for e in device_events) / n,
             "top_cpu_ops_ms_per_step": {e.key[:100]: round(e.self_cpu_time_total / 1e3 / n, 3) for e in
                                         sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]}}
+
+
+def gpu_idle_gaps(kernels: list[tuple[float, float, str]], steps: int, top: int = 8) -> dict:
+    """Where the GPU sat idle: (start us, end us, name) of every kernel and copy, all streams -> per-step figures.
+
+    Idle = no kernel or copy running on any stream. The gaps are summed by the kernel that ended them (what the
+    GPU was waiting for the CPU to launch), and the largest are listed with the kernels on either side.
+    """
+    if not kernels:
+        return {}
+    kernels = sorted(kernels)
+    gaps = []  # (idle us, kernel before, kernel after)
+    busy_until, last = kernels[0][1], kernels[0][2]
+    for start, end, name in kernels[1:]:
+        if start > busy_until:
+            gaps.append((start - busy_until, last, name))
+        if end > busy_until:
+            busy_until, last = end, name
+    by_next: dict[str, float] = {}
+    for idle, _, after in gaps:
+        by_next[after[:80]] = by_next.get(after[:80], 0.0) + idle
+    return {"gpu_idle_ms_per_step": round(sum(g[0] for g in gaps) / 1e3 / steps, 3),
+            "gpu_span_ms_per_step": round((busy_until - kernels[0][0]) / 1e3 / steps, 3),
+            "idle_ms_per_step_before_kernel": {name: round(us / 1e3 / steps, 3) for name, us in
+                                               sorted(by_next.items(), key=lambda item: -item[1])[:top]},
+            "largest_idle_gaps_ms": [[round(idle / 1e3, 3), before[:60], after[:60]]
+                                     for idle, before, after in sorted(gaps, key=lambda g: -g[0])[:top]]}
 
 
 def _sum_by_kind(device_events, steps: int) -> dict[str, float]:
@@ -477,11 +506,14 @@ def unsloth_worker(args) -> int:
 
     def make_step():
         def step(examples):
-            batch = {k: v.to(device) for k, v in collate_batch(examples, pad_id).items()}
+            # Counted on the host and copied without blocking, as our trainer does (client/fast_train.py
+            # host_to_device): a count on the GPU, or a blocking copy, would stall every step on the stream.
+            host = collate_batch(examples, pad_id)
+            batch = {k: v.pin_memory().to(device, non_blocking=True) for k, v in host.items()}
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          labels=batch["labels"]).loss
             loss.backward()
-            return loss.detach(), int(batch["attention_mask"].sum())
+            return loss.detach(), int(host["attention_mask"].sum())
 
         return step
 

@@ -8,6 +8,7 @@ import torch
 from client.fast_train import (
     FastLocalTrainer,
     chunked_causal_lm_loss,
+    host_to_device,
     pack_sequences,
     packed_loss_sum,
     shift_labels,
@@ -221,3 +222,20 @@ def test_lr_schedule_warms_up_linearly_then_follows_train_lr_schedule(schedule, 
     assert optimizer.param_groups[0]["lr"] == pytest.approx(last_lr)
     if schedule == "cosine":
         assert lrs[6] == pytest.approx(0.5)  # half-way through the 8 decay steps
+
+
+def test_host_to_device_keeps_values_and_leaves_cpu_tensors_alone():
+    ids = torch.arange(12).reshape(3, 4)
+    assert host_to_device(ids, torch.device("cpu")) is ids
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_host_to_device_does_not_wait_for_queued_work():
+    device = torch.device("cuda")
+    ids = torch.arange(4096).reshape(8, 512)
+    stream = torch.cuda.current_stream(device)
+    torch.cuda._sleep(500_000_000)  # ~0.2-0.5 s of GPU spinning queued ahead of the copy
+    moved = host_to_device(ids, device)
+    still_busy = not stream.query()  # a blocking copy would have returned only after the spin
+    assert still_busy
+    assert torch.equal(moved.cpu(), ids)

@@ -107,3 +107,15 @@ def test_variant_table_compares_each_of_our_variants_with_plain_ours():
     assert "| llama-1b | fastest | full | ours+liger | 150 | 0.0% | 1.50 | 0.600 | 1.50x | 0.50x | 3.00x | 12.0000 |" \
         in table
     assert "| llama-1b | fastest | full | ours | 100 | 0.0% | 3.00 | - | 1.00x | 1.00x | 2.00x | 12.0000 |" in table
+
+
+def test_idle_gaps_count_only_time_when_no_stream_runs_anything_and_name_the_kernel_that_ended_them():
+    # Two steps' worth: "copy" on a side stream overlaps "mm" (no gap there); 10 us before "ce", 30 before "mm2".
+    timeline = [(0.0, 100.0, "mm"), (50.0, 120.0, "copy"), (130.0, 200.0, "ce"), (230.0, 260.0, "mm2"),
+                (240.0, 250.0, "inside")]
+    gaps = unsloth_compare.gpu_idle_gaps(timeline, steps=2)
+    assert gaps["gpu_idle_ms_per_step"] == 0.02  # (10 + 30) us over 2 steps
+    assert gaps["gpu_span_ms_per_step"] == 0.13
+    assert gaps["idle_ms_per_step_before_kernel"] == {"mm2": 0.015, "ce": 0.005}
+    assert gaps["largest_idle_gaps_ms"] == [[0.03, "ce", "mm2"], [0.01, "copy", "ce"]]
+    assert unsloth_compare.gpu_idle_gaps([], steps=1) == {}
