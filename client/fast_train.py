@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from client.fused_lora import use_fused_lora, use_fused_mlp
+from client.fused_lora import use_fused_lora, use_fused_mlp, use_nf4_kernel
 from client.kernels import packed_attention_kwargs, resolve_attention, resolve_kernel_set, use_packed_attention
 from client.offload_checkpoint import set_offloaded_checkpointing
 from client.trainer import LocalTrainer
@@ -347,6 +347,10 @@ class FastPathSettings:
     # silu(gate) * up in backward instead of keeping it (client/fused_lora.py _LoRASwiGLU): one
     # (tokens, intermediate) activation less per layer. Needs fused_lora; same result up to rounding.
     fused_mlp: bool = True
+    # The fused functions dequantize NF4 base weights with one Triton kernel (client/nf4_kernel.py, bit-identical
+    # to bitsandbytes') instead of bitsandbytes' three custom-op calls. CUDA with Triton only; a switch so
+    # benchmarks can compare both.
+    nf4_kernel: bool = True
 
 
 def apply_attention_backends(settings: FastPathSettings) -> None:
@@ -381,6 +385,7 @@ class FastLocalTrainer(LocalTrainer):
         # After the kernel set: it may give the MLP its own forward (Liger's SwiGLU), which the fused MLP keeps
         # for the calls it cannot run.
         use_fused_mlp(model, self.settings.fused_mlp)
+        use_nf4_kernel(model, self.settings.nf4_kernel)
         self.attention = resolve_attention(self.settings.attention, device_type, model)
         if self.attention == "varlen":
             use_packed_attention(model)

@@ -61,13 +61,48 @@ def fused_adapter(layer: nn.Module) -> str | None:
 
 
 def dense_weight(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The base layer's weight (out, in) in dtype: dequantized for a bitsandbytes 4-bit layer (PEFT's helper)."""
+    """The base layer's weight (out, in) in dtype: dequantized for a bitsandbytes 4-bit layer.
+
+    By the layer's one-kernel NF4 dequantize where use_nf4_kernel gave it one, else by PEFT's helper
+    (bitsandbytes' dequantize_4bit).
+    """
     weight = base_layer.weight
     if type(weight).__name__ == "Params4bit":
+        dequantize = base_layer.__dict__.get(NF4_KERNEL_ATTRIBUTE)
+        if dequantize is not None:
+            return dequantize(weight).to(dtype)
         from peft.utils.integrations import dequantize_bnb_weight
 
         return dequantize_bnb_weight(weight).to(dtype)
     return weight.to(dtype)
+
+
+# The instance attribute of a bitsandbytes 4-bit layer holding its one-kernel dequantize (use_nf4_kernel).
+NF4_KERNEL_ATTRIBUTE = "fedtune_dequantize"
+
+
+def use_nf4_kernel(model: nn.Module, enabled: bool) -> int:
+    """Let dense_weight dequantize model's NF4 layers with client/nf4_kernel.py (enabled, CUDA with Triton) or not.
+
+    Only the fused functions call dense_weight; bitsandbytes' own 4-bit matmul (unfused layers) is untouched.
+    Returns how many layers use the kernel afterwards; idempotent.
+    """
+    # Modules owning a 4-bit weight (bitsandbytes' Linear4bit), not PEFT's wrappers that only expose theirs.
+    layers = [m for m in model.modules() if type(m._parameters.get("weight")).__name__ == "Params4bit"]
+    for layer in layers:
+        layer.__dict__.pop(NF4_KERNEL_ATTRIBUTE, None)
+    if not enabled or not layers or importlib.util.find_spec("triton") is None:
+        return 0
+    if not any(layer.weight.device.type == "cuda" for layer in layers):
+        return 0
+    from client.nf4_kernel import dequantize_nf4, nf4_kernel_supports
+
+    count = 0
+    for layer in layers:
+        if nf4_kernel_supports(layer.weight):
+            layer.__dict__[NF4_KERNEL_ATTRIBUTE] = dequantize_nf4
+            count += 1
+    return count
 
 
 def _lora_project(inputs: torch.Tensor, base: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float,

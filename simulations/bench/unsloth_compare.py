@@ -61,11 +61,14 @@ REGIMES = {"memory-lean": (1, "unsloth"), "fastest": (0, False)}
 # are plain `ours` with the switches their name lists after "ours+" (_SWITCHES): +liger / +varlen train.kernels /
 # train.attention, +fused the fused LoRA forward (client/fused_lora.py), +mlp its _LoRASwiGLU, +cudnn cuDNN's SDPA
 # first for rows that are one whole sequence each (off by default: it plans each new shape), +offload checkpointed
-# layers' inputs in pinned host memory (memory-lean only). Each runs in its own process: Liger patches
-# transformers' Llama module functions process-wide.
-_OURS = {"kernels": "none", "attention": "sdpa", "fused_lora": False, "fused_mlp": False, "offload_checkpoints": False}
+# layers' inputs in pinned host memory (memory-lean only), +nf4 the fused functions' one-kernel NF4 dequantize
+# (client/nf4_kernel.py). Each runs in its own process: Liger patches transformers' Llama module functions
+# process-wide.
+_OURS = {"kernels": "none", "attention": "sdpa", "fused_lora": False, "fused_mlp": False, "offload_checkpoints": False,
+         "nf4_kernel": False}
 _SWITCHES = {"liger": {"kernels": "liger"}, "varlen": {"attention": "varlen"}, "fused": {"fused_lora": True},
-             "mlp": {"fused_mlp": True}, "cudnn": {"cudnn_attention": True}, "offload": {"offload_checkpoints": True}}
+             "mlp": {"fused_mlp": True}, "cudnn": {"cudnn_attention": True}, "offload": {"offload_checkpoints": True},
+             "nf4": {"nf4_kernel": True}}
 
 
 def _variant(name: str) -> dict:
@@ -79,7 +82,8 @@ def _variant(name: str) -> dict:
 OUR_VARIANTS = {"default": {}, **{name: _variant(name) for name in (
     "ours", "ours+liger", "ours+varlen", "ours+liger+varlen", "ours+liger+varlen+fused", "ours+liger+varlen+fused+mlp",
     "ours+liger+varlen+fused+mlp+cudnn", "ours+liger+varlen+fused+mlp+offload",
-    "ours+liger+varlen+fused+mlp+cudnn+offload")}}
+    "ours+liger+varlen+fused+mlp+cudnn+offload", "ours+liger+varlen+fused+mlp+offload+nf4",
+    "ours+liger+varlen+fused+mlp+cudnn+offload+nf4")}}
 TRAINERS = (*OUR_VARIANTS, "unsloth")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
 
