@@ -331,7 +331,8 @@ class FastPathSettings:
     # kernel when cold (BENCHMARKS.md, "cold-process" table). Off by default: SDPA then picks flash/efficient.
     # On, maskless causal calls (rows that are one whole sequence each) try cuDNN first (kernels.cuda_sdpa_priority):
     # faster on Hopper where shapes repeat (full rows, fixed lengths).
-    cudnn_attention: bool = False
+    # auto (on where the model's head dim is >= CUDNN_MIN_HEAD_DIM) | true | false: train.cudnn_attention.
+    cudnn_attention: str = "auto"
     # Pad every packed row to pack_len: one width for all steps (fewer shapes for the kernels), at the cost of
     # computing the padding; measured as marginal once cuDNN attention is off.
     fixed_width: bool = False
@@ -353,15 +354,37 @@ class FastPathSettings:
     nf4_kernel: bool = True
 
 
-def apply_attention_backends(settings: FastPathSettings) -> None:
-    """Turn PyTorch's cuDNN SDPA backend on or off as settings.cudnn_attention says (CUDA only; process-wide).
+# cuDNN's attention was faster than flash for full rows at head dim 128 (llama-8b) and slower at 64 (llama-1b) on
+# an H200 (BENCHMARKS.md): train.cudnn_attention=auto turns it on from this head dim.
+CUDNN_MIN_HEAD_DIM = 128
+
+
+def _head_dim(model: torch.nn.Module | None) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    heads = getattr(config, "num_attention_heads", None)
+    return getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+
+
+def cudnn_attention_on(setting: str | bool, model: torch.nn.Module | None = None) -> bool:
+    """train.cudnn_attention (auto | true | false; a bool too) for this model: auto = head dim >= CUDNN_MIN_HEAD_DIM."""
+    value = str(setting).lower()
+    if value == "auto":
+        head_dim = _head_dim(model)
+        return head_dim is not None and head_dim >= CUDNN_MIN_HEAD_DIM
+    return value == "true"
+
+
+def apply_attention_backends(settings: FastPathSettings, model: torch.nn.Module | None = None) -> None:
+    """Turn PyTorch's cuDNN SDPA backend on or off as settings.cudnn_attention says for model (CUDA; process-wide).
 
     Process-wide because a site's process trains only this model; a context manager would not cover the
     checkpointed layers' recompute, which runs later, during backward. Benchmarks of the fast path call this
     too, so they measure the backends the trainer runs with.
     """
     if torch.cuda.is_available():
-        torch.backends.cuda.enable_cudnn_sdp(settings.cudnn_attention)
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_attention_on(settings.cudnn_attention, model))
 
 
 class FastLocalTrainer(LocalTrainer):
@@ -378,7 +401,7 @@ class FastLocalTrainer(LocalTrainer):
         self.autocast_dtype = getattr(torch, self.settings.compute_dtype) if quantized else None
         prepare_model_for_fast_training(model, self.autocast_dtype or torch.float32, self.settings.checkpoint_every,
                                         self.settings.fused_lora, self.settings.offload_checkpoints)
-        apply_attention_backends(self.settings)
+        apply_attention_backends(self.settings, model)
         device_type = next(model.parameters()).device.type
         self.kernel_set = resolve_kernel_set(self.settings.kernels, device_type, model)
         self.kernel_set.apply(model)

@@ -221,7 +221,7 @@ def make_trainer(runtime: SiteRuntime, cfg: RunConfig, label: str = "site") -> L
                                                         kernels=str(cfg.train.kernels).lower(),
                                                         attention=str(cfg.train.attention).lower(),
                                                         offload_checkpoints=bool(cfg.train.offload_checkpoints),
-                                                        cudnn_attention=bool(cfg.train.cudnn_attention)))
+                                                        cudnn_attention=str(cfg.train.cudnn_attention).lower()))
         else:
             trainer = LocalTrainer(runtime.model, runtime.tokenizer.pad_token_id, cfg.train)
         runtime.trainer = (key, trainer)

@@ -169,10 +169,10 @@ class TrainConfig:
     # (client/offload_checkpoint.py; ~1.7 GB less at llama-8b with 8k tokens a step, copies overlap compute);
     # no effect without checkpointing or on a CPU.
     offload_checkpoints: bool = True
-    # Fast path: rows that are each one whole sequence (full rows) try cuDNN's attention first (CUDA; 1.04x at
-    # llama-8b full rows on an H200, BENCHMARKS.md). cuDNN builds an execution plan per new shape, so it pays only
-    # where shapes repeat (fixed-length data); off by default.
-    cudnn_attention: bool = False
+    # Fast path: rows that are each one whole sequence (full rows) try cuDNN's attention first (CUDA). auto: where
+    # the model's head dim is >= 128 (llama-8b on an H200: attention 68.7 -> 37.5 ms a step, the step 1.03-1.05x;
+    # at head dim 64, llama-1b, it was 0.95x: BENCHMARKS.md); true / false force it. Packed rows never use it.
+    cudnn_attention: str = "auto"
 
 
 FAST_PATH_CHOICES = ("auto", "true", "false")

@@ -185,6 +185,7 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
     _check_choice("train.fast_path", str(cfg.train.fast_path).lower(), FAST_PATH_CHOICES)
     _check_choice("train.kernels", str(cfg.train.kernels).lower(), KERNEL_CHOICES)
     _check_choice("train.attention", str(cfg.train.attention).lower(), ATTENTION_CHOICES)
+    _check_choice("train.cudnn_attention", str(cfg.train.cudnn_attention).lower(), FAST_PATH_CHOICES)
     _check_choice("train.lr_schedule", cfg.train.lr_schedule, LR_SCHEDULES)
     return cfg
 

@@ -297,7 +297,7 @@ def bench_shape(args, shape: str, device: torch.device, peak_tflops: float, log,
             # Our variants run with the attention backends FastLocalTrainer sets (cuDNN SDPA off unless
             # --cudnn-attention): until this, the packed variants ran on cuDNN's plans, built anew for every new
             # packed shape, which the trainer never does (issue 14's 1.2k tok/s llama-8b variable row).
-            apply_attention_backends(FastPathSettings(cudnn_attention=args.cudnn_attention))
+            apply_attention_backends(FastPathSettings(cudnn_attention=str(args.cudnn_attention).lower()), model)
             converted = True
         if variant[2] == "fast":
             set_checkpointing_policy(model, variant[5])

@@ -60,14 +60,14 @@ REGIMES = {"memory-lean": (1, "unsloth"), "fastest": (0, False)}
 # fused forwards, offloaded checkpoints): what --trainers compares with Unsloth unless told otherwise. The others
 # are plain `ours` with the switches their name lists after "ours+" (_SWITCHES): +liger / +varlen train.kernels /
 # train.attention, +fused the fused LoRA forward (client/fused_lora.py), +mlp its _LoRASwiGLU, +cudnn cuDNN's SDPA
-# first for rows that are one whole sequence each (off by default: it plans each new shape), +offload checkpointed
+# first for rows that are one whole sequence each (default: auto, by head dim), +offload checkpointed
 # layers' inputs in pinned host memory (memory-lean only), +nf4 the fused functions' one-kernel NF4 dequantize
 # (client/nf4_kernel.py). Each runs in its own process: Liger patches transformers' Llama module functions
 # process-wide.
 _OURS = {"kernels": "none", "attention": "sdpa", "fused_lora": False, "fused_mlp": False, "offload_checkpoints": False,
-         "nf4_kernel": False}
+         "nf4_kernel": False, "cudnn_attention": "false"}
 _SWITCHES = {"liger": {"kernels": "liger"}, "varlen": {"attention": "varlen"}, "fused": {"fused_lora": True},
-             "mlp": {"fused_mlp": True}, "cudnn": {"cudnn_attention": True}, "offload": {"offload_checkpoints": True},
+             "mlp": {"fused_mlp": True}, "cudnn": {"cudnn_attention": "true"}, "offload": {"offload_checkpoints": True},
              "nf4": {"nf4_kernel": True}}
 
 

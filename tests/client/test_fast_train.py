@@ -239,3 +239,22 @@ def test_cuda_host_to_device_does_not_wait_for_queued_work():
     still_busy = not stream.query()  # a blocking copy would have returned only after the spin
     assert still_busy
     assert torch.equal(moved.cpu(), ids)
+
+
+def test_cudnn_attention_auto_follows_the_head_dim_and_true_false_force_it():
+    from transformers import LlamaConfig
+
+    from client.fast_train import CUDNN_MIN_HEAD_DIM, cudnn_attention_on
+    from federation.compose import compose_config
+
+    wide, narrow = (torch.nn.Module(), torch.nn.Module())
+    wide.config = LlamaConfig(hidden_size=CUDNN_MIN_HEAD_DIM * 4, num_attention_heads=4)
+    narrow.config = LlamaConfig(hidden_size=CUDNN_MIN_HEAD_DIM * 2, num_attention_heads=4)
+    assert cudnn_attention_on("auto", wide) and not cudnn_attention_on("auto", narrow)
+    assert not cudnn_attention_on("auto", None)
+    for value in ("true", True):
+        assert cudnn_attention_on(value, narrow)
+    for value in ("false", False):
+        assert not cudnn_attention_on(value, wide)
+    assert cudnn_attention_on(compose_config(["train.cudnn_attention=true"]).train.cudnn_attention, narrow)
+    assert compose_config([]).train.cudnn_attention == "auto"

@@ -232,7 +232,8 @@ def test_fast_path_auto_means_cuda_only_and_true_false_force_it():
 @pytest.mark.parametrize("override,key", [("train.fast_path=sometimes", "train.fast_path"),
                                           ("train.lr_schedule=step", "train.lr_schedule"),
                                           ("train.kernels=unsloth", "train.kernels"),
-                                          ("train.attention=flash", "train.attention")])
+                                          ("train.attention=flash", "train.attention"),
+                                          ("train.cudnn_attention=always", "train.cudnn_attention")])
 def test_unknown_fast_path_or_schedule_names_the_key_and_choices(override, key):
     from federation.compose import compose_config
 
