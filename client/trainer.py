@@ -120,6 +120,18 @@ class LocalTrainer:
         scheduler = make_lr_scheduler(optimizer, cfg, steps)
         loader = self._loader(dataset, seed, cfg.batch_size, shuffle=True)
         batches = iter(loader)
+
+        def next_micro_batches() -> list[dict[str, torch.Tensor]]:
+            nonlocal batches
+            micro = []
+            for _ in range(cfg.grad_accum):
+                try:
+                    micro.append(next(batches))
+                except StopIteration:  # epoch boundary: a new pass with a fresh shuffle from the same generator
+                    batches = iter(loader)
+                    micro.append(next(batches))
+            return micro
+
         device = _model_device(self.model)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -129,15 +141,10 @@ class LocalTrainer:
         loss_sum, token_sum, input_tokens = torch.zeros((), dtype=torch.float64, device=device), 0, 0
         start = time.perf_counter()
         with progress.track(f"{self.label} training", steps, "steps", rate_unit="tokens") as bar:
-            for _ in range(steps):
+            upcoming = next_micro_batches()
+            for step in range(steps):
                 tokens_before = input_tokens
-                micro = []
-                for _ in range(cfg.grad_accum):
-                    try:
-                        micro.append(next(batches))
-                    except StopIteration:  # epoch boundary: a new pass with a fresh shuffle from the same generator
-                        batches = iter(loader)
-                        micro.append(next(batches))
+                micro = upcoming
                 step_tokens = sum(self._target_tokens(b) for b in micro)
                 for batch in micro:
                     summed, n_tok = self._batch_loss_sum(batch)
@@ -146,6 +153,10 @@ class LocalTrainer:
                     loss_sum += summed.detach().double()
                     token_sum += n_tok
                     input_tokens += self._input_tokens(batch)
+                if step + 1 < steps:
+                    # The next step's batches are collated now, while the GPU still runs this step's backward:
+                    # after the optimizer step it would sit idle while Python packs them (~4 ms a step at llama-1b).
+                    upcoming = next_micro_batches()
                 if start_params is not None:
                     proximal_term(params, start_params, proximal_mu).backward()
                 if before_step is not None:

@@ -99,13 +99,36 @@ def step_batches(seq: int, per_step: int, steps: int, scenario: str, vocab: int)
     return [flat[i * per_step:(i + 1) * per_step] for i in range(steps)]
 
 
-def measure_passes(step: Callable[[list[dict]], tuple[torch.Tensor, int]], params: Sequence[torch.nn.Parameter],
+# A trainer's step as the benchmark drives it: (prepare(examples) -> batch, step(batch) -> (detached mean loss, real
+# input tokens)); step runs forward and backward. The next step's batch is prepared after this step's backward is
+# queued and before its optimizer step, as LocalTrainer.train does, so the GPU need not wait for it.
+StepFns = tuple[Callable[[list[dict]], object], Callable[[object], tuple[torch.Tensor, int]]]
+
+
+def _run_steps(step_fns: StepFns, params: Sequence[torch.nn.Parameter], optimizer,
+               steps_examples: list[list[dict]]) -> tuple[list[torch.Tensor], int]:
+    """One pass of optimizer steps over steps_examples: (each step's loss, real input tokens)."""
+    prepare, step = step_fns
+    losses, tokens = [], 0
+    batch = prepare(steps_examples[0])
+    for i in range(len(steps_examples)):
+        loss, real = step(batch)
+        if i + 1 < len(steps_examples):
+            batch = prepare(steps_examples[i + 1])
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss)
+        tokens += real
+    return losses, tokens
+
+
+def measure_passes(step_fns: StepFns, params: Sequence[torch.nn.Parameter],
                    steps_examples: list[list[dict]], reps: int, device: torch.device) -> list[dict]:
     """One untimed warm pass then `reps` timed passes over steps_examples, each from the same start; one dict each.
 
-    step(examples) runs forward and backward of one optimizer step and returns (detached mean loss, real input
-    tokens); this function clips, steps a fresh AdamW per pass, and restores the parameters before each pass and
-    at the end.
+    step_fns: see StepFns; this function clips, steps a fresh AdamW per pass, and restores the parameters before
+    each pass and at the end.
     """
     cuda = device.type == "cuda"
     start = [p.detach().clone() for p in params]
@@ -119,14 +142,7 @@ def measure_passes(step: Callable[[list[dict]], tuple[torch.Tensor, int]], param
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         began = time.perf_counter()
-        losses, tokens = [], 0
-        for examples in steps_examples:
-            loss, real = step(examples)
-            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss)
-            tokens += real
+        losses, tokens = _run_steps(step_fns, params, optimizer, steps_examples)
         if cuda:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - began
@@ -159,7 +175,7 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, marks in KERNEL_KINDS if any(mark in lowered for mark in marks)), "other")
 
 
-def profile_pass(step: Callable[[list[dict]], tuple[torch.Tensor, int]], params: Sequence[torch.nn.Parameter],
+def profile_pass(step_fns: StepFns, params: Sequence[torch.nn.Parameter],
                  steps_examples: list[list[dict]], top: int = 12) -> dict:
     """One pass under torch.profiler (after the timed ones, same start): wall vs summed CUDA kernel time per step,
     and the kernels (and CPU ops) that took longest, per step; the parameters are restored afterwards."""
@@ -172,11 +188,7 @@ def profile_pass(step: Callable[[list[dict]], tuple[torch.Tensor, int]], params:
     sync()
     with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
         began = time.perf_counter()
-        for examples in steps_examples:
-            step(examples)
-            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        _run_steps(step_fns, params, optimizer, steps_examples)
         sync()
         wall = time.perf_counter() - began
     with torch.no_grad():
@@ -460,15 +472,14 @@ def ours_worker(args) -> int:
     def make_step():
         fast = trainer[0]
 
-        def step(examples):
+        def step(batch):
             # The trainer's own batch pieces: LocalTrainer.train runs exactly these per micro-batch.
-            batch = fast._collate(examples)
             summed, n = fast._batch_loss_sum(batch)
             loss = summed / max(n, 1)
             loss.backward()
             return loss.detach(), fast._input_tokens(batch)
 
-        return step
+        return fast._collate, step
 
     model.train()
     _run_regimes(result, args, model.config.vocab_size, device, params, set_regime, make_step, flops_counter(model))
@@ -509,17 +520,21 @@ def unsloth_worker(args) -> int:
         FastLanguageModel.for_training(model, use_gradient_checkpointing=REGIMES[regime][1])
 
     def make_step():
-        def step(examples):
+        def prepare(examples):
             # Counted on the host and copied without blocking, as our trainer does (client/fast_train.py
             # host_to_device): a count on the GPU, or a blocking copy, would stall every step on the stream.
             host = collate_batch(examples, pad_id)
-            batch = {k: v.pin_memory().to(device, non_blocking=True) for k, v in host.items()}
+            return {k: v.pin_memory().to(device, non_blocking=True) for k, v in host.items()}, int(
+                host["attention_mask"].sum())
+
+        def step(prepared):
+            batch, tokens = prepared
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          labels=batch["labels"]).loss
             loss.backward()
-            return loss.detach(), int(host["attention_mask"].sum())
+            return loss.detach(), tokens
 
-        return step
+        return prepare, step
 
     _run_regimes(result, args, model.config.vocab_size, device, params, set_regime, make_step, flops_counter(model))
     return 0

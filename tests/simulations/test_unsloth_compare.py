@@ -11,13 +11,15 @@ from simulations.bench.unsloth_compare import comparison_rows, format_table, ker
 
 
 def _linear_step(model):
-    def step(examples):
-        x = torch.stack([e["x"] for e in examples])
+    def prepare(examples):
+        return torch.stack([e["x"] for e in examples])
+
+    def step(x):
         loss = (model(x) ** 2).mean()
         loss.backward()
-        return loss.detach(), len(examples)
+        return loss.detach(), x.shape[0]
 
-    return step
+    return prepare, step
 
 
 def test_timed_passes_start_from_the_same_adapter_and_leave_it_unchanged():
