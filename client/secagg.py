@@ -42,7 +42,7 @@ from flwr.compat.common import recorddict_compat as compat
 from client import task
 from client.site_state import server_round_of
 from federation.compression import decode_upload
-from federation.adapter import to_array_record
+from federation.adapter import host_arrays, to_array_record
 from federation.packing import unpack_arrays
 from federation.privacy import clip_update
 from federation.protocol import RUN_CONFIG_KEY
@@ -69,7 +69,7 @@ def local_update(msg: Message, context: Context) -> tuple[dict[str, np.ndarray],
              server_round_of(msg), result.num_examples, result.steps, result.input_tokens, result.train_loss,
              result.tokens_per_second)
     fingerprint = task.data_fingerprint(task.get_runtime(update.cfg), update.cfg, context)
-    return update.delta, dict(task.train_metrics(context, result, update.extra_metrics)), fingerprint
+    return host_arrays(update.delta), dict(task.train_metrics(context, result, update.extra_metrics)), fingerprint
 
 
 def update_from_reply(train_fn: TrainFn) -> UpdateFn:

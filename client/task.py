@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.fast_train import FastLocalTrainer, FastPathSettings
@@ -270,10 +270,10 @@ def _prepare(msg: Message, context: Context):
     configure_trainable(runtime.model, cfg, runtime.lora_params)
     if cfg.privacy.local_dp_sgd.enabled:
         runtime.trainer = None  # checkpointing may be off now: a fast-path trainer must set it up again
-    global_arrays = from_array_record(msg.content["arrays"])
-    set_adapter_arrays(runtime.model, global_arrays, runtime.lora_params)
+    # The global adapter as float32 tensors on the model's device: the delta is taken there after training.
+    global_tensors = set_adapter_arrays(runtime.model, from_array_record(msg.content["arrays"]), runtime.lora_params)
     train_ds, eval_ds = site_datasets(runtime, cfg, context)
-    return cfg, runtime, global_arrays, train_ds, eval_ds
+    return cfg, runtime, global_tensors, train_ds, eval_ds
 
 
 def site_seed(cfg: RunConfig, server_round: int, context: Context) -> int:
@@ -287,7 +287,9 @@ class LocalUpdate:
 
     cfg: RunConfig
     result: object  # client.trainer.TrainResult
-    delta: dict[str, np.ndarray]
+    # float32 tensors on the model's device (federation.adapter.trained_delta): the upload codec decides what of
+    # them is copied to the host (federation.adapter.host_arrays copies all).
+    delta: dict[str, torch.Tensor]
     extra_metrics: dict = field(default_factory=dict)
     # Seconds of the handler's steps outside the training loop ("prepare", "train-setup", "delta"): logged with the
     # reply, so an operator sees where a round's site time goes besides training.
@@ -304,7 +306,7 @@ def train_reply(msg: Message, context: Context, before_step=None) -> Message:
 def train_update(msg: Message, context: Context, before_step=None) -> LocalUpdate:
     """Train on local data from the global adapter; the raw float delta (SecAgg+ masks it without any codec)."""
     started = time.perf_counter()
-    cfg, runtime, global_arrays, train_ds, _ = _prepare(msg, context)
+    cfg, runtime, global_tensors, train_ds, _ = _prepare(msg, context)
     prepared = time.perf_counter()
     server_round = int(msg.content["config"].get("server-round", 0))
     trainer = make_trainer(runtime, cfg, progress_label(context))
@@ -315,7 +317,7 @@ def train_update(msg: Message, context: Context, before_step=None) -> LocalUpdat
     else:
         result = trainer.train(train_ds, seed=seed, proximal_mu=cfg.strategy.proximal_mu, before_step=before_step)
     trained = time.perf_counter()
-    delta = trained_delta(runtime.lora_params, global_arrays)
+    delta = trained_delta(runtime.lora_params, global_tensors)
     seconds = {"prepare": prepared - started, "train-setup": trained - prepared - result.seconds,
                "delta": time.perf_counter() - trained}
     return LocalUpdate(cfg, result, delta, extra_metrics, seconds)
@@ -323,7 +325,10 @@ def train_update(msg: Message, context: Context, before_step=None) -> LocalUpdat
 
 def build_train_reply(msg: Message, context: Context, cfg: RunConfig, result, delta: dict,
                       extra_metrics: dict | None = None, seconds: dict | None = None) -> Message:
-    """The reply to a train message: the encoded delta and the round's metrics (logged on the site)."""
+    """The reply to a train message: the encoded delta and the round's metrics (logged on the site).
+
+    delta: float32 numpy arrays, or torch tensors on the model's device (LocalUpdate.delta).
+    """
     server_round = int(msg.content["config"].get("server-round", 0))
     started = time.perf_counter()
     record = encode_delta(delta, cfg, msg, context)
@@ -357,20 +362,21 @@ def train_metrics(context: Context, result, extra_metrics: dict | None = None) -
 
 
 def encode_delta(delta: dict, cfg: RunConfig, msg: Message, context: Context) -> ArrayRecord:
-    """The delta as federation.upload_codec encodes it; the error-feedback residual is round state of the site."""
+    """The delta as federation.upload_codec encodes it; the error-feedback residual is round state of the site.
+
+    delta: float32 numpy arrays, or torch tensors (on a GPU, bf16 is encoded there: federation.compression.on_device).
+    """
     codec = UploadCodec(cfg.federation.upload_codec, **dict(cfg.federation.upload_codec_params))
     if codec.lossless or not cfg.federation.upload_error_feedback:
         return pack_arrays(codec.encode(delta))
     site, server_round = site_state(msg, context, cfg.output_dir), server_round_of(msg)
-    feedback = ErrorFeedback()
-    stored = site.load_arrays(ERROR_FEEDBACK_KEY, server_round)
-    if stored is not None:
-        feedback.load_state_dict(stored)
+    # load_arrays gives arrays of our own, and the feedback is dropped after this round: neither is copied again.
+    feedback = ErrorFeedback(site.load_arrays(ERROR_FEEDBACK_KEY, server_round))
     record = pack_arrays(feedback.encode(delta, codec))
     # Written in the background, last (the write competes for the interpreter with whatever runs meanwhile): the
     # next round reads the residual from memory; a crash before the file lands loses one round's residual (the
     # round before's is used then), which costs accuracy, not correctness.
-    site.save_arrays(ERROR_FEEDBACK_KEY, server_round + 1, feedback.state_dict(), background=True)
+    site.save_arrays(ERROR_FEEDBACK_KEY, server_round + 1, feedback.residual, background=True)
     return record
 
 

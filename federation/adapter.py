@@ -7,7 +7,8 @@ Keys are PEFT's saved names (adapter name stripped), e.g.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -49,15 +50,19 @@ def check_adapter_keys(params: Mapping[str, torch.Tensor], arrays: Mapping[str, 
 
 @torch.no_grad()
 def set_adapter_arrays(model: torch.nn.Module, arrays: Mapping[str, np.ndarray],
-                       params: Mapping[str, torch.nn.Parameter] | None = None) -> None:
-    """Copy adapter arrays into the model's LoRA parameters in place (the base stays resident).
+                       params: Mapping[str, torch.nn.Parameter] | None = None) -> dict[str, torch.Tensor]:
+    """Copy adapter arrays into the model's LoRA parameters in place (the base stays resident); returns the arrays as
+    float32 tensors on the parameters' device (what trained_delta subtracts: no second copy from the host).
 
     params: lora_parameters(model), where the caller keeps it (it walks every module of the model).
     """
     params = lora_parameters(model) if params is None else params
     check_adapter_keys(params, arrays)
+    placed = {}
     for key, param in params.items():
-        param.copy_(torch.from_numpy(np.ascontiguousarray(arrays[key])).to(param.device, param.dtype))
+        placed[key] = torch.from_numpy(np.ascontiguousarray(arrays[key], dtype=np.float32)).to(param.device)
+        param.copy_(placed[key])
+    return placed
 
 
 def adapter_delta(local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -66,11 +71,52 @@ def adapter_delta(local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndar
 
 
 @torch.no_grad()
-def trained_delta(params: Mapping[str, torch.nn.Parameter], global_: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """adapter_delta(get_adapter_arrays(model), global_) from the LoRA parameters (lora_parameters(model)), bit for
-    bit, with one host copy per tensor (the difference) instead of two."""
-    # .numpy() without get_adapter_arrays' .copy(): the subtraction makes the one copy.
-    return adapter_delta({k: params[k].detach().float().cpu().numpy() for k in global_}, global_)
+def trained_delta(params: Mapping[str, torch.nn.Parameter],
+                  global_: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """trained - global as float32 tensors on the model's device, from the LoRA parameters (lora_parameters(model))
+    and the global adapter as set_adapter_arrays placed it; bit for bit adapter_delta (one IEEE float32 subtraction).
+
+    The delta stays on the device: the upload codec decides what of it comes to the host (host_arrays, or only a
+    compressed payload: federation/compression.py).
+    """
+    return {k: params[k].detach().float() - global_[k] for k in global_}
+
+
+def to_numpy(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """The tensors' values as numpy arrays on the host: CPU tensors shared, not copied; CUDA ones copied each into
+    pinned memory without blocking, then one wait for them all (so the copies run back to back)."""
+    hosted, streams = [], set()
+    for tensor in tensors:
+        tensor = tensor.detach()
+        if tensor.device.type == "cpu":
+            hosted.append(tensor)
+            continue
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        hosted.append(host)
+        streams.add(torch.cuda.current_stream(tensor.device))
+    for stream in streams:
+        stream.synchronize()
+    return [tensor.numpy() for tensor in hosted]
+
+
+def split_flat(flat: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+    """Views of a flat array as consecutive tensors of these shapes (a torch.cat of them, flattened)."""
+    views, offset = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        views.append(flat[offset:offset + size].reshape(shape))
+        offset += size
+    return views
+
+
+def host_arrays(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """float32 numpy arrays of tensors on one device: from CUDA in one copy of them all, CPU ones shared."""
+    values = [t.detach().float() for t in tensors.values()]
+    if all(v.device.type == "cpu" for v in values):
+        return {k: v.numpy() for k, v in zip(tensors, values)}
+    (flat,) = to_numpy([torch.cat([v.reshape(-1) for v in values])])
+    return dict(zip(tensors, split_flat(flat, [tuple(v.shape) for v in values])))
 
 
 def adapter_digest(arrays: Mapping[str, np.ndarray]) -> str:

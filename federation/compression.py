@@ -19,6 +19,10 @@ topk    ``key::idx`` (int32, flat) + ``key::val`` (float16,     6 * fraction (+8
 
 Lossy codecs should run behind ``ErrorFeedback`` (EF-SGD, Seide et al. 2014; Karimireddy et al. 2019):
 what compression drops in one round is added to the site's next delta, so nothing is lost for good.
+
+A site's delta may also be torch tensors on the model's device (federation.adapter.trained_delta): on a GPU, bf16
+(with or without error feedback) is computed there and only its payload and residual are copied to the host
+(``on_device``, ``bf16_on_device``: the same bytes as the host path); every other codec copies the delta first.
 """
 
 from __future__ import annotations
@@ -73,6 +77,59 @@ def bf16_bits_to_float32(bits: np.ndarray, out: np.ndarray | None = None) -> np.
         raise ValueError(f"out must be float32 of shape {bits.shape}, got {out.dtype} {out.shape}")
     np.left_shift(bits, np.uint32(16), out=out.view(np.uint32), dtype=np.uint32)
     return out
+
+
+def on_device(delta: Mapping, codec: "UploadCodec") -> bool:
+    """Whether `delta` is encoded where its tensors are (bf16_on_device): torch tensors on a GPU with the bf16 codec.
+
+    The one place this is decided. Every other delta goes the host path: torch tensors are copied to the host first
+    (federation.adapter.host_arrays); the other codecs' arithmetic (scales, top-k, packing) is numpy's.
+    """
+    import torch
+
+    return codec.name == "bf16" and any(isinstance(v, torch.Tensor) and v.device.type == "cuda"
+                                        for v in delta.values())
+
+
+def bf16_on_device(delta: Mapping, residual: Mapping[str, np.ndarray] | None = None
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """(bf16-encoded delta + residual, what the encoding dropped), computed where the delta's torch tensors are.
+
+    Bit for bit the host path (float32_to_bf16_bits, ErrorFeedback's float32 arithmetic): x = delta + residual,
+    q = bf16(x) rounded to nearest even, NaN as BF16_QUIET_NAN, residual' = x - q. Only the 2-byte payload and,
+    with feedback (residual not None, {} in the first round), the float32 residual' come to the host, one copy each;
+    without feedback, residual' is None. The tensors of one upload are concatenated, so each step is one kernel.
+    """
+    import torch
+
+    from federation.adapter import split_flat, to_numpy
+
+    keys = list(delta)
+    for key in keys:
+        if SEPARATOR in key:
+            raise ValueError(f"{key}: adapter keys must not contain {SEPARATOR!r}")
+    shapes = [tuple(delta[k].shape) for k in keys]
+    x = torch.cat([delta[k].detach().float().reshape(-1) for k in keys])
+    if residual:
+        _check_residual(residual, dict(zip(keys, shapes)))
+        x += _to_device([residual[k] for k in keys], x.device)
+    q = x.to(torch.bfloat16)
+    bits = q.view(torch.int16)
+    bits.masked_fill_(torch.isnan(x), int(BF16_QUIET_NAN))  # 0x7FC0 < 2**15: the same bits as int16
+    outputs = [bits] if residual is None else [bits, x.sub_(q.float())]
+    hosted = [split_flat(flat, shapes) for flat in to_numpy(outputs)]
+    encoded = {f"{k}::bf16": value.view(np.uint16) for k, value in zip(keys, hosted[0])}
+    return encoded, None if residual is None else dict(zip(keys, hosted[1]))
+
+
+def _to_device(arrays: list[np.ndarray], device):
+    """The arrays concatenated into one flat float32 tensor on `device`; to a GPU through pinned memory, one copy."""
+    import torch
+
+    size = sum(np.size(a) for a in arrays)
+    host = torch.empty(size, dtype=torch.float32, pin_memory=device.type == "cuda")
+    np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in arrays], out=host.numpy())
+    return host.to(device, non_blocking=True)
 
 
 # --------------------------------------------------------------------------- one tensor
@@ -257,10 +314,12 @@ class UploadCodec:
         """fp32 sends the delta as is."""
         return self.name == "fp32"
 
-    def encode(self, delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """float32 delta -> encoded arrays (keys as in the module table)."""
+    def encode(self, delta: Mapping) -> dict[str, np.ndarray]:
+        """float32 delta (numpy arrays, or torch tensors on one device) -> encoded arrays (keys as in the module table)."""
+        if on_device(delta, self):
+            return bf16_on_device(delta)[0]
         out: dict[str, np.ndarray] = {}
-        for key, value in delta.items():
+        for key, value in _host(delta).items():
             if SEPARATOR in key:
                 raise ValueError(f"{key}: adapter keys must not contain {SEPARATOR!r}")
             out.update(_encode_tensor(key, np.asarray(value, dtype=np.float32), self))
@@ -308,6 +367,27 @@ def encoded_nbytes(encoded: Mapping[str, np.ndarray]) -> int:
 # --------------------------------------------------------------------------- error feedback
 
 
+def _host(delta: Mapping) -> Mapping[str, np.ndarray]:
+    """The delta as numpy arrays: torch tensors (trained_delta's, on the model's device) copied to the host."""
+    import torch
+
+    if any(isinstance(v, torch.Tensor) for v in delta.values()):
+        from federation.adapter import host_arrays
+
+        return host_arrays(delta)
+    return delta
+
+
+def _check_residual(residual: Mapping[str, np.ndarray], shapes: Mapping[str, tuple]) -> None:
+    """ValueError unless the residual has exactly the delta's keys and shapes."""
+    if set(residual) != set(shapes):
+        diff = sorted(set(residual) ^ set(shapes))
+        raise ValueError(f"error-feedback residual and delta have different keys, e.g. {diff[:3]}")
+    for key, shape in shapes.items():
+        if tuple(shape) != np.shape(residual[key]):
+            raise ValueError(f"{key}: delta shape {tuple(shape)} vs residual {np.shape(residual[key])}")
+
+
 class ErrorFeedback:
     """A site's compression residual e (EF-SGD): send C(delta + e), keep e <- delta + e - decode(C(delta + e)).
 
@@ -315,28 +395,27 @@ class ErrorFeedback:
     can be checkpointed with the site's other state (a Flower ArrayRecord, np.savez).
     """
 
-    def __init__(self) -> None:
-        self.residual: dict[str, np.ndarray] = {}
+    def __init__(self, residual: Mapping[str, np.ndarray] | None = None) -> None:
+        """Start from `residual` (a state_dict(), kept as given: not copied), or from none."""
+        self.residual: dict[str, np.ndarray] = dict(residual or {})
 
     def compensate(self, delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """delta + residual (float32), key by key; the residual must have the delta's keys and shapes (or be empty)."""
         if not self.residual:
             return {k: np.asarray(v, dtype=np.float32) for k, v in delta.items()}
-        if set(self.residual) != set(delta):
-            diff = sorted(set(self.residual) ^ set(delta))
-            raise ValueError(f"error-feedback residual and delta have different keys, e.g. {diff[:3]}")
-        out = {}
-        for key, value in delta.items():
-            value = np.asarray(value, dtype=np.float32)
-            if value.shape != self.residual[key].shape:
-                raise ValueError(f"{key}: delta shape {value.shape} vs residual {self.residual[key].shape}")
-            out[key] = value + self.residual[key]
-        return out
+        _check_residual(self.residual, {k: np.shape(v) for k, v in delta.items()})
+        return {key: np.asarray(value, dtype=np.float32) + self.residual[key] for key, value in delta.items()}
 
-    def encode(self, delta: Mapping[str, np.ndarray], codec: UploadCodec | str) -> dict[str, np.ndarray]:
-        """Encode delta + residual with `codec` and keep what the encoding dropped as the next residual."""
+    def encode(self, delta: Mapping, codec: UploadCodec | str) -> dict[str, np.ndarray]:
+        """Encode delta + residual with `codec` and keep what the encoding dropped as the next residual.
+
+        delta: numpy arrays, or torch tensors on one device (on a GPU with bf16: encoded there, bf16_on_device).
+        """
         codec = UploadCodec(codec) if isinstance(codec, str) else codec
-        corrected = self.compensate(delta)
+        if on_device(delta, codec):
+            encoded, self.residual = bf16_on_device(delta, self.residual)
+            return encoded
+        corrected = self.compensate(_host(delta))
         encoded = codec.encode(corrected)
         if codec.lossless:
             self.residual = {}

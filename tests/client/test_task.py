@@ -88,6 +88,36 @@ def test_a_resident_site_answers_with_the_bytes_a_restarted_site_answers_with(ma
     assert _wire(restarted) == _wire(resident)
 
 
+def test_the_bf16_upload_encoded_on_the_device_is_the_host_one_byte_for_byte(make_cfg, tmp_path, monkeypatch):
+    """A GPU site encodes its bf16 upload where the delta is (forced here on the CPU tensors): round after round the
+    same reply objects and the same error-feedback residual as the host encoding."""
+    import torch
+
+    from client.task import ERROR_FEEDBACK_KEY
+    from federation import compression
+
+    cfg = make_cfg("train.fast_path=true")
+
+    def three_rounds(state_dir):
+        context, adapter, replies = _site_context(state_dir), initial_adapter(cfg.model, cfg.lora), []
+        for server_round in (1, 2, 3):
+            reply = client_app.app(_train_message(cfg, adapter, server_round), context)
+            replies.append((reply.content["arrays"].object_id, _wire(reply)))
+            upload = decode_upload(unpack_arrays(reply.content["arrays"]))
+            adapter = {key: value + upload[key] for key, value in adapter.items()}
+        wait_for_background_writes()
+        residual = site_state.SiteStateStore(state_dir, "0123456789abcdef").load_arrays(ERROR_FEEDBACK_KEY, 4)
+        return replies, {key: value.tobytes() for key, value in residual.items()}
+
+    host = three_rounds(tmp_path / "host")
+    encoded_on_device = []
+    monkeypatch.setattr(compression, "on_device", lambda delta, codec: encoded_on_device.append(codec.name) or (
+        codec.name == "bf16" and all(isinstance(v, torch.Tensor) for v in delta.values())))
+    device = three_rounds(tmp_path / "device")
+    assert encoded_on_device == ["bf16"] * 3
+    assert device == host
+
+
 def test_the_trainer_and_its_model_preparation_are_reused_across_messages_of_one_run(make_cfg, tmp_path,
                                                                                     monkeypatch):
     from client import fast_train

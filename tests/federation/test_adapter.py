@@ -3,8 +3,8 @@ import pytest
 import torch
 from peft import get_peft_model_state_dict
 
-from federation.adapter import (AdapterMismatch, adapter_delta, from_array_record, get_adapter_arrays,
-                                lora_parameters, set_adapter_arrays, to_array_record, trained_delta)
+from federation.adapter import (AdapterMismatch, adapter_delta, from_array_record, get_adapter_arrays, host_arrays,
+                                lora_parameters, set_adapter_arrays, split_flat, to_array_record, trained_delta)
 from federation.model import initial_adapter, lora_shapes
 
 
@@ -42,13 +42,27 @@ def test_trained_delta_is_adapter_delta_bit_for_bit_and_shares_no_memory_with_th
     start = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in get_adapter_arrays(model).items()}
     trained = {k: v + rng.normal(scale=1e-3, size=v.shape).astype(np.float32) for k, v in start.items()}
     params = lora_parameters(model)
+    placed = set_adapter_arrays(model, start, params)
+    assert all(placed[k].dtype == torch.float32 and placed[k].device == params[k].device for k in start)
     set_adapter_arrays(model, trained, params)
     expected = adapter_delta(get_adapter_arrays(model), start)
-    delta = trained_delta(params, start)
+    delta = host_arrays(trained_delta(params, placed))
     assert list(delta) == list(expected)
     assert all(delta[k].dtype == np.float32 and delta[k].tobytes() == expected[k].tobytes() for k in expected)
     set_adapter_arrays(model, start, params)  # the model trains on: the delta stays what it was
     assert all(delta[k].tobytes() == expected[k].tobytes() for k in expected)
+
+
+def test_host_arrays_of_tensors_are_their_values_with_shapes_in_order():
+    tensors = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.tensor([7.0]),
+               "c": torch.ones(1, 4, dtype=torch.bfloat16)}
+    got = host_arrays(tensors)
+    assert list(got) == ["b", "a", "c"]
+    assert all(got[k].dtype == np.float32 and got[k].shape == tuple(t.shape) for k, t in tensors.items())
+    assert all(np.array_equal(got[k], t.float().numpy()) for k, t in tensors.items())
+    flat = np.arange(10, dtype=np.float32)
+    assert [v.tolist() for v in split_flat(flat, [(2, 2), (0,), (3, 2)])] == \
+        [[[0, 1], [2, 3]], [], [[4, 5], [6, 7], [8, 9]]]
 
 
 def test_set_refuses_wrong_keys_and_shapes(tiny_lora):

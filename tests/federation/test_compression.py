@@ -6,10 +6,12 @@ from federation.compression import (
     ErrorFeedback,
     UploadCodec,
     bf16_bits_to_float32,
+    bf16_on_device,
     decode_upload,
     encode_upload,
     encoded_nbytes,
     float32_to_bf16_bits,
+    on_device,
     topk_count,
     upload_codecs,
 )
@@ -197,6 +199,103 @@ def test_error_feedback_with_fp32_keeps_no_residual():
     encoded = ef.encode(d, "fp32")
     np.testing.assert_array_equal(encoded[KEY_A], d[KEY_A])
     assert ef.residual == {}
+
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+def special_delta(seed: int) -> dict[str, np.ndarray]:
+    """A delta whose first entries are the values bf16 rounding gets wrong most easily; the rest random."""
+    d = delta(seed)
+    specials = np.concatenate([
+        # ties (low 16 bits 0x8000) of both parities, just below and above them, a bf16 subnormal tie, float32 max
+        np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x3F807FFF, 0x3F808001, 0x00008000, 0x80018000, 0x7F7FFFFF],
+                 dtype=np.uint32).view(np.float32),
+        # zeros, infinities, NaNs with payloads and sign, float32 subnormals
+        np.array([0x00000000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00001, 0xFFA00000, 0x7F800001, 0x00000001,
+                  0x807FFFFF], dtype=np.uint32).view(np.float32),
+    ])
+    if seed % 2:  # every other round: specials where the residual holds the last ones' leftovers
+        d[KEY_A].reshape(-1)[:specials.size] = specials
+    else:
+        d[KEY_B].reshape(-1)[-specials.size:] = specials
+    return d
+
+
+def assert_same_floats(got: np.ndarray, expected: np.ndarray) -> None:
+    """Bit for bit, except a NaN's payload: that is the arithmetic's (numpy's and torch's CPU subtractions, and a
+    GPU's, pick different ones), and never reaches the wire, where every NaN is BF16_QUIET_NAN."""
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got.view(np.uint32)[~nan], expected.view(np.uint32)[~nan])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_on_device_is_the_host_encoding_and_residual_bit_for_bit_over_rounds(device):
+    host = ErrorFeedback()
+    residual = {}
+    for r in range(6):
+        d = special_delta(r)
+        with np.errstate(invalid="ignore"):  # inf - inf and NaN arithmetic: on purpose
+            expected = host.encode(d, "bf16")
+        encoded, residual = bf16_on_device({k: torch.from_numpy(v).to(device) for k, v in d.items()}, residual)
+        assert list(encoded) == list(expected)
+        assert all(encoded[k].dtype == np.uint16 and encoded[k].tobytes() == expected[k].tobytes() for k in expected)
+        assert list(residual) == list(host.residual)
+        for key in residual:
+            assert_same_floats(residual[key], host.residual[key])
+    assert np.isnan(residual[KEY_A]).any() and np.isnan(residual[KEY_B]).any()  # the specials were in there
+    # without feedback: the plain bf16 encoding, and no residual
+    d = special_delta(7)
+    plain, none = bf16_on_device({k: torch.from_numpy(v).to(device) for k, v in d.items()})
+    assert none is None and {k: v.tobytes() for k, v in plain.items()} == \
+        {k: v.tobytes() for k, v in encode_upload(d, "bf16").items()}
+
+
+def test_bf16_on_device_refuses_a_residual_of_other_keys_or_shapes():
+    d = {k: torch.from_numpy(v) for k, v in delta().items()}
+    with pytest.raises(ValueError, match="different keys"):
+        bf16_on_device(d, {KEY_A: delta()[KEY_A]})
+    with pytest.raises(ValueError, match="vs residual"):
+        bf16_on_device(d, {KEY_A: delta()[KEY_A], KEY_B: np.zeros((8, 32), np.float32)})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("codec", [UploadCodec(name) for name in ("fp32", "bf16", "fp16", "int8", "int4")]
+                         + [UploadCodec("topk", topk_values="bf16")])
+def test_only_bf16_of_gpu_tensors_is_encoded_on_the_device_and_every_codec_gives_the_host_bytes(codec, device,
+                                                                                                 monkeypatch):
+    import federation.compression as compression
+
+    calls = []
+    real = compression.bf16_on_device
+    monkeypatch.setattr(compression, "bf16_on_device", lambda *args: calls.append(1) or real(*args))
+    host, tensors = ErrorFeedback(), ErrorFeedback()
+    for r in range(3):
+        d = delta(r)
+        torch_delta = {k: torch.from_numpy(v).to(device) for k, v in d.items()}
+        assert on_device(torch_delta, codec) == (codec.name == "bf16" and device == "cuda")
+        assert not on_device(d, codec)
+        expected = host.encode(d, codec)
+        got = tensors.encode(torch_delta, codec)
+        assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in expected.items()}
+        assert {k: v.tobytes() for k, v in tensors.residual.items()} == \
+            {k: v.tobytes() for k, v in host.residual.items()}
+        assert {k: v.tobytes() for k, v in codec.encode(torch_delta).items()} == \
+            {k: v.tobytes() for k, v in codec.encode(d).items()}
+    assert len(calls) == (6 if on_device(torch_delta, codec) else 0)
+
+
+def test_error_feedback_starts_from_a_residual_as_given():
+    residual = {k: np.full_like(v, 0.5) for k, v in delta().items()}
+    ef = ErrorFeedback(residual)
+    assert all(ef.residual[k] is residual[k] for k in residual)
+    restored = ErrorFeedback()
+    restored.load_state_dict(residual)
+    a, b = ef.encode(delta(1), "int8"), restored.encode(delta(1), "int8")
+    assert {k: v.tobytes() for k, v in a.items()} == {k: v.tobytes() for k, v in b.items()}
+    assert np.all(residual[KEY_A] == 0.5)  # encoding replaced the residual, it did not write into the caller's arrays
 
 
 @pytest.mark.parametrize("codec", ["bf16", "fp16", "int8", "int4", "topk"])
