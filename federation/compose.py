@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from federation.config import CONF_DIR, RunConfig
-from federation.validation import check_schema, config_error_from_hydra, validate_run_config
+from federation.validation import check_bool_overrides, check_schema, config_error_from_hydra, validate_run_config
 
 
 def to_run_config(cfg: DictConfig | dict[str, Any] | None) -> RunConfig:
@@ -44,6 +44,7 @@ def compose_config(overrides: list[str] | None = None, config_dir: str | Path = 
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     overrides = typed_param_overrides(list(overrides or []), config_dir)
+    check_bool_overrides(overrides, RunConfig)
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
         try:
             cfg = compose(config_name="config", overrides=overrides)

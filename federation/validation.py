@@ -602,6 +602,22 @@ def _unknown_key(key: str, schema: type) -> ConfigError:
     return ConfigError(key, f"{key}: {parent} has no key {leaf!r} here; add one with +{key}=VALUE")
 
 
+def _not_a_bool(key: str, value: Any) -> ConfigError:
+    return ConfigError(key, f"{key} must be true or false, got {value!r}")
+
+
+def check_bool_overrides(overrides: list[str], schema: type) -> None:
+    """ConfigError for a `key=value` override of a true/false setting whose value is not true or false.
+
+    OmegaConf would turn `train.offload_checkpoints=5` (or `=yes`, `=0`) into a bool before check_schema sees it:
+    a typo would silently switch a setting on.
+    """
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if sep and _node_type(schema, key) is bool and value.strip().lower() not in ("true", "false"):
+            raise _not_a_bool(key, value)
+
+
 def check_schema(cfg: Any, schema: type) -> Any:
     """cfg (a DictConfig or plain dict) as an instance of the dataclass `schema`; unknown keys and wrong types are
     ConfigErrors (OmegaConf would drop a key added with hydra's '+')."""
@@ -615,6 +631,8 @@ def check_schema(cfg: Any, schema: type) -> Any:
         for key, value in node.items():
             if key not in types:
                 raise _unknown_key(prefix + str(key), schema)
+            if types[key] is bool and not isinstance(value, bool):
+                raise _not_a_bool(prefix + str(key), value)
             if dataclasses.is_dataclass(types[key]) and isinstance(value, Mapping):
                 walk(value, types[key], f"{prefix}{key}.")
 

@@ -240,3 +240,27 @@ def test_unknown_fast_path_or_schedule_names_the_key_and_choices(override, key):
     with pytest.raises(ConfigError) as err:
         compose_config([override])
     assert err.value.key == key and "valid:" in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["5", "yes", "0", "on"])
+def test_true_false_settings_take_only_true_or_false(value):
+    from federation.compose import compose_config
+
+    with pytest.raises(ConfigError) as err:
+        compose_config([f"train.offload_checkpoints={value}"])
+    assert err.value.key == "train.offload_checkpoints"
+    assert str(err.value) == f"train.offload_checkpoints must be true or false, got '{value}'"
+    assert compose_config(["train.offload_checkpoints=FALSE"]).train.offload_checkpoints is False
+
+
+def test_a_run_config_off_the_wire_with_a_number_for_a_true_false_setting_is_refused():
+    import json
+
+    from federation.compose import compose_config, run_config_from_json
+    from federation.config import run_config_to_json
+
+    wire = json.loads(run_config_to_json(compose_config([])))
+    wire["federation"]["evaluate_before_training"] = 2
+    with pytest.raises(ConfigError) as err:
+        run_config_from_json(json.dumps(wire))
+    assert err.value.key == "federation.evaluate_before_training"
