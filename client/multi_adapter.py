@@ -262,14 +262,11 @@ class MultiAdapterTrainer:
             start = time.perf_counter()
             description = f"{label or f'{k_clients} clients'} training together"
             with progress.track(description, steps, "steps", rate_unit="tokens") as bar:
-                for _ in range(steps):
+                upcoming = self._next_step(iterators, loaders, k_clients, device)
+                for step in range(steps):
                     tokens_before = int(input_tokens.sum())
-                    micro = [[self._next(iterators, loaders, k) for _ in range(cfg.grad_accum)]
-                             for k in range(k_clients)]
-                    step_tokens = torch.tensor([max(sum(self.solo._target_tokens(b) for b in batches), 1)
-                                                for batches in micro], dtype=torch.float32, device=device)
-                    for j in range(cfg.grad_accum):
-                        combined = combine_batches([micro[k][j] for k in range(k_clients)], self.solo.pad_token_id)
+                    micro, step_tokens, combined_batches = upcoming
+                    for j, combined in enumerate(combined_batches):
                         stacked.row_adapter = host_to_device(combined["row_adapter"], device)
                         sums, tokens = self._adapter_loss_sums(combined, k_clients, device)
                         # Each client's loss normalised by its own step's tokens: its gradient is the solo one.
@@ -278,6 +275,8 @@ class MultiAdapterTrainer:
                         target_tokens += tokens
                         for k in range(k_clients):
                             input_tokens[k] += self.solo._input_tokens(micro[k][j])
+                    if step + 1 < steps:  # built while the GPU runs this step's backward (LocalTrainer.train)
+                        upcoming = self._next_step(iterators, loaders, k_clients, device)
                     if start_params is not None:
                         proximal_term(params, start_params, proximal_mu).backward()
                     if cfg.max_grad_norm > 0:
@@ -299,6 +298,17 @@ class MultiAdapterTrainer:
                                  int(target_tokens[k]), int(input_tokens[k]), share, peak)
             out.append((result, adapters[k]))
         return out
+
+    def _next_step(self, iterators: list, loaders: list, k_clients: int, device: torch.device):
+        """One step's batches: (per client its grad_accum batches, per client its step's target tokens (K,) on the
+        device, the clients' batches combined per micro-batch index)."""
+        cfg = self.cfg
+        micro = [[self._next(iterators, loaders, k) for _ in range(cfg.grad_accum)] for k in range(k_clients)]
+        step_tokens = torch.tensor([max(sum(self.solo._target_tokens(b) for b in batches), 1) for batches in micro],
+                                   dtype=torch.float32)
+        combined = [combine_batches([micro[k][j] for k in range(k_clients)], self.solo.pad_token_id)
+                    for j in range(cfg.grad_accum)]
+        return micro, host_to_device(step_tokens, device), combined
 
     @staticmethod
     def _next(iterators: list, loaders: list, k: int):
