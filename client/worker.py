@@ -13,10 +13,11 @@ flower-superexec + flwr-clientapp do, in one process that stays:
           -> approved: run the INSTALLED client.app.app in this process, so client.app's
              process-wide runtime keeps the base model resident across messages and runs;
              refused: log "REFUSED run ..." and reply with an error
-          -> push_message (the reply) and push_task_output (the updated context)
+          -> push_reply (the reply) and push_task_output (the updated context)
 
-The per-task calls are Flower's own (flwr.supernode.runtime.run_clientapp's pull_task_input,
-push_message, push_task_output, HeartbeatSender), so the wire protocol is Flower's.
+The per-task calls are Flower's own (flwr.supernode.runtime.run_clientapp's pull_task_input, push_task_output,
+HeartbeatSender; push_reply is its push_message with the object ids computed once), so the wire protocol is
+Flower's.
 """
 
 from __future__ import annotations
@@ -37,15 +38,29 @@ import httpx
 from flwr.app import Context, Message
 from flwr.app.error import Error
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
+from flwr.app.message import remove_content_from_message
+from flwr.common.serde import message_to_proto
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    PushAppMessagesRequest,
+    SendTaskHeartbeatRequest,
+)
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.inflatable.inflatable_object import (
+    get_all_nested_objects,
+    get_object_tree,
+    no_object_id_recompute,
+)
+from flwr.supercore.inflatable.inflatable_protobuf_utils import make_push_object_fn_protobuf
+from flwr.supercore.inflatable.inflatable_utils import push_objects
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.run import RunNotRunningException
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_task_output
 
 from client.approval import check_fab, installed_file_hashes
 from client.app import app as client_app
@@ -167,6 +182,29 @@ def fetch(task: ClaimedTask, ready: queue.Queue) -> None:
     ready.put(task)
 
 
+def push_reply(client: RuntimeHttpClient, message: Message, context: Context) -> None:
+    """Flower 1.41's run_clientapp.push_message, with the reply's object ids computed once instead of twice.
+
+    Flower's computes the message id (deflating and hashing every chunk of the payload) before it enters
+    no_object_id_recompute, and builds the object tree inside it, which computes every id again: ~8 of 88 ms for
+    an 11.3 MB reply on the 2-core VM (BENCHMARKS.md, "The reply's push"). Here both are inside one
+    no_object_id_recompute; the requests are byte-identical to Flower's (tests/client/test_worker.py).
+    """
+    with no_object_id_recompute():
+        message.metadata.__dict__["_message_id"] = message.object_id
+        proto_message = message_to_proto(remove_content_from_message(message))
+        object_tree = get_object_tree(message)
+        pushed = client.PushMessages(PushAppMessagesRequest(messages_list=[proto_message],
+                                                            message_object_trees=[object_tree]))
+        del proto_message
+        all_objects = get_all_nested_objects(message)
+        del message
+        push_objects(all_objects,
+                     make_push_object_fn_protobuf(client.PushObject, Node(node_id=context.node_id),
+                                                  run_id=context.run_id, session_id=pushed.session_id),
+                     object_ids_to_push=set(pushed.objects_to_push))
+
+
 def answer(task: ClaimedTask, approved_fab_hashes: Collection[str], installed: Mapping[str, str]) -> None:
     """Run the ClientApp (or refuse) on a pulled task, push the reply and report the task's outcome."""
     assert task.message is not None and task.context is not None
@@ -178,7 +216,7 @@ def answer(task: ClaimedTask, approved_fab_hashes: Collection[str], installed: M
         started = time.perf_counter()
         reply, sub_status, details = handle_message(task.message, task.context, task.fab_content,
                                                     approved_fab_hashes, installed)
-        push_message(task.client, reply, task.context)
+        push_reply(task.client, reply, task.context)
         log.info("run %d: %s %s message in %.2f s", task.run_id,
                  "answered" if sub_status == SubStatus.COMPLETED else "error reply to",
                  task.message.metadata.message_type, time.perf_counter() - started)

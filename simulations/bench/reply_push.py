@@ -9,13 +9,13 @@ API (flwr.supernode.main.create_app: FastAPI under uvicorn, in-memory NodeState 
 its own, as at a site; it holds one claimed ClientApp task per push. Each repeat pushes a different reply (its
 chunks are new to the store, as every round's are).
 
-The steps are those of Flower's push_message (flwr.supernode.runtime.run_clientapp), the call client/worker.py
-makes, done one by one with Flower's own functions: the message's object id (every object deflated and its
+The steps are those of Flower's push_message (flwr.supernode.runtime.run_clientapp), done one by one with Flower's own functions: the message's object id (every object deflated and its
 content hashed; an Array's chunks are sliced and hashed here), the message proto, the object tree (inside
 no_object_id_recompute, where each object's id is computed once more), the PushMessages call, the nested
 objects, then per object to push its deflated content, the PushObjectRequest's serialization and the HTTP call
 (the SuperNode parses the request, re-hashes and checks the content, stores it). "push_message" is Flower's
-function end to end on another fresh reply, for comparison. sha256 counts the bytes hashed by object ids (in this
+function end to end on another fresh reply, "push_reply" client/worker.py's (the same with every object id
+computed once) on a third. sha256 counts the bytes hashed by object ids (in this
 process) per push.
 """
 
@@ -33,7 +33,9 @@ RUN_ID = 1
 NODE_ID = 1
 STEPS = ("pack", "message-id", "message-proto", "object-tree", "push-messages-call", "nested-objects", "deflate",
          "request-serialize", "push-object-calls", "calls-worker-cpu", "calls-receiver-cpu", "steps-total",
-         "push_message")
+         "push_message", "push_reply")
+# Per repeat: the step-by-step push, Flower's push_message, and client/worker.py's push_reply (each its own task).
+PUSHES_PER_REPEAT = 3
 
 
 def serve_receiver(tasks: int) -> None:
@@ -206,10 +208,10 @@ def measure(model: str, repeats: int) -> tuple[list[dict[str, float]], dict]:
     from flwr.app import Context, RecordDict
     from flwr.supernode.runtime.run_clientapp import push_message
 
-    from client.worker import _runtime_client
+    from client.worker import _runtime_client, push_reply
 
     receiver = subprocess.Popen([sys.executable, "-m", "simulations.bench.reply_push", "--receiver",
-                                 str(2 * (repeats + 1))], stdout=subprocess.PIPE, text=True)
+                                 str(PUSHES_PER_REPEAT * (repeats + 1))], stdout=subprocess.PIPE, text=True)
     try:
         port, *tokens = receiver.stdout.readline().split()
         receiver_process = psutil.Process(receiver.pid)
@@ -222,8 +224,9 @@ def measure(model: str, repeats: int) -> tuple[list[dict[str, float]], dict]:
         context = Context(run_id=RUN_ID, node_id=NODE_ID, state=RecordDict(), run_config={}, node_config={})
         measured, sizes = [], {}
         for repeat in range(repeats + 1):
-            client = _runtime_client(address, "flwr-clientapp", tokens[2 * repeat])
-            reply, pack_seconds = reply_message(model, seed=2 * repeat)
+            token = iter(tokens[PUSHES_PER_REPEAT * repeat:PUSHES_PER_REPEAT * (repeat + 1)])
+            client = _runtime_client(address, "flwr-clientapp", next(token))
+            reply, pack_seconds = reply_message(model, seed=PUSHES_PER_REPEAT * repeat)
             counter = HashCounter()
             started = time.perf_counter()
             with counter.installed():
@@ -232,12 +235,16 @@ def measure(model: str, repeats: int) -> tuple[list[dict[str, float]], dict]:
             steps["pack"] = pack_seconds
             steps["sha256-calls"], steps["sha256-mb"] = counter.calls, counter.bytes / 1e6
             client.close()
-            client = _runtime_client(address, "flwr-clientapp", tokens[2 * repeat + 1])
-            reply, _ = reply_message(model, seed=2 * repeat + 1)
-            started = time.perf_counter()
-            push_message(client, reply, context)
-            steps["push_message"] = time.perf_counter() - started
-            client.close()
+            for offset, (name, push) in enumerate((("push_message", push_message), ("push_reply", push_reply)), 1):
+                client = _runtime_client(address, "flwr-clientapp", next(token))
+                reply, _ = reply_message(model, seed=PUSHES_PER_REPEAT * repeat + offset)
+                counter = HashCounter()
+                started = time.perf_counter()
+                with counter.installed():
+                    push(client, reply, context)
+                steps[name] = time.perf_counter() - started
+                steps[f"{name}-sha256-mb"] = counter.bytes / 1e6
+                client.close()
             if repeat:
                 measured.append(steps)
             sizes = {"reply_bytes": reply.content["arrays"].count_bytes(),

@@ -118,7 +118,7 @@ def test_a_pull_that_never_completes_does_not_hold_up_the_next_task(monkeypatch)
 
     monkeypatch.setattr(worker, "pull_task_input", pull_task_input)
     monkeypatch.setattr(worker, "handle_message", handle_message)
-    monkeypatch.setattr(worker, "push_message", lambda client, message, context: None)
+    monkeypatch.setattr(worker, "push_reply", lambda client, message, context: None)
     monkeypatch.setattr(worker, "push_task_output", lambda client, context, sub_status, details:
                         finished.append((context.run_id if context else None, sub_status)))
     server = threading.Thread(target=worker.serve, args=("127.0.0.1:1", (), {}, stop, 0.01), daemon=True)
@@ -126,3 +126,47 @@ def test_a_pull_that_never_completes_does_not_hold_up_the_next_task(monkeypatch)
     server.join(timeout=10)
     assert not server.is_alive(), "the worker waited for the stuck pull"
     assert answered == [20] and (20, SubStatus.COMPLETED) in finished
+
+
+class _RecordingRuntime:
+    """The two Runtime API calls a reply push makes, recorded as the bytes Flower would send."""
+
+    def __init__(self):
+        self.requests: list[bytes] = []
+
+    def PushMessages(self, request):  # noqa: N802 (Flower's RPC name)
+        from flwr.proto.runtime_pb2 import PushAppMessagesResponse  # pylint: disable=E0611
+
+        self.requests.append(request.SerializeToString(deterministic=True))
+        tree = request.message_object_trees[0]
+        ids, stack = [], [tree]
+        while stack:
+            node = stack.pop()
+            ids.append(node.object_id)
+            stack.extend(node.children)
+        return PushAppMessagesResponse(objects_to_push=ids, session_id="s")
+
+    def PushObject(self, request):  # noqa: N802
+        from flwr.proto.message_pb2 import PushObjectResponse  # pylint: disable=E0611
+
+        self.requests.append(request.SerializeToString(deterministic=True))
+        return PushObjectResponse(stored=True)
+
+
+def test_push_reply_sends_exactly_what_flowers_push_message_sends():
+    import copy
+
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, MetricRecord
+    from flwr.supernode.runtime.run_clientapp import push_message
+
+    content = RecordDict({"arrays": ArrayRecord({"packed": Array(np.arange(300_000, dtype=np.uint8))}),
+                          "metrics": MetricRecord({"num-examples": 12})})
+    message = reply(instruction(RecordDict(), 7), content)
+    sent = []
+    for push in (push_message, worker.push_reply):
+        runtime = _RecordingRuntime()
+        push(runtime, copy.deepcopy(message), _context())
+        sent.append(runtime.requests)
+    assert len(sent[0]) >= 2  # the message with its object tree, then at least one object
+    assert sent[0] == sent[1]
