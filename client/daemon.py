@@ -3,7 +3,8 @@
 A site runs ``fedtune site --config site.yaml``. The daemon validates everything the site controls
 (data, CA certificate, the site's private key) before it dials the coordinator, because a SuperNode
 started with bad data would only fail inside the first round, on the coordinator's clock. It then
-runs ``flower-supernode --isolation process`` in the foreground over TLS with SuperNode authentication,
+runs ``flower-supernode --isolation process`` (through client/supernode.py, which bounds how long it waits
+between asking the coordinator for messages) in the foreground over TLS with SuperNode authentication,
 plus one resident worker (client/worker.py) that serves every message of every run with the installed
 ClientApp (``client.app:app``, base model loaded once), refuses runs whose FAB is not the
 installed app (client/approval.py), and is restarted if it dies. The ClientApp reads its data from the
@@ -25,7 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from federation.flower_process import DEFAULT_STOP_TIMEOUT_S, FlowerProcess, flower_env, flower_executable
+from client.supernode import POLL_INTERVAL_FLAG
+from federation.flower_process import DEFAULT_STOP_TIMEOUT_S, FlowerProcess, flower_env
 from federation.validation import ConfigError
 
 log = logging.getLogger("fedtune.site")
@@ -36,6 +38,10 @@ DEFAULT_CLIENTAPPIO_PORT = 9094  # flower-supernode's own default for its local 
 # (state_dir); otherwise it keeps retrying a bit longer than that.
 DEFAULT_REJOIN_TIMEOUT_S = 90.0
 DEFAULT_REJOIN_RETRY_S = 2.0
+# Longest wait between the SuperNode's requests for new messages while idle: each round's message (each SecAgg+
+# stage's) sits at the coordinator up to this long before the site sees it. Flower's own fixed value; lower
+# means quicker rounds for more requests (one per site per interval) to the coordinator.
+DEFAULT_POLL_INTERVAL_S = 3.0
 # What flower-supernode prints when the SuperLink refuses to activate it ([code: 2004]): its key is not
 # registered, or the coordinator still counts this node online from before a crash.
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
@@ -90,6 +96,8 @@ class SiteConfig:
     # Reconnection limits while the coordinator is unreachable (None: retry forever).
     max_retries: int | None = None
     max_wait_time_s: float | None = None
+    # Longest wait between the SuperNode's requests for new messages (see DEFAULT_POLL_INTERVAL_S).
+    poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
     # How long to keep retrying when the coordinator refuses to activate this site (see DEFAULT_REJOIN_TIMEOUT_S);
     # 0: give up at the first refusal.
     rejoin_timeout_s: float = DEFAULT_REJOIN_TIMEOUT_S
@@ -156,6 +164,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         state_dir=resolve(raw.get("state_dir")),
         max_retries=number("max_retries", int, None, 0),
         max_wait_time_s=number("max_wait_time_s", float, None, 0),
+        poll_interval_s=number("poll_interval_s", float, DEFAULT_POLL_INTERVAL_S, 0.1),
         rejoin_timeout_s=number("rejoin_timeout_s", float, DEFAULT_REJOIN_TIMEOUT_S, 0),
         insecure=bool(raw.get("insecure", False)),
         extra_node_config=dict(extra),
@@ -271,12 +280,14 @@ def device_env(device: str) -> dict[str, str]:
 
 
 def supernode_command(cfg: SiteConfig, isolation: str = "process") -> list[str]:
-    """Argv of flower-supernode for this site; `process` isolation: it starts no ClientApp processes itself.
+    """Argv of flower-supernode (client/supernode.py) for this site; `process` isolation: it starts no ClientApp
+    processes itself.
 
     (isolation="subprocess", Flower's process per message running the FAB's own ClientApp, is only for
     simulations/bench/transfer.py, whose throwaway app a fedtune site would refuse.)
     """
-    argv = [flower_executable("flower-supernode"), "--superlink", cfg.coordinator, "--isolation", isolation,
+    argv = [sys.executable, "-m", "client.supernode", POLL_INTERVAL_FLAG, str(cfg.poll_interval_s),
+            "--superlink", cfg.coordinator, "--isolation", isolation,
             "--host", "127.0.0.1", "--port", str(cfg.clientappio_port),
             "--node-config", node_config(cfg)]
     if cfg.insecure:

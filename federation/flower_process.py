@@ -125,10 +125,12 @@ class FlowerProcess:
         return any(text in line for line in list(self.output_tail))
 
     def run_in_foreground(self, health_check: Callable[[], bool] | None = None,
-                          health_interval_s: float = DEFAULT_HEALTH_INTERVAL_S) -> int:
+                          health_interval_s: float = DEFAULT_HEALTH_INTERVAL_S,
+                          before_requested_stop: Callable[[], None] | None = None) -> int:
         """Start, wait until it exits, this process gets SIGINT/SIGTERM or health_check() is False (then stop it).
 
         Returns the exit code (0 after a requested stop); `unhealthy` says whether the health check stopped it.
+        before_requested_stop() runs after SIGINT/SIGTERM, before the process is stopped.
         """
 
         def request_stop(signum, _frame):
@@ -147,6 +149,8 @@ class FlowerProcess:
                     if self.poll() is None and not health_check():
                         self.unhealthy = True
                         break
+            if self.stop_requested and before_requested_stop is not None:
+                before_requested_stop()
             code = self.stop()
             return 0 if self.stop_requested else code
         finally:

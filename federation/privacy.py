@@ -19,8 +19,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from federation.secure_random import SecureRandom
 
@@ -243,6 +241,10 @@ def epsilon_of_history(history: Sequence[Sequence[float]], delta: float, account
         return 0.0
     if any(sigma <= 0 for sigma, _, _ in entries):
         return math.inf
+    # Opacus only where privacy is accounted: importing it takes ~2 s (it pulls in torch.distributed), and every
+    # ServerApp and site worker imports this module (SecAgg+ clips and noises with it).
+    from opacus.accountants import create_accountant
+
     opacus_accountant = create_accountant(mechanism=accountant)
     opacus_accountant.history = entries
     return float(opacus_accountant.get_epsilon(delta=delta))
@@ -295,6 +297,8 @@ def calibrate_noise_multiplier(
             f"epsilon={floor:.4g} > target ({inputs}); raise the target epsilon or delta, sample fewer "
             f"sites per round, run fewer rounds, or allow a larger max_noise_multiplier"
         )
+    from opacus.accountants.utils import get_noise_multiplier  # only here: see epsilon_of_history
+
     sigma = get_noise_multiplier(
         target_epsilon=target_epsilon,
         target_delta=delta,

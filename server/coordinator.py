@@ -321,8 +321,11 @@ def run_coordinator(settings: CoordinatorSettings) -> int:
     try:
         while True:
             superlink = start_superlink(settings, allowed, flwr_home)
+            # Asked to stop: the gateway goes first. Its idle keep-alive connections to the SuperLink would otherwise
+            # hold the SuperLink's shutdown (uvicorn waits for them: its TLS close is never answered) until it is
+            # killed after stop_timeout_s.
             code = superlink.run_in_foreground(health_check=lambda: _superexec_running(superlink) and gateway.alive,
-                                               health_interval_s=SUPEREXEC_CHECK_S)
+                                               health_interval_s=SUPEREXEC_CHECK_S, before_requested_stop=gateway.stop)
             if not superlink.unhealthy:
                 return code
             if not gateway.alive:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import stat
 import tomllib
@@ -115,6 +116,35 @@ def test_node_config_is_what_flower_parses(tmp_path, creds):
     assert "--insecure" not in argv
 
 
+def test_supernode_waits_at_most_poll_interval_s_between_asking_for_messages(tmp_path, creds, monkeypatch):
+    import time
+
+    import flwr.supernode.start_client_internal as loop
+
+    from client.supernode import bound_supernode_waits
+
+    argv = supernode_command(_site(tmp_path, creds, Path("/d"), poll_interval_s=0.5))
+    assert argv[1:5] == ["-m", "client.supernode", "--poll-interval-s", "0.5"]
+    # What it bounds: Flower 1.41's idle wait in the SuperNode's message loop (a newer flwr may wait elsewhere).
+    assert "time.sleep(3)" in inspect.getsource(loop.start_client_internal)
+    monkeypatch.setattr(loop, "time", loop.time)  # put back after the test
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    bound_supernode_waits(0.5)
+    loop.time.sleep(3)
+    loop.time.sleep(0.2)
+    assert slept == [0.5, 0.2] and loop.time.monotonic is time.monotonic
+
+
+def test_poll_interval_defaults_to_flowers_3_s_and_must_be_at_least_0_1_s(tmp_path):
+    config = tmp_path / "site.yaml"
+    config.write_text("name: a\ncoordinator: h:1\ninsecure: true\ndata_path: /d\n")
+    assert load_site_config(config).poll_interval_s == 3.0
+    config.write_text(config.read_text() + "poll_interval_s: 0.05\n")
+    with pytest.raises(SiteConfigError, match="poll_interval_s must be a number >= 0.1, got 0.05"):
+        load_site_config(config)
+
+
 def test_superlink_uses_tls_and_node_auth_unless_insecure(tmp_path, creds):
     secure = superlink_command(CoordinatorSettings(certs_dir=creds, state_dir=tmp_path))
     for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
@@ -149,8 +179,29 @@ def test_flower_process_failed_health_check_stops_it():
     from client.daemon import FlowerProcess
 
     proc = FlowerProcess(["sleep", "300"], stop_timeout_s=5)
-    assert proc.run_in_foreground(health_check=lambda: False, health_interval_s=0.0) != 0
+    called = []
+    assert proc.run_in_foreground(health_check=lambda: False, health_interval_s=0.0,
+                                  before_requested_stop=lambda: called.append(True)) != 0
     assert proc.unhealthy and proc.poll() is not None
+    assert called == []  # only a requested stop runs it
+
+
+def test_flower_process_runs_before_requested_stop_on_sigterm_while_the_process_still_runs():
+    import os
+    import signal
+
+    from client.daemon import FlowerProcess
+
+    proc = FlowerProcess(["sleep", "300"], stop_timeout_s=5)
+
+    def sigterm_to_this_process() -> bool:  # the loop's hook: what an operator's SIGTERM does, from inside
+        os.kill(os.getpid(), signal.SIGTERM)
+        return True
+
+    seen = []
+    assert proc.run_in_foreground(health_check=sigterm_to_this_process, health_interval_s=0.0,
+                                  before_requested_stop=lambda: seen.append(proc.poll())) == 0
+    assert seen == [None] and proc.poll() is not None  # it ran first, then the process was stopped
 
 
 def test_coordinator_refuses_missing_server_key(tmp_path, creds):
