@@ -224,8 +224,9 @@ class MultiAdapterTrainer:
             return sums, tokens
         # The kernel set's loss sums its input, so it runs once per adapter; combine_batches puts the rows in
         # adapter order, so each adapter's target tokens are one contiguous run of `selected`.
+        sizes = counts.tolist()
         sums = [self.linear_ce_sum(h, lm_head.weight, t).float()
-                for h, t in zip(selected.split(counts.tolist()), selected_targets.split(counts.tolist()))]
+                for h, t in zip(selected.split(sizes), selected_targets.split(sizes))]
         return torch.stack(sums), tokens
 
     def train(self, datasets: Sequence[SiteDataset], seeds: Sequence[int], initial: Mapping[str, np.ndarray],
