@@ -1,7 +1,7 @@
-"""A real deployment on 127.0.0.1: `fedtune coordinator` + 3 `fedtune site` daemons + `fedtune launch`, all separate
-processes, over TLS with SuperNode authentication. `fedtune launch` is a process where a test needs one: its exit
-code for a failed run, a run watched while it goes, a launch killed, the outsider's; the happy run and the resumed
-one are launched from the test process instead (Deployment.launch: the same launch(), less ~8 s of CPU per process).
+"""A real deployment on 127.0.0.1: `fedtune coordinator` + 3 `fedtune site` daemons, separate processes, over TLS
+with SuperNode authentication, and its runs. `fedtune launch` runs as a process where a test needs one (a run watched
+while it goes, a launch killed, the outsider's); the other runs are launched from the test process (Deployment.launch:
+the same launch() and exit code, less the ~8 s of CPU a launch process spends on imports).
 
 One coordinator and three sites (tests/deployment/conftest.py, shared with test_resident_worker.py) serve the
 whole module; the tests run in file order and the last one kills and restarts the coordinator. One uninterrupted two-round run (fixture ``two_round_run``)
@@ -175,9 +175,8 @@ def test_three_sites_finish_two_rounds_over_tls_with_node_auth(deployment, two_r
 def test_a_run_where_every_site_fails_makes_launch_exit_1_naming_the_cause(deployment):
     run_dir = deployment.root / "run-failing"
     # The sites run on the CPU (device: cpu), where 4-bit loading is refused: every site fails round 1.
-    proc = deployment.procs.start("launch-failing", deployment.launch_argv(
-        "federation.rounds=2", "model.quantization=4bit", f"output_dir={run_dir}"))
-    code = proc.wait(timeout=RUN_TIMEOUT_S)
+    code = deployment.launch("launch-failing", deployment.fast_overrides(
+        "federation.rounds=2", "model.quantization=4bit", f"output_dir={run_dir}"), timeout_s=RUN_TIMEOUT_S)
     output = deployment.procs.log("launch-failing")
     assert code == 1, tail(output, 80)
     assert "did not complete (finished:failed)" in output, tail(output, 80)
