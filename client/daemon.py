@@ -431,7 +431,7 @@ def _run_supernode(cfg: SiteConfig, worker: ResidentWorker, deadline: float, nod
                             "of this site did not shut down cleanly)", cfg.name, node_id)
             stale_session_possible = released is None
         supernode = FlowerProcess(supernode_command(cfg), env=supernode_env(cfg), stop_timeout_s=stop_timeout_s,
-                                  keep_output_tail=True, on_line=_node_id_recorder(cfg))
+                                  keep_output_tail=True, on_line=_node_id_recorder(cfg), name="flower-supernode")
         code = supernode.run_in_foreground(health_check=worker.keep_alive, health_interval_s=WORKER_CHECK_INTERVAL_S)
         if supernode.stop_requested:
             return 0

@@ -47,8 +47,9 @@ class FlowerProcess:
 
     def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | Path | None = None,
                  stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S, keep_output_tail: bool = False,
-                 on_line: Callable[[str], None] | None = None):
+                 on_line: Callable[[str], None] | None = None, name: str | None = None):
         self.argv = list(argv)
+        self.name = name or Path(self.argv[0]).name  # in log lines; e.g. flower-supernode run as `python -m ...`
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
         self.stop_timeout_s = stop_timeout_s
@@ -101,7 +102,7 @@ class FlowerProcess:
         try:
             self.process.wait(timeout=self.stop_timeout_s)
         except subprocess.TimeoutExpired:
-            log.warning("%s did not stop within %.0f s; killing it", self.argv[0], self.stop_timeout_s)
+            log.warning("%s did not stop within %.0f s; killing it", self.name, self.stop_timeout_s)
         leftovers = [p for p in tree if _is_alive(p)]
         for proc in leftovers:
             try:
@@ -134,7 +135,7 @@ class FlowerProcess:
         """
 
         def request_stop(signum, _frame):
-            log.info("received %s, stopping %s", signal.Signals(signum).name, Path(self.argv[0]).name)
+            log.info("received %s, stopping %s", signal.Signals(signum).name, self.name)
             self.stop_requested = True
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}

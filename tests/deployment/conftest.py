@@ -1,11 +1,11 @@
-"""One real deployment on 127.0.0.1 for the whole test session: `fedtune coordinator` + 3 `fedtune site` daemons.
+"""One real deployment on 127.0.0.1 for this package's tests: `fedtune coordinator` + 3 `fedtune site` daemons.
 
 test_deployment.py and test_resident_worker.py both run against it (starting a coordinator and its sites costs
 ~10-30 s, and every daemon's first message loads the base model once more), in file order: test_deployment.py
 kills and restarts one site and the coordinator along the way; test_resident_worker.py then counts what the
 sites' newest daemons did across all runs. Every process is started in its own session and killed with its whole
-tree at the end, pass or fail. test_hostile_site.py starts a deployment of its own (running_deployment), whose
-third site runs hostile code.
+tree once the package's tests are done, pass or fail. test_hostile_site.py starts a deployment of its own
+(running_deployment), whose third site runs hostile code; its tests run first (pytest_collection_modifyitems).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import json
 import os
 import secrets
 import sys
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,10 @@ SKILLS = {"site-a": "reverse", "site-b": "uppercase", "site-c": "add"}
 COORDINATOR_READY = "coordinator ready"
 STARTUP_TIMEOUT_S = 90
 ROUND_TIMEOUT_S = 60
+# Sites ask for new messages this often (site.yaml poll_interval_s) instead of Flower's 3 s: each round's messages
+# (four per SecAgg+ round) would otherwise wait up to 3 s at the coordinator, most of a round of the tiny model.
+# Measured on the 2-core VM: test_hostile_site.py 232 -> 185 s; an idle deployment's polling 0.08 -> 0.16 CPU-s/s.
+POLL_INTERVAL_S = 0.5
 # Small and fast; evaluation off (test_resident_worker.py turns it on for its runs).
 FAST_OVERRIDES = ["model=tiny", "train.local_steps=2", "train.batch_size=4", "strategy.fraction_evaluate=0.0",
                   "federation.evaluate_before_training=false", f"federation.round_timeout_s={ROUND_TIMEOUT_S}"]
@@ -79,10 +83,27 @@ class Deployment:
     def site_argv(self, site: str) -> list[str]:
         return [sys.executable, "-m", "simulations.cli", "site", "--config", str(self.site_configs[site])]
 
+    def fast_overrides(self, *overrides: str) -> list[str]:
+        """FAST_OVERRIDES, this deployment's model cache, then `overrides`."""
+        return [*FAST_OVERRIDES, f"model.cache_dir={self.model_cache}", *overrides]
+
     def launch_argv(self, *overrides: str) -> list[str]:
+        """`fedtune launch --stream` of fast_overrides(*overrides), to run as a process (its exit code, a kill)."""
         return [sys.executable, "-m", "simulations.cli", "launch", "--connection", "fedtune",
-                "--flwr-home", str(self.flwr_home), "--stream", *FAST_OVERRIDES,
-                f"model.cache_dir={self.model_cache}", *overrides]
+                "--flwr-home", str(self.flwr_home), "--stream", *self.fast_overrides(*overrides)]
+
+    def launch(self, name: str, overrides: Sequence[str], app_dir: Path = REPO, timeout_s: float = 300) -> int:
+        """`fedtune launch --stream` of `overrides` in this process, its output in log `name`; its exit code.
+
+        What launch_argv runs, less the process: a `fedtune launch` process spends ~8 s of CPU importing torch and
+        PEFT to validate the run config, which this process does once.
+        """
+        from server.coordinator import launch
+
+        with open(self.procs.log_path(name), "a") as log, redirect_stdout(log), redirect_stderr(log):
+            code, _ = launch(list(overrides), connection="fedtune", flwr_home=self.flwr_home, stream=True,
+                             app_dir=app_dir, timeout_s=timeout_s)
+        return code
 
     def site_process(self, site: str) -> str:
         """The process name of the site's newest daemon (a test may have restarted it as '<site>-restarted')."""
@@ -146,7 +167,8 @@ def running_deployment(root: Path, skills: Mapping[str, str] = SKILLS,
         site: site_yaml(root / f"{site}.yaml", name=site, coordinator=f"127.0.0.1:{port}",
                         ca_cert=str(creds / "ca.crt"),
                         private_key=str(creds / "sites" / f"{site}.key"), data_path=str(data[site]),
-                        device="cpu", clientappio_port=free_port(), state_dir=str(root / f"home-{site}"))
+                        device="cpu", clientappio_port=free_port(), state_dir=str(root / f"home-{site}"),
+                        poll_interval_s=POLL_INTERVAL_S)
         for site in sites
     }
     dep = Deployment(root=root, procs=procs, creds=creds, port=port, control_port=free_port(),
@@ -164,11 +186,25 @@ def running_deployment(root: Path, skills: Mapping[str, str] = SKILLS,
                  lambda: "\n".join(tail(procs.log(s), 15) for s in sites))
         yield dep
     finally:
-        procs.stop_all()
+        procs.stop_all(last=lambda name: name.startswith("coordinator"))
 
 
-@pytest.fixture(scope="session")
+def pytest_collection_modifyitems(items):
+    """test_hostile_site.py's tests before this package's others, in the same slots of the session's order.
+
+    Its deployment then never runs beside the shared one (`deployment`), which would sit idle meanwhile yet keep
+    polling: a second coordinator and three more sites taking CPU from the first on a 2-core machine.
+    """
+    here = Path(__file__).parent
+    slots = [i for i, item in enumerate(items) if here in item.path.parents]
+    first = sorted((items[i] for i in slots), key=lambda item: item.path.name != "test_hostile_site.py")  # stable
+    for slot, item in zip(slots, first):
+        items[slot] = item
+
+
+@pytest.fixture(scope="package")
 def deployment(tmp_path_factory):
-    """Coordinator (TLS + node auth) and 3 registered, connected site daemons."""
+    """Coordinator (TLS + node auth) and 3 registered, connected site daemons, stopped when the package is done
+    (an idle deployment keeps polling: it must not outlive its tests in a full run)."""
     with running_deployment(tmp_path_factory.mktemp("deployment")) as dep:
         yield dep

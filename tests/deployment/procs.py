@@ -63,16 +63,23 @@ class Processes:
             _signal_tree(proc.pid, signal.SIGKILL)
             proc.wait(timeout=STOP_GRACE_S)
 
-    def stop_all(self) -> None:
-        """SIGTERM everything still running, SIGKILL what is left after STOP_GRACE_S."""
-        trees = {name: _tree(proc.pid) for name, proc in self.procs.items()}
-        for name, proc in self.procs.items():
+    def stop_all(self, last: Callable[[str], bool] = lambda name: False) -> None:
+        """SIGTERM everything still running, SIGKILL what is left after STOP_GRACE_S; the processes `last` names go
+        after the others (a site's SuperNode tells its coordinator that it leaves, and keeps retrying past
+        STOP_GRACE_S if the coordinator went first)."""
+        self._stop([name for name in self.procs if not last(name)])
+        self._stop([name for name in self.procs if last(name)])
+
+    def _stop(self, names: list[str]) -> None:
+        procs = {name: self.procs[name] for name in names}
+        trees = {name: _tree(proc.pid) for name, proc in procs.items()}
+        for name, proc in procs.items():
             if proc.poll() is None:
                 _signal_tree(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
-        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs.values()):
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs.values()):
             time.sleep(POLL_S)
-        for name, proc in self.procs.items():
+        for name, proc in procs.items():
             for member in trees[name]:
                 try:
                     member.kill()

@@ -1,5 +1,7 @@
-"""A real deployment on 127.0.0.1: `fedtune coordinator` + 3 `fedtune site` daemons + `fedtune launch`, all separate
-processes, over TLS with SuperNode authentication.
+"""A real deployment on 127.0.0.1: `fedtune coordinator` + 3 `fedtune site` daemons, separate processes, over TLS
+with SuperNode authentication, and its runs. `fedtune launch` runs as a process where a test needs one (a run watched
+while it goes, a launch killed, the outsider's); the other runs are launched from the test process (Deployment.launch:
+the same launch() and exit code, less the ~8 s of CPU a launch process spends on imports).
 
 One coordinator and three sites (tests/deployment/conftest.py, shared with test_resident_worker.py) serve the
 whole module; the tests run in file order and the last one kills and restarts the coordinator. One uninterrupted two-round run (fixture ``two_round_run``)
@@ -16,6 +18,7 @@ import re
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -120,13 +123,16 @@ def test_outsider_on_the_public_port_cannot_list_register_launch_or_stop(deploym
     rogue_key = serialization.load_ssh_private_key(rogue.private_key_path.read_bytes(), password=None)
     pub = root / "outsider-rogue.pub"
     pub.write_text(openssh_public_key_line(rogue_key.public_key(), comment="rogue") + "\n")
-    for argv in (["ls", "target"], ["supernode", "ls", "target"], ["supernode", "register", str(pub), "target"],
-                 ["stop", "1", "target"]):
-        result = run_flwr(argv, outsider, timeout_s=60)
-        assert result.returncode != 0, (argv, result.stdout + result.stderr)
+    # `fedtune launch` first validates the run config (~8 s of CPU): it runs while the CLI calls are tried, at once.
     launch = deployment.procs.start("outsider-launch", [
         sys.executable, "-m", "simulations.cli", "launch", "--address", f"127.0.0.1:{port}", "--ca",
         str(deployment.creds / "ca.crt"), *FAST_OVERRIDES, f"model.cache_dir={root / 'model-cache'}"])
+    attempts = (["ls", "target"], ["supernode", "ls", "target"], ["supernode", "register", str(pub), "target"],
+                ["stop", "1", "target"])
+    with ThreadPoolExecutor(len(attempts)) as pool:
+        results = list(pool.map(lambda argv: run_flwr(argv, outsider, timeout_s=60), attempts))
+    for argv, result in zip(attempts, results):
+        assert result.returncode != 0, (argv, result.stdout + result.stderr)
     assert launch.wait(timeout=120) != 0, tail(deployment.procs.log("outsider-launch"))
 
     # Nothing of that reached the SuperLink: no run was added and the rogue key is not registered.
@@ -141,9 +147,9 @@ def test_outsider_on_the_public_port_cannot_list_register_launch_or_stop(deploym
 def two_round_run(deployment) -> tuple[int, Path]:
     """(launch exit code, run dir) of an uninterrupted two-round run, default config (bf16 uploads, error feedback)."""
     run_dir = deployment.root / "run-happy"
-    proc = deployment.procs.start("launch-happy", deployment.launch_argv("federation.rounds=2",
-                                                                           f"output_dir={run_dir}"))
-    return proc.wait(timeout=RUN_TIMEOUT_S), run_dir
+    code = deployment.launch("launch-happy", deployment.fast_overrides("federation.rounds=2", f"output_dir={run_dir}"),
+                             timeout_s=RUN_TIMEOUT_S)
+    return code, run_dir
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 30)
@@ -169,9 +175,8 @@ def test_three_sites_finish_two_rounds_over_tls_with_node_auth(deployment, two_r
 def test_a_run_where_every_site_fails_makes_launch_exit_1_naming_the_cause(deployment):
     run_dir = deployment.root / "run-failing"
     # The sites run on the CPU (device: cpu), where 4-bit loading is refused: every site fails round 1.
-    proc = deployment.procs.start("launch-failing", deployment.launch_argv(
-        "federation.rounds=2", "model.quantization=4bit", f"output_dir={run_dir}"))
-    code = proc.wait(timeout=RUN_TIMEOUT_S)
+    code = deployment.launch("launch-failing", deployment.fast_overrides(
+        "federation.rounds=2", "model.quantization=4bit", f"output_dir={run_dir}"), timeout_s=RUN_TIMEOUT_S)
     output = deployment.procs.log("launch-failing")
     assert code == 1, tail(output, 80)
     assert "did not complete (finished:failed)" in output, tail(output, 80)
@@ -290,10 +295,9 @@ def test_coordinator_killed_mid_round_resumes_bit_identically(deployment, two_ro
 
     # The sites reconnect by themselves, but one that was mid-transfer when the SuperLink died backs off for up
     # to ~60 s (Flower's retry policy), so the resumed round waits longer than the others.
-    resumed = deployment.procs.start("launch-resume-2", deployment.launch_argv(
+    code = deployment.launch("launch-resume-2", deployment.fast_overrides(
         "federation.rounds=2", f"output_dir={run_dir}", "federation.resume=true",
-        f"federation.round_timeout_s={RESUME_ROUND_TIMEOUT_S}"))
-    code = resumed.wait(timeout=RUN_TIMEOUT_S)
+        f"federation.round_timeout_s={RESUME_ROUND_TIMEOUT_S}"), timeout_s=RUN_TIMEOUT_S)
     output = deployment.procs.log("launch-resume-2")
     assert code == 0, tail(output, 80)
     assert "resuming after round 1" in output

@@ -202,9 +202,9 @@ def _norm(arrays: dict[str, np.ndarray]) -> float:
 
 
 def _run_to_completion(dep, name: str, *overrides: str) -> str:
-    """Launch a run (process `name`) and wait for it; it must exit 0 (launch --stream exits 0 only on
+    """Launch a run (output in log `name`) and wait for it; it must exit 0 (launch --stream exits 0 only on
     finished:completed) with every daemon, the coordinator's included, still up. Returns the launch's output."""
-    code = dep.procs.start(name, dep.launch_argv(*overrides)).wait(timeout=RUN_TIMEOUT_S)
+    code = dep.launch(name, dep.fast_overrides(*overrides), timeout_s=RUN_TIMEOUT_S)
     output = dep.procs.log(name)
     assert code == 0, tail(output, 80)
     for process in ("coordinator", *SKILLS):
