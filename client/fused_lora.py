@@ -122,19 +122,74 @@ def _lora_output_grads(dy: torch.Tensor, down: torch.Tensor, b: torch.Tensor,
     return (dy @ b) * scaling, (dy.t() @ down) * scaling
 
 
+# ------------------------------------------------------------- compute-dtype copies of the LoRA weights
+#
+# The fused functions compute in bf16 while A and B stay fp32 for the optimizer. Casting each weight in each
+# forward is two tiny kernels per layer (224 at llama-1b all-linear), each a Python dispatch that the GPU waits for
+# where the step is CPU-bound (the profile's idle time before "bfloat16_copy": ~6 ms of a 210 ms llama-1b step).
+# LoRACopies keeps one compute-dtype copy per weight and refreshes all of them with one multi-tensor copy once any
+# weight has changed: the optimizer's in-place step and loading an adapter (param.copy_) both bump the weight's
+# version counter; a replaced .data (model.to) changes its data pointer.
+
+
+class LoRACopies:
+    """Compute-dtype copies of a model's LoRA weights, refreshed together by one multi-tensor copy when stale."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        self.slot = {id(p): i for i, p in enumerate(params)}
+        self.copies: list[torch.Tensor] = []
+        self.stamps: list[tuple[int, int]] = []  # (version, data pointer) of each weight when copied
+        self.dtype: torch.dtype | None = None
+        self.refreshes = 0
+
+    def get(self, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """param in dtype: its up-to-date copy (refreshing all copies if it changed), or a cast if not registered."""
+        if param.dtype == dtype:
+            return param
+        i = self.slot.get(id(param))
+        if i is None or self.params[i] is not param:
+            return param.to(dtype)
+        if dtype != self.dtype or self.stamps[i] != (param._version, param.data_ptr()):
+            self.refresh(dtype)
+        return self.copies[i]
+
+    @torch.no_grad()
+    def refresh(self, dtype: torch.dtype) -> None:
+        """Copy every weight into its dtype copy (one multi-tensor kernel where shapes and devices allow)."""
+        # Allocated outside inference mode: an inference tensor could not be updated by a later training step.
+        with torch.inference_mode(False):
+            if (dtype != self.dtype or len(self.copies) != len(self.params)
+                    or any(c.shape != p.shape or c.device != p.device for c, p in zip(self.copies, self.params))):
+                self.copies = [torch.empty_like(p, dtype=dtype) for p in self.params]
+                self.dtype = dtype
+            torch._foreach_copy_(self.copies, [p.detach() for p in self.params])
+        self.stamps = [(p._version, p.data_ptr()) for p in self.params]
+        self.refreshes += 1
+
+
+# The attribute of every fused LoRA layer holding its model's LoRACopies (use_fused_lora).
+LORA_COPIES_ATTRIBUTE = "_fedtune_lora_copies"
+
+
+def _compute_copy(layer: nn.Module, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    copies = layer.__dict__.get(LORA_COPIES_ATTRIBUTE)
+    return copies.get(param, dtype) if copies is not None else param.to(dtype)
+
+
 class _LoRALinear(torch.autograd.Function):
     """x W^T (+ bias) + s (x A^T) B^T whose backward writes dL/dx once: dy W, then (s dy B) A added by addmm.
 
     Autograd over the module-by-module forward computes the base's and the LoRA path's input gradients apart
     and adds them with one more (tokens, in) pass per layer (4 per decoder layer on q/k/v/o); this keeps x and
     x A^T (N, r) as autograd would and dequantizes W again in backward, as bitsandbytes' own 4-bit matmul does.
-    x (N, in), A (r, in), B (out, r); base: the nn.Linear or 4-bit layer (frozen); dtype of every matmul.
+    x (N, in), A (r, in), B (out, r) as parameters and as their dtype copies a, b; base: the nn.Linear or 4-bit
+    layer (frozen); dtype of every matmul.
     """
 
     @staticmethod
-    def forward(ctx, x, weight_a, weight_b, base, scaling, dtype):  # noqa: D102
-        xc = x.to(dtype)
-        a, b = weight_a.to(dtype), weight_b.to(dtype)  # kept for backward: tiny, and no second cast kernel
+    def forward(ctx, x, weight_a, weight_b, a, b, base, scaling, dtype):  # noqa: D102
+        xc = x.to(dtype)  # a, b: weight_a, weight_b in dtype (LoRACopies), kept for backward: tiny
         out, down = _lora_project(xc, base, a, b, scaling, dtype, bias=True)
         ctx.save_for_backward(xc, down, a, b)
         ctx.base, ctx.scaling, ctx.dtype, ctx.x_dtype = base, scaling, dtype, x.dtype
@@ -155,7 +210,7 @@ class _LoRALinear(torch.autograd.Function):
             del weight
         grad_a = (d_down.t() @ xc).to(a_dtype) if ctx.needs_input_grad[1] else None
         grad_b = grad_b.to(b_dtype) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_a, grad_b, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
 def _dense_base(base_layer: nn.Module) -> bool:
@@ -196,7 +251,8 @@ def fused_lora_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> to
     rows = x.reshape(-1, x.shape[-1])
     dtype = _exact_dtype(x, [layer], [name]) if _dense_base(layer.base_layer) else None
     if dtype is not None:
-        result = _LoRALinear.apply(rows, weight_a, weight_b, layer.base_layer, scaling, dtype)
+        a, b = _compute_copy(layer, weight_a, dtype), _compute_copy(layer, weight_b, dtype)
+        result = _LoRALinear.apply(rows, weight_a, weight_b, a, b, layer.base_layer, scaling, dtype)
         return result.reshape(*x.shape[:-1], result.shape[-1])
     result = layer.base_layer(rows)
     # As PEFT: the LoRA matmuls in the adapter's dtype, unless autocast picks the compute dtype.
@@ -222,7 +278,7 @@ def use_fused_lora(model: nn.Module, enabled: bool) -> int:
     alone. Returns how many layers have the fused forward afterwards.
     """
     fusable = _fusable_layer_types()
-    count = 0
+    count, fused = 0, []
     for module in model.modules():
         if type(module) not in fusable:
             continue
@@ -230,7 +286,15 @@ def use_fused_lora(model: nn.Module, enabled: bool) -> int:
             module.forward = partial(fused_lora_forward, module)  # an instance attribute shadows the class's
         elif not enabled and is_fused(module):
             del module.forward
+        module.__dict__.pop(LORA_COPIES_ATTRIBUTE, None)
+        if is_fused(module):
+            fused.append(module)
         count += is_fused(module)
+    # One LoRACopies for the model: a training step's forward then refreshes every layer's copies at once.
+    copies = LoRACopies([m.lora_A[n].weight for m in fused for n in m.lora_A]
+                        + [m.lora_B[n].weight for m in fused for n in m.lora_B])
+    for module in fused:
+        module.__dict__[LORA_COPIES_ATTRIBUTE] = copies
     return count
 
 
@@ -284,16 +348,16 @@ def _silu_mul_ops(device: torch.device):
 class _LoRASwiGLU(torch.autograd.Function):
     """down(silu(gate(x)) * up(x)) for LoRA projections p(x) = x W^T + s (x A^T) B^T; saves x, e, g (not h).
 
-    x (N, d); A (r, in) and B (out, r) of gate, up, down in that order; bases: the three base layers; scalings
-    their s; dtype the compute dtype of every matmul. Frozen W's are dequantized again in backward, as
+    x (N, d); A (r, in) and B (out, r) of gate, up, down in that order, and copies: the six in dtype (LoRACopies);
+    bases: the three base layers; scalings their s; dtype the compute dtype of every matmul. Frozen W's are dequantized again in backward, as
     bitsandbytes' own 4-bit matmul does.
     """
 
     @staticmethod
-    def forward(ctx, x, a_gate, b_gate, a_up, b_up, a_down, b_down, bases, scalings, dtype):  # noqa: D102
+    def forward(ctx, x, a_gate, b_gate, a_up, b_up, a_down, b_down, copies, bases, scalings, dtype):  # noqa: D102
         silu_mul, _ = _silu_mul_ops(x.device)
         xc = x.to(dtype)
-        loras = [(a.to(dtype), b.to(dtype)) for a, b in ((a_gate, b_gate), (a_up, b_up), (a_down, b_down))]
+        loras = [copies[i:i + 2] for i in (0, 2, 4)]  # the six weights in dtype (LoRACopies)
         e, down_gate = _lora_project(xc, bases[0], *loras[0], scalings[0], dtype)  # (N, I), (N, r)
         g, down_up = _lora_project(xc, bases[1], *loras[1], scalings[1], dtype)
         y, down_down = _lora_project(silu_mul(e, g), bases[2], *loras[2], scalings[2], dtype)  # h freed here
@@ -333,7 +397,7 @@ class _LoRASwiGLU(torch.autograd.Function):
         grad_a_gate = d_down_gate.t() @ xc
         grad_a_up = d_down_up.t() @ xc
         grads = (grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down)
-        return (dx.to(ctx.x_dtype), *(grad.to(d) for grad, d in zip(grads, ctx.param_dtypes)), None, None, None)
+        return (dx.to(ctx.x_dtype), *(grad.to(d) for grad, d in zip(grads, ctx.param_dtypes)), None, None, None, None)
 
 
 _MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -377,7 +441,8 @@ def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     names, dtype = found
     projections = [getattr(mlp, name) for name in _MLP_PROJECTIONS]
     loras = [w for p, n in zip(projections, names) for w in (p.lora_A[n].weight, p.lora_B[n].weight)]
-    y = _LoRASwiGLU.apply(x.reshape(-1, x.shape[-1]), *loras, tuple(p.base_layer for p in projections),
+    copies = tuple(_compute_copy(projections[i // 2], weight, dtype) for i, weight in enumerate(loras))
+    y = _LoRASwiGLU.apply(x.reshape(-1, x.shape[-1]), *loras, copies, tuple(p.base_layer for p in projections),
                           tuple(p.scaling[n] for p, n in zip(projections, names)), dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 

@@ -174,6 +174,70 @@ def test_use_fused_lora_installs_and_removes_only_its_own_forward():
     assert use_fused_lora(model, True) == 1 and is_fused(model[0]) and not is_fused(model[2])
 
 
+def _without_copies(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """model(x) with every weight cast in the forward (no LoRACopies): the reference the copies must equal."""
+    from client.fused_lora import LORA_COPIES_ATTRIBUTE
+
+    layers = [m for m in model.modules() if LORA_COPIES_ATTRIBUTE in m.__dict__]
+    held = [m.__dict__.pop(LORA_COPIES_ATTRIBUTE) for m in layers]
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for m, copies in zip(layers, held):
+            m.__dict__[LORA_COPIES_ATTRIBUTE] = copies
+
+
+def test_compute_dtype_copies_follow_every_change_of_the_weights():
+    """Under bf16 autocast the fused layers read A and B from one LoRACopies: refreshed once for all layers, and
+    again after an optimizer step, a loaded adapter or a replaced .data; always equal to casting in the forward."""
+    from client.fused_lora import LORA_COPIES_ATTRIBUTE
+
+    model = nn.Sequential(_lora_linear(), nn.ReLU(), _lora_linear())
+    model[2].base_layer = nn.Linear(OUT, OUT, bias=False).requires_grad_(False)
+    model[2].lora_A["default"] = nn.Linear(OUT, RANK, bias=False)
+    assert use_fused_lora(model, True) == 2
+    copies = model[0].__dict__[LORA_COPIES_ATTRIBUTE]
+    assert copies is model[2].__dict__[LORA_COPIES_ATTRIBUTE] and len(copies.params) == 4
+    x = torch.randn(6, IN)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+
+    def check(expected_refreshes: int) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+            assert torch.equal(out, _without_copies(model, x))
+        assert copies.refreshes == expected_refreshes
+        assert all(c.dtype == torch.bfloat16 for c in copies.copies)
+
+    check(1)
+    check(1)  # unchanged weights: no refresh
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().square().sum().backward()
+    assert copies.refreshes == 1  # backward reads the copies the forward saved
+    optimizer.step()
+    check(2)
+    with torch.no_grad():  # an adapter loaded as federation.adapter.set_adapter_arrays does
+        model[0].lora_B["default"].weight.copy_(torch.randn(OUT, RANK))
+    check(3)
+    model[2].lora_A["default"].weight.data = torch.randn(RANK, OUT)  # replaced storage, version unchanged
+    check(4)
+
+
+def test_compute_dtype_copies_made_under_inference_mode_still_train():
+    """Copies first made in an evaluation under inference_mode are plain tensors a later training step updates."""
+    model = nn.Sequential(_lora_linear())
+    use_fused_lora(model, True)
+    x = torch.randn(3, IN)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().sum().backward()
+    optimizer.step()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(x), _without_copies(model, x))
+
+
 def test_fast_trainer_trains_the_same_adapter_with_and_without_fusion(tiny_lora):
     """Two FastLocalTrainer runs (checkpointing on) from one adapter and seed: losses and deltas agree to rounding."""
     from client.fast_train import FastLocalTrainer, FastPathSettings
