@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--poll-interval-s", type=float, default=3.0,
+                        help="each site's poll_interval_s (site.yaml): how soon it sees a message; not site work")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--keep", type=Path, help="keep the logs and run directories here")
     parser.add_argument("--workdir", type=Path, help="work here instead of a fresh temporary directory")
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cli = [sys.executable, "-m", "simulations.cli"]
     result: dict = {"machine": machine_info(), "overrides": overrides, "sites": args.sites, "rounds": args.rounds,
-                    "runs": []}
+                    "poll_interval_s": args.poll_interval_s, "runs": []}
     try:
         start("coordinator", cli + ["coordinator", "--certs", str(creds), "--host", "127.0.0.1", "--port", str(port),
                                     "--control-port", str(control), "--state-dir", str(root / "coordinator")])
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             site_yaml.write_text(json.dumps({
                 "name": name, "coordinator": f"127.0.0.1:{port}", "ca_cert": str(creds / "ca.crt"),
                 "private_key": str(creds / "sites" / f"{name}.key"), "data_path": str(path), "device": args.device,
-                "clientappio_port": _free_port(), "state_dir": str(root / f"state-{name}")}))
+                "clientappio_port": _free_port(), "state_dir": str(root / f"state-{name}"),
+                "poll_interval_s": args.poll_interval_s}))
             start(name, cli + ["site", "--config", str(site_yaml)])
         _wait(lambda: log_of("coordinator").count("Activated node_id=") >= args.sites, READY_TIMEOUT_S, "the sites")
         _progress(f"{args.sites} sites activated")

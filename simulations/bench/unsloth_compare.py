@@ -36,6 +36,7 @@ counts real (non-padding) input tokens; peak = torch.cuda.max_memory_allocated o
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -138,6 +139,10 @@ def measure_passes(step_fns: StepFns, params: Sequence[torch.nn.Parameter],
             for param, value in zip(params, start):
                 param.copy_(value)
         optimizer = torch.optim.AdamW(params, lr=LR)
+        # Python's collector walks the whole heap (the model's modules included) when it collects the oldest
+        # generation: collected and frozen here, for both trainers, it cannot land inside one pass and not another.
+        gc.collect()
+        gc.freeze()
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
