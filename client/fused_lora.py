@@ -16,6 +16,9 @@ saves its output for backward (bnb's MatMul4Bit keeps only the quantized weight)
 its output is not a view (autograd forbids in-place changes to a view made inside a custom Function, the reason
 PEFT's 4-bit forward clones).
 
+fused_base_forward runs the base layer alone the same way (_FrozenLinear: dequantized again in backward, nothing
+dense kept) for the multi-adapter trainer, which adds its stacked LoRA term itself.
+
 Only where it is exact: one active adapter, LoRA dropout 0, no DoRA or other variant, no LoRA bias, not merged,
 no hooks on the LoRA modules (Opacus's per-example gradients hook them), no extra forward arguments; any other
 call runs PEFT's own forward. Equal to PEFT's forward up to rounding (tests/client/test_fused_lora.py).
@@ -105,12 +108,20 @@ def use_nf4_kernel(model: nn.Module, enabled: bool) -> int:
     return count
 
 
+def _base_project(inputs: torch.Tensor, base: nn.Module, dtype: torch.dtype, bias: bool = True) -> torch.Tensor:
+    """inputs W^T (+ the base's bias) (N, out) for inputs (N, in) in dtype; the dense W is freed on return."""
+    return F.linear(inputs, dense_weight(base, dtype), base.bias.to(dtype) if bias and base.bias is not None else None)
+
+
+def _base_input_grad(dy: torch.Tensor, base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """dy W (N, in) for dy (N, out) in dtype: W dequantized again (none kept since forward), freed on return."""
+    return dy @ dense_weight(base, dtype)
+
+
 def _lora_project(inputs: torch.Tensor, base: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float,
                   dtype: torch.dtype, bias: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs W^T (+ bias) + s (inputs A^T) B^T (N, out), inputs A^T (N, r)); inputs, a (r, in), b (out, r) in dtype."""
-    weight = dense_weight(base, dtype)
-    out = F.linear(inputs, weight, base.bias.to(dtype) if bias and base.bias is not None else None)
-    del weight  # a dequantized copy is freed before the next one is made
+    out = _base_project(inputs, base, dtype, bias)  # its dequantized W is freed before the next one is made
     down = F.linear(inputs, a)
     out.addmm_(down, b.t(), alpha=scaling)
     return out, down
@@ -177,6 +188,24 @@ def _compute_copy(layer: nn.Module, param: torch.Tensor, dtype: torch.dtype) -> 
     return copies.get(param, dtype) if copies is not None else param.to(dtype)
 
 
+class _FrozenLinear(torch.autograd.Function):
+    """x W^T (+ bias) of a frozen base layer alone; backward dy W, W dequantized again by dense_weight.
+
+    As bitsandbytes' MatMul4Bit (which keeps only the quantized weight), but through dense_weight: the one-kernel
+    NF4 dequantize where use_nf4_kernel enabled it. Saves no tensor (no weight gradient, so not even x).
+    x (N, in); base: the nn.Linear or 4-bit layer (frozen, _dense_base); dtype of both matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, x, base, dtype):  # noqa: D102
+        ctx.base, ctx.dtype, ctx.x_dtype = base, dtype, x.dtype
+        return _base_project(x.to(dtype), base, dtype)
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: D102
+        return _base_input_grad(dy.to(ctx.dtype), ctx.base, ctx.dtype).to(ctx.x_dtype), None, None
+
+
 class _LoRALinear(torch.autograd.Function):
     """x W^T (+ bias) + s (x A^T) B^T whose backward writes dL/dx once: dy W, then (s dy B) A added by addmm.
 
@@ -205,9 +234,7 @@ class _LoRALinear(torch.autograd.Function):
         d_down, grad_b = _lora_output_grads(dy, down, b, scaling)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            weight = dense_weight(ctx.base, dtype)
-            grad_x = (dy @ weight).addmm_(d_down, a).to(ctx.x_dtype)
-            del weight
+            grad_x = _base_input_grad(dy, ctx.base, dtype).addmm_(d_down, a).to(ctx.x_dtype)
         grad_a = (d_down.t() @ xc).to(a_dtype) if ctx.needs_input_grad[1] else None
         grad_b = grad_b.to(b_dtype) if ctx.needs_input_grad[2] else None
         return grad_x, grad_a, grad_b, None, None, None, None, None
@@ -224,16 +251,17 @@ def _dense_base(base_layer: nn.Module) -> bool:
     return not base_layer.weight.requires_grad and (base_layer.bias is None or not base_layer.bias.requires_grad)
 
 
-def _exact_dtype(x: torch.Tensor, layers: list[nn.Module], names: list[str]) -> torch.dtype | None:
-    """The dtype a fused function computes in where it is exact for these LoRA layers, else None.
+def _exact_dtype(x: torch.Tensor, bases: list[nn.Module],
+                 lora_weights: list[torch.Tensor] = ()) -> torch.dtype | None:
+    """The dtype a fused function computes in where it is exact for these base layers and LoRA weights, else None.
 
     Under autocast: its dtype, as every matmul of PEFT's forward. Without it PEFT computes the LoRA term in the
     adapter's dtype and adds it in the base's: exact only when they are all x's dtype.
     """
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
-    dtypes = {x.dtype} | {layer.lora_A[name].weight.dtype for layer, name in zip(layers, names)}
-    dtypes |= {getattr(layer.base_layer, "compute_dtype", None) or layer.base_layer.weight.dtype for layer in layers}
+    dtypes = {x.dtype} | {weight.dtype for weight in lora_weights}
+    dtypes |= {getattr(base, "compute_dtype", None) or base.weight.dtype for base in bases}
     return x.dtype if len(dtypes) == 1 else None
 
 
@@ -249,7 +277,7 @@ def fused_lora_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> to
     weight_a, weight_b = layer.lora_A[name].weight, layer.lora_B[name].weight  # (r, in), (out, r)
     scaling = layer.scaling[name]
     rows = x.reshape(-1, x.shape[-1])
-    dtype = _exact_dtype(x, [layer], [name]) if _dense_base(layer.base_layer) else None
+    dtype = _exact_dtype(x, [layer.base_layer], [weight_a]) if _dense_base(layer.base_layer) else None
     if dtype is not None:
         a, b = _compute_copy(layer, weight_a, dtype), _compute_copy(layer, weight_b, dtype)
         result = _LoRALinear.apply(rows, weight_a, weight_b, a, b, layer.base_layer, scaling, dtype)
@@ -262,6 +290,19 @@ def fused_lora_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> to
         result.addmm_(down, weight_b.t().to(down.dtype), alpha=scaling)
     else:  # base output in another dtype (no autocast, bf16 base, fp32 adapter) or a view: PEFT's sum
         result = result + (F.linear(down, weight_b) * scaling).to(result.dtype)
+    return result.reshape(*x.shape[:-1], result.shape[-1])
+
+
+def fused_base_forward(base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """base_layer(x) (x (..., in)) through _FrozenLinear where that is exact, else base_layer(x) itself.
+
+    For callers that add their own LoRA term (client/multi_adapter.py's stacked adapters). Exact for a frozen
+    dense or 4-bit base without hooks, with x already in the compute dtype: then the base's own forward returns
+    that dtype too (bitsandbytes casts its output back to x's dtype) and its backward computes dy W in it.
+    """
+    if not _dense_base(base_layer) or _hooked(base_layer) or _exact_dtype(x, [base_layer]) != x.dtype:
+        return base_layer(x)
+    result = _FrozenLinear.apply(x.reshape(-1, x.shape[-1]), base_layer, x.dtype)
     return result.reshape(*x.shape[:-1], result.shape[-1])
 
 
@@ -375,9 +416,7 @@ class _LoRASwiGLU(torch.autograd.Function):
         dy = dy.reshape(-1, dy.shape[-1]).to(dtype)  # (N, d)
         # down: y = h Wd^T + s (h Ad^T) Bd^T
         d_down_down, grad_b_down = _lora_output_grads(dy, down_down, b_down, s_down)  # (N, r), (d, r)
-        weight = dense_weight(bases[2], dtype)
-        dh = dy @ weight  # (N, I)
-        del weight
+        dh = _base_input_grad(dy, bases[2], dtype)  # (N, I)
         dh.addmm_(d_down_down, a_down)
         # h recomputed instead of saved; the CUDA kernel writes h, dL/de, dL/dg over dh, e, g (not read again)
         h, de, dg = silu_mul_backward(e, g, dh)
@@ -387,9 +426,8 @@ class _LoRASwiGLU(torch.autograd.Function):
         # gate and up: e = x Wg^T + s (x Ag^T) Bg^T, g likewise
         d_down_gate, grad_b_gate = _lora_output_grads(de, down_gate, b_gate, s_gate)
         d_down_up, grad_b_up = _lora_output_grads(dg, down_up, b_up, s_up)
-        weight = dense_weight(bases[0], dtype)
-        dx = de @ weight  # (N, d)
-        del weight, de
+        dx = _base_input_grad(de, bases[0], dtype)  # (N, d)
+        del de
         weight = dense_weight(bases[1], dtype)
         dx.addmm_(dg, weight)
         del weight, dg
@@ -428,7 +466,8 @@ def _fused_mlp_inputs(mlp: nn.Module, x: torch.Tensor):
         return None
     if not all(_dense_base(p.base_layer) for p in projections):
         return None
-    dtype = _exact_dtype(x, projections, names)
+    lora_a = [p.lora_A[n].weight for p, n in zip(projections, names)]
+    dtype = _exact_dtype(x, [p.base_layer for p in projections], lora_a)
     return None if dtype is None else (names, dtype)
 
 

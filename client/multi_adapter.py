@@ -10,7 +10,10 @@ fills the GPU. Nothing couples the clients, so each client's adapter is the one 
 * AdamW is elementwise, so one AdamW over the stacked tensors is K independent AdamWs with one schedule;
 * each client's batches come from the solo trainer's own loader and seed (same data order);
 * train.kernels / train.attention run as the solo fast trainer resolved them: its kernel set's loss summed per
-  client, varlen attention over every packed row of the combined batch.
+  client, varlen attention over every packed row of the combined batch;
+* with the solo fast trainer's fused LoRA on, each base matmul runs as in its fused functions
+  (client/fused_lora.py fused_base_forward): a 4-bit weight dequantized by the NF4 kernel where its nf4_kernel
+  setting enabled it, again in backward, nothing dense kept. Otherwise (PEFT's trainer) the base layer's forward.
 
 Equal up to floating-point summation order (tests/client/test_multi_adapter.py bounds it). LoRA dropout > 0
 draws other masks than a solo run (same distribution). Not supported, so left to solo training by
@@ -36,6 +39,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.fast_train import (FastLocalTrainer, causal_lm_parts, host_to_device, linear_cross_entropy_per_token,
                                shift_labels)
+from client.fused_lora import fused_base_forward
 from client.kernels import packed_attention_kwargs
 from client.trainer import LocalTrainer, TrainResult, elapsed_and_peak, make_lr_scheduler, planned_steps
 from federation import progress
@@ -56,14 +60,20 @@ class _StackedLayer:
 
 
 class StackedLoRA:
-    """Context manager: the model's LoRA layers use K stacked adapters, row n of a batch adapter row_adapter[n]."""
+    """Context manager: the model's LoRA layers use K stacked adapters, row n of a batch adapter row_adapter[n].
 
-    def __init__(self, model: torch.nn.Module, initial: Mapping[str, np.ndarray], num_adapters: int):
+    fused_base: the base layers run through client/fused_lora.py fused_base_forward (the fast trainer's
+    dequantize), else their own forward.
+    """
+
+    def __init__(self, model: torch.nn.Module, initial: Mapping[str, np.ndarray], num_adapters: int,
+                 fused_base: bool = False):
         from peft.tuners.lora import LoraLayer
 
         if num_adapters < 1:
             raise ValueError(f"num_adapters must be >= 1, got {num_adapters}")
         self.num_adapters = num_adapters
+        self.fused_base = fused_base
         self.row_adapter: torch.Tensor | None = None
         self._previous_forwards: list[Callable | None] = []
         live = lora_parameters(model)
@@ -113,8 +123,11 @@ class StackedLoRA:
         return norms
 
     def _forward(self, layer: _StackedLayer):
+        base = layer.module.base_layer
+
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            result = layer.module.base_layer(x, *args, **kwargs)
+            fused = self.fused_base and not args and not kwargs
+            result = fused_base_forward(base, x) if fused else base(x, *args, **kwargs)
             rows = self.row_adapter
             if rows is None or rows.shape[0] != x.shape[0]:
                 raise RuntimeError("StackedLoRA.row_adapter must give one adapter index per batch row")
@@ -191,6 +204,10 @@ class MultiAdapterTrainer:
         # run here already raised there) and applied them to the resident model this trainer shares.
         self.linear_ce_sum = solo.kernel_set.linear_ce_sum if fast else None
         self.varlen = fast and solo.attention == "varlen"
+        # The base matmuls as the solo trainer's fused functions run them (its nf4_kernel setting already applied
+        # to the shared model); with fused_lora off (the benchmarks' PEFT baseline) or PEFT's trainer, the base
+        # layer's own forward, so the batched path keeps computing what its solo trainer computes.
+        self.fused_base = fast and solo.settings.fused_lora
 
     def _adapter_loss_sums(self, combined: dict[str, torch.Tensor], num_adapters: int,
                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,7 +272,7 @@ class MultiAdapterTrainer:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self.model.train()
-        with StackedLoRA(self.model, initial, k_clients) as stacked:
+        with StackedLoRA(self.model, initial, k_clients, fused_base=self.fused_base) as stacked:
             params = stacked.parameters()
             start_params = [p.detach().clone() for p in params] if proximal_mu > 0 else None
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

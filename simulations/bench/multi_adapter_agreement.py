@@ -44,7 +44,7 @@ def _batched_gradients(multi, model, start, batches, device) -> list[dict]:
     from client.multi_adapter import StackedLoRA, combine_batches
 
     model.zero_grad(set_to_none=True)
-    with StackedLoRA(model, start, len(batches)) as stacked:
+    with StackedLoRA(model, start, len(batches), fused_base=multi.fused_base) as stacked:
         combined = combine_batches(batches, multi.solo.pad_token_id)
         stacked.row_adapter = combined["row_adapter"].to(device)
         sums, tokens = multi._adapter_loss_sums(combined, len(batches), device)

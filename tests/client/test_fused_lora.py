@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from client.fused_lora import fused_adapter, fused_lora_forward, is_fused, is_fused_mlp, use_fused_lora, use_fused_mlp
+from client.fused_lora import (fused_adapter, fused_base_forward, fused_lora_forward, is_fused, is_fused_mlp,
+                               use_fused_lora, use_fused_mlp)
 
 IN, OUT, RANK = 32, 24, 4
 
@@ -261,6 +262,67 @@ def test_fast_trainer_trains_the_same_adapter_with_and_without_fusion(tiny_lora)
     # On CUDA (bf16 autocast) Adam turns rounding differences of near-zero gradients into full-size steps.
     tolerance = 1e-4 if next(model.parameters()).device.type == "cpu" else 5e-2
     assert delta > 0 and diff / delta < tolerance
+
+
+# ------------------------------------------------------------------------------- the frozen base layer alone
+
+
+def _base_layer(kind: str) -> nn.Module:
+    """A frozen base layer: nn.Linear with a bias (fp32) or bitsandbytes NF4 (fp32 or bf16 compute)."""
+    if kind == "linear":
+        torch.manual_seed(0)
+        return nn.Linear(IN, OUT, bias=True).requires_grad_(False)
+    return _lora_linear_4bit(torch.bfloat16 if kind == "4bit-bf16" else torch.float32).base_layer
+
+
+def _base_run(forward, x: torch.Tensor):
+    """(output, grad of x) for loss = sum(output * fixed weights)."""
+    x = x.detach().clone().requires_grad_(True)
+    out = forward(x)
+    (out.float() * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize(("kind", "autocast"), [("linear", False), ("linear", True), ("4bit-fp32", False),
+                                                ("4bit-bf16", True)])
+def test_fused_base_forward_and_input_grad_equal_the_base_layers_own(kind, autocast):
+    """Output and dL/dx of the base alone as its own forward gives them, with no tensor saved for backward."""
+    base = _base_layer(kind)
+    x = torch.randn(2, 5, IN, dtype=torch.bfloat16 if autocast else torch.float32)
+    context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    saved = []
+    with context():
+        expected = _base_run(base, x)
+        fused = _base_run(lambda t: fused_base_forward(base, t), x)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = fused_base_forward(base, x.requires_grad_(True))
+    assert "_FrozenLinearBackward" in _grad_fn_names(out)
+    assert saved == []  # not x, not a dequantized weight: dy W dequantizes again in backward
+    tolerance = 1e-2 if autocast else 1e-6
+    for got, want, what in zip(fused, expected, ("output", "x grad")):
+        assert got.shape == want.shape and got.dtype == want.dtype, what
+        assert _rel_err(got, want) < tolerance, what
+
+
+def test_fused_base_forward_runs_the_base_layer_where_it_is_not_exact():
+    """A trainable base weight, a hooked base, x not in the 4-bit layer's compute dtype: the base's own forward."""
+    trainable = _base_layer("linear").requires_grad_(True)
+    out = fused_base_forward(trainable, torch.randn(3, IN))
+    assert "_FrozenLinearBackward" not in _grad_fn_names(out, depth=8)
+    out.sum().backward()
+    assert trainable.weight.grad is not None and trainable.bias.grad is not None
+
+    hooked = _base_layer("linear")
+    calls = []
+    hooked.register_forward_hook(lambda *args: calls.append(1))
+    fused_base_forward(hooked, torch.randn(3, IN))
+    assert calls == [1]
+
+    bits4 = _base_layer("4bit-fp32")
+    x = torch.randn(3, IN, dtype=torch.bfloat16, requires_grad=True)
+    out = fused_base_forward(bits4, x)
+    assert "_FrozenLinearBackward" not in _grad_fn_names(out, depth=8)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, bits4(x))
 
 
 # ---------------------------------------------------------------------------------------- fused SwiGLU MLP

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
 
 import client.kernels as kernels
 from client.fast_train import FastLocalTrainer, FastPathSettings, linear_cross_entropy_per_token
+from client.fused_lora import use_nf4_kernel
 from client.multi_adapter import MultiAdapterTrainer, StackedLoRA, combine_batches, train_replies
 from client.trainer import LocalTrainer
 from federation.adapter import get_adapter_arrays, lora_parameters, set_adapter_arrays
@@ -53,6 +57,19 @@ def _max_rel_update_error(batched: dict, solo: dict, start: dict) -> float:
             continue
         worst = max(worst, float(np.linalg.norm(batched[key].astype(np.float64) - solo[key]) / update))
     return worst
+
+
+def _graph_node_names(tensor: torch.Tensor) -> set[str]:
+    """The type names of every autograd node tensor's value was computed through."""
+    names, seen, todo = set(), set(), [tensor.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(next_fn for next_fn, _ in fn.next_functions)
+    return names
 
 
 @pytest.mark.parametrize("fast_path", [False, True], ids=["padded", "packed"])
@@ -234,16 +251,100 @@ def test_batched_gradients_equal_each_clients_solo_gradient(make_cfg, fast_path)
         expected.append({k: p.grad.clone() for k, p in lora_parameters(model).items()})
     model.zero_grad(set_to_none=True)
     multi = MultiAdapterTrainer(solo)
-    with StackedLoRA(model, start, 3) as stacked:
+    # The fast trainer's base matmuls (client/fused_lora.py fused_base_forward); PEFT's trainer: the base's own.
+    assert multi.fused_base == fast_path
+    with StackedLoRA(model, start, 3, fused_base=multi.fused_base) as stacked:
         combined = combine_batches(batches, tokenizer.pad_token_id)
         stacked.row_adapter = combined["row_adapter"]
         sums, tokens = multi._adapter_loss_sums(combined, 3, torch.device("cpu"))
+        assert ("_FrozenLinearBackward" in _graph_node_names(sums)) == fast_path
         (sums / tokens).sum().backward()
         for layer in stacked.layers:
             for k in range(3):
                 for key, grad in ((layer.key_a, layer.lora_a.grad[k]), (layer.key_b, layer.lora_b.grad[k])):
                     err = float((grad - expected[k][key]).norm() / expected[k][key].norm())
                     assert err < GRAD_REL_TOL, (key, k, err)
+
+
+def test_fused_base_trains_the_adapters_the_base_layers_own_forward_trains(make_cfg):
+    """Batched training with the fast trainer's base matmuls (fused_lora on) and with the base layers' own forward
+    (fused_lora off): the same losses and adapters up to rounding."""
+    cfg, model, tokenizer, datasets = _setup(make_cfg)
+    start = get_adapter_arrays(model)
+    seeds = [11, 12, 13]
+    runs = []
+    for fused in (True, False):
+        set_adapter_arrays(model, start)
+        multi = MultiAdapterTrainer(FastLocalTrainer(model, tokenizer.pad_token_id, cfg.train,
+                                                     FastPathSettings(fused_lora=fused)))
+        assert multi.fused_base == fused
+        runs.append(multi.train(datasets, seeds, start))
+    for (fused_result, fused_arrays), (own_result, own_arrays) in zip(*runs):
+        assert fused_result.train_loss == pytest.approx(own_result.train_loss, rel=1e-6)
+        assert _max_rel_update_error(fused_arrays, own_arrays, start) < REL_TOL
+
+
+def _stacked_4bit_run(device: str, fused_base: bool, x: torch.Tensor, compute_dtype: torch.dtype,
+                      nf4_kernel: bool = False):
+    """(output, dL/dx, dL/d stacked A, dL/d stacked B) of one bitsandbytes NF4 LoRA layer under StackedLoRA with 2
+    adapters (B random), rows 1, 0, 1, ...: the base through fused_base_forward (fused_base) or its own forward."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig
+    from peft.tuners.lora import bnb as lora_bnb
+
+    torch.manual_seed(0)
+    features = x.shape[-1]
+    base = bnb.nn.Linear4bit(features, 96, bias=False, compute_dtype=compute_dtype, quant_type="nf4")
+    # Quantized from compute-dtype values (as a bf16 checkpoint is): bitsandbytes' dequantize into the compute
+    # dtype and dense_weight's (into quant_state.dtype, then cast) are then the same values.
+    base.weight = bnb.nn.Params4bit((torch.randn(96, features) / features ** 0.5).to(compute_dtype),
+                                    requires_grad=False, quant_type="nf4")
+    layer = lora_bnb.Linear4bit(base.to(device), "default", LoraConfig(r=4, lora_alpha=8), r=4, lora_alpha=8)
+    model = torch.nn.Sequential(layer.to(device))
+    assert use_nf4_kernel(model, nf4_kernel) == int(nf4_kernel)
+    x = x.detach().to(device).clone().requires_grad_(True)
+    bf16 = compute_dtype == torch.bfloat16
+    autocast = torch.autocast(device, dtype=compute_dtype) if bf16 else contextlib.nullcontext()
+    with StackedLoRA(model, get_adapter_arrays(model), 2, fused_base=fused_base) as stacked:
+        gen = torch.Generator().manual_seed(1)
+        for param in (stacked.layers[0].lora_a, stacked.layers[0].lora_b):
+            param.data.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+        stacked.row_adapter = (torch.arange(x.shape[0], device=device) + 1) % 2
+        with autocast:
+            out = model(x)
+        assert ("_FrozenLinearBackward" in _graph_node_names(out)) == fused_base
+        probe = torch.linspace(-1, 1, out.numel(), device=device).reshape(out.shape)
+        (out.float() * probe).sum().backward()
+        layer_grads = stacked.layers[0].lora_a.grad, stacked.layers[0].lora_b.grad
+    return out.detach(), x.grad, *layer_grads
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "autocast-bf16"])
+def test_stacked_forward_on_a_4bit_layer_with_the_fused_base_equals_bitsandbytes(compute_dtype):
+    """CPU: the stacked NF4 layer through fused_base_forward gives bitsandbytes' MatMul4Bit outputs and gradients."""
+    x = torch.randn(3, 5, 64).to(compute_dtype)
+    fused = _stacked_4bit_run("cpu", True, x, compute_dtype)
+    own = _stacked_4bit_run("cpu", False, x, compute_dtype)
+    tolerance = 1e-2 if compute_dtype == torch.bfloat16 else 1e-6
+    for got, want, what in zip(fused, own, ("output", "x grad", "A grad", "B grad")):
+        assert got.dtype == want.dtype, what
+        assert float((got.double() - want.double()).norm() / want.double().norm()) < tolerance, what
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="needs CUDA and Triton")
+def test_cuda_stacked_forward_on_a_4bit_layer_with_the_nf4_kernel_equals_bitsandbytes_bit_for_bit():
+    """The stacked NF4 layer with fused_base and the one-kernel dequantize (as the fast trainer sets them) against
+    bitsandbytes' own 4-bit matmul under bf16 autocast: outputs and gradients bit for bit.
+
+    2,048 rows: above 1,536 bitsandbytes (0.50) runs dequantize + F.linear as fused_base_forward does; below it may
+    pick its fused 4-bit GEMM, equal only to rounding.
+    """
+    x = torch.randn(2, 1024, 256).to(torch.bfloat16)
+    fused = _stacked_4bit_run("cuda", True, x, torch.bfloat16, nf4_kernel=True)
+    own = _stacked_4bit_run("cuda", False, x, torch.bfloat16)
+    for got, want, what in zip(fused, own, ("output", "x grad", "A grad", "B grad")):
+        assert got.dtype == want.dtype and torch.equal(got, want), what
 
 
 def test_clients_with_different_step_counts_are_refused(make_cfg):
