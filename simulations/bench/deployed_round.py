@@ -1,6 +1,7 @@
 """A real deployment on this machine's loopback: site time per round outside the training loop, and GPU memory.
 
     python -m simulations.bench.deployed_round [--sites 2] [--rounds 3] [--runs 2] [--device cuda] [--out r.json] \\
+        [--poll-interval-s 3] [--context-words 0] \\
         [hydra overrides, default: model=llama-1b-random train.local_steps=10 train.batch_size=16]
 
 Starts `fedtune coordinator` (TLS + site authentication), `--sites` `fedtune site` daemons (each a Flower SuperNode
@@ -99,12 +100,24 @@ def _sampling(sites: int) -> list[str]:
                                                    "min_available_clients")]
 
 
-def _write_site_data(root: Path, sites: int) -> list[Path]:
+def _with_context(records: list[dict], words: int, seed: int) -> list[dict]:
+    """Each record with `words` random lowercase words as its input (a document a real instruction would carry)."""
+    import random
+
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return [{**r, "input": " ".join("".join(rng.choices(letters, k=rng.randint(2, 8))) for _ in range(words))}
+            for r in records]
+
+
+def _write_site_data(root: Path, sites: int, context_words: int = 0) -> list[Path]:
     from federation.config import DemoTaskConfig
     from federation.demo_task import generate_demo_task
 
     train, held_out = generate_demo_task(DemoTaskConfig(skills=list(SKILLS), examples_per_skill=96,
                                                         eval_examples_per_skill=16))
+    if context_words:
+        train, held_out = _with_context(train, context_words, 0), _with_context(held_out, context_words, 1)
     paths = []
     for index in range(sites):
         skill = SKILLS[index % len(SKILLS)]
@@ -123,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--context-words", type=int, default=0,
+                        help="give every example this many random words of input: real-length rows (~5-6 tokens a "
+                             "word with the presets' tokenizer; pair with data.max_seq_len=N, the demo's is 96 "
+                             "tokens); 0: the demo task's ~25-token examples")
     parser.add_argument("--poll-interval-s", type=float, default=3.0,
                         help="each site's poll_interval_s (site.yaml): how soon it sees a message; not site work")
     parser.add_argument("--out", type=Path)
@@ -140,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [f"site-{i}" for i in range(args.sites)]
     creds = root / "creds"
     generate_federation_credentials(creds, ["127.0.0.1"], names)
-    data = _write_site_data(root, args.sites)
+    data = _write_site_data(root, args.sites, args.context_words)
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
     port, control = _free_port(), _free_port()
@@ -156,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cli = [sys.executable, "-m", "simulations.cli"]
     result: dict = {"machine": machine_info(), "overrides": overrides, "sites": args.sites, "rounds": args.rounds,
-                    "poll_interval_s": args.poll_interval_s, "runs": []}
+                    "poll_interval_s": args.poll_interval_s, "context_words": args.context_words, "runs": []}
     try:
         start("coordinator", cli + ["coordinator", "--certs", str(creds), "--host", "127.0.0.1", "--port", str(port),
                                     "--control-port", str(control), "--state-dir", str(root / "coordinator")])
