@@ -58,11 +58,28 @@ def set_adapter_arrays(model: torch.nn.Module, arrays: Mapping[str, np.ndarray],
     """
     params = lora_parameters(model) if params is None else params
     check_adapter_keys(params, arrays)
-    placed = {}
-    for key, param in params.items():
-        placed[key] = torch.from_numpy(np.ascontiguousarray(arrays[key], dtype=np.float32)).to(param.device)
-        param.copy_(placed[key])
+    devices = {param.device for param in params.values()}
+    if len(devices) != 1:  # a model split over devices: tensor by tensor
+        placed = {key: torch.from_numpy(np.ascontiguousarray(arrays[key], dtype=np.float32)).to(param.device)
+                  for key, param in params.items()}
+    else:
+        # One host-to-device copy of them all (a GPU waits for one pinned copy, not for one pageable copy per
+        # tensor: 448 at llama-8b all-linear), then one multi-tensor copy into the parameters.
+        flat = to_device_flat([arrays[key] for key in params], devices.pop())
+        shapes = [tuple(param.shape) for param in params.values()]
+        placed = dict(zip(params, (piece.view(shape) for piece, shape in
+                                   zip(flat.split([math.prod(shape) for shape in shapes]), shapes))))
+    torch._foreach_copy_(list(params.values()), list(placed.values()))
     return placed
+
+
+def to_device_flat(arrays: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+    """The arrays concatenated into one flat float32 tensor on `device`; to a GPU through pinned memory, one copy."""
+    size = sum(int(np.size(a)) for a in arrays)
+    host = torch.empty(size, dtype=torch.float32, pin_memory=device.type == "cuda")
+    if size:
+        np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in arrays], out=host.numpy())
+    return host.to(device, non_blocking=True)
 
 
 def adapter_delta(local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -28,7 +28,10 @@ def test_set_then_get_is_identity_and_delta_is_exact(tiny_lora):
     _, model, _, _ = tiny_lora
     rng = np.random.default_rng(0)
     target = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in get_adapter_arrays(model).items()}
+    versions = {k: p._version for k, p in lora_parameters(model).items()}
     set_adapter_arrays(model, target)
+    # Written in place, each parameter's version counter moved: what client/fused_lora.LoRACopies watches.
+    assert all(p._version > versions[k] for k, p in lora_parameters(model).items())
     got = get_adapter_arrays(model)
     for key in target:
         np.testing.assert_array_equal(got[key], target[key])
