@@ -29,6 +29,11 @@ interpreter exit. Where the directory comes from (``site_state``): the node conf
 ``round-state-dir`` in deployment (client/daemon.py: ``<state_dir>/round-state``), else
 ``<output_dir>/sites/partition-<id>`` in simulation. Without either, or without a run id in the message,
 the state stays in ``Context.state`` as before (``ContextState``), and a resumed run is not bit-identical.
+
+Saved arrays may also be ``DeviceArrays`` (federation/compression.py: the bf16 codec's residual of a GPU site, one
+flat tensor there). The process keeps them on their device, a load from memory gives a copy there, and the copy to
+the host is part of writing the file (in the writer thread with ``background=True``: off the critical path). The
+file holds numpy arrays as always: a restarted site loads those, and the codec moves them to the device once.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from typing import Any, Protocol
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message
 
+from federation.compression import DeviceArrays, on_host
 from federation.packing import pack_arrays, unpack_arrays
 from federation.store import FEDERATION_RUN_ID_KEY, atomic_write_bytes
 
@@ -64,7 +70,8 @@ KEEP_ROUNDS = 3
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _ROUND_FILE = re.compile(r"round-(\d+)\.(npz|json)")
 # Saved arrays the process keeps in memory, newest saves: a deployed site's one run needs one per state name; a
-# simulation process serving many partitions gains little from them, so a handful bounds its memory.
+# simulation process serving many partitions gains little from them, so a handful bounds its memory (a GPU site's
+# residual: device memory, one float32 adapter each).
 SAVED_KEPT_IN_MEMORY = 4
 # Background writes that may wait at once (each holds its arrays until written); one more waits for a slot.
 MAX_PENDING_WRITES = 2
@@ -79,9 +86,9 @@ def _checked(value: str, what: str) -> str:
 class SiteState(Protocol):
     """Round-keyed site state: what a site enters a round with, by name."""
 
-    def load_arrays(self, name: str, server_round: int) -> dict[str, np.ndarray] | None: ...
+    def load_arrays(self, name: str, server_round: int) -> dict[str, np.ndarray] | DeviceArrays | None: ...
 
-    def save_arrays(self, name: str, server_round: int, arrays: dict[str, np.ndarray],
+    def save_arrays(self, name: str, server_round: int, arrays: dict[str, np.ndarray] | DeviceArrays,
                     background: bool = False) -> None: ...
 
     def load_json(self, name: str, server_round: int) -> Any | None: ...
@@ -105,7 +112,7 @@ class _SavedArrays:
     """Arrays this process saved to `path`; `identity` is the file's once written, `pending` a background write."""
 
     path: Path
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, np.ndarray] | DeviceArrays
     identity: tuple[int, int, int, int] | None = None
     pending: Future | None = None
 
@@ -214,8 +221,11 @@ class SiteStateStore:
                 other_path.unlink(missing_ok=True)
         return written
 
-    def load_arrays(self, name: str, server_round: int) -> dict[str, np.ndarray] | None:
-        """The arrays `name` holds when the site enters `server_round`; None if nothing was saved up to it."""
+    def load_arrays(self, name: str, server_round: int) -> dict[str, np.ndarray] | DeviceArrays | None:
+        """The arrays `name` holds when the site enters `server_round`; None if nothing was saved up to it.
+
+        DeviceArrays only when this process saved them and the file is still its own; numpy arrays otherwise.
+        """
         saved = self._settled(name)
         path = self._entry(name, server_round)
         if path is None:
@@ -223,20 +233,23 @@ class SiteStateStore:
         if path.suffix != ".npz":
             raise ValueError(f"{path}: site state {name!r} was saved as JSON, not arrays")
         if saved is not None and saved.path == path and saved.identity == _file_identity(path):
+            if isinstance(saved.arrays, DeviceArrays):
+                return saved.arrays.clone()  # callers may change it
             return {key: value.copy(order="K") for key, value in saved.arrays.items()}  # callers may change them
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
 
-    def save_arrays(self, name: str, server_round: int, arrays: dict[str, np.ndarray],
+    def save_arrays(self, name: str, server_round: int, arrays: dict[str, np.ndarray] | DeviceArrays,
                     background: bool = False) -> None:
         """Save `arrays` (dtypes kept) as what `name` holds when the site enters `server_round`.
 
-        The process keeps `arrays` as given (not copied): the caller must not change them afterwards.
+        The process keeps `arrays` as given (not copied, DeviceArrays on their device): the caller must not change
+        them afterwards.
         background: return at once and let the process's writer thread write the file (module docstring).
         """
         self._settled(name)  # in order: the name's previous write first (and its error)
-        saved = _SavedArrays(self._path(name, server_round, "npz"),
-                             {key: np.asarray(value) for key, value in arrays.items()})
+        kept = arrays if isinstance(arrays, DeviceArrays) else {key: np.asarray(value) for key, value in arrays.items()}
+        saved = _SavedArrays(self._path(name, server_round, "npz"), kept)
         if background:
             slots = _PENDING_SLOTS
             slots.acquire()
@@ -259,7 +272,7 @@ class SiteStateStore:
 
     def _write_arrays(self, name: str, server_round: int, saved: _SavedArrays) -> None:
         buffer = io.BytesIO()
-        np.savez(buffer, **saved.arrays)
+        np.savez(buffer, **on_host(saved.arrays))  # DeviceArrays: the device->host copy, here
         saved.identity = _identity(self._save(name, server_round, buffer.getvalue(), "npz"))
 
 
@@ -290,10 +303,10 @@ class ContextState:
         record = self.state.array_records.get(name)
         return None if record is None else unpack_arrays(record)
 
-    def save_arrays(self, name: str, server_round: int, arrays: dict[str, np.ndarray],
+    def save_arrays(self, name: str, server_round: int, arrays: dict[str, np.ndarray] | DeviceArrays,
                     background: bool = False) -> None:
         """Replace `name`'s arrays (in memory: `background` changes nothing)."""
-        self.state[name] = pack_arrays(arrays)  # Context.state travels between SuperNode and ClientApp process
+        self.state[name] = pack_arrays(on_host(arrays))  # Context.state travels between SuperNode and ClientApp process
 
     def load_json(self, name: str, server_round: int) -> Any | None:
         """The newest JSON value saved under `name` in this Flower run."""

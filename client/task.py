@@ -371,11 +371,12 @@ def encode_delta(delta: dict, cfg: RunConfig, msg: Message, context: Context) ->
         return pack_arrays(codec.encode(delta))
     site, server_round = site_state(msg, context, cfg.output_dir), server_round_of(msg)
     # load_arrays gives arrays of our own, and the feedback is dropped after this round: neither is copied again.
+    # On a GPU (bf16) the residual stays there from round to round (federation.compression.DeviceArrays).
     feedback = ErrorFeedback(site.load_arrays(ERROR_FEEDBACK_KEY, server_round))
     record = pack_arrays(feedback.encode(delta, codec))
-    # Written in the background, last (the write competes for the interpreter with whatever runs meanwhile): the
-    # next round reads the residual from memory; a crash before the file lands loses one round's residual (the
-    # round before's is used then), which costs accuracy, not correctness.
+    # Written in the background, last (the write, and a device residual's copy to the host, compete for the
+    # interpreter with whatever runs meanwhile): the next round reads the residual from memory; a crash before the
+    # file lands loses one round's residual (the round before's is used then), which costs accuracy, not correctness.
     site.save_arrays(ERROR_FEEDBACK_KEY, server_round + 1, feedback.residual, background=True)
     return record
 

@@ -21,8 +21,10 @@ Lossy codecs should run behind ``ErrorFeedback`` (EF-SGD, Seide et al. 2014; Kar
 what compression drops in one round is added to the site's next delta, so nothing is lost for good.
 
 A site's delta may also be torch tensors on the model's device (federation.adapter.trained_delta): on a GPU, bf16
-(with or without error feedback) is computed there and only its payload and residual are copied to the host
-(``on_device``, ``bf16_on_device``: the same bytes as the host path); every other codec copies the delta first.
+(with or without error feedback) is computed there and only its payload is copied to the host (``on_device``,
+``bf16_on_device``: the same bytes as the host path); its residual stays there as ``DeviceArrays`` for the site's
+next round (client/site_state.py copies it to the host for the file, in the background). Every other codec copies
+the delta first.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +86,8 @@ def on_device(delta: Mapping, codec: "UploadCodec") -> bool:
     """Whether `delta` is encoded where its tensors are (bf16_on_device): torch tensors on a GPU with the bf16 codec.
 
     The one place this is decided. Every other delta goes the host path: torch tensors are copied to the host first
-    (federation.adapter.host_arrays); the other codecs' arithmetic (scales, top-k, packing) is numpy's.
+    (federation.adapter.host_arrays); the other codecs' arithmetic (scales, top-k, packing) is numpy's. CPU tensors
+    too: there is no copy to save, and the host path measured faster on CPU (bf16_on_device works on any device).
     """
     import torch
 
@@ -91,14 +95,68 @@ def on_device(delta: Mapping, codec: "UploadCodec") -> bool:
                                         for v in delta.values())
 
 
-def bf16_on_device(delta: Mapping, residual: Mapping[str, np.ndarray] | None = None
-                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+@dataclass(frozen=True, eq=False)
+class DeviceArrays:
+    """float32 arrays kept where they were computed, as one flat torch tensor: the bf16 residual of a GPU site.
+
+    Never written into once made (each round makes a new one): another thread may be copying it (to_host).
+    """
+
+    flat: Any  # torch.Tensor: the arrays in `shapes`' order, each flattened
+    shapes: dict[str, tuple[int, ...]]
+    # CUDA: recorded on the computing stream once `flat` was queued, so a copy on another stream waits for it.
+    ready: Any = None
+
+    @classmethod
+    def of(cls, flat, shapes: Mapping[str, tuple[int, ...]]) -> "DeviceArrays":
+        """Wrap a flat tensor just computed on the current stream."""
+        import torch
+
+        ready = None
+        if flat.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(flat.device))
+        return cls(flat, dict(shapes), ready)
+
+    def clone(self) -> "DeviceArrays":
+        """A copy on the same device (a device-to-device copy on the current stream)."""
+        return DeviceArrays.of(self.flat.clone(), self.shapes)
+
+    def to_host(self) -> dict[str, np.ndarray]:
+        """{key: float32 numpy array}, from any thread: CPU tensors shared; CUDA copied on a stream of its own.
+
+        The copy's stream waits for `ready`, so it sees the finished values, and does not queue behind (nor hold
+        up) what the current stream runs meanwhile (the next round's training). `self` holds `flat` until the copy
+        is done, so its memory cannot be reused under it.
+        """
+        import torch
+
+        from federation.adapter import split_flat, to_numpy
+
+        if self.ready is None:
+            (flat,) = to_numpy([self.flat])
+        else:
+            stream = torch.cuda.Stream(self.flat.device)
+            stream.wait_event(self.ready)
+            with torch.cuda.stream(stream):
+                (flat,) = to_numpy([self.flat])  # copies on, and waits for, the current stream: this one
+        return dict(zip(self.shapes, split_flat(flat, list(self.shapes.values()))))
+
+
+def on_host(arrays: Mapping[str, np.ndarray] | DeviceArrays) -> Mapping[str, np.ndarray]:
+    """Numpy arrays as they are, DeviceArrays copied to the host."""
+    return arrays.to_host() if isinstance(arrays, DeviceArrays) else arrays
+
+
+def bf16_on_device(delta: Mapping, residual: Mapping[str, np.ndarray] | DeviceArrays | None = None
+                   ) -> tuple[dict[str, np.ndarray], DeviceArrays | None]:
     """(bf16-encoded delta + residual, what the encoding dropped), computed where the delta's torch tensors are.
 
     Bit for bit the host path (float32_to_bf16_bits, ErrorFeedback's float32 arithmetic): x = delta + residual,
-    q = bf16(x) rounded to nearest even, NaN as BF16_QUIET_NAN, residual' = x - q. Only the 2-byte payload and,
-    with feedback (residual not None, {} in the first round), the float32 residual' come to the host, one copy each;
-    without feedback, residual' is None. The tensors of one upload are concatenated, so each step is one kernel.
+    q = bf16(x) rounded to nearest even, NaN as BF16_QUIET_NAN, residual' = x - q. Only the 2-byte payload comes to
+    the host, in one copy; with feedback (residual not None: {} in the first round, a file's numpy arrays after a
+    restart, else last round's DeviceArrays) residual' stays on the device as DeviceArrays; without, it is None.
+    The tensors of one upload are concatenated, so each step is one kernel.
     """
     import torch
 
@@ -108,18 +166,28 @@ def bf16_on_device(delta: Mapping, residual: Mapping[str, np.ndarray] | None = N
     for key in keys:
         if SEPARATOR in key:
             raise ValueError(f"{key}: adapter keys must not contain {SEPARATOR!r}")
-    shapes = [tuple(delta[k].shape) for k in keys]
+    shapes = {k: tuple(delta[k].shape) for k in keys}
     x = torch.cat([delta[k].detach().float().reshape(-1) for k in keys])
     if residual:
-        _check_residual(residual, dict(zip(keys, shapes)))
-        x += _to_device([residual[k] for k in keys], x.device)
+        x += _residual_on(residual, shapes, x.device)
     q = x.to(torch.bfloat16)
     bits = q.view(torch.int16)
     bits.masked_fill_(torch.isnan(x), int(BF16_QUIET_NAN))  # 0x7FC0 < 2**15: the same bits as int16
-    outputs = [bits] if residual is None else [bits, x.sub_(q.float())]
-    hosted = [split_flat(flat, shapes) for flat in to_numpy(outputs)]
-    encoded = {f"{k}::bf16": value.view(np.uint16) for k, value in zip(keys, hosted[0])}
-    return encoded, None if residual is None else dict(zip(keys, hosted[1]))
+    kept = None if residual is None else DeviceArrays.of(x.sub_(q.float()), shapes)
+    (hosted,) = to_numpy([bits])
+    encoded = {f"{k}::bf16": value.view(np.uint16) for k, value in zip(keys, split_flat(hosted, shapes.values()))}
+    return encoded, kept
+
+
+def _residual_on(residual: Mapping[str, np.ndarray] | DeviceArrays, shapes: dict[str, tuple[int, ...]], device):
+    """The residual as one flat float32 tensor on `device` in the order of `shapes`: last round's DeviceArrays there
+    as it is; anything else (a restarted site's file) concatenated and copied there."""
+    if isinstance(residual, DeviceArrays) and residual.flat.device == device and \
+            list(residual.shapes.items()) == list(shapes.items()):
+        return residual.flat
+    residual = on_host(residual)
+    _check_residual(residual, shapes)
+    return _to_device([residual[k] for k in shapes], device)
 
 
 def _to_device(arrays: list[np.ndarray], device):
@@ -391,25 +459,29 @@ def _check_residual(residual: Mapping[str, np.ndarray], shapes: Mapping[str, tup
 class ErrorFeedback:
     """A site's compression residual e (EF-SGD): send C(delta + e), keep e <- delta + e - decode(C(delta + e)).
 
-    The residual is one float32 adapter held at the site; ``state_dict()`` is {key: residual} so it
-    can be checkpointed with the site's other state (a Flower ArrayRecord, np.savez).
+    The residual is one float32 adapter held at the site: numpy arrays, or DeviceArrays after an encoding on the
+    device (bf16_on_device); ``state_dict()`` is {key: residual} so it can be checkpointed with the site's other
+    state (a Flower ArrayRecord, np.savez).
     """
 
-    def __init__(self, residual: Mapping[str, np.ndarray] | None = None) -> None:
-        """Start from `residual` (a state_dict(), kept as given: not copied), or from none."""
-        self.residual: dict[str, np.ndarray] = dict(residual or {})
+    def __init__(self, residual: Mapping[str, np.ndarray] | DeviceArrays | None = None) -> None:
+        """Start from `residual` (a state_dict() or DeviceArrays, kept as given: not copied), or from none."""
+        self.residual: dict[str, np.ndarray] | DeviceArrays = \
+            residual if isinstance(residual, DeviceArrays) else dict(residual or {})
 
     def compensate(self, delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """delta + residual (float32), key by key; the residual must have the delta's keys and shapes (or be empty)."""
-        if not self.residual:
+        residual = on_host(self.residual)
+        if not residual:
             return {k: np.asarray(v, dtype=np.float32) for k, v in delta.items()}
-        _check_residual(self.residual, {k: np.shape(v) for k, v in delta.items()})
-        return {key: np.asarray(value, dtype=np.float32) + self.residual[key] for key, value in delta.items()}
+        _check_residual(residual, {k: np.shape(v) for k, v in delta.items()})
+        return {key: np.asarray(value, dtype=np.float32) + residual[key] for key, value in delta.items()}
 
     def encode(self, delta: Mapping, codec: UploadCodec | str) -> dict[str, np.ndarray]:
         """Encode delta + residual with `codec` and keep what the encoding dropped as the next residual.
 
-        delta: numpy arrays, or torch tensors on one device (on a GPU with bf16: encoded there, bf16_on_device).
+        delta: numpy arrays, or torch tensors on one device (on a GPU with bf16: encoded there, bf16_on_device, and
+        the residual kept there).
         """
         codec = UploadCodec(codec) if isinstance(codec, str) else codec
         if on_device(delta, codec):
@@ -429,8 +501,8 @@ class ErrorFeedback:
         self.residual = {}
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """{adapter key: residual (float32, the key's shape)}; empty before the first lossy round."""
-        return {k: v.copy() for k, v in self.residual.items()}
+        """{adapter key: residual (float32, the key's shape)} on the host; empty before the first lossy round."""
+        return {k: v.copy() for k, v in on_host(self.residual).items()}
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore a residual saved by state_dict()."""

@@ -6,14 +6,18 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 import time
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
+from client import site_state as site_state_module
 from client.site_state import (ContextState, NODE_STATE_DIR_KEY, SiteStateStore, site_state,
                                site_state_dir, wait_for_background_writes)
+from federation.compression import DeviceArrays
 from federation.store import FEDERATION_RUN_ID_KEY, atomic_write_bytes
 from tests.flower_messages import instruction
 
@@ -233,3 +237,49 @@ def test_a_failed_background_write_fails_the_next_use_once_and_keeps_the_old_sta
         store.load_arrays(NAME, 3)
     assert store.load_arrays(NAME, 3)["a"][0, 0] == 2.0
     assert _files(store) == ["round-0002.npz"]
+
+
+def _device_arrays() -> DeviceArrays:
+    return DeviceArrays.of(torch.arange(9, dtype=torch.float32), {"a": (2, 3), "c": (3,)})
+
+
+def test_device_arrays_stay_in_memory_and_reach_the_file_in_the_writer_thread(tmp_path, monkeypatch):
+    copied_in = []
+    real_to_host = DeviceArrays.to_host
+    monkeypatch.setattr(DeviceArrays, "to_host",
+                        lambda self: copied_in.append(threading.current_thread().name) or real_to_host(self))
+    store = SiteStateStore(tmp_path, RUN)
+    saved = _device_arrays()
+    store.save_arrays(NAME, 2, saved, background=True)
+    assert _same(_written_file(store, 2), real_to_host(saved))
+    assert len(copied_in) == 1 and copied_in[0].startswith("site-state-writer")  # not the caller's thread
+    loaded = store.load_arrays(NAME, 3)
+    assert isinstance(loaded, DeviceArrays) and loaded.shapes == saved.shapes and torch.equal(loaded.flat, saved.flat)
+    loaded.flat.zero_()  # callers may change what they loaded ...
+    assert torch.equal(store.load_arrays(NAME, 3).flat, torch.arange(9, dtype=torch.float32))  # ... not the state
+    assert len(copied_in) == 1  # nothing came to the host for the loads
+
+    site_state_module._SAVED.clear()  # a restarted site: the file's numpy arrays
+    restarted = SiteStateStore(tmp_path, RUN).load_arrays(NAME, 3)
+    assert not isinstance(restarted, DeviceArrays) and _same(restarted, real_to_host(saved))
+
+
+def test_context_state_keeps_device_arrays_as_numpy_arrays():
+    state = ContextState(_context({}))
+    state.save_arrays(NAME, 2, _device_arrays())
+    assert _same(state.load_arrays(NAME, 2), _device_arrays().to_host())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_device_arrays_reach_the_file_after_the_kernels_that_compute_them(tmp_path):
+    """The writer thread copies on a stream of its own: it must wait for the stream that computed the values."""
+    store = SiteStateStore(tmp_path, RUN)
+    computing = torch.cuda.Stream()
+    with torch.cuda.stream(computing):
+        flat = torch.zeros(1 << 22, device="cuda")
+        torch.cuda._sleep(1 << 28)  # a slow kernel queued before the values are written
+        flat += 1.0
+        saved = DeviceArrays.of(flat, {"a": (1 << 22,)})
+    store.save_arrays(NAME, 2, saved, background=True)
+    assert np.all(_written_file(store, 2)["a"] == 1.0)
+    assert torch.equal(store.load_arrays(NAME, 3).flat.cpu(), torch.ones(1 << 22))

@@ -95,6 +95,7 @@ def test_the_bf16_upload_encoded_on_the_device_is_the_host_one_byte_for_byte(mak
 
     from client.task import ERROR_FEEDBACK_KEY
     from federation import compression
+    from federation.compression import on_host
 
     cfg = make_cfg("train.fast_path=true")
 
@@ -107,7 +108,7 @@ def test_the_bf16_upload_encoded_on_the_device_is_the_host_one_byte_for_byte(mak
             adapter = {key: value + upload[key] for key, value in adapter.items()}
         wait_for_background_writes()
         residual = site_state.SiteStateStore(state_dir, "0123456789abcdef").load_arrays(ERROR_FEEDBACK_KEY, 4)
-        return replies, {key: value.tobytes() for key, value in residual.items()}
+        return replies, {key: value.tobytes() for key, value in on_host(residual).items()}
 
     host = three_rounds(tmp_path / "host")
     encoded_on_device = []
@@ -175,3 +176,76 @@ def test_a_model_this_process_cannot_load_leaves_the_resident_one_in_place(make_
     with pytest.raises(RuntimeError, match="4bit needs a CUDA device"):
         task.get_runtime(make_cfg("model.quantization=4bit", "model.device=cpu"))
     assert task.get_runtime(make_cfg()) is resident
+
+
+
+def _encode_rounds(cfg, state_dir, device: str, restart_before: int | None = None):
+    """encode_delta over rounds 1-4 of seeded deltas (torch tensors on `device`): each round's wire bytes, the
+    residual entering round 5 as this process holds it, and its bytes in memory and in its file."""
+    import numpy as np
+    import torch
+
+    from client.task import ERROR_FEEDBACK_KEY
+    from federation.compression import on_host
+
+    shapes = {key: value.shape for key, value in initial_adapter(cfg.model, cfg.lora).items()}
+    context, wire = _site_context(state_dir), []
+    for server_round in (1, 2, 3, 4):
+        if server_round == restart_before:
+            wait_for_background_writes()
+            site_state._SAVED.clear()  # nothing of the rounds before in memory: the residual comes from the file
+        rng = np.random.default_rng(server_round)
+        delta = {key: torch.from_numpy((1e-2 * rng.standard_normal(shape)).astype(np.float32)).to(device)
+                 for key, shape in shapes.items()}
+        record = task.encode_delta(delta, cfg, _train_message(cfg, {}, server_round), context)
+        wire.append({key: value.tobytes() for key, value in unpack_arrays(record).items()})
+    store = site_state.SiteStateStore(state_dir, "0123456789abcdef")
+    held = store.load_arrays(ERROR_FEEDBACK_KEY, 5)  # waits for the background write
+    with np.load(store.run_dir / ERROR_FEEDBACK_KEY / "round-0005.npz") as data:
+        in_file = {key: data[key].tobytes() for key in data.files}
+    return wire, held, {key: value.tobytes() for key, value in on_host(held).items()}, in_file
+
+
+
+def _host_run(cfg, tmp_path) -> tuple[list, dict]:
+    """The host path's wire bytes and residual (CPU tensors: on_device says no), its file equal to its memory."""
+    from federation.compression import DeviceArrays
+
+    assert cfg.federation.upload_codec == "bf16" and cfg.federation.upload_error_feedback
+    wire, held, residual, in_file = _encode_rounds(cfg, tmp_path / "host", "cpu")
+    assert not isinstance(held, DeviceArrays) and in_file == residual
+    return wire, residual
+
+
+def _check_device_runs(cfg, tmp_path, device: str, host_wire: list, host_residual: dict) -> None:
+    """Uninterrupted, and restarted before round 3: the host path's bytes, the residual kept on `device`."""
+    from federation.compression import DeviceArrays
+
+    for restart_before in (None, 3):
+        wire, held, residual, in_file = _encode_rounds(cfg, tmp_path / f"device-{restart_before}", device,
+                                                       restart_before)
+        assert isinstance(held, DeviceArrays) and held.flat.device.type == device  # kept there between rounds
+        assert wire == host_wire and residual == host_residual and in_file == host_residual
+
+
+def test_encode_delta_keeps_the_residual_on_the_device_with_the_host_paths_bytes_and_file(make_cfg, tmp_path,
+                                                                                        monkeypatch):
+    """A GPU site's path (forced here on CPU tensors): the error-feedback residual stays on the device between
+    rounds, the uploads and the residual (in memory and in its file) are the host path's, also across a restart."""
+    from federation import compression
+
+    cfg = make_cfg()
+    host_wire, host_residual = _host_run(cfg, tmp_path)
+    monkeypatch.setattr(compression, "on_device", lambda delta, codec: codec.name == "bf16")
+    _check_device_runs(cfg, tmp_path, "cpu", host_wire, host_residual)
+
+
+def test_encode_delta_keeps_the_residual_on_the_cuda_device_with_the_host_paths_bytes_and_file(make_cfg, tmp_path):
+    """The same on a GPU, as on_device decides it there."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cfg = make_cfg()
+    host_wire, host_residual = _host_run(cfg, tmp_path)
+    _check_device_runs(cfg, tmp_path, "cuda", host_wire, host_residual)

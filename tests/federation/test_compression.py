@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from federation.compression import (
+    DeviceArrays,
     ErrorFeedback,
     UploadCodec,
     bf16_bits_to_float32,
@@ -232,20 +233,27 @@ def assert_same_floats(got: np.ndarray, expected: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bf16_on_device_is_the_host_encoding_and_residual_bit_for_bit_over_rounds(device):
+@pytest.mark.parametrize("restarts", [False, True])
+def test_bf16_on_device_is_the_host_encoding_and_residual_bit_for_bit_over_rounds(device, restarts):
+    """The residual stays on the device from round to round (DeviceArrays); with restarts, every other round starts
+    from its host copy instead (what a restarted site reads from its file)."""
     host = ErrorFeedback()
     residual = {}
     for r in range(6):
         d = special_delta(r)
         with np.errstate(invalid="ignore"):  # inf - inf and NaN arithmetic: on purpose
             expected = host.encode(d, "bf16")
+        if restarts and r % 2:
+            residual = {k: v.copy() for k, v in residual.to_host().items()}
         encoded, residual = bf16_on_device({k: torch.from_numpy(v).to(device) for k, v in d.items()}, residual)
         assert list(encoded) == list(expected)
         assert all(encoded[k].dtype == np.uint16 and encoded[k].tobytes() == expected[k].tobytes() for k in expected)
-        assert list(residual) == list(host.residual)
-        for key in residual:
-            assert_same_floats(residual[key], host.residual[key])
-    assert np.isnan(residual[KEY_A]).any() and np.isnan(residual[KEY_B]).any()  # the specials were in there
+        assert isinstance(residual, DeviceArrays) and residual.flat.device.type == device
+        on_host = residual.to_host()
+        assert list(on_host) == list(host.residual)
+        for key in on_host:
+            assert_same_floats(on_host[key], host.residual[key])
+    assert np.isnan(on_host[KEY_A]).any() and np.isnan(on_host[KEY_B]).any()  # the specials were in there
     # without feedback: the plain bf16 encoding, and no residual
     d = special_delta(7)
     plain, none = bf16_on_device({k: torch.from_numpy(v).to(device) for k, v in d.items()})
@@ -259,6 +267,37 @@ def test_bf16_on_device_refuses_a_residual_of_other_keys_or_shapes():
         bf16_on_device(d, {KEY_A: delta()[KEY_A]})
     with pytest.raises(ValueError, match="vs residual"):
         bf16_on_device(d, {KEY_A: delta()[KEY_A], KEY_B: np.zeros((8, 32), np.float32)})
+    with pytest.raises(ValueError, match="vs residual"):
+        bf16_on_device(d, DeviceArrays.of(torch.zeros(8 * 64 + 8 * 32), {KEY_A: (8, 64), KEY_B: (8, 32)}))
+
+
+def test_a_device_residual_in_another_key_order_is_added_key_by_key():
+    d = {k: torch.from_numpy(v) for k, v in delta(1).items()}
+    _, residual = bf16_on_device({k: torch.from_numpy(v) for k, v in delta(0).items()}, {})
+    host = residual.to_host()
+    reordered = DeviceArrays.of(torch.cat([torch.from_numpy(host[k]).reshape(-1) for k in (KEY_B, KEY_A)]),
+                                {KEY_B: host[KEY_B].shape, KEY_A: host[KEY_A].shape})
+    expected, expected_residual = bf16_on_device(d, residual)
+    got, got_residual = bf16_on_device(d, reordered)
+    assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in expected.items()}
+    assert torch.equal(got_residual.flat, expected_residual.flat)
+
+
+def test_error_feedback_continues_on_the_host_from_a_residual_kept_on_the_device(monkeypatch):
+    import federation.compression as compression
+
+    # CPU tensors take the path of a GPU's (on_device decides that for CUDA only)
+    monkeypatch.setattr(compression, "on_device", lambda d, codec: codec.name == "bf16" and
+                        all(isinstance(v, torch.Tensor) for v in d.values()))
+    host, mixed = ErrorFeedback(), ErrorFeedback()
+    for r, as_tensors in enumerate([True, True, False, True]):
+        d = delta(r)
+        expected = host.encode(d, "bf16")
+        got = mixed.encode({k: torch.from_numpy(v) for k, v in d.items()} if as_tensors else d, "bf16")
+        assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in expected.items()}
+        assert isinstance(mixed.residual, DeviceArrays) == as_tensors
+        assert {k: v.tobytes() for k, v in mixed.state_dict().items()} == \
+            {k: v.tobytes() for k, v in host.state_dict().items()}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -280,7 +319,7 @@ def test_only_bf16_of_gpu_tensors_is_encoded_on_the_device_and_every_codec_gives
         expected = host.encode(d, codec)
         got = tensors.encode(torch_delta, codec)
         assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in expected.items()}
-        assert {k: v.tobytes() for k, v in tensors.residual.items()} == \
+        assert {k: v.tobytes() for k, v in tensors.state_dict().items()} == \
             {k: v.tobytes() for k, v in host.residual.items()}
         assert {k: v.tobytes() for k, v in codec.encode(torch_delta).items()} == \
             {k: v.tobytes() for k, v in codec.encode(d).items()}
