@@ -187,17 +187,9 @@ def _residual_on(residual: Mapping[str, np.ndarray] | DeviceArrays, shapes: dict
         return residual.flat
     residual = on_host(residual)
     _check_residual(residual, shapes)
-    return _to_device([residual[k] for k in shapes], device)
+    from federation.adapter import to_device_flat
 
-
-def _to_device(arrays: list[np.ndarray], device):
-    """The arrays concatenated into one flat float32 tensor on `device`; to a GPU through pinned memory, one copy."""
-    import torch
-
-    size = sum(np.size(a) for a in arrays)
-    host = torch.empty(size, dtype=torch.float32, pin_memory=device.type == "cuda")
-    np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in arrays], out=host.numpy())
-    return host.to(device, non_blocking=True)
+    return to_device_flat([residual[k] for k in shapes], device)
 
 
 # --------------------------------------------------------------------------- one tensor
