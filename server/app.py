@@ -248,12 +248,15 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
                     adapter = new_arrays = None
             if new_arrays is not None:
                 arrays = new_arrays
+            trained = time.perf_counter()
             eval_columns = _evaluate(strategy, grid, server_round, arrays, config, cfg.federation.evaluate_timeout())
             if adapter is None:
                 adapter = from_array_record(arrays)
             if gold_set is not None:
                 eval_columns.update(gold_set.score(adapter, server_round))
+            evaluated = time.perf_counter()
             digest = checkpoint(server_round, adapter)
+            finished = time.perf_counter()
             row = {
                 "round": server_round,
                 "train_loss": metric_or_none(train_metrics, TRAIN_LOSS),
@@ -280,7 +283,11 @@ def run_federation(grid: Grid, cfg: RunConfig) -> list[dict[str, Any]]:
                                          if DP_SGD_EPSILON in site), default=None),
                 "start_adapter_digest": start_digest,
                 "adapter_digest": digest,
-                "seconds": time.perf_counter() - start,
+                "seconds": finished - start,
+                # Where the round's time went at the coordinator: the train exchange with aggregation, the evaluate
+                # exchange (and gold set), the checkpoint.
+                "phase_seconds": {"train": trained - start, "evaluate": evaluated - trained,
+                                  "checkpoint": finished - evaluated},
             }
             metrics_log.append(row)
             rows.append(row)

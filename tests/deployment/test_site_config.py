@@ -121,19 +121,26 @@ def test_supernode_waits_at_most_poll_interval_s_between_asking_for_messages(tmp
 
     import flwr.supernode.start_client_internal as loop
 
-    from client.supernode import bound_supernode_waits
+    from client.supernode import LOCAL_WAIT_S, bound_supernode_waits
 
     argv = supernode_command(_site(tmp_path, creds, Path("/d"), poll_interval_s=0.5))
     assert argv[1:5] == ["-m", "client.supernode", "--poll-interval-s", "0.5"]
-    # What it bounds: Flower 1.41's idle wait in the SuperNode's message loop (a newer flwr may wait elsewhere).
+    # What it bounds: Flower 1.41's idle wait in the SuperNode's message loop, and its 0.5 s waits for a reply in
+    # its own state (a newer flwr may wait elsewhere).
     assert "time.sleep(3)" in inspect.getsource(loop.start_client_internal)
+    assert "time.sleep(0.5)" in inspect.getsource(loop._push_messages)
     monkeypatch.setattr(loop, "time", loop.time)  # put back after the test
     slept = []
     monkeypatch.setattr(time, "sleep", slept.append)
     bound_supernode_waits(0.5)
     loop.time.sleep(3)
-    loop.time.sleep(0.2)
-    assert slept == [0.5, 0.2] and loop.time.monotonic is time.monotonic
+    loop.time.sleep(0.5)
+    loop.time.sleep(0.02)
+    assert slept == [0.5, LOCAL_WAIT_S, 0.02] and loop.time.monotonic is time.monotonic
+    bound_supernode_waits(0.03)  # a poll interval below the local bound bounds both
+    loop.time.sleep(3)
+    loop.time.sleep(0.5)
+    assert slept[-2:] == [0.03, 0.03]
 
 
 def test_poll_interval_defaults_to_flowers_3_s_and_must_be_at_least_0_1_s(tmp_path):

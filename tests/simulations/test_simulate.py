@@ -33,6 +33,10 @@ def test_three_site_two_round_simulation_finishes_and_learns(three_site_run):
     for r in rows[1:]:
         assert r["bytes_up"] > 0 and r["bytes_down"] > r["bytes_up"]  # down: train + eval broadcast
         assert np.isfinite(r["train_loss"])
+        # the round's time at the coordinator, phase by phase (train and evaluate exchanges, checkpoint)
+        phases = r["phase_seconds"]
+        assert set(phases) == {"train", "evaluate", "checkpoint"} and all(v >= 0 for v in phases.values())
+        assert phases["train"] > 0 and sum(phases.values()) == pytest.approx(r["seconds"])
     from pathlib import Path
 
     run = Path(cfg.output_dir)
