@@ -263,6 +263,10 @@ def _report(result: dict) -> None:
         for index, phases in enumerate(rounds):
             print(f"{name} train message {index + 1}, seconds outside the loop: {phases}")
     for run_index, run in enumerate(result["runs"]):
+        for row in run["rows"]:  # the coordinator's round, phase by phase (server/app.py phase_seconds)
+            if row.get("phase_seconds"):
+                print(f"run {run_index} round {row['round']} at the coordinator: {row['seconds']:.2f} s = "
+                      + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in row["phase_seconds"].items()))
         print(f"GPU MiB held by each site's processes after run {run_index}: {run['gpu_mib_after_run']}")
 
 
