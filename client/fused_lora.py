@@ -390,8 +390,8 @@ class _LoRASwiGLU(torch.autograd.Function):
     """down(silu(gate(x)) * up(x)) for LoRA projections p(x) = x W^T + s (x A^T) B^T; saves x, e, g (not h).
 
     x (N, d); A (r, in) and B (out, r) of gate, up, down in that order, and copies: the six in dtype (LoRACopies);
-    bases: the three base layers; scalings their s; dtype the compute dtype of every matmul. Frozen W's are dequantized again in backward, as
-    bitsandbytes' own 4-bit matmul does.
+    bases: the three base layers; scalings their s; dtype the compute dtype of every matmul. Frozen W's are
+    dequantized again in backward, as bitsandbytes' own 4-bit matmul does.
     """
 
     @staticmethod

@@ -66,9 +66,7 @@ def set_adapter_arrays(model: torch.nn.Module, arrays: Mapping[str, np.ndarray],
         # One host-to-device copy of them all (a GPU waits for one pinned copy, not for one pageable copy per
         # tensor: 448 at llama-8b all-linear), then one multi-tensor copy into the parameters.
         flat = to_device_flat([arrays[key] for key in params], devices.pop())
-        shapes = [tuple(param.shape) for param in params.values()]
-        placed = dict(zip(params, (piece.view(shape) for piece, shape in
-                                   zip(flat.split([math.prod(shape) for shape in shapes]), shapes))))
+        placed = dict(zip(params, split_flat(flat, [tuple(param.shape) for param in params.values()])))
     torch._foreach_copy_(list(params.values()), list(placed.values()))
     return placed
 
@@ -117,8 +115,8 @@ def to_numpy(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
     return [tensor.numpy() for tensor in hosted]
 
 
-def split_flat(flat: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
-    """Views of a flat array as consecutive tensors of these shapes (a torch.cat of them, flattened)."""
+def split_flat(flat: np.ndarray | torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray | torch.Tensor]:
+    """Views of a flat array (numpy or torch) as consecutive tensors of these shapes (a torch.cat of them, flattened)."""
     views, offset = [], 0
     for shape in shapes:
         size = math.prod(shape)

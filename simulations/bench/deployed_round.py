@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from client.daemon import DEFAULT_POLL_INTERVAL_S
+
 DEFAULT_OVERRIDES = ["model=llama-1b-random", "train.local_steps=10", "train.batch_size=16"]
 SKILLS = ("reverse", "uppercase", "add", "vowels")
 READY_TIMEOUT_S = 300
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="give every example this many random words of input: real-length rows (~5-6 tokens a "
                              "word with the presets' tokenizer; pair with data.max_seq_len=N, the demo's is 96 "
                              "tokens); 0: the demo task's ~25-token examples")
-    parser.add_argument("--poll-interval-s", type=float, default=3.0,
+    parser.add_argument("--poll-interval-s", type=float, default=DEFAULT_POLL_INTERVAL_S,
                         help="each site's poll_interval_s (site.yaml): how soon it sees a message; not site work")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--keep", type=Path, help="keep the logs and run directories here")
