@@ -124,6 +124,37 @@ def _run_steps(step_fns: StepFns, params: Sequence[torch.nn.Parameter], optimize
     return losses, tokens
 
 
+def host_cpu_times() -> tuple[int, int, int] | None:
+    """(busy, steal, total) jiffies summed over the host's CPUs from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice, already inside user/nice]
+    idle, steal = fields[3] + fields[4], fields[7] if len(fields) > 7 else 0
+    total = sum(fields[:8])
+    return total - idle - steal, steal, total
+
+
+def host_load(before: tuple[int, int, int] | None, after: tuple[int, int, int] | None) -> dict:
+    """What the host did between two host_cpu_times samples: busy and stolen fractions of all its CPUs, loadavg.
+
+    Our step is CPU-bound at small shapes, so a pass is only as fast as the one core driving it: other work on
+    the host (busy) or a hypervisor taking the core away (steal) show up here before they show up as noise.
+    """
+    load = {}
+    if before and after and after[2] > before[2]:
+        span = after[2] - before[2]
+        load = {"host_busy_frac": round((after[0] - before[0]) / span, 4),
+                "host_steal_frac": round((after[1] - before[1]) / span, 4)}
+    try:
+        load["loadavg_1m"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    return load
+
+
 def measure_passes(step_fns: StepFns, params: Sequence[torch.nn.Parameter],
                    steps_examples: list[list[dict]], reps: int, device: torch.device) -> list[dict]:
     """One untimed warm pass then `reps` timed passes over steps_examples, each from the same start; one dict each.
@@ -146,14 +177,18 @@ def measure_passes(step_fns: StepFns, params: Sequence[torch.nn.Parameter],
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
+        host_before, cpu_began = host_cpu_times(), time.process_time()
         began = time.perf_counter()
         losses, tokens = _run_steps(step_fns, params, optimizer, steps_examples)
         if cuda:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - began
+        cpu_seconds = time.process_time() - cpu_began
         if rep == 0:
             continue  # the warm pass: every shape of the timed passes has now run once
+        # cpu_seconds: this process's CPU time (all its threads) over the pass; ~seconds when the step is CPU-bound.
         timed.append({"rep": rep, "tokens_per_s": tokens / seconds, "seconds": seconds, "real_tokens": tokens,
+                      "cpu_seconds": cpu_seconds, **host_load(host_before, host_cpu_times()),
                       "peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else 0,
                       "losses": [float(x) for x in losses]})
     with torch.no_grad():  # leave the model as it came: the next measurement starts from the same adapter
@@ -424,7 +459,10 @@ def _run_regimes(result: _ResultFile, args, vocab: int, device: torch.device, pa
                          + json.dumps(run["profile"]))
                 _log(f"[{result.data['trainer']} {args.shape}] {regime:11s} {scenario:8s} " + "  ".join(
                     f"{p['tokens_per_s']:9.0f} tok/s peak {p['peak_bytes'] / 2**30:6.2f} GiB"
-                    + (f" MFU {p['mfu']:.3f}" if "mfu" in p else "") for p in passes)
+                    + (f" MFU {p['mfu']:.3f}" if "mfu" in p else "")
+                    + f" cpu/wall {p['cpu_seconds'] / p['seconds']:.2f}"
+                    + (f" host busy {p['host_busy_frac']:.2f} steal {p['host_steal_frac']:.3f}"
+                       if "host_busy_frac" in p else "") for p in passes)
                     + f"  step0 loss {passes[0]['losses'][0]:.4f}")
             except Exception as exc:  # an OOM in one regime must not lose the others
                 run = {"regime": regime, "scenario": scenario, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}

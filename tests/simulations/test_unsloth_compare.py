@@ -31,8 +31,17 @@ def test_timed_passes_start_from_the_same_adapter_and_leave_it_unchanged():
     assert [p["rep"] for p in passes] == [1, 2]
     assert passes[0]["losses"] == passes[1]["losses"]  # same start, same data, fresh optimizer: same trajectory
     assert passes[0]["losses"][0] != passes[0]["losses"][-1]  # the optimizer really stepped
-    assert all(p["real_tokens"] == 6 and p["tokens_per_s"] > 0 for p in passes)
+    assert all(p["real_tokens"] == 6 and p["tokens_per_s"] > 0 and p["cpu_seconds"] >= 0 for p in passes)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_host_load_splits_the_hosts_jiffies_into_busy_and_stolen_fractions():
+    load = unsloth_compare.host_load((100, 10, 1000), (400, 60, 2000))  # (busy, steal, total)
+    assert load["host_busy_frac"] == 0.3 and load["host_steal_frac"] == 0.05
+    assert unsloth_compare.host_load(None, (1, 1, 1)).keys() <= {"loadavg_1m"}
+    sample = unsloth_compare.host_cpu_times()
+    if sample is not None:  # Linux: real /proc/stat counters, busy and steal within the total
+        assert 0 <= sample[0] <= sample[2] and 0 <= sample[1] <= sample[2]
 
 
 def test_profiled_pass_reports_per_step_time_and_top_ops_and_leaves_the_adapter_unchanged():
