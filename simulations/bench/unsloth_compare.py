@@ -250,6 +250,43 @@ def profile_pass(step_fns: StepFns, params: Sequence[torch.nn.Parameter],
                                         sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]}}
 
 
+def python_profile_pass(step_fns: StepFns, params: Sequence[torch.nn.Parameter],
+                        steps_examples: list[list[dict]], top: int = 30) -> dict:
+    """One pass under cProfile (same start, parameters restored): the Python functions where the CPU spent its time.
+
+    Where a step is CPU-bound the GPU waits on Python: torch.profiler names the ops, this names the code around
+    them (Triton's launcher, PEFT, our wrappers). cProfile slows every Python call, so the figures are relative.
+    Returns {"wall_ms_per_step", "top_by_self_ms_per_step": {function: [calls per step, self ms, cumulative ms]}}.
+    """
+    import cProfile
+    import pstats
+
+    cuda = torch.cuda.is_available()
+    start = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=LR)
+    if cuda:
+        torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    began = time.perf_counter()
+    profiler.enable()
+    _run_steps(step_fns, params, optimizer, steps_examples)
+    if cuda:
+        torch.cuda.synchronize()
+    profiler.disable()
+    wall = time.perf_counter() - began
+    with torch.no_grad():
+        for param, value in zip(params, start):
+            param.copy_(value)
+    n = len(steps_examples)
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (primitive calls, calls, self s, cumulative s, callers)
+    ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    return {"wall_ms_per_step": wall * 1e3 / n,
+            "top_by_self_ms_per_step": {
+                f"{Path(file).name}:{line}({name})"[:120]: [round(calls / n, 1), round(own * 1e3 / n, 3),
+                                                            round(cumulative * 1e3 / n, 3)]
+                for (file, line, name), (_, calls, own, cumulative, _) in ranked}}
+
+
 def gpu_idle_gaps(kernels: list[tuple[float, float, str]], steps: int, top: int = 8) -> dict:
     """Where the GPU sat idle: (start us, end us, name) of every kernel and copy, all streams -> per-step figures.
 
@@ -457,6 +494,10 @@ def _run_regimes(result: _ResultFile, args, vocab: int, device: torch.device, pa
                     run["profile"] = profile_pass(make_step(), params, steps_examples)
                     _log(f"[{result.data['trainer']} {args.shape}] {regime} {scenario} profile: "
                          + json.dumps(run["profile"]))
+                if scenario in args.python_profile.split(","):
+                    run["python_profile"] = python_profile_pass(make_step(), params, steps_examples)
+                    _log(f"[{result.data['trainer']} {args.shape}] {regime} {scenario} python profile: "
+                         + json.dumps(run["python_profile"]))
                 _log(f"[{result.data['trainer']} {args.shape}] {regime:11s} {scenario:8s} " + "  ".join(
                     f"{p['tokens_per_s']:9.0f} tok/s peak {p['peak_bytes'] / 2**30:6.2f} GiB"
                     + (f" MFU {p['mfu']:.3f}" if "mfu" in p else "")
@@ -591,7 +632,7 @@ def _worker_argv(args, shape: str, trainer: str, result: Path) -> list[str]:
     return [sys.executable, "-m", "simulations.bench.unsloth_compare", "--worker", trainer, "--shape", shape,
             "--seq", str(args.seq or seq), "--examples-per-step", str(args.examples_per_step or per_step),
             "--steps", str(args.steps), "--reps", str(args.reps), "--scenarios", args.scenarios,
-            "--regimes", args.regimes, "--profile", args.profile, "--cache", args.cache, "--result", str(result),
+            "--regimes", args.regimes, "--profile", args.profile, "--python-profile", args.python_profile, "--cache", args.cache, "--result", str(result),
             "--out", args.out]
 
 
@@ -645,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="wall-clock budget of the whole comparison: a worker gets what is left, then is stopped")
     parser.add_argument("--profile", default="", help="comma list of scenarios to profile after their timed passes: "
                         "GPU-busy share of a step and its top kernels, in the worker's JSON and log")
+    parser.add_argument("--python-profile", default="", help="comma list of scenarios to run once more under "
+                        "cProfile after their timed passes: the Python functions a CPU-bound step spends its time in")
     parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)

@@ -35,6 +35,19 @@ def test_timed_passes_start_from_the_same_adapter_and_leave_it_unchanged():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_python_profile_names_the_functions_a_step_spends_its_time_in_and_leaves_the_adapter_unchanged():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = [[{"x": torch.randn(4)} for _ in range(2)] for _ in range(3)]
+    report = unsloth_compare.python_profile_pass(_linear_step(model), list(model.parameters()), steps)
+    assert report["wall_ms_per_step"] > 0
+    functions = report["top_by_self_ms_per_step"]
+    assert any("step" in name for name in functions)  # AdamW's step (or the bench's) is Python that ran
+    assert all(calls > 0 and own >= 0 and cumulative >= own for calls, own, cumulative in functions.values())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_host_load_splits_the_hosts_jiffies_into_busy_and_stolen_fractions():
     load = unsloth_compare.host_load((100, 10, 1000), (400, 60, 2000))  # (busy, steal, total)
     assert load["host_busy_frac"] == 0.3 and load["host_steal_frac"] == 0.05
