@@ -8,7 +8,8 @@ through resolve_kernel_set):
 * ``none``  the plain kernels: HF modules and client/fast_train's pure-torch chunked cross-entropy.
 * ``liger`` Liger-Kernel's Triton RMSNorm, SwiGLU and RoPE patched onto the resident model, and its fused linear
   cross-entropy (reduction="sum") for the loss over target tokens: like ours it never materialises the
-  (tokens, vocab) logits and computes the hidden-state gradient during the forward pass, but in Triton.
+  (tokens, vocab) logits and computes the hidden-state gradient during the forward pass, but in Triton. We launch
+  its kernels ourselves (liger_linear_ce_sum), without the host sync Liger's own wrapper makes every call.
 
 Attention paths for packed rows (ATTENTION_PATHS; ``auto`` resolves through resolve_attention):
 
@@ -23,6 +24,7 @@ Attention paths for packed rows (ATTENTION_PATHS; ``auto`` resolves through reso
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import inspect
 import logging
@@ -120,12 +122,146 @@ def _apply_liger(model: torch.nn.Module) -> None:
     apply_fn(model=causal_lm, **{k: v for k, v in wanted.items() if k in accepted})
 
 
-def liger_linear_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Liger's fused linear cross-entropy, summed: hidden (n, d), weight (V, d), targets (n,) -> 0-d fp32."""
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+# Why we launch Liger's kernels ourselves: Liger 0.8.5's fused_linear_cross_entropy_forward counts the targets that
+# are not ignore_index with target_mask.sum().item() on every call (and its backward compares grad_output with 1.0
+# by torch.equal), so each step waited there for all the GPU work queued before it. On an H200 the llama-1b step is
+# CPU-bound and spent ~7.6 ms of it in cudaStreamSynchronize: the lead the CPU had built up in the forward was
+# thrown away before the backward. chunked_causal_lm_loss hands us target tokens only, so the count is n, known on
+# the host. _LigerLinearCESum runs Liger's forward for our case (the same chunks, matmuls and Triton kernel, in
+# the same order) with that count; where Liger's kernels do not take the arguments Liger 0.8.5 passes (the version
+# pyproject's gpu extra pins), liger_linear_ce_sum falls back to Liger's own function.
 
+# liger_cross_entropy_kernel's and element_mul_kernel's parameters as Liger 0.8.5 declares them; _LigerLinearCESum
+# passes every one of them, as Liger does.
+_LIGER_CE_KERNEL_ARGS = frozenset({
+    "X_ptr", "X_stride", "Y_ptr", "Y_stride", "weight_ptr", "loss_ptr", "z_loss_ptr", "loss_stride",
+    "token_accuracy_ptr", "token_accuracy_stride", "predicted_tokens_ptr", "predicted_tokens_stride", "n_cols",
+    "n_non_ignore", "sum_non_ignore_weight", "weight_sum", "ignore_index", "lse_square_scale", "label_smoothing",
+    "reduction", "softcap", "RETURN_Z_LOSS", "RETURN_TOKEN_ACCURACY", "RETURN_PREDICTED_TOKENS", "BLOCK_SIZE",
+    "HAS_WEIGHT", "HAS_SOFTCAPPING", "HAS_GRADIENTS"})
+_LIGER_MUL_KERNEL_ARGS = frozenset({"X_ptr", "X_stride", "grad_output_ptr", "n_cols", "BLOCK_SIZE", "X_col_stride"})
+# Liger's MAX_FUSED_SIZE on CUDA: the widest block its kernels load per step.
+_LIGER_MAX_BLOCK = 65536 // 2
+# Liger's num_warps for these kernels on NVIDIA GPUs (ROCm takes 16: there we fall back).
+_LIGER_NUM_WARPS = 32
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(x: int) -> int:
+    """The smallest power of 2 >= x (x >= 1), as triton.next_power_of_2."""
+    return 1 << (x - 1).bit_length()
+
+
+def _liger_chunk_rows(rows: int, hidden_size: int, vocab: int) -> int:
+    """Rows per logits chunk as Liger 0.8.5 sizes them (chunk_mem_const=1): (chunk, V) logits about (rows, d) large."""
+    return min(_next_power_of_2(_cdiv(rows, _cdiv(vocab, hidden_size))), rows)
+
+
+def _kernel_args_differ(kernel, expected: frozenset[str]) -> str | None:
+    """How a Triton kernel's parameters differ from the names we pass (None: they do not)."""
+    names = getattr(kernel, "arg_names", None)
+    if names is None:
+        return f"{getattr(kernel, '__name__', kernel)!r} does not list its parameters (no arg_names)"
+    extra, absent = sorted(set(names) - expected), sorted(expected - set(names))
+    if not extra and not absent:
+        return None
+    return f"{kernel.__name__} also takes {extra} and does not take {absent}"
+
+
+@functools.cache
+def _liger_kernels() -> tuple | None:
+    """(liger_cross_entropy_kernel, element_mul_kernel) where they take what _LigerLinearCESum passes, else None.
+
+    Asked once per process, at first use; a None is logged once (liger_linear_ce_sum then runs Liger's own function).
+    """
+    from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
+    from liger_kernel.ops.utils import element_mul_kernel
+
+    reason = ("Liger launches its kernels with other settings on ROCm" if torch.version.hip else
+              _kernel_args_differ(liger_cross_entropy_kernel, _LIGER_CE_KERNEL_ARGS)
+              or _kernel_args_differ(element_mul_kernel, _LIGER_MUL_KERNEL_ARGS))
+    if reason:
+        log.warning("train.kernels=liger: the loss runs Liger's liger_fused_linear_cross_entropy, which syncs with "
+                    "the GPU every call (%s; fedtune launches the kernels of liger-kernel 0.8.5 itself)", reason)
+        return None
+    return liger_cross_entropy_kernel, element_mul_kernel
+
+
+def _liger_takes_mm_out(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether Liger computes these logits with torch.mm(out=) (its _can_use_mm_out), the only path we run ourselves."""
+    if hidden.dtype != weight.dtype or hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    return not torch.is_autocast_enabled("cuda") or torch.get_autocast_dtype("cuda") == hidden.dtype
+
+
+class _LigerLinearCESum(torch.autograd.Function):
+    """Liger 0.8.5's fused linear CE for reduction="sum" and a frozen head, with the target count from the host."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ce_kernel, mul_kernel):  # noqa: D102
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        chunk_rows = _liger_chunk_rows(rows, hidden.shape[1], vocab)
+        targets = targets.contiguous()
+        with_grad = hidden.requires_grad  # Liger's HAS_GRADIENTS (input_requires_grad)
+        # Every row gets its gradient from the matmul below, so no zero fill (Liger zero-fills).
+        grad_hidden = torch.empty_like(hidden) if with_grad else None
+        losses = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
+        logits_storage = torch.empty((chunk_rows, vocab), dtype=hidden.dtype, device=hidden.device)
+        for start in range(0, rows, chunk_rows):
+            end = min(start + chunk_rows, rows)
+            logits = logits_storage[:end - start]
+            torch.mm(hidden[start:end], weight.t(), out=logits)
+            loss_slice, target_slice = losses[start:end], targets[start:end]
+            # Liger 0.8.5's call for reduction="sum", no class weights, z-loss, softcap or label smoothing; the kernel
+            # writes each row's loss and, in place of its logits, their gradient. The counts only scale "mean".
+            ce_kernel[(end - start,)](
+                X_ptr=logits, X_stride=logits.stride(-2), Y_ptr=target_slice, Y_stride=target_slice.stride(-1),
+                weight_ptr=None, loss_ptr=loss_slice, z_loss_ptr=None, loss_stride=loss_slice.stride(-1),
+                token_accuracy_ptr=None, token_accuracy_stride=0, predicted_tokens_ptr=None,
+                predicted_tokens_stride=0, n_cols=vocab, n_non_ignore=rows, sum_non_ignore_weight=rows,
+                weight_sum=0.0, ignore_index=-100, lse_square_scale=0.0, label_smoothing=0.0, reduction="sum",
+                softcap=None, RETURN_Z_LOSS=False, RETURN_TOKEN_ACCURACY=False, RETURN_PREDICTED_TOKENS=False,
+                HAS_WEIGHT=False, HAS_SOFTCAPPING=False, HAS_GRADIENTS=with_grad,
+                BLOCK_SIZE=min(_LIGER_MAX_BLOCK, _next_power_of_2(vocab)), num_warps=_LIGER_NUM_WARPS)
+            if with_grad:
+                torch.mm(logits, weight, out=grad_hidden[start:end])
+        ctx.save_for_backward(grad_hidden)
+        ctx.mul_kernel = mul_kernel
+        return losses.sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        (grad_hidden,) = ctx.saved_tensors
+        if grad_hidden is None:
+            return None, None, None, None, None
+        # As Liger's fused_linear_cross_entropy_backward: in place (so one backward per forward, as Liger's) and by
+        # the fp32 grad_output (a torch multiply would round it to bf16 first); but always, since its skip for
+        # grad_output == 1 asks the GPU (torch.equal).
+        width = grad_hidden.shape[1]
+        ctx.mul_kernel[(grad_hidden.shape[0],)](
+            grad_hidden, grad_hidden.stride(-2), grad_output, width,
+            BLOCK_SIZE=min(_LIGER_MAX_BLOCK, _next_power_of_2(width)), X_col_stride=grad_hidden.stride(-1),
+            num_warps=_LIGER_NUM_WARPS)
+        return grad_hidden, None, None, None, None
+
+
+def liger_linear_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Liger's fused linear cross-entropy, summed: hidden (n, d), weight (V, d), targets (n,) -> 0-d fp32.
+
+    Runs _LigerLinearCESum (no host sync) for a frozen weight on Liger's torch.mm(out=) path, else Liger's own
+    function. The target count it gives Liger's kernel is n, Liger's own count where every target is a token (as
+    chunked_causal_lm_loss selects them); the kernel reads it only for reduction="mean".
+    """
     if hidden.shape[0] == 0:  # Liger sizes its chunks by n; nothing to predict is a zero loss, still differentiable
         return hidden.sum().float() * 0.0
+    liger_kernels = _liger_kernels()
+    if liger_kernels is not None and not weight.requires_grad and _liger_takes_mm_out(hidden, weight):
+        return _LigerLinearCESum.apply(hidden, weight, targets, *liger_kernels)
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
     return liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="sum").float()
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import sys
+import types
 
 import pytest
 import torch
@@ -262,8 +264,11 @@ def test_varlen_model_still_evaluates_padded_batches_with_their_mask(reference_v
     assert _rel_err(out[real], ref[real]) < 1e-6
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
-                    reason="Liger's fused linear cross-entropy needs CUDA and liger-kernel")
+cuda_liger = pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+                                reason="Liger's fused linear cross-entropy needs CUDA and liger-kernel")
+
+
+@cuda_liger
 def test_liger_linear_ce_sum_matches_the_chunked_loss_on_cuda():
     """bf16 hidden and head as the fast path feeds them: loss rel err < 1e-3, hidden grad rel err < 1e-2."""
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -278,6 +283,170 @@ def test_liger_linear_ce_sum_matches_the_chunked_loss_on_cuda():
     assert _rel_err(loss.detach(), ref.detach()) < 1e-3
     assert _rel_err(grad.float(), ref_grad.float()) < 1e-2
 
+
+
+def _liger_ce_inputs():
+    """As the fast path feeds the loss: bf16 target-token hidden states and frozen head; Liger cuts 3000 rows at
+    d=256, V=32000 into 93 chunks of 32 and one of 24."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(3000, 256, device="cuda", generator=gen).bfloat16().requires_grad_()
+    weight = (torch.randn(32000, 256, device="cuda", generator=gen) * 0.05).bfloat16()
+    targets = torch.randint(0, 32000, (3000,), device="cuda", generator=gen)
+    return hidden, weight, targets
+
+
+@cuda_liger
+@pytest.mark.parametrize("scale", [1.0, 1 / 3000])
+def test_own_liger_launch_equals_liger_fused_linear_cross_entropy_on_cuda(scale):
+    """Liger's kernels with Liger's arguments, chunks and order: loss and hidden gradient bitwise equal to Liger's
+    own function (cuBLAS and the Triton kernels are deterministic on one stream), for an upstream gradient of 1
+    (Liger skips its scaling) and of 1/3000 (both scale with element_mul_kernel)."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    hidden, weight, targets = _liger_ce_inputs()
+    assert kernels._liger_kernels() is not None  # else both sides below run Liger's function
+    ours = kernels.liger_linear_ce_sum(hidden, weight, targets)
+    (ours_grad,) = torch.autograd.grad(ours * scale, hidden)
+    theirs = liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="sum")
+    (theirs_grad,) = torch.autograd.grad(theirs * scale, hidden)
+    torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=0)
+    torch.testing.assert_close(ours_grad, theirs_grad, rtol=0, atol=0)
+
+
+@cuda_liger
+def test_liger_linear_ce_sum_does_not_sync_with_the_host_on_cuda():
+    """Forward and backward of the loss queue their work without waiting on the GPU (Liger's function does:
+    target_mask.sum().item())."""
+    hidden, weight, targets = _liger_ce_inputs()
+    assert kernels._liger_kernels() is not None
+
+    def step():
+        (kernels.liger_linear_ce_sum(hidden, weight, targets) / 3000).backward()
+
+    step()  # Triton compiles its kernels at first launch: the steady state is what each training step sees
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="called a synchronizing CUDA operation"):
+            torch.ones((), device="cuda").item()  # the mode is on and catches a host read
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def test_liger_chunk_rows_follow_liger_sizing():
+    """(chunk, V) logits about as large as the (n, d) input, a power of 2, never more than n (Liger's own example:
+    4096*4 tokens, V=32000, H=4096 -> 2048)."""
+    assert kernels._liger_chunk_rows(16384, 4096, 32000) == 2048
+    assert kernels._liger_chunk_rows(3000, 256, 32000) == 32
+    assert kernels._liger_chunk_rows(5, 64, 10) == 5
+
+
+class _FakeKernel:
+    """A Triton kernel stand-in: kernel[grid](...) records the grid and keyword arguments, then runs body."""
+
+    def __init__(self, name, arg_names, body=None):
+        self.__name__, self.arg_names, self.body, self.launches = name, list(arg_names), body, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, kwargs))
+            self.body(*args, **kwargs)
+        return launch
+
+
+def _fake_ce(*, X_ptr, Y_ptr, loss_ptr, HAS_GRADIENTS, **_):
+    """liger_cross_entropy_kernel for reduction="sum": each row's CE into loss_ptr and its gradient over its logits."""
+    logits = X_ptr.float()
+    lse = logits.logsumexp(-1)
+    loss_ptr.copy_(lse - logits.gather(1, Y_ptr[:, None])[:, 0])
+    if HAS_GRADIENTS:
+        grad = (logits - lse[:, None]).exp()
+        grad[torch.arange(Y_ptr.shape[0]), Y_ptr] -= 1.0
+        X_ptr.copy_(grad)
+
+
+def _fake_mul(X_ptr, X_stride, grad_output_ptr, n_cols, **_):
+    """element_mul_kernel: X *= grad_output in place."""
+    X_ptr.mul_(grad_output_ptr)
+
+
+def _fake_liger_kernels(ce_arg_names=kernels._LIGER_CE_KERNEL_ARGS):
+    return (_FakeKernel("liger_cross_entropy_kernel", ce_arg_names, _fake_ce),
+            _FakeKernel("element_mul_kernel", kernels._LIGER_MUL_KERNEL_ARGS, _fake_mul))
+
+
+def test_own_liger_launch_passes_every_kernel_argument_chunk_by_chunk():
+    """With the kernels' effect in torch (CPU): the sum CE and its hidden gradient scaled by the upstream one, from
+    one launch per Liger chunk, each passing exactly the parameters the signature check expects."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 8, generator=gen).requires_grad_()
+    weight = torch.randn(40, 8, generator=gen)
+    targets = torch.randint(0, 40, (37,), generator=gen)
+    ce, mul = _fake_liger_kernels()
+    loss = kernels._LigerLinearCESum.apply(hidden, weight, targets, ce, mul)
+    (grad,) = torch.autograd.grad(loss * 0.5, hidden)
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref * 0.5, hidden)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad, ref_grad)
+    assert [grid for grid, _ in ce.launches] == [(8,)] * 4 + [(5,)]  # _liger_chunk_rows(37, 8, 40) == 8
+    assert all(set(args) == kernels._LIGER_CE_KERNEL_ARGS | {"num_warps"} for _, args in ce.launches)
+    assert ce.launches[0][1]["n_non_ignore"] == 37 and ce.launches[0][1]["BLOCK_SIZE"] == 64
+    assert [grid for grid, _ in mul.launches] == [(37,)]
+
+
+@pytest.fixture
+def fake_liger(monkeypatch):
+    """liger_kernel's modules as liger_linear_ce_sum imports them, with fake kernels and a recording wrapper."""
+    wrapper_calls = []
+
+    def liger_fused_linear_cross_entropy(hidden, weight, targets, reduction):
+        wrapper_calls.append(reduction)
+        return torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction=reduction)
+
+    def install(ce, mul):
+        monkeypatch.setitem(sys.modules, "liger_kernel.ops.cross_entropy",
+                            types.SimpleNamespace(liger_cross_entropy_kernel=ce))
+        monkeypatch.setitem(sys.modules, "liger_kernel.ops.utils", types.SimpleNamespace(element_mul_kernel=mul))
+        monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional",
+                            types.SimpleNamespace(liger_fused_linear_cross_entropy=liger_fused_linear_cross_entropy))
+        return wrapper_calls
+
+    kernels._liger_kernels.cache_clear()
+    yield install
+    kernels._liger_kernels.cache_clear()
+
+
+def _ce_inputs(weight_requires_grad=False):
+    """6 target tokens, d=16, V=10: one Liger chunk."""
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(6, 16, generator=gen).requires_grad_(),
+            torch.randn(10, 16, generator=gen).requires_grad_(weight_requires_grad), torch.tensor([1, 2, 3, 4, 5, 6]))
+
+
+def test_liger_linear_ce_sum_launches_liger_kernels_itself_for_a_frozen_head(fake_liger, caplog):
+    """Kernels with the expected signature: launched by us for a frozen head (ours), Liger's function otherwise."""
+    ce, mul = _fake_liger_kernels()
+    wrapper_calls = fake_liger(ce, mul)
+    with caplog.at_level(logging.WARNING, logger="fedtune.client"):
+        kernels.liger_linear_ce_sum(*_ce_inputs())
+        assert len(ce.launches) == 1 and wrapper_calls == []
+        kernels.liger_linear_ce_sum(*_ce_inputs(weight_requires_grad=True))  # a trained head: Liger's own
+    assert len(ce.launches) == 1 and wrapper_calls == ["sum"]
+    assert caplog.records == []
+
+
+def test_liger_linear_ce_sum_falls_back_to_liger_when_its_kernel_signature_differs(fake_liger, caplog):
+    """A Liger whose kernel renamed a parameter: its own function runs every call, and the site log says why once."""
+    ce, mul = _fake_liger_kernels(kernels._LIGER_CE_KERNEL_ARGS - {"n_non_ignore"} | {"n_valid"})
+    wrapper_calls = fake_liger(ce, mul)
+    with caplog.at_level(logging.WARNING, logger="fedtune.client"):
+        for _ in range(2):
+            kernels.liger_linear_ce_sum(*_ce_inputs())
+    assert wrapper_calls == ["sum", "sum"] and ce.launches == []
+    assert len(caplog.records) == 1
+    assert "also takes ['n_valid'] and does not take ['n_non_ignore']" in caplog.records[0].getMessage()
 
 def _old_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
     """The first torch signature (no scale, no GQA), computed by the reference kernel at its fixed 1/sqrt(D)."""
