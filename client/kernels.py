@@ -124,10 +124,11 @@ def _apply_liger(model: torch.nn.Module) -> None:
 
 # Why we launch Liger's kernels ourselves: Liger 0.8.5's fused_linear_cross_entropy_forward counts the targets that
 # are not ignore_index with target_mask.sum().item() on every call (and its backward compares grad_output with 1.0
-# by torch.equal), so each step waited there for all the GPU work queued before it. On an H200 the llama-1b step is
-# CPU-bound and spent ~7.6 ms of it in cudaStreamSynchronize: the lead the CPU had built up in the forward was
-# thrown away before the backward. chunked_causal_lm_loss hands us target tokens only, so the count is n, known on
-# the host. _LigerLinearCESum runs Liger's forward for our case (the same chunks, matmuls and Triton kernel, in
+# by torch.equal), so each step waited there for all the GPU work queued before it (the multi-adapter trainer: once
+# per adapter). On an H200 the llama-1b step spent ~7.6 ms of CPU in cudaStreamSynchronize; without these syncs its
+# throughput did not measurably change (BENCHMARKS.md, 2026-12-04 late: the step is CPU-bound). Kept because a step
+# with no host sync is what CUDA-graph capture of a training step needs, and it is bit-identical to Liger's (CUDA
+# test). chunked_causal_lm_loss hands us target tokens only, so the count is n, known on the host. _LigerLinearCESum runs Liger's forward for our case (the same chunks, matmuls and Triton kernel, in
 # the same order) with that count; where Liger's kernels do not take the arguments Liger 0.8.5 passes (the version
 # pyproject's gpu extra pins), liger_linear_ce_sum falls back to Liger's own function.
 
