@@ -42,7 +42,7 @@ def quiet_libraries() -> None:
 
 def _simulate(overrides: list[str], engine: str = "ray") -> int:
     from federation.compose import compose_config
-    from federation.run_log import LOG_FILE_NAME, send_library_output_to
+    from federation.run_log import LOG_FILE_NAME, library_output_to
     from federation.validation import validate_coordinator_setup, validate_simulation_data
     from simulations.simulate import check_engine, simulate
 
@@ -54,9 +54,9 @@ def _simulate(overrides: list[str], engine: str = "ray") -> int:
         cfg.output_dir = f"runs/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     # The console shows progress, the round lines and the table; library warnings, Flower's INFO lines and the
     # Ray actors' output go to the run's log file (federation/run_log.py).
-    log_path = send_library_output_to(Path(cfg.output_dir) / LOG_FILE_NAME)
-    logging.getLogger("fedtune.simulate").info("library output of this run: %s", log_path)
-    simulate(cfg, engine=engine)
+    with library_output_to(Path(cfg.output_dir) / LOG_FILE_NAME) as log_path:
+        logging.getLogger("fedtune.simulate").info("library output of this run: %s", log_path)
+        simulate(cfg, engine=engine)
     return 0
 
 

@@ -42,7 +42,7 @@ def test_inprocess_simulate_console_has_no_library_noise_and_the_log_file_has_it
 
 
 def test_a_child_process_writes_its_output_to_the_log_file(tmp_path):
-    """Ray's actors are started by the driver after send_library_output_to; importing client.app redirects them."""
+    """Ray's actors are started by the driver after library_output_to; importing client.app redirects them."""
     from federation.run_log import PROCESS_LOG_ENV, PROCESS_LOG_OWNER_ENV
 
     log = tmp_path / "fedtune.log"
