@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from client.fused_lora import use_fused_lora, use_fused_mlp, use_nf4_kernel
-from client.kernels import packed_attention_kwargs, resolve_attention, resolve_kernel_set, use_packed_attention
+from client.kernels import (mask_free_forward, packed_attention_kwargs, resolve_attention, resolve_kernel_set,
+                            use_packed_attention)
 from client.offload_checkpoint import set_offloaded_checkpointing
 from client.trainer import LocalTrainer
 from federation.config import TrainConfig
@@ -299,7 +300,8 @@ def packed_loss_sum(model: torch.nn.Module, packed: dict[str, torch.Tensor],
     _, decoder, lm_head = causal_lm_parts(model)
     device = lm_head.weight.device
     extra = packed_attention_kwargs(packed["position_ids"], device) if varlen else {}
-    with _autocast(device, autocast_dtype):
+    # With varlen every row is one sequence or carries its boundaries: no attention mask is needed.
+    with _autocast(device, autocast_dtype), mask_free_forward(model) if varlen else contextlib.nullcontext():
         out = decoder(input_ids=host_to_device(packed["input_ids"], device),
                       position_ids=host_to_device(packed["position_ids"], device),
                       attention_mask=None, use_cache=False, **extra)

@@ -38,6 +38,11 @@ log = logging.getLogger("fedtune.client")
 
 # The transformers attention implementation name the varlen path registers (AttentionInterface.register).
 PACKED_ATTENTION = "fedtune_packed_varlen"
+# The same attention under a name with no mask function: transformers' create_causal_mask returns None for it at
+# once. A batch that carries its sequence boundaries (varlen) runs under it (mask_free_forward): under
+# PACKED_ATTENTION transformers would find the packing from the position ids (find_packed_sequence_indices, whose
+# `.all()` waits for the GPU every forward) and build a (R, 1, T, T) block-diagonal mask the varlen kernel never reads.
+PACKED_ATTENTION_NO_MASK = "fedtune_packed_varlen_no_mask"
 
 
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -400,12 +405,33 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
 
 
 def register_packed_attention() -> None:
-    """Register PACKED_ATTENTION with transformers (attention + SDPA's mask, for the unpacked fallback); idempotent."""
+    """Register PACKED_ATTENTION (attention + SDPA's mask, for the unpacked fallback) and PACKED_ATTENTION_NO_MASK
+    (the attention alone) with transformers; idempotent."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
+    AttentionInterface.register(PACKED_ATTENTION_NO_MASK, packed_attention_forward)
     AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def mask_free_forward(model: torch.nn.Module):
+    """Within the block a PACKED_ATTENTION model runs as PACKED_ATTENTION_NO_MASK: no attention mask is made.
+
+    For a forward whose attention needs none: packed rows with their varlen boundaries (packed_attention_kwargs),
+    or rows that are each one whole sequence (plain causal attention, as SDPA does with no mask). Gradient
+    checkpointing recomputes layers with the mask they were given (None), under either name. Other models: as is.
+    """
+    config = _causal_lm(model).config
+    if config._attn_implementation != PACKED_ATTENTION:
+        yield
+        return
+    config._attn_implementation = PACKED_ATTENTION_NO_MASK
+    try:
+        yield
+    finally:
+        config._attn_implementation = PACKED_ATTENTION
 
 
 @dataclass(frozen=True)

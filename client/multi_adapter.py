@@ -40,7 +40,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from client.fast_train import (FastLocalTrainer, causal_lm_parts, host_to_device, linear_cross_entropy_per_token,
                                shift_labels)
 from client.fused_lora import fused_base_forward
-from client.kernels import packed_attention_kwargs
+from client.kernels import mask_free_forward, packed_attention_kwargs
 from client.trainer import LocalTrainer, TrainResult, elapsed_and_peak, make_lr_scheduler, planned_steps
 from federation import progress
 from federation.adapter import ADAPTER_NAME, AdapterMismatch, check_adapter_keys, lora_parameters
@@ -214,15 +214,16 @@ class MultiAdapterTrainer:
         """(each adapter's CE summed over its target tokens (K,) fp32, differentiable; its target tokens (K,))."""
         _, decoder, lm_head = causal_lm_parts(self.model)
         kwargs = {"input_ids": host_to_device(combined["input_ids"], device), "use_cache": False}
+        varlen = self.varlen and "position_ids" in combined
         if "position_ids" in combined:
             kwargs.update(position_ids=host_to_device(combined["position_ids"], device), attention_mask=None)
-            if self.varlen:  # every packed example and every padding tail of the combined rows is its own sequence
+            if varlen:  # every packed example and every padding tail of the combined rows is its own sequence
                 kwargs.update(packed_attention_kwargs(combined["position_ids"], device))
         else:
             kwargs.update(attention_mask=host_to_device(combined["attention_mask"], device))
         autocast = (torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype is not None and device.type == "cuda" else contextlib.nullcontext())
-        with autocast:
+        with autocast, mask_free_forward(self.model) if varlen else contextlib.nullcontext():
             hidden = decoder(**kwargs).last_hidden_state
         # Target positions and each one's adapter are found on the host, where combine_batches built them:
         # on the GPU, nonzero and tolist would wait for the whole queued forward.

@@ -207,7 +207,8 @@ def test_full_rows_through_the_varlen_setting_equal_the_mask_path(reference_varl
         return sdpa(module, query, key, value, attention_mask, **kwargs)
 
     from transformers import AttentionInterface
-    AttentionInterface.register(kernels.PACKED_ATTENTION, spy)
+    for name in (kernels.PACKED_ATTENTION, kernels.PACKED_ATTENTION_NO_MASK):
+        AttentionInterface.register(name, spy)
     try:
         loss, _ = packed_loss_sum(model, packed, chunk_size=7, varlen=True)
     finally:
@@ -249,6 +250,58 @@ def test_varlen_attention_equals_the_block_mask(reference_varlen):
     assert n == ref_n and _rel_err(loss.detach(), ref.detach()) < 1e-5
     for name, grad in _lora_grads(model).items():
         assert _rel_err(grad, ref_grads[name]) < 1e-5, name
+
+
+def test_a_varlen_batch_makes_no_attention_mask_and_padded_batches_still_do(reference_varlen, monkeypatch):
+    """transformers finds packing from position ids with a GPU sync and builds a block mask varlen never reads:
+    neither happens for a varlen batch (packed or full rows); a padded batch afterwards still gets its mask."""
+    from transformers import masking_utils
+    from transformers.masking_utils import AttentionMaskInterface
+
+    detections, masks = [], []
+    find = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices",
+                        lambda position_ids: detections.append(position_ids.shape) or find(position_ids))
+
+    def counted_mask(*args, **kwargs):
+        masks.append(kwargs.get("batch_size"))
+        return masking_utils.sdpa_mask(*args, **kwargs)
+
+    model = _tiny_lora_model()
+    kernels.use_packed_attention(model)
+    AttentionMaskInterface.register(kernels.PACKED_ATTENTION, counted_mask)
+    try:
+        for lengths, width in (([5, 11, 3, 8, 7], 16), ([9, 9], 9)):  # packed rows, then full rows
+            packed = pack_sequences(_examples(lengths, seed=3), max_len=width, pad_token_id=PAD)
+            loss, _ = packed_loss_sum(model, packed, chunk_size=7, varlen=True)
+            loss.backward()
+        assert detections == [] and masks == []
+        assert model.get_base_model().config._attn_implementation == kernels.PACKED_ATTENTION
+        # Without varlen boundaries (the sdpa setting's packed rows) transformers still finds the packing.
+        packed_loss_sum(model, packed, chunk_size=7, varlen=False)
+        assert detections and masks
+        batch = collate_batch(_examples([4, 9, 6], seed=6), PAD)
+        masks.clear()
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        assert masks == [3]  # evaluation's padded batch: its padding mask, built once for the layers
+    finally:
+        kernels.register_packed_attention()
+
+
+def test_mask_free_forward_puts_the_attention_back_after_an_error():
+    model = _tiny_lora_model()
+    kernels.use_packed_attention(model)
+    config = model.get_base_model().config
+    with pytest.raises(RuntimeError):
+        with kernels.mask_free_forward(model):
+            assert config._attn_implementation == kernels.PACKED_ATTENTION_NO_MASK
+            raise RuntimeError("a failed forward")
+    assert config._attn_implementation == kernels.PACKED_ATTENTION
+    plain = _tiny_lora_model()
+    before = plain.get_base_model().config._attn_implementation
+    with kernels.mask_free_forward(plain):  # a model without the packed attention is left as it is
+        assert plain.get_base_model().config._attn_implementation == before
 
 
 def test_varlen_model_still_evaluates_padded_batches_with_their_mask(reference_varlen):
