@@ -318,6 +318,12 @@ def packed_attention_kwargs(position_ids: torch.Tensor, device: torch.device) ->
     return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": longest, "max_length_k": longest}
 
 
+@functools.cache
+def _parameters(function: Callable) -> frozenset[str]:
+    """A function's parameter names, read once (inspect.signature costs tens of us, once a layer a step here)."""
+    return frozenset(inspect.signature(function).parameters)
+
+
 def _torch_varlen_kernel(query, key, value, cu_seqlens, max_len, scale):
     """torch.nn.attention.varlen.varlen_attn, causal; (N, Hq, D), (N, Hkv, D) x2 -> (N, Hq, D).
 
@@ -328,7 +334,7 @@ def _torch_varlen_kernel(query, key, value, cu_seqlens, max_len, scale):
     """
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    params = _parameters(varlen_attn)
     kwargs = {}
     if "is_causal" in params:
         kwargs["is_causal"] = True
