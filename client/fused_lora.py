@@ -127,10 +127,22 @@ def _lora_project(inputs: torch.Tensor, base: nn.Module, a: torch.Tensor, b: tor
     return out, down
 
 
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * (a @ b) for a (n, k), b (k, m) by one GEMM whose alpha is scale (beta 0: the input is never read).
+
+    One kernel instead of a matmul and a multiply: two launches fewer per LoRA projection in backward (224 a
+    llama-1b step, whose launches are what its CPU-bound step waits for). Bit-identical to (a @ b) * scale when
+    scale is a power of two (LoRA's usual alpha = 2 r); otherwise scale is applied before the one rounding to the
+    output dtype instead of after it.
+    """
+    ignored = a.new_empty((1, 1))  # broadcast (a view), never read with beta=0: no fill kernel
+    return torch.addmm(ignored, a, b, beta=0, alpha=scale)
+
+
 def _lora_output_grads(dy: torch.Tensor, down: torch.Tensor, b: torch.Tensor,
                        scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/d(inputs A^T) (N, r), dL/dB (out, r)) of _lora_project given dL/dout dy (N, out)."""
-    return (dy @ b) * scaling, (dy.t() @ down) * scaling
+    return _scaled_mm(dy, b, scaling), _scaled_mm(dy.t(), down, scaling)
 
 
 # ------------------------------------------------------------- compute-dtype copies of the LoRA weights

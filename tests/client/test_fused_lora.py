@@ -507,3 +507,26 @@ def test_swiglu_kernel_writes_h_and_both_gradients_in_place(dtype):
     tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
     for value, want in zip(got, expected):
         assert _rel_err(value, want) < tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_scaled_mm_is_matmul_then_multiply_bit_for_bit_at_power_of_two_scales(dtype):
+    from client.fused_lora import _scaled_mm
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(37, 64, generator=gen).to(dtype), torch.randn(64, 8, generator=gen).to(dtype)
+    for scale in (2.0, 0.5, 1.0, 4.0):  # alpha / r of the usual LoRA settings
+        got = _scaled_mm(a, b, scale)
+        assert got.dtype == dtype and got.shape == (37, 8)
+        assert torch.equal(got, (a @ b) * scale), scale
+    # Any other scale: applied before the rounding instead of after, so within one rounding of the product.
+    other = _scaled_mm(a, b, 2.0 / 3.0)
+    assert torch.allclose(other.float(), (a.double() @ b.double() * (2.0 / 3.0)).float(),
+                          rtol=2 * torch.finfo(dtype).eps, atol=1e-3 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_addmm_ignores_its_input_at_beta_zero():
+    """What _scaled_mm relies on (torch's documented addmm contract): an uninitialised input is never read."""
+    a, b = torch.randn(3, 4), torch.randn(4, 2)
+    garbage = torch.full((1, 1), float("nan"))
+    assert torch.equal(torch.addmm(garbage, a, b, beta=0, alpha=2.0), (a @ b) * 2.0)
