@@ -133,8 +133,9 @@ def _apply_liger(model: torch.nn.Module) -> None:
 # per adapter). On an H200 the llama-1b step spent ~7.6 ms of CPU in cudaStreamSynchronize; without these syncs its
 # throughput did not measurably change (BENCHMARKS.md, 2026-12-04 late: the step is CPU-bound). Kept because a step
 # with no host sync is what CUDA-graph capture of a training step needs, and it is bit-identical to Liger's (CUDA
-# test). chunked_causal_lm_loss hands us target tokens only, so the count is n, known on the host. _LigerLinearCESum runs Liger's forward for our case (the same chunks, matmuls and Triton kernel, in
-# the same order) with that count; where Liger's kernels do not take the arguments Liger 0.8.5 passes (the version
+# test). chunked_causal_lm_loss hands us target tokens only, so the count is n, known on the host.
+# _LigerLinearCESum runs Liger's forward for our case (the same chunks, matmuls and Triton kernel, in the same
+# order) with that count; where Liger's kernels do not take the arguments Liger 0.8.5 passes (the version
 # pyproject's gpu extra pins), liger_linear_ce_sum falls back to Liger's own function.
 
 # liger_cross_entropy_kernel's and element_mul_kernel's parameters as Liger 0.8.5 declares them; _LigerLinearCESum

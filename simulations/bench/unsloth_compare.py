@@ -215,6 +215,27 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, marks in KERNEL_KINDS if any(mark in lowered for mark in marks)), "other")
 
 
+def _pass_under(profiler, step_fns: StepFns, params: Sequence[torch.nn.Parameter],
+                steps_examples: list[list[dict]]) -> float:
+    """Wall seconds of one pass over steps_examples inside `profiler` (a context manager), from the current
+    parameters with a fresh AdamW; the parameters are restored afterwards."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    start = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=LR)
+    sync()
+    try:
+        with profiler:
+            began = time.perf_counter()
+            _run_steps(step_fns, params, optimizer, steps_examples)
+            sync()
+            wall = time.perf_counter() - began
+    finally:
+        with torch.no_grad():
+            for param, value in zip(params, start):
+                param.copy_(value)
+    return wall
+
+
 def profile_pass(step_fns: StepFns, params: Sequence[torch.nn.Parameter],
                  steps_examples: list[list[dict]], top: int = 12) -> dict:
     """One pass under torch.profiler (after the timed ones, same start): wall vs summed CUDA kernel time per step,
@@ -222,18 +243,8 @@ def profile_pass(step_fns: StepFns, params: Sequence[torch.nn.Parameter],
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    start = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(params, lr=LR)
-    sync()
-    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
-        began = time.perf_counter()
-        _run_steps(step_fns, params, optimizer, steps_examples)
-        sync()
-        wall = time.perf_counter() - began
-    with torch.no_grad():
-        for param, value in zip(params, start):
-            param.copy_(value)
+    prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])])
+    wall = _pass_under(prof, step_fns, params, steps_examples)
     n = len(steps_examples)
     events = prof.key_averages()
     # Kernel events only: a CPU op's self device time is its kernels' time again (counting both doubles it).
@@ -261,24 +272,11 @@ def python_profile_pass(step_fns: StepFns, params: Sequence[torch.nn.Parameter],
     import cProfile
     import pstats
 
-    cuda = torch.cuda.is_available()
-    start = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(params, lr=LR)
-    if cuda:
-        torch.cuda.synchronize()
     profiler = cProfile.Profile()
-    began = time.perf_counter()
-    profiler.enable()
-    _run_steps(step_fns, params, optimizer, steps_examples)
-    if cuda:
-        torch.cuda.synchronize()
-    profiler.disable()
-    wall = time.perf_counter() - began
-    with torch.no_grad():
-        for param, value in zip(params, start):
-            param.copy_(value)
+    wall = _pass_under(profiler, step_fns, params, steps_examples)
     n = len(steps_examples)
-    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (primitive calls, calls, self s, cumulative s, callers)
+    # (file, line, name) -> (primitive calls, calls, self s, cumulative s, callers)
+    stats = pstats.Stats(profiler).stats
     ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
     return {"wall_ms_per_step": wall * 1e3 / n,
             "top_by_self_ms_per_step": {
@@ -632,8 +630,8 @@ def _worker_argv(args, shape: str, trainer: str, result: Path) -> list[str]:
     return [sys.executable, "-m", "simulations.bench.unsloth_compare", "--worker", trainer, "--shape", shape,
             "--seq", str(args.seq or seq), "--examples-per-step", str(args.examples_per_step or per_step),
             "--steps", str(args.steps), "--reps", str(args.reps), "--scenarios", args.scenarios,
-            "--regimes", args.regimes, "--profile", args.profile, "--python-profile", args.python_profile, "--cache", args.cache, "--result", str(result),
-            "--out", args.out]
+            "--regimes", args.regimes, "--profile", args.profile, "--python-profile", args.python_profile,
+            "--cache", args.cache, "--result", str(result), "--out", args.out]
 
 
 def run_worker(argv: list[str], log_path: Path, timeout: float) -> str:
