@@ -19,8 +19,10 @@ and a bare ``<category>`` to the default one (flwr/clientapp/client_app.py). The
 The base model is loaded once per process and stays resident (client/task.py); every round only the LoRA
 tensors are copied in. The run config travels from the coordinator inside the message (in full until the site has
 answered one, then by its sha256: the mod ``run_config_from_context`` of client/run_config_cache.py puts it back
-before every handler), so every site trains the model and adapter shape the coordinator chose; the only site-local input is where the data is (``data-path`` in
-the node config, or the simulation's partition id). pyproject's ``clientapp``, the site's resident worker
+before every handler), so every site trains the model and adapter shape the coordinator chose; the site-local
+inputs are where the data is (``data-path`` in the node config, or the simulation's partition id) and, at a
+deployed site, its policy (the mod ``site_policy_mod`` of client/site_policy.py: which models from which local
+paths, limits per message, a lifetime privacy budget). pyproject's ``clientapp``, the site's resident worker
 (client/worker.py) and the simulations all run this ``app``.
 """
 
@@ -41,12 +43,15 @@ from client import fedex, fedsa, flora, scaffold, task  # noqa: E402
 from client.multi_adapter import answer_together  # noqa: E402
 from client.run_config_cache import run_config_from_context  # noqa: E402
 from client.secagg import secagg_fit, secaggplus_when_requested  # noqa: E402
+from client.site_policy import site_policy_mod  # noqa: E402
 from federation.protocol import EVALUATE, LEGACY_FIT_PARAMETERS, QUERY, RUN_CONFIG_KEY, TRAIN  # noqa: E402
 from federation.virtual_clients import GROUP_ACTION, pack_replies, unpack_group  # noqa: E402
 from strategies.registry import strategy_spec  # noqa: E402
 
-# The mod runs before every handler (and before SecAgg+'s mod): a message may carry only the run config's sha256.
-app = ClientApp(mods=[run_config_from_context])
+# The mods run before every handler (and before SecAgg+'s mod), in this order: a message may carry only the run
+# config's sha256, so it is restored first; then a deployed site's policy refuses what it does not serve and gives
+# the handlers the site's own model path and cache (client/site_policy.py).
+app = ClientApp(mods=[run_config_from_context, site_policy_mod])
 
 # The method handlers, by action; registered below as "train.<action>" / "evaluate.<action>".
 TRAIN_HANDLERS = {"scaffold": scaffold.train, "fedsa_lora": fedsa.train, "flora": flora.train,

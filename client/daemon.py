@@ -26,7 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from client.site_policy import PolicyError, SitePolicy, parse_policy
 from client.supernode import POLL_INTERVAL_FLAG
+from federation.config import ModelConfig
 from federation.flower_process import DEFAULT_STOP_TIMEOUT_S, FlowerProcess, flower_env
 from federation.validation import ConfigError
 
@@ -59,6 +61,9 @@ SUPERNODE_FAILURE_HINTS = {
 }
 # Under state_dir: the ClientApp's round state per federation run (node config round-state-dir).
 ROUND_STATE_SUBDIR = "round-state"
+# Under state_dir: where the site builds preset models (policy.model_cache_dir), and its privacy ledger.
+MODEL_CACHE_SUBDIR = "model-cache"
+PRIVACY_LEDGER_FILE = "privacy-ledger.json"
 # Node-config values are written as '...' strings inside --node-config, so they cannot hold a quote.
 _NODE_CONFIG_FORBIDDEN = ("'", '"')
 DEVICES = ("auto", "cpu", "cuda")
@@ -107,6 +112,8 @@ class SiteConfig:
     # sha256 of Flower app bundles this site serves even if their Python files differ from the installed
     # fedtune (client/approval.py); the ClientApp that runs is always the installed one.
     approved_fab_hashes: list[str] = field(default_factory=list)
+    # What this site serves any coordinator (client/site_policy.py): models, per-message limits, privacy budget.
+    policy: SitePolicy = field(default_factory=SitePolicy)
 
 
 _SITE_KEYS = {f.name for f in SiteConfig.__dataclass_fields__.values()}
@@ -153,6 +160,19 @@ def load_site_config(path: str | Path) -> SiteConfig:
     extra = raw.get("extra_node_config") or {}
     if not isinstance(extra, dict):
         raise SiteConfigError(f"{path}: extra_node_config must be a mapping, got {extra!r}", "extra_node_config")
+    try:
+        policy = parse_policy(raw.get("policy"))
+    except PolicyError as exc:
+        raise SiteConfigError(f"{path}: {exc}", exc.key) from None
+    state_dir = resolve(raw.get("state_dir"))
+    if policy.privacy_budget is not None and state_dir is None:
+        raise SiteConfigError(f"{path}: policy.privacy_budget needs state_dir (the site's privacy ledger lives "
+                              "there)", "policy.privacy_budget")
+    # Set by the site, whatever the coordinator's run config says: presets are built in the site's own cache, and
+    # the ledger of its DP-SGD releases lives with its other state.
+    policy.model_cache_dir = str(state_dir / MODEL_CACHE_SUBDIR) if state_dir is not None \
+        else os.path.expanduser(ModelConfig().cache_dir)
+    policy.privacy_ledger = "" if state_dir is None else str(state_dir / PRIVACY_LEDGER_FILE)
     return SiteConfig(
         name=str(raw["name"]),
         coordinator=str(raw["coordinator"]),
@@ -161,7 +181,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         data_path=resolve(raw["data_path"]),
         device=str(raw.get("device", "auto")),
         clientappio_port=number("clientappio_port", int, DEFAULT_CLIENTAPPIO_PORT, 1),
-        state_dir=resolve(raw.get("state_dir")),
+        state_dir=state_dir,
         max_retries=number("max_retries", int, None, 0),
         max_wait_time_s=number("max_wait_time_s", float, None, 0),
         poll_interval_s=number("poll_interval_s", float, DEFAULT_POLL_INTERVAL_S, 0.1),
@@ -169,6 +189,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         insecure=bool(raw.get("insecure", False)),
         extra_node_config=dict(extra),
         approved_fab_hashes=[h.lower() for h in approved],
+        policy=policy,
     )
 
 
@@ -306,7 +327,7 @@ def worker_command(cfg: SiteConfig) -> list[str]:
     argv = [sys.executable, "-m", "client.worker", "--runtime-api-address", f"127.0.0.1:{cfg.clientappio_port}"]
     for digest in cfg.approved_fab_hashes:
         argv += ["--approved-fab-hash", digest]
-    return argv
+    return argv + ["--site-policy", cfg.policy.to_json()]
 
 
 class ResidentWorker:
@@ -402,6 +423,7 @@ def run_site(cfg: SiteConfig, stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
     counts = validate_site(cfg)
     for file, n in counts.items():
         log.info("site %s: %s holds %d examples", cfg.name, file, n)
+    cfg.policy.train_examples = next(iter(counts.values()))  # the first file is the training data
     if cfg.state_dir is not None:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
     log.info("site %s: connecting to coordinator %s (%s)", cfg.name, cfg.coordinator,

@@ -32,16 +32,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.fast_train import FastLocalTrainer, FastPathSettings
+from client.site_settings import SiteSettings, site_settings, site_settings_of  # noqa: F401  (re-exported)
 from client.site_state import server_round_of, site_state
 from client.trainer import LocalTrainer
 from federation.adapter import from_array_record, lora_parameters, set_adapter_arrays, trained_delta
 from federation.compression import ErrorFeedback, UploadCodec
-from federation.config import PARAM_SITE_LOCAL_STEPS, PARAM_SITE_RANKS, RunConfig, fast_path_on
+from federation.config import RunConfig, fast_path_on
 from federation.compose import run_config_from_json
 from federation.packing import pack_arrays
 from federation.data import EVAL_FILE, TRAIN_FILE, SiteDataset, load_site_files, load_site_split
 from federation.model import LoadInfo, build_lora_model, resolve_device, wants_qlora
-from federation.protocol import DATA_FINGERPRINT_RECORD, NODE_LOCAL_STEPS_KEY, NODE_RANK_KEY, RUN_CONFIG_KEY
+from federation.protocol import DATA_FINGERPRINT_RECORD, RUN_CONFIG_KEY
 from strategies.aggregators import MixedRanksError
 
 log = logging.getLogger("fedtune.client")
@@ -388,10 +389,31 @@ def _train_dp_sgd(trainer: LocalTrainer, train_ds: SiteDataset, cfg: RunConfig, 
     """
     site, server_round = site_state(msg, context, cfg.output_dir), server_round_of(msg)
     previous = site.load_json(DP_STATE_KEY, server_round)
-    result, state, epsilon = trainer.train_dp_sgd(train_ds, cfg.privacy.local_dp_sgd, cfg.federation.rounds, previous)
+    result, state, epsilon = trainer.train_dp_sgd(train_ds, cfg.privacy.local_dp_sgd, cfg.federation.rounds, previous,
+                                                  before_training=_privacy_ledger_charge(msg, context))
     site.save_json(DP_STATE_KEY, server_round + 1, state)
     log.info("DP-SGD: epsilon %.4f at delta %.1e after this round", epsilon, cfg.privacy.local_dp_sgd.delta)
     return result, float(epsilon)
+
+
+def _privacy_ledger_charge(msg: Message, context: Context):
+    """The site's lifetime-budget charge for a DP-SGD round (client/privacy_ledger.py), or None without a budget."""
+    from client.privacy_ledger import SitePrivacyLedger
+    from client.site_policy import SiteRefusal, policy_of
+    from federation.protocol import FEDERATION_RUN_ID_KEY
+
+    policy = policy_of(context)
+    if policy is None or policy.privacy_budget is None:
+        return None
+    if not policy.privacy_ledger:
+        raise SiteRefusal("this site has a privacy budget but no ledger file (its daemon sets one from state_dir)")
+    ledger = SitePrivacyLedger(policy.privacy_ledger, policy.privacy_budget)
+    run = msg.content["config"].get(FEDERATION_RUN_ID_KEY, msg.metadata.run_id)
+
+    def charge(noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        ledger.charge(noise_multiplier, sample_rate, steps, run=str(run), server_round=server_round_of(msg))
+
+    return charge
 
 
 def evaluate_reply(msg: Message, context: Context) -> Message:
@@ -425,44 +447,6 @@ def evaluate_reply(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-# ------------------------------------------------------------------ this site's rank and local steps
-
-
-@dataclass(frozen=True)
-class SiteSettings:
-    """This site's LoRA rank and local optimizer steps per round."""
-
-    rank: int
-    local_steps: int
-
-
-def _per_partition(values, node_config: Mapping, what: str) -> int | None:
-    if not values:
-        return None
-    if "partition-id" not in node_config:
-        raise ValueError(f"strategy.params.{what} is given per simulation partition, but this node has no "
-                         f"partition-id; set node config '{NODE_RANK_KEY}' / '{NODE_LOCAL_STEPS_KEY}' instead")
-    return int(list(values)[int(node_config["partition-id"]) % len(values)])
-
-
-def site_settings(cfg: RunConfig, node_config: Mapping) -> SiteSettings:
-    """Rank and local steps of this site: node config, else params lists by partition id, else the run's."""
-    return _settings(cfg.strategy.params or {}, cfg.lora.r, cfg.train.local_steps, node_config)
-
-
-def _settings(params: Mapping, run_rank: int, run_local_steps: int, node_config: Mapping) -> SiteSettings:
-    rank = node_config.get(NODE_RANK_KEY)
-    if rank is None:
-        rank = _per_partition(params.get(PARAM_SITE_RANKS), node_config, PARAM_SITE_RANKS)
-    steps = node_config.get(NODE_LOCAL_STEPS_KEY)
-    if steps is None:
-        steps = _per_partition(params.get(PARAM_SITE_LOCAL_STEPS), node_config, PARAM_SITE_LOCAL_STEPS)
-    settings = SiteSettings(int(run_rank if rank is None else rank), int(run_local_steps if steps is None else steps))
-    if settings.rank < 1 or settings.local_steps < 1:
-        raise ValueError(f"site LoRA rank and local steps must be >= 1, got {settings}")
-    return settings
-
-
 def site_run_config(run_config: Mapping, settings: SiteSettings, own_rank: bool) -> dict:
     """The run config (as the JSON dict on the wire) with this site's local steps and (own_rank) its LoRA rank.
 
@@ -486,8 +470,7 @@ def for_this_site(msg: Message, context: Context, *, own_rank: bool = False, sit
     # Plain JSON, not run_config_from_json: the schema validation (~70 ms) runs once, in the handler.
     run_config = json.loads(str(msg.content["config"][RUN_CONFIG_KEY]))
     name, run_rank = run_config["strategy"]["name"], int(run_config["lora"]["r"])
-    settings = _settings(run_config["strategy"].get("params") or {}, run_rank,
-                         int(run_config["train"]["local_steps"]), context.node_config)
+    settings = site_settings_of(run_config, context.node_config)
     if not own_rank and settings.rank != run_rank:
         raise MixedRanksError(f"this site is configured for LoRA rank {settings.rank}, but strategy {name!r} "
                               f"trains rank {run_rank} at every site; use strategy=flora or strategy=flexlora")

@@ -171,12 +171,14 @@ class LocalTrainer:
         return TrainResult(len(dataset), steps, float(loss_sum) / max(token_sum, 1), token_sum, input_tokens, seconds,
                            peak)
 
-    def train_dp_sgd(self, dataset: SiteDataset, dp_cfg, rounds: int,
-                     accountant_state: dict | None) -> tuple[TrainResult, dict, float]:
+    def train_dp_sgd(self, dataset: SiteDataset, dp_cfg, rounds: int, accountant_state: dict | None,
+                     before_training=None) -> tuple[TrainResult, dict, float]:
         """One round of Opacus DP-SGD (Poisson sampling, per-example clipping, noise) on the LoRA parameters.
 
         A target epsilon is calibrated for `rounds` x this round's planned steps, the steps that really run.
         Sampling and noise come from OS entropy (federation/dp_sgd.py), so no seed replays them.
+        `before_training(noise_multiplier, sample_rate, steps)` runs once the round's mechanism is known and before
+        any step (the site's privacy ledger charges it there, or refuses by raising).
         Returns (result, accountant state to carry into the next round, epsilon so far at dp_cfg.delta).
         """
         from federation.dp_sgd import dp_train_steps, make_dp_sgd
@@ -195,6 +197,9 @@ class LocalTrainer:
                             accountant=dp_cfg.accountant, accountant_state=accountant_state, **budget)
         start = time.perf_counter()
         try:
+            if before_training is not None:
+                # Opacus' accountant records each step at this noise multiplier and sample rate 1 / len(loader).
+                before_training(float(setup.optimizer.noise_multiplier), 1.0 / len(loader), steps)
             losses = dp_train_steps(setup, steps, label=self.label)
             epsilon = setup.epsilon(dp_cfg.delta)
         finally:

@@ -26,6 +26,7 @@ import argparse
 import faulthandler
 import logging
 import queue
+import secrets
 import signal
 import sys
 import threading
@@ -62,8 +63,11 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_task_output
 
+from federation.protocol import SITE_POLICY_REFUSED_ERROR
+
 from client.approval import check_fab, installed_file_hashes
 from client.app import app as client_app
+from client.site_policy import NODE_POLICY_KEY, SitePolicy, SiteRefusal, policy_summary
 from client.task import freeze_resident_objects
 
 log = logging.getLogger("fedtune.site.worker")
@@ -84,10 +88,12 @@ def _runtime_client(address: str, component: str, token: str | None = None) -> R
 
 
 def handle_message(message: Message, context: Context, fab_content: bytes, approved_fab_hashes: Collection[str],
-                   installed: Mapping[str, str] | None = None) -> tuple[Message, str, str]:
+                   installed: Mapping[str, str] | None = None,
+                   policy: SitePolicy | None = None) -> tuple[Message, str, str]:
     """(reply, Flower sub-status, details) for one message: refused unless its FAB is approved, else client_app's reply.
 
     `installed`: the worker's snapshot of the installed files (client.approval.installed_file_hashes).
+    `policy`: the site's (client/site_policy.py); the ClientApp sees it in its node config and enforces it.
     """
     approval = check_fab(fab_content, approved_fab_hashes, installed)
     if not approval.approved:
@@ -96,15 +102,31 @@ def handle_message(message: Message, context: Context, fab_content: bytes, appro
                   "approved_fab_hashes in site.yaml to approve this bundle.")
         log.error("%s", reason)
         return Message(Error(code=ErrorCode.INVALID_FAB, reason=reason), reply_to=message), SubStatus.FAILED, reason
+    node_config = context.node_config
+    if policy is not None:
+        context.node_config = {**node_config, NODE_POLICY_KEY: policy.to_json()}
     try:
         return client_app(message=message, context=context), SubStatus.COMPLETED, ""
+    except SiteRefusal as refusal:  # raised once training had begun (the privacy ledger): the reason is the reply
+        log.error("REFUSED %s message of run %d: %s", message.metadata.message_type, message.metadata.run_id, refusal)
+        reason = f"REFUSED by the site's policy: {refusal}"
+        return (Message(Error(code=SITE_POLICY_REFUSED_ERROR, reason=reason), reply_to=message),
+                SubStatus.FAILED, reason)
     except Exception as exc:  # pylint: disable=broad-exception-caught
-        # As flwr-clientapp does: the coordinator gets an error reply, the worker goes on.
-        log.exception("ClientApp raised an exception on %s message of run %d", message.metadata.message_type,
-                      message.metadata.run_id)
-        reason = f"{type(exc)}:<'{exc}'>"
+        # As flwr-clientapp does: the coordinator gets an error reply, the worker goes on. An exception's message
+        # may quote site data (a library error echoing a text), so by default only its type leaves the site.
+        incident = secrets.token_hex(4)
+        log.exception("ClientApp raised an exception on %s message of run %d (incident %s)",
+                      message.metadata.message_type, message.metadata.run_id, incident)
+        if policy is None or policy.error_details:
+            reason = f"{type(exc)}:<'{exc}'>"
+        else:
+            reason = (f"{type(exc).__name__} at the site (incident {incident}: the site's log has the details; "
+                      "this site sends no error messages, policy.error_details)")
         return (Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message),
                 SubStatus.FAILED, reason)
+    finally:
+        context.node_config = node_config  # the SuperNode keeps the Context it gets back: as it sent it
 
 
 @dataclass
@@ -205,7 +227,8 @@ def push_reply(client: RuntimeHttpClient, message: Message, context: Context) ->
                      object_ids_to_push=set(pushed.objects_to_push))
 
 
-def answer(task: ClaimedTask, approved_fab_hashes: Collection[str], installed: Mapping[str, str]) -> None:
+def answer(task: ClaimedTask, approved_fab_hashes: Collection[str], installed: Mapping[str, str],
+           policy: SitePolicy | None = None) -> None:
     """Run the ClientApp (or refuse) on a pulled task, push the reply and report the task's outcome."""
     assert task.message is not None and task.context is not None
     sub_status, details = SubStatus.FAILED, "the resident worker failed before answering"
@@ -215,7 +238,7 @@ def answer(task: ClaimedTask, approved_fab_hashes: Collection[str], installed: M
     try:
         started = time.perf_counter()
         reply, sub_status, details = handle_message(task.message, task.context, task.fab_content,
-                                                    approved_fab_hashes, installed)
+                                                    approved_fab_hashes, installed, policy=policy)
         push_reply(task.client, reply, task.context)
         log.info("run %d: %s %s message in %.2f s", task.run_id,
                  "answered" if sub_status == SubStatus.COMPLETED else "error reply to",
@@ -230,7 +253,7 @@ def answer(task: ClaimedTask, approved_fab_hashes: Collection[str], installed: M
 
 
 def serve(address: str, approved_fab_hashes: Collection[str], installed: Mapping[str, str], stop: threading.Event,
-          poll_interval_s: float = DEFAULT_POLL_INTERVAL_S) -> None:
+          poll_interval_s: float = DEFAULT_POLL_INTERVAL_S, policy: SitePolicy | None = None) -> None:
     """Claim every ClientApp task of the SuperNode at `address` and answer them one at a time until `stop` is set.
 
     Each claimed task's input is pulled in its own thread; the ClientApp runs only in this (the main)
@@ -242,7 +265,7 @@ def serve(address: str, approved_fab_hashes: Collection[str], installed: Mapping
     try:
         while not stop.is_set():
             while not ready.empty():
-                answer(ready.get(), approved_fab_hashes, installed)
+                answer(ready.get(), approved_fab_hashes, installed, policy=policy)
             response = acquirer.AcquireTask(request)
             if response.HasField("task") and response.token:
                 task = claim(address, response.token, response.task.task_id, response.task.run_id)
@@ -250,7 +273,7 @@ def serve(address: str, approved_fab_hashes: Collection[str], installed: Mapping
                                  name=f"fetch-task-{task.task_id}").start()
                 continue  # there may be more pending tasks
             try:
-                answer(ready.get(timeout=poll_interval_s), approved_fab_hashes, installed)
+                answer(ready.get(timeout=poll_interval_s), approved_fab_hashes, installed, policy=policy)
             except queue.Empty:
                 pass
     finally:
@@ -262,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (host:port)")
     parser.add_argument("--approved-fab-hash", action="append", default=[], help="sha256 of an approved FAB")
+    parser.add_argument("--site-policy", help="the site's policy as JSON (client/site_policy.py; fedtune site "
+                        "passes site.yaml's); without it the worker enforces none")
     args = parser.parse_args(argv)
+    policy = None if args.site_policy is None else SitePolicy.from_json(args.site_policy)
     stop = threading.Event()
 
     def on_sigterm(_signum, _frame):
@@ -285,11 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_sigint)
     log.info("resident ClientApp worker ready (SuperNode Runtime API %s, %d allow-listed FAB hashes)",
              args.runtime_api_address, len(args.approved_fab_hash))
+    if policy is not None:
+        log.info("site policy: %s", policy_summary(policy))
+    else:
+        log.warning("no site policy: every message is served as the coordinator configures it")
     # The installed code as this process imported it (hashed once: see client.approval.installed_file_hashes).
     installed = installed_file_hashes()
     while not stop.is_set():
         try:
-            serve(args.runtime_api_address, args.approved_fab_hash, installed, stop)
+            serve(args.runtime_api_address, args.approved_fab_hash, installed, stop, policy=policy)
         except (Exception, RunNotRunningException):  # pylint: disable=broad-exception-caught
             # The Runtime API refused or failed the task request itself; keep the resident model and ask again.
             log.exception("asking the SuperNode for the next task failed; retrying in %.0f s", RETRY_AFTER_ERROR_S)

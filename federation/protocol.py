@@ -34,6 +34,8 @@ RUN_CONFIG_SHA256_KEY = "fedtune.run-config-sha256"
 # Error code of a site's reply to a message naming a run config the site does not hold (it restarted, so its
 # Context.state is new); the coordinator sends the full config with its next message to that site.
 UNKNOWN_RUN_CONFIG_ERROR = 4101
+# Error code of a site's refusal under its own policy (client/site_policy.py): the reason says which limit.
+SITE_POLICY_REFUSED_ERROR = 4102
 SERVER_ROUND_KEY = "server-round"
 FEDERATION_RUN_ID_KEY = "fedtune.federation-run-id"  # keys the sites' round state (client/site_state.py)
 

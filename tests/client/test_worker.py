@@ -111,7 +111,7 @@ def test_a_pull_that_never_completes_does_not_hold_up_the_next_task(monkeypatch)
         context = Context(run_id=run_id, node_id=7, node_config={}, state=RecordDict(), run_config={})
         return message, context, None, type("Fab", (), {"content": b""})()
 
-    def handle_message(message, context, fab_content, approved, installed):
+    def handle_message(message, context, fab_content, approved, installed, policy=None):
         answered.append(context.run_id)
         stop.set()
         return reply(message, RecordDict()), SubStatus.COMPLETED, ""

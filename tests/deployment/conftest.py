@@ -37,6 +37,8 @@ POLL_INTERVAL_S = 0.5
 FAST_OVERRIDES = ["model=tiny", "train.local_steps=2", "train.batch_size=4", "strategy.fraction_evaluate=0.0",
                   "federation.evaluate_before_training=false", f"federation.round_timeout_s={ROUND_TIMEOUT_S}"]
 EXAMPLES_PER_SKILL = 24
+# Test files that start a deployment of their own (module-scoped), run before the shared one starts.
+OWN_DEPLOYMENT = ("test_hostile_site.py", "test_hostile_coordinator.py")
 
 
 @dataclass
@@ -142,17 +144,19 @@ def write_site_data(root: Path, skills: Mapping[str, str] = SKILLS
 
 
 def site_yaml(path: Path, **settings) -> Path:
-    """Write a site.yaml of `settings`."""
-    path.write_text("".join(f"{k}: {json.dumps(v) if isinstance(v, str) else v}\n" for k, v in settings.items()))
+    """Write a site.yaml of `settings` (strings and mappings as JSON, which YAML reads as is)."""
+    path.write_text("".join(f"{k}: {json.dumps(v) if isinstance(v, (str, dict)) else v}\n"
+                            for k, v in settings.items()))
     return path
 
 
 @contextmanager
 def running_deployment(root: Path, skills: Mapping[str, str] = SKILLS,
-                       site_argv: Callable[[Deployment, str], list[str]] = Deployment.site_argv
-                       ) -> Iterator[Deployment]:
+                       site_argv: Callable[[Deployment, str], list[str]] = Deployment.site_argv,
+                       site_settings: Mapping[str, Mapping] | None = None) -> Iterator[Deployment]:
     """Coordinator (TLS + node auth) and one registered, connected daemon per site of `skills` (started with
-    site_argv(deployment, site)), all under `root`; every process tree is killed on exit."""
+    site_argv(deployment, site)), all under `root`; every process tree is killed on exit. site_settings: more
+    site.yaml settings per site (e.g. its policy)."""
     from federation.pki import generate_federation_credentials
 
     sites = list(skills)
@@ -168,7 +172,7 @@ def running_deployment(root: Path, skills: Mapping[str, str] = SKILLS,
                         ca_cert=str(creds / "ca.crt"),
                         private_key=str(creds / "sites" / f"{site}.key"), data_path=str(data[site]),
                         device="cpu", clientappio_port=free_port(), state_dir=str(root / f"home-{site}"),
-                        poll_interval_s=POLL_INTERVAL_S)
+                        poll_interval_s=POLL_INTERVAL_S, **(site_settings or {}).get(site, {}))
         for site in sites
     }
     dep = Deployment(root=root, procs=procs, creds=creds, port=port, control_port=free_port(),
@@ -190,14 +194,15 @@ def running_deployment(root: Path, skills: Mapping[str, str] = SKILLS,
 
 
 def pytest_collection_modifyitems(items):
-    """test_hostile_site.py's tests before this package's others, in the same slots of the session's order.
+    """The tests with deployments of their own (OWN_DEPLOYMENT) before this package's others, in the same slots of
+    the session's order.
 
-    Its deployment then never runs beside the shared one (`deployment`), which would sit idle meanwhile yet keep
-    polling: a second coordinator and three more sites taking CPU from the first on a 2-core machine.
+    Their deployments then never run beside the shared one (`deployment`), which would sit idle meanwhile yet keep
+    polling: a second coordinator and more sites taking CPU from the first on a 2-core machine.
     """
     here = Path(__file__).parent
     slots = [i for i, item in enumerate(items) if here in item.path.parents]
-    first = sorted((items[i] for i in slots), key=lambda item: item.path.name != "test_hostile_site.py")  # stable
+    first = sorted((items[i] for i in slots), key=lambda item: item.path.name not in OWN_DEPLOYMENT)  # stable
     for slot, item in zip(slots, first):
         items[slot] = item
 
