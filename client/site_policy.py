@@ -268,21 +268,24 @@ def site_policy_mod(msg: Message, context: Context, call_next) -> Message:
     if action == GROUP_ACTION:
         return refuse(msg, "a group of virtual clients is a simulation's message; a deployed site answers only "
                       "messages addressed to itself, with its own data")
-    config = msg.content.config_records.get("config")
-    if config is None or RUN_CONFIG_KEY not in config:
+    # Every record that carries a run config: a plain message's "config", and SecAgg+'s training stage carries it in
+    # the legacy FitIns record ("fitins.config", client/secagg.py), which would otherwise train unchecked.
+    carriers = {name: record for name, record in msg.content.config_records.items() if RUN_CONFIG_KEY in record}
+    if not carriers:
         return call_next(msg, context)  # e.g. a SecAgg+ key-exchange stage: nothing is loaded or trained
-    try:
-        run_config = json.loads(str(config[RUN_CONFIG_KEY]))
-        if not isinstance(run_config, dict):
-            raise SiteRefusal("the run config is not a JSON object")
-        check_run_config(run_config, category, policy, context.node_config)
-    except json.JSONDecodeError:
-        return refuse(msg, "the run config is not valid JSON")
-    except SiteRefusal as refusal:
-        return refuse(msg, str(refusal))
-    served = json.dumps(site_run_config(run_config, policy), sort_keys=True)
     content = RecordDict(dict(msg.content.items()))
-    content["config"] = ConfigRecord({**dict(config), RUN_CONFIG_KEY: served})
+    for name, record in carriers.items():
+        try:
+            run_config = json.loads(str(record[RUN_CONFIG_KEY]))
+            if not isinstance(run_config, dict):
+                raise SiteRefusal("the run config is not a JSON object")
+            check_run_config(run_config, category, policy, context.node_config)
+        except json.JSONDecodeError:
+            return refuse(msg, "the run config is not valid JSON")
+        except SiteRefusal as refusal:
+            return refuse(msg, str(refusal))
+        served = json.dumps(site_run_config(run_config, policy), sort_keys=True)
+        content[name] = ConfigRecord({**dict(record), RUN_CONFIG_KEY: served})
     return call_next(Message(metadata=msg.metadata, content=content), context)
 
 

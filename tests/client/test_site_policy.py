@@ -131,6 +131,24 @@ def test_a_message_outside_the_policy_is_refused_before_any_work(make_cfg, tmp_p
     assert f"REFUSED {message_type} message of run" in caplog.text and reason in caplog.text
 
 
+def test_a_secagg_training_stage_carrying_the_run_config_in_the_legacy_record_is_checked_too(make_cfg, tmp_path):
+    """SecAgg+'s training stage carries the run config in Flower's legacy FitIns record (client/secagg.py)."""
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    plain = _message(make_cfg(), model__name="/srv/hospital/patients")
+    config = {RUN_CONFIG_KEY: str(plain.content["config"][RUN_CONFIG_KEY]), "server-round": 1}
+    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters([]), config), keep_input=True)
+    handlers = _Next()
+    answer = site_policy_mod(instruction(content, dst_node_id=7), _context(SitePolicy(), tmp_path), handlers)
+    assert handlers.seen == [] and "is not one this site loads" in answer.error.reason
+    budget = SitePolicy(privacy_budget=PrivacyBudget(4.0, 1e-5))
+    config[RUN_CONFIG_KEY] = str(_message(make_cfg()).content["config"][RUN_CONFIG_KEY])
+    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters([]), config), keep_input=True)
+    answer = site_policy_mod(instruction(content, dst_node_id=7), _context(budget, tmp_path), handlers)
+    assert handlers.seen == [] and "trains only with local DP-SGD" in answer.error.reason
+
+
 def test_a_group_of_virtual_clients_is_refused_at_a_deployed_site(make_cfg, tmp_path):
     # A group's members get a partition id instead of the site's data-path, and partitions are cut from the run
     # config's data.source: the coordinator would name the file the site trains on.
