@@ -122,3 +122,13 @@ def test_nothing_of_the_sites_data_or_its_other_files_reaches_the_coordinator(at
     received = (run_dir / RESULTS_FILE).read_text()
     assert secret not in received and dep.canaries[SITE] not in received
     assert secret not in dep.coordinator_logs() and dep.canaries[SITE] not in dep.coordinator_logs()
+
+
+def test_an_honest_run_outside_the_policy_fails_naming_the_sites_reason(attacked):
+    """What the coordinator's operator sees when every site refuses: launch exits 1 and says why."""
+    dep, _, _, _ = attacked
+    overrides = dep.fast_overrides("train.local_steps=50", "federation.rounds=1", "strategy.min_available_clients=1",
+                                   "strategy.min_train_clients=1", f"output_dir={dep.root / 'honest-run'}")
+    code = dep.launch("launch-too-long", overrides, timeout_s=RUN_TIMEOUT_S)
+    output = dep.procs.log("launch-too-long")
+    assert code == 1 and "policy.max_local_steps = 5" in output, tail(output, 40)
