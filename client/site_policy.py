@@ -203,6 +203,9 @@ def planned_local_steps(run_config: dict, node_config, train_examples: int) -> i
     """Optimizer steps one train message of this run config asks of this site (as client/trainer.py plans them)."""
     epochs = _value(run_config, "train.local_epochs", float)
     if epochs > 0:
+        if train_examples < 1:  # fail closed: the daemon always counts them
+            raise SiteRefusal("train.local_epochs cannot be checked against this site's policy.max_local_steps: "
+                              "its example count is unknown")
         per_step = _value(run_config, "train.batch_size", int) * _value(run_config, "train.grad_accum", int)
         return max(1, math.ceil(epochs * train_examples / max(per_step, 1)))
     try:

@@ -131,6 +131,12 @@ def test_a_message_outside_the_policy_is_refused_before_any_work(make_cfg, tmp_p
     assert f"REFUSED {message_type} message of run" in caplog.text and reason in caplog.text
 
 
+def test_epochs_are_refused_where_the_sites_example_count_is_unknown(make_cfg, tmp_path):
+    handlers = _Next()
+    answer = site_policy_mod(_message(make_cfg(), train__local_epochs=1.0), _context(SitePolicy(), tmp_path), handlers)
+    assert handlers.seen == [] and "its example count is unknown" in answer.error.reason
+
+
 def test_a_secagg_training_stage_carrying_the_run_config_in_the_legacy_record_is_checked_too(make_cfg, tmp_path):
     """SecAgg+'s training stage carries the run config in Flower's legacy FitIns record (client/secagg.py)."""
     from flwr.common import FitIns, ndarrays_to_parameters
