@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.site_policy import PolicyError, SitePolicy, parse_policy
+from client.site_policy import PolicyError, SitePolicy, parse_policy, policy_summary
 from client.supernode import POLL_INTERVAL_FLAG
 from federation.config import ModelConfig
 from federation.flower_process import DEFAULT_STOP_TIMEOUT_S, FlowerProcess, flower_env
@@ -490,6 +490,7 @@ def site_main(args: argparse.Namespace) -> int:
         if args.check:
             counts = validate_site(cfg)
             print(f"site {cfg.name}: OK ({', '.join(f'{f}: {n} examples' for f, n in counts.items())})")
+            print(f"site {cfg.name}: policy: {policy_summary(cfg.policy)}")
             return 0
         return run_site(cfg)
     except SiteConfigError as exc:

@@ -247,3 +247,17 @@ def test_a_refusal_raised_during_training_says_why(monkeypatch, caplog):
     answer = _worker_answer(monkeypatch, SiteRefusal("past its budget"), SitePolicy(), caplog)
     assert answer.error.code == SITE_POLICY_REFUSED_ERROR
     assert answer.error.reason == "REFUSED by the site's policy: past its budget"
+
+
+def test_site_check_prints_what_the_site_agrees_to(tmp_path, capsys):
+    from simulations.cli import main
+
+    (tmp_path / "data.jsonl").write_text(json.dumps({"instruction": "q", "input": "", "output": "a"}) + "\n")
+    (tmp_path / "site.yaml").write_text(json.dumps({
+        "name": "a", "coordinator": "h:1", "data_path": "data.jsonl", "insecure": True, "state_dir": "state",
+        "policy": {"models": {"org/model": "/models/m"}, "max_local_steps": 7,
+                   "privacy_budget": {"epsilon": 2, "delta": "1e-6"}}}))
+    assert main(["site", "--config", str(tmp_path / "site.yaml"), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "policy: models: presets + ['org/model']; max_local_steps 7" in out
+    assert "privacy budget: epsilon 2 at delta 1e-06 (DP-SGD required)" in out
