@@ -15,6 +15,7 @@ unreadable ledger refuses every DP-SGD round (fails closed) rather than starting
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -70,7 +71,17 @@ class SitePrivacyLedger:
         return epsilon_of_history(self.history(), self.budget.delta, LEDGER_ACCOUNTANT)
 
     def charge(self, noise_multiplier: float, sample_rate: float, steps: int, run: str, server_round: int) -> Charge:
-        """Record one DP-SGD round before it runs, or raise SiteRefusal if it would exceed the budget."""
+        """Record one DP-SGD round before it runs, or raise SiteRefusal if it would exceed the budget.
+
+        Read, check and write happen under an exclusive lock on a file next to the ledger: two processes charging
+        the same ledger (two daemons started on one state_dir by mistake) cannot both pass on the same history.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            return self._charge(noise_multiplier, sample_rate, steps, run, server_round)
+
+    def _charge(self, noise_multiplier: float, sample_rate: float, steps: int, run: str, server_round: int) -> Charge:
         history = self.history()
         entry = (float(noise_multiplier), float(sample_rate), int(steps))
         epsilon = epsilon_of_history([*history, entry], self.budget.delta, LEDGER_ACCOUNTANT)
@@ -93,7 +104,6 @@ class SitePrivacyLedger:
 
     def _write(self, data: dict) -> None:
         """Atomically: a crash leaves the old ledger or the new one, never a torn file (fsync before rename)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".privacy-ledger-", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as out:

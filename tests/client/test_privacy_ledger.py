@@ -115,3 +115,25 @@ def test_a_coordinator_replaying_a_dp_round_under_new_run_ids_is_stopped_by_the_
     assert [tuple(entry) for entry in recorded] == [history[0]]
     assert _opacus_epsilon(history, budget.delta) <= budget.epsilon < _opacus_epsilon([*history, history[0]], budget.delta)
     assert run_epsilons[0] == pytest.approx(_opacus_epsilon(history[:1], cfg.privacy.local_dp_sgd.delta), rel=1e-6)
+
+
+def _charge_in_a_process(args):
+    path, budget = args
+    try:
+        SitePrivacyLedger(path, budget).charge(*ROUND, run="parallel", server_round=1)
+        return True
+    except SiteRefusal:
+        return False
+
+
+def test_processes_charging_one_ledger_at_once_never_overrun_it(tmp_path):
+    """Two daemons started on one state_dir by mistake: the lock keeps read-check-write whole."""
+    import multiprocessing
+
+    budget = PrivacyBudget(epsilon=3.0, delta=1e-5)
+    fits = next(n for n in range(1, 100) if _opacus_epsilon([ROUND] * (n + 1), budget.delta) > budget.epsilon)
+    path = tmp_path / "ledger.json"
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        accepted = pool.map(_charge_in_a_process, [(path, budget)] * (fits + 4))
+    assert sum(accepted) == fits
+    assert len(json.loads(path.read_text())["releases"]) == fits
