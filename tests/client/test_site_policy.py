@@ -14,9 +14,9 @@ import client.worker as worker
 from client.daemon import SiteConfigError, load_site_config
 from client.site_policy import (NODE_POLICY_KEY, PolicyError, PrivacyBudget, SitePolicy, SiteRefusal, parse_policy,
                                 site_policy_mod)
-from federation.config import run_config_to_json
 from federation.protocol import RUN_CONFIG_KEY, SITE_POLICY_REFUSED_ERROR
 from federation.virtual_clients import GROUP_ACTION
+from tests.deployment.hostile_coordinator import run_config_with
 from tests.flower_messages import instruction, reply
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -71,14 +71,9 @@ def test_the_daemon_sets_the_cache_and_ledger_under_state_dir(tmp_path):
 
 
 def _message(cfg, message_type="train", **config_changes) -> Message:
-    run_config = json.loads(run_config_to_json(cfg))
-    for path, value in config_changes.items():
-        node = run_config
-        *parents, last = path.split("__")
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    content = RecordDict({"config": ConfigRecord({RUN_CONFIG_KEY: json.dumps(run_config), "server-round": 1})})
+    """A message of `cfg`'s run config with `config_changes` applied ('model__name' sets model.name)."""
+    changes = {path.replace("__", "."): value for path, value in config_changes.items()}
+    content = RecordDict({"config": ConfigRecord({RUN_CONFIG_KEY: run_config_with(cfg, **changes), "server-round": 1})})
     return instruction(content, dst_node_id=7, message_type=message_type)
 
 

@@ -39,7 +39,7 @@ REPLY_TIMEOUT_S = 120.0
 PLANTED_CACHE = "planted-cache"  # under output_dir: where the coordinator asks the site to build its model
 
 
-def _run_config(cfg, **changes) -> str:
+def run_config_with(cfg, **changes) -> str:
     """The run config's JSON with `changes` ('model.name' -> value) applied."""
     tree = json.loads(run_config_to_json(cfg))
     for path, value in changes.items():
@@ -53,7 +53,7 @@ def _run_config(cfg, **changes) -> str:
 
 def _train(cfg, node: int, message_type: str = "train", federation_run: str = "hostile-run", server_round: int = 1,
            arrays=None, **changes) -> Message:
-    config = ConfigRecord({RUN_CONFIG_KEY: _run_config(cfg, **changes), "server-round": server_round,
+    config = ConfigRecord({RUN_CONFIG_KEY: run_config_with(cfg, **changes), "server-round": server_round,
                            FEDERATION_RUN_ID_KEY: federation_run})
     arrays = to_array_record(initial_adapter(cfg.model, cfg.lora)) if arrays is None else arrays
     return Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type=message_type)
