@@ -114,6 +114,9 @@ class SiteConfig:
     approved_fab_hashes: list[str] = field(default_factory=list)
     # What this site serves any coordinator (client/site_policy.py): models, per-message limits, privacy budget.
     policy: SitePolicy = field(default_factory=SitePolicy)
+    # Where built presets are cached (policy.model_cache_dir; default <state_dir>/model-cache): the site's own
+    # choice, whatever model.cache_dir a run config names.
+    model_cache_dir: Path | None = None
 
 
 _SITE_KEYS = {f.name for f in SiteConfig.__dataclass_fields__.values()}
@@ -170,7 +173,9 @@ def load_site_config(path: str | Path) -> SiteConfig:
                               "there)", "policy.privacy_budget")
     # Set by the site, whatever the coordinator's run config says: presets are built in the site's own cache, and
     # the ledger of its DP-SGD releases lives with its other state.
-    policy.model_cache_dir = str(state_dir / MODEL_CACHE_SUBDIR) if state_dir is not None \
+    model_cache_dir = resolve(raw.get("model_cache_dir"))
+    policy.model_cache_dir = str(model_cache_dir) if model_cache_dir is not None \
+        else str(state_dir / MODEL_CACHE_SUBDIR) if state_dir is not None \
         else os.path.expanduser(ModelConfig().cache_dir)
     policy.privacy_ledger = "" if state_dir is None else str(state_dir / PRIVACY_LEDGER_FILE)
     return SiteConfig(
@@ -190,6 +195,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         extra_node_config=dict(extra),
         approved_fab_hashes=[h.lower() for h in approved],
         policy=policy,
+        model_cache_dir=model_cache_dir,
     )
 
 

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from client.daemon import DEFAULT_POLL_INTERVAL_S
+from federation.config import ModelConfig
 
 DEFAULT_OVERRIDES = ["model=llama-1b-random", "train.local_steps=10", "train.batch_size=16"]
 SKILLS = ("reverse", "uppercase", "add", "vowels")
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 "name": name, "coordinator": f"127.0.0.1:{port}", "ca_cert": str(creds / "ca.crt"),
                 "private_key": str(creds / "sites" / f"{name}.key"), "data_path": str(path), "device": args.device,
                 "clientappio_port": _free_port(), "state_dir": str(root / f"state-{name}"),
+                # One preset build for every site and bench call, as before sites had caches of their own.
+                "model_cache_dir": os.path.expanduser(ModelConfig().cache_dir),
                 "poll_interval_s": args.poll_interval_s}))
             start(name, cli + ["site", "--config", str(site_yaml)])
         _wait(lambda: log_of("coordinator").count("Activated node_id=") >= args.sites, READY_TIMEOUT_S, "the sites")

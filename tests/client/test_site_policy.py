@@ -65,6 +65,9 @@ def test_the_daemon_sets_the_cache_and_ledger_under_state_dir(tmp_path):
     assert policy.privacy_ledger == str(tmp_path / "state" / "privacy-ledger.json")
     assert policy.privacy_budget == PrivacyBudget(4.0, 1e-5)
     assert SitePolicy.from_json(policy.to_json()) == policy
+    path.write_text(json.dumps({"name": "a", "coordinator": "h:1", "data_path": "d", "insecure": True,
+                                "state_dir": "state", "model_cache_dir": "/big-disk/models"}))
+    assert load_site_config(path).policy.model_cache_dir == "/big-disk/models"
 
 
 # ------------------------------------------------------------------------------------------ the mod
