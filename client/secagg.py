@@ -40,6 +40,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from client import task
+from client.site_policy import SiteRefusal, policy_of
 from client.site_state import server_round_of
 from federation.compression import decode_upload
 from federation.adapter import host_arrays, to_array_record
@@ -150,6 +151,10 @@ def secagg_fit(msg: Message, context: Context, update_fn: UpdateFn = local_updat
 
 
 def _requires_secagg(context: Context) -> bool:
+    """The site's policy (require_secagg), or a simulation node's config (require-secagg), refuses plain uploads."""
+    policy = policy_of(context)
+    if policy is not None and policy.require_secagg:
+        return True
     value = context.node_config.get(REQUIRE_SECAGG_NODE_KEY, False)
     return value is True or str(value).lower() in ("true", "1", "yes")
 
@@ -159,8 +164,8 @@ def secaggplus_when_requested(msg: Message, context: Context, call_next: TrainFn
     if RECORD_KEY_CONFIGS in msg.content.config_records:
         return secaggplus_mod(msg, context, call_next)
     if _requires_secagg(context):
-        raise PermissionError(f"this site requires SecAgg+ (node config {REQUIRE_SECAGG_NODE_KEY}) and does not "
-                              "upload plain deltas; run the coordinator with privacy.secagg.enabled=true")
+        raise SiteRefusal(f"this site requires SecAgg+ (policy.require_secagg, or node config {REQUIRE_SECAGG_NODE_KEY}) "
+                          "and does not upload plain deltas; run the coordinator with privacy.secagg.enabled=true")
     return call_next(msg, context)
 
 

@@ -79,6 +79,8 @@ class SitePolicy:
     # None: DP-SGD is the coordinator's choice. Set: every train message must use local DP-SGD, and the site's
     # ledger refuses a round that would take its lifetime epsilon (at this delta) past the budget.
     privacy_budget: PrivacyBudget | None = None
+    # True: refuse to upload a plain delta; train only inside SecAgg+, where the coordinator sees only the sum.
+    require_secagg: bool = False
     # False: an unexpected error reaches the coordinator as its exception type and an incident id only (its
     # message could quote site data); the site log has the details. Refusals always say why.
     error_details: bool = False
@@ -101,7 +103,7 @@ class SitePolicy:
 
 # What site.yaml's `policy:` may set (the rest comes from the daemon).
 POLICY_KEYS = ("models", "max_local_steps", "max_examples_per_step", "max_seq_len", "max_new_tokens",
-               "privacy_budget", "error_details")
+               "privacy_budget", "require_secagg", "error_details")
 
 
 def parse_policy(raw: Any) -> SitePolicy:
@@ -129,11 +131,12 @@ def parse_policy(raw: Any) -> SitePolicy:
     if PRESET_MODEL in models:
         raise PolicyError("policy.models", f"policy.models: {PRESET_MODEL!r} names the built-in presets, which "
                           "are always allowed; list real models only")
-    error_details = raw.get("error_details", False)
-    if not isinstance(error_details, bool):
-        raise PolicyError("policy.error_details", f"policy.error_details must be true or false, got {error_details!r}")
-    return SitePolicy(models=dict(models), privacy_budget=_parse_budget(raw.get("privacy_budget")),
-                      error_details=error_details, **values)
+    for key in ("require_secagg", "error_details"):
+        value = raw.get(key, getattr(defaults, key))
+        if not isinstance(value, bool):
+            raise PolicyError(f"policy.{key}", f"policy.{key} must be true or false, got {value!r}")
+        values[key] = value
+    return SitePolicy(models=dict(models), privacy_budget=_parse_budget(raw.get("privacy_budget")), **values)
 
 
 def _parse_budget(raw: Any) -> PrivacyBudget | None:
@@ -299,6 +302,7 @@ def policy_summary(policy: SitePolicy) -> str:
              f"max_examples_per_step {policy.max_examples_per_step}", f"max_seq_len {policy.max_seq_len}",
              f"max_new_tokens {policy.max_new_tokens}",
              "privacy budget: none (DP-SGD is the coordinator's choice)" if budget is None
-             else f"privacy budget: epsilon {budget.epsilon:g} at delta {budget.delta:g} (DP-SGD required)"]
+             else f"privacy budget: epsilon {budget.epsilon:g} at delta {budget.delta:g} (DP-SGD required)",
+             "SecAgg+ required" if policy.require_secagg else "plain uploads allowed"]
     return "; ".join(parts)
 

@@ -37,6 +37,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
     ({"privacy_budget": {"epsilon": -1, "delta": 1e-5}}, "policy.privacy_budget.epsilon"),
     ({"privacy_budget": {"epsilon": 8, "delta": 1}}, "policy.privacy_budget.delta"),
     ({"error_details": "yes"}, "policy.error_details"),
+    ({"require_secagg": 1}, "policy.require_secagg"),
 ])
 def test_a_bad_policy_setting_is_named(raw, key):
     with pytest.raises(PolicyError) as refused:

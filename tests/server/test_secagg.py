@@ -15,6 +15,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 import client.app as client_app
 from client.app import app as secagg_app
 from client.secagg import CLIPPED_VALUES_METRIC, make_secagg_app, secagg_upload
+from client.site_policy import NODE_POLICY_KEY, SitePolicy, SiteRefusal
 from federation.adapter import from_array_record, to_array_record
 from federation.config import CentralDPConfig, run_config_to_json
 from federation.model import initial_adapter
@@ -407,8 +408,13 @@ def test_plain_train_passes_through_unless_the_site_requires_secagg():
     np.testing.assert_array_equal(from_array_record(reply.content["arrays"])[KB], site_delta(0)[KB])
     strict = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3,
                                                        "require-secagg": True}, state=RecordDict(), run_config={})
-    with pytest.raises(PermissionError, match="requires SecAgg\\+"):  # the runtime sends it back as an error reply
+    with pytest.raises(SiteRefusal, match="requires SecAgg\\+"):  # the worker sends it back as a refusal
         app(instruction(content, dst_node_id=1), strict)
+    # A deployed site says it in its policy (the worker puts the policy into the node config).
+    deployed = Context(run_id=1, node_id=1, node_config={"data-path": "x", NODE_POLICY_KEY: SitePolicy(
+        require_secagg=True).to_json()}, state=RecordDict(), run_config={})
+    with pytest.raises(SiteRefusal, match="requires SecAgg\\+"):
+        app(instruction(content, dst_node_id=1), deployed)
 
 
 def test_real_training_under_secagg_matches_plain_fedavg_of_the_same_deltas(make_cfg):
