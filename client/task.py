@@ -32,6 +32,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.fast_train import FastLocalTrainer, FastPathSettings
+from client.privacy_ledger import SitePrivacyLedger
+from client.site_policy import SiteRefusal, policy_of
 from client.site_settings import SiteSettings, site_settings, site_settings_of  # noqa: F401  (re-exported)
 from client.site_state import server_round_of, site_state
 from client.trainer import LocalTrainer
@@ -42,7 +44,7 @@ from federation.compose import run_config_from_json
 from federation.packing import pack_arrays
 from federation.data import EVAL_FILE, TRAIN_FILE, SiteDataset, load_site_files, load_site_split
 from federation.model import LoadInfo, build_lora_model, resolve_device, wants_qlora
-from federation.protocol import DATA_FINGERPRINT_RECORD, RUN_CONFIG_KEY
+from federation.protocol import DATA_FINGERPRINT_RECORD, FEDERATION_RUN_ID_KEY, RUN_CONFIG_KEY
 from strategies.aggregators import MixedRanksError
 
 log = logging.getLogger("fedtune.client")
@@ -398,10 +400,6 @@ def _train_dp_sgd(trainer: LocalTrainer, train_ds: SiteDataset, cfg: RunConfig, 
 
 def _privacy_ledger_charge(msg: Message, context: Context):
     """The site's lifetime-budget charge for a DP-SGD round (client/privacy_ledger.py), or None without a budget."""
-    from client.privacy_ledger import SitePrivacyLedger
-    from client.site_policy import SiteRefusal, policy_of
-    from federation.protocol import FEDERATION_RUN_ID_KEY
-
     policy = policy_of(context)
     if policy is None or policy.privacy_budget is None:
         return None
