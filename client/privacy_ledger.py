@@ -18,14 +18,13 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from client.site_policy import PrivacyBudget, SiteRefusal
 from federation.privacy import epsilon_of_history
+from federation.store import atomic_write_bytes
 
 log = logging.getLogger("fedtune.site.privacy")
 
@@ -53,13 +52,19 @@ class SitePrivacyLedger:
 
     def history(self) -> list[tuple[float, float, int]]:
         """Every charged round as (noise_multiplier, sample_rate, steps), oldest first; SiteRefusal if unreadable."""
+        return [_mechanism(release) for release in self._releases()]
+
+    def _releases(self) -> list[dict]:
         if not self.path.exists():
             return []
         try:
             raw = json.loads(self.path.read_text(encoding="utf-8"))
             if raw.get("version") != LEDGER_VERSION or raw.get("accountant") != LEDGER_ACCOUNTANT:
                 raise ValueError(f"version {raw.get('version')!r}, accountant {raw.get('accountant')!r}")
-            return [(float(r["noise_multiplier"]), float(r["sample_rate"]), int(r["steps"])) for r in raw["releases"]]
+            releases = list(raw["releases"])
+            for release in releases:
+                _mechanism(release)  # every entry readable, or none is used
+            return releases
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.error("privacy ledger %s is unreadable (%s): every DP-SGD round is refused until an operator "
                       "repairs it", self.path, exc)
@@ -82,7 +87,8 @@ class SitePrivacyLedger:
             return self._charge(noise_multiplier, sample_rate, steps, run, server_round)
 
     def _charge(self, noise_multiplier: float, sample_rate: float, steps: int, run: str, server_round: int) -> Charge:
-        history = self.history()
+        releases = self._releases()
+        history = [_mechanism(release) for release in releases]
         entry = (float(noise_multiplier), float(sample_rate), int(steps))
         epsilon = epsilon_of_history([*history, entry], self.budget.delta, LEDGER_ACCOUNTANT)
         if not epsilon <= self.budget.epsilon:  # inf and nan refused too
@@ -91,31 +97,16 @@ class SitePrivacyLedger:
                 f"this DP-SGD round (noise multiplier {noise_multiplier:.4g}, sample rate {sample_rate:.4g}, "
                 f"{steps} steps) would take this site's lifetime epsilon from {spent:.4g} to {epsilon:.4g} at "
                 f"delta {self.budget.delta:g}, past its budget of {self.budget.epsilon:g} (policy.privacy_budget)")
-        releases = [{"noise_multiplier": s, "sample_rate": q, "steps": n} for s, q, n in history]
         # run and round are the coordinator's labels: kept for the operator, never used for accounting.
         releases.append({"noise_multiplier": entry[0], "sample_rate": entry[1], "steps": entry[2],
                          "run": str(run), "round": int(server_round), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        if self.path.exists():  # keep the labels of earlier rounds as written
-            releases[:-1] = json.loads(self.path.read_text(encoding="utf-8"))["releases"]
-        self._write({"version": LEDGER_VERSION, "accountant": LEDGER_ACCOUNTANT, "releases": releases})
+        # A crash leaves the old ledger or the new one, never a torn file.
+        atomic_write_bytes(self.path, json.dumps({"version": LEDGER_VERSION, "accountant": LEDGER_ACCOUNTANT,
+                                                  "releases": releases}, indent=1).encode())
         log.info("privacy ledger: charged a DP-SGD round (noise multiplier %.4g, sample rate %.4g, %d steps); "
                  "lifetime epsilon %.4g of %g at delta %g", *entry, epsilon, self.budget.epsilon, self.budget.delta)
         return Charge(*entry, epsilon)
 
-    def _write(self, data: dict) -> None:
-        """Atomically: a crash leaves the old ledger or the new one, never a torn file (fsync before rename)."""
-        fd, tmp = tempfile.mkstemp(prefix=".privacy-ledger-", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                json.dump(data, out, indent=1)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+
+def _mechanism(release: dict) -> tuple[float, float, int]:
+    return float(release["noise_multiplier"]), float(release["sample_rate"]), int(release["steps"])
