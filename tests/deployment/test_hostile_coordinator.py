@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import secrets
 
@@ -44,6 +45,20 @@ def _hostile_app(root):
     return app
 
 
+def _launch_hostile(dep, overrides, app_dir) -> int:
+    """`fedtune launch` of the hostile app: `flwr run` imports its ServerApp (tests.deployment...), so the repo must
+    be on the launch's PYTHONPATH as it is on the coordinator's (pytest puts it on sys.path only)."""
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), before) if p)
+    try:
+        return dep.launch("launch-hostile", overrides, app_dir=app_dir, timeout_s=RUN_TIMEOUT_S)
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
+
+
 @pytest.fixture(scope="module")
 def attacked(tmp_path_factory):
     """(deployment, results the hostile ServerApp wrote, the other file's secret) after one hostile run."""
@@ -58,8 +73,7 @@ def attacked(tmp_path_factory):
         run_dir.mkdir()
         site_data = str(load_site_config(dep.site_configs[SITE]).data_path)
         (run_dir / TARGETS_FILE).write_text(json.dumps({"canary_file": str(other), "site_data": site_data}))
-        code = dep.launch("launch-hostile", dep.fast_overrides("privacy=dp_sgd", f"output_dir={run_dir}"),
-                          app_dir=_hostile_app(root), timeout_s=RUN_TIMEOUT_S)
+        code = _launch_hostile(dep, dep.fast_overrides("privacy=dp_sgd", f"output_dir={run_dir}"), _hostile_app(root))
         assert code == 0, tail(dep.procs.log("launch-hostile"), 80) + tail(dep.coordinator_logs(), 40)
         assert dep.procs.procs[SITE].poll() is None, tail(dep.site_log(SITE))  # the site is still serving
         yield dep, json.loads((run_dir / RESULTS_FILE).read_text()), secret, run_dir
