@@ -330,10 +330,11 @@ def supernode_command(cfg: SiteConfig, isolation: str = "process") -> list[str]:
 
 def worker_command(cfg: SiteConfig) -> list[str]:
     """Argv of the site's resident ClientApp worker (client/worker.py), polling this site's SuperNode."""
-    argv = [sys.executable, "-m", "client.worker", "--runtime-api-address", f"127.0.0.1:{cfg.clientappio_port}"]
+    argv = [sys.executable, "-m", "client.worker", "--runtime-api-address", f"127.0.0.1:{cfg.clientappio_port}",
+            "--site-policy", cfg.policy.to_json()]
     for digest in cfg.approved_fab_hashes:
         argv += ["--approved-fab-hash", digest]
-    return argv + ["--site-policy", cfg.policy.to_json()]
+    return argv
 
 
 class ResidentWorker:

@@ -67,7 +67,8 @@ def test_supernode_spawns_no_clientapp_and_the_worker_polls_its_runtime_api(tmp_
     argv = supernode_command(cfg)
     assert argv[argv.index("--isolation") + 1] == "process"
     assert argv[argv.index("--port") + 1] == "9123"
-    assert worker_command(cfg)[1:] == ["-m", "client.worker", "--runtime-api-address", "127.0.0.1:9123"]
+    assert worker_command(cfg)[1:] == ["-m", "client.worker", "--runtime-api-address", "127.0.0.1:9123",
+                                       "--site-policy", cfg.policy.to_json()]
 
 
 def test_resident_worker_is_restarted_after_it_dies(tmp_path, monkeypatch):
